@@ -9,9 +9,11 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from federimed.model import quiet_libraries
 from federimed.runconfig import RunConfig
 from federimed.task import NodeIdentity, evaluate_round, train_round
 
+quiet_libraries()
 app = ClientApp()
 
 

@@ -169,7 +169,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from federimed.demo import DemoOptions, run_demo
+    from federimed.model import quiet_libraries
 
+    quiet_libraries()
     options = DemoOptions(
         out=args.out, hospitals=args.hospitals, rounds=args.rounds,
         local_steps=args.local_steps, model=args.model, data=args.data, certs=args.certs,
@@ -184,8 +186,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from federimed.data.records import default_labels
-    from federimed.model import load_for_inference
+    from federimed.model import load_for_inference, quiet_libraries
 
+    quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
     batch = tokenizer([args.text], truncation=True, max_length=512, return_tensors="pt")
     with torch.no_grad():

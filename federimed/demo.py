@@ -117,8 +117,11 @@ def run_federation(
         local.wait_for_nodes(group)
         run_id = local.submit(find_app_dir(options.app_dir), run_config)
         say(f"submitted Flower run {run_id}; training...")
+        local.follow_logs(run_id, group)
+        metrics_file = Path(run_config["output-dir"]) / str(run_id) / "metrics.json"
         status = local.wait_for_run(
-            run_id, group, options.timeout, on_tick=LogFollower(options.out / "logs", say)
+            run_id, group, options.timeout, done=metrics_file.exists,
+            on_tick=LogFollower(options.out / "logs", say),
         )
     if status.get("status") != "finished:completed":
         raise RuntimeError(

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import (
@@ -34,6 +36,13 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
+
+
+def quiet_libraries() -> None:
+    """Keep per-process model-loading chatter out of logs that people read for progress."""
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def resolve_model(name: str) -> str:

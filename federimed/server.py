@@ -30,7 +30,7 @@ from federimed.model import build_classifier, load_exchanged_state, load_tokeniz
 from federimed.runconfig import RunConfig
 from federimed.training import encode, evaluate, pick_device
 
-log = logging.getLogger("federimed.server")
+log = logging.getLogger("flwr.federimed.server")
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -19,7 +19,8 @@ from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
 from federimed.training import encode, evaluate, pick_device, train
 
-log = logging.getLogger("federimed.client")
+# A child of Flower's logger, so lines land in the SuperNode log next to Flower's own.
+log = logging.getLogger("flwr.federimed.client")
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,16 @@ def train_round(
         "%s round %d: %d steps on %d cases (%s)",
         node.hospital, server_round, settings.steps, len(encoded), device,
     )
-    metrics = train(model, encoded, settings, device, on_step=_log_step(node.hospital))
+    metrics = train(model, encoded, settings, device, on_step=_step_logger(node, settings.steps))
     return exchanged_state(model), metrics
 
 
-def _log_step(hospital: str):
+def _step_logger(node: NodeIdentity, steps: int):
+    every = max(1, steps // 4)
+
     def report(step: int, loss: float) -> None:
-        log.info("%s step %d loss %.4f", hospital, step, loss)
+        if step % every == 0 or step == steps:
+            log.info("%s step %d/%d loss %.4f", node.hospital, step, steps, loss)
 
     return report
 

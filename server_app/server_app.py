@@ -14,10 +14,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from federimed.model import count_parameters, exchanged_state
+from federimed.model import count_parameters, exchanged_state, quiet_libraries
 from federimed.runconfig import RunConfig
 from federimed.server import GlobalModel, RoundLog, make_strategy, record_bytes
 
+quiet_libraries()
 app = ServerApp()
 
 

@@ -38,20 +38,25 @@ INSTALL_HINT = (
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 EXPECTED_OVERLAYS = {"consortium", "hospital", "hospital-gpu", "example-three-hospitals"}
 UID = 49999
+# Image names follow compose.yaml / docker/Dockerfile (targets superlink, supernode, superexec);
+# the tag is the release, pinned (never :latest).
 IMAGES = {
-    "superlink": "federimed/flower:0.1.0",
-    "supernode": "federimed/flower:0.1.0",
-    "serverapp": "federimed/app:0.1.0",
-    "clientapp": "federimed/app:0.1.0",
+    "superlink": "federimed/superlink:0.1.0",
+    "supernode": "federimed/supernode:0.1.0",
+    "serverapp": "federimed/superexec:0.1.0",
+    "clientapp": "federimed/superexec:0.1.0",
 }
-GPU_IMAGE = "federimed/app-cuda:0.1.0"
 COMMANDS = {
     "superlink": ["superlink"],
     "supernode": ["supernode"],
     "serverapp": ["superexec"],
     "clientapp": ["superexec"],
 }
-HARDENED_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+HARDENED_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+}
 ROLE_PREFIX = {
     "superlink": "FEDERIMED_SUPERLINK_",
     "supernode": "FEDERIMED_NODE_",
@@ -71,7 +76,9 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    pytest.fail(f"`{name}` not found in {TOOLS_VENV}/bin nor on PATH: {INSTALL_HINT}", pytrace=False)
+    pytest.fail(
+        f"`{name}` not found in {TOOLS_VENV}/bin nor on PATH: {INSTALL_HINT}", pytrace=False
+    )
 
 
 def run(argv: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
@@ -170,10 +177,15 @@ def hospital_namespaces(docs) -> list[str]:
 
 
 def test_every_overlay_renders(rendered):
-    assert EXPECTED_OVERLAYS <= set(rendered), f"missing overlays: {EXPECTED_OVERLAYS - set(rendered)}"
+    assert set(rendered) >= EXPECTED_OVERLAYS, (
+        f"missing overlays: {EXPECTED_OVERLAYS - set(rendered)}"
+    )
     example = rendered["example-three-hospitals"]["docs"]
     assert [d["metadata"]["name"] for d in of_kind(example, "Namespace")] == [
-        "consortium", "hospital-1", "hospital-2", "hospital-3"
+        "consortium",
+        "hospital-1",
+        "hospital-2",
+        "hospital-3",
     ]
     for name, doc in all_docs(rendered):
         if doc["kind"] != "Namespace":
@@ -210,15 +222,26 @@ def test_checkov(rendered, tmp_path):
     scan_dir.mkdir()
     for item in rendered.values():
         shutil.copy(item["path"], scan_dir)
-    argv = [checkov, "-d", str(scan_dir), "--framework", "kubernetes", "--skip-download",
-            "-o", "json", "--quiet"]
+    argv = [
+        checkov,
+        "-d",
+        str(scan_dir),
+        "--framework",
+        "kubernetes",
+        "--skip-download",
+        "-o",
+        "json",
+        "--quiet",
+    ]
     argv += ["--skip-check", ",".join(s["id"] for s in skips)] if skips else []
     proc = run(argv, timeout=300)
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError:
-        pytest.fail(f"checkov gave no JSON (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
-                    f"\n{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"checkov gave no JSON (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
+            f"\n{proc.stderr[-3000:]}"
+        )
     reports = report if isinstance(report, list) else [report]
     failed = [
         f"{c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})"
@@ -283,16 +306,14 @@ def test_images_commands_and_roles(rendered):
         for doc in workloads(item["docs"]):
             r = role(doc)
             (c,) = pod_spec(doc)["containers"]
-            expected = IMAGES[r]
-            if name == "hospital-gpu" and r == "clientapp":
-                expected = GPU_IMAGE
-            assert c["image"] == expected, (name, r, c["image"])
+            assert c["image"] == IMAGES[r], (name, r, c["image"])
             assert c["command"] == ["federimed"] and c["args"] == COMMANDS[r], (name, r)
 
 
 def test_settings_are_valid_for_the_cli(rendered, monkeypatch):
     """Every FEDERIMED_* name exists in federimed/settings.py and every value parses there."""
     from federimed import settings  # the project's own settings: the names compose/CLI use
+
     models = {
         "superlink": [settings.SuperLinkSettings],
         "supernode": [settings.SuperNodeSettings],
@@ -345,11 +366,21 @@ def test_superlink_and_serverapp(rendered):
         volumes = {v["name"]: v for v in pod_spec(link)["volumes"]}
         db_dir = str(Path(env["FEDERIMED_SUPERLINK_DATABASE"]).parent)
         assert "persistentVolumeClaim" in volumes[mounts[db_dir]]
-        find(docs, "PersistentVolumeClaim", volumes[mounts[db_dir]]["persistentVolumeClaim"]
-             ["claimName"], "consortium")
+        find(
+            docs,
+            "PersistentVolumeClaim",
+            volumes[mounts[db_dir]]["persistentVolumeClaim"]["claimName"],
+            "consortium",
+        )
         # TLS files come from a Secret / ConfigMap mounted read-only
-        certs = {Path(env[k]).parent.as_posix() for k in
-                 ("FEDERIMED_SUPERLINK_CA_CERT", "FEDERIMED_SUPERLINK_CERT", "FEDERIMED_SUPERLINK_KEY")}
+        certs = {
+            Path(env[k]).parent.as_posix()
+            for k in (
+                "FEDERIMED_SUPERLINK_CA_CERT",
+                "FEDERIMED_SUPERLINK_CERT",
+                "FEDERIMED_SUPERLINK_KEY",
+            )
+        }
         (cert_dir,) = certs
         cert_volume = volumes[mounts[cert_dir]]
         sources = cert_volume.get("projected", {}).get("sources", [cert_volume])
@@ -363,10 +394,12 @@ def test_superlink_and_serverapp(rendered):
         assert renv["FEDERIMED_SUPEREXEC_CA_CERT"].endswith("ca.crt")
         rvolumes = {v["name"]: v for v in pod_spec(runner)["volumes"]}
         (rc,) = pod_spec(runner)["containers"]
-        assert any(
-            "persistentVolumeClaim" in rvolumes[m["name"]] and not m.get("readOnly")
-            for m in rc["volumeMounts"]
-        ), "the ServerApp runner writes its models to a claim"
+        rmounts = {m["mountPath"]: m for m in rc["volumeMounts"]}
+        # as in compose.yaml: models to /runs (a claim), the common test set from /data (read-only)
+        assert "persistentVolumeClaim" in rvolumes[rmounts["/runs"]["name"]]
+        assert not rmounts["/runs"].get("readOnly"), "the ServerApp runner writes its models"
+        test_volume = rvolumes[rmounts["/data"]["name"]]["persistentVolumeClaim"]
+        assert test_volume.get("readOnly") is True and rmounts["/data"].get("readOnly") is True
 
 
 def hospital_parts(docs, ns):
@@ -432,8 +465,11 @@ def test_hospital_data_is_read_only(rendered):
         for doc in workloads(docs):
             if doc["metadata"].get("namespace") != ns:
                 continue
-            claims = {v["name"] for v in pod_spec(doc)["volumes"]
-                      if v.get("persistentVolumeClaim", {}).get("claimName") == claim["claimName"]}
+            claims = {
+                v["name"]
+                for v in pod_spec(doc)["volumes"]
+                if v.get("persistentVolumeClaim", {}).get("claimName") == claim["claimName"]
+            }
             for c in containers(doc):
                 for m in c.get("volumeMounts", []):
                     if m["name"] in claims:
@@ -462,19 +498,20 @@ def selects(policy, labels) -> bool:
 
 def rules_for(docs, ns, labels, direction):
     """All rules that apply to a pod (policies are additive) and whether it is isolated."""
-    policies = [p for p in of_kind(docs, "NetworkPolicy")
-                if p["metadata"]["namespace"] == ns and selects(p, labels)]
+    policies = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["metadata"]["namespace"] == ns and selects(p, labels)
+    ]
     kind = direction.capitalize()
     isolated = any(kind in p["spec"].get("policyTypes", []) for p in policies)
     return isolated, [r for p in policies for r in p["spec"].get(direction, []) or []]
 
 
 def is_dns_peer(peer) -> bool:
-    return (
-        peer.get("namespaceSelector", {}).get("matchLabels")
-        == {"kubernetes.io/metadata.name": "kube-system"}
-        and peer.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"}
-    )
+    return peer.get("namespaceSelector", {}).get("matchLabels") == {
+        "kubernetes.io/metadata.name": "kube-system"
+    } and peer.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"}
 
 
 def rule_ports(rule) -> set[tuple[int, str]]:
@@ -492,12 +529,16 @@ def test_default_deny_everywhere(rendered):
     for name, item in rendered.items():
         docs = item["docs"]
         for ns in (d["metadata"]["name"] for d in of_kind(docs, "Namespace")):
-            deny = [p for p in of_kind(docs, "NetworkPolicy")
-                    if p["metadata"]["namespace"] == ns and p["spec"]["podSelector"] == {}]
+            deny = [
+                p
+                for p in of_kind(docs, "NetworkPolicy")
+                if p["metadata"]["namespace"] == ns and p["spec"]["podSelector"] == {}
+            ]
             assert deny, f"{name}: no default-deny policy in {ns}"
             assert any(
                 set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-                and not p["spec"].get("ingress") and not p["spec"].get("egress")
+                and not p["spec"].get("ingress")
+                and not p["spec"].get("egress")
                 for p in deny
             ), f"{name}: {ns}: default-deny must deny both directions"
         for doc in workloads(docs):
@@ -608,11 +649,27 @@ def test_superlink_network_policy(rendered):
 # --------------------------------------------------------------------------- compose agreement
 
 COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
-# values that mean the same thing everywhere (the rest are paths and addresses)
+# Values that must be equal in both (the rest are host names, which differ per deployment:
+# for those only the port must agree).
 SAME_VALUE = {
-    "FEDERIMED_SUPERLINK_HOST", "FEDERIMED_SUPERLINK_PORT", "FEDERIMED_SUPERLINK_NODE_AUTH",
-    "FEDERIMED_SUPERLINK_ISOLATION", "FEDERIMED_NODE_NAME", "FEDERIMED_NODE_ISOLATION",
-    "FEDERIMED_NODE_RUNTIME_HOST", "FEDERIMED_NODE_RUNTIME_PORT",
+    "FEDERIMED_SUPERLINK_HOST",
+    "FEDERIMED_SUPERLINK_PORT",
+    "FEDERIMED_SUPERLINK_NODE_AUTH",
+    "FEDERIMED_SUPERLINK_ISOLATION",
+    "FEDERIMED_SUPERLINK_CA_CERT",
+    "FEDERIMED_SUPERLINK_CERT",
+    "FEDERIMED_SUPERLINK_KEY",
+    "FEDERIMED_SUPERLINK_DATABASE",
+    "FEDERIMED_NODE_NAME",
+    "FEDERIMED_NODE_ISOLATION",
+    "FEDERIMED_NODE_RUNTIME_HOST",
+    "FEDERIMED_NODE_RUNTIME_PORT",
+    "FEDERIMED_NODE_CA_CERT",
+    "FEDERIMED_NODE_PRIVATE_KEY",
+    "FEDERIMED_NODE_DATA_PATH",
+    "FEDERIMED_SUPEREXEC_CA_CERT",
+    "FEDERIMED_TORCH_THREADS",
+    "FEDERIMED_DEVICE",
 }
 SAME_PORT = {"FEDERIMED_NODE_SUPERLINK", "FEDERIMED_SUPEREXEC_RUNTIME_API"}
 
@@ -624,10 +681,15 @@ def compose_value(value) -> str:
 
 def normalize(key, value):
     value = compose_value(value)
-    if value.lower() in {"true", "1", "yes", "on"} and key.endswith("NODE_AUTH"):
-        return "true"
-    if value.lower() in {"false", "0", "no", "off"} and key.endswith("NODE_AUTH"):
-        return "false"
+    if key.endswith("NODE_AUTH"):
+        return {
+            "1": "true",
+            "yes": "true",
+            "on": "true",
+            "0": "false",
+            "no": "false",
+            "off": "false",
+        }.get(value.lower(), value.lower())
     return value
 
 
@@ -638,13 +700,40 @@ def compose_env(service) -> dict[str, str]:
     return {k: normalize(k, v) for k, v in env.items() if v is not None}
 
 
-def compose_argv(service) -> list[str]:
-    argv = []
-    for key in ("entrypoint", "command"):
-        part = service.get(key) or []
-        argv += part.split() if isinstance(part, str) else [str(p) for p in part]
-    argv = [compose_value(a) for a in argv]
-    return argv[1:] if argv and argv[0] == "federimed" else argv
+def dockerfile_stages(path: Path) -> dict[str, dict]:
+    """stage -> {"entrypoint": [...], "cmd": [...]}, following `FROM <stage>` inheritance."""
+    stages: dict[str, dict] = {}
+    current = None
+    text = re.sub(r"\\\n", " ", path.read_text()) if path.is_file() else ""
+    for line in text.splitlines():
+        line = line.strip()
+        if m := re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE):
+            parent = stages.get(m.group(1), {"entrypoint": [], "cmd": []})
+            current = dict(parent)
+            stages[m.group(2) or f"_{len(stages)}"] = current
+        elif current is not None and (m := re.match(r"(ENTRYPOINT|CMD)\s+(\[.*\])", line)):
+            value = json.loads(m.group(2))
+            if m.group(1) == "ENTRYPOINT":
+                current.update(entrypoint=value, cmd=[])  # a new ENTRYPOINT resets CMD
+            else:
+                current["cmd"] = value
+    return stages
+
+
+def as_list(value) -> list[str] | None:
+    if value is None:
+        return None
+    return [compose_value(v) for v in (value.split() if isinstance(value, str) else value)]
+
+
+def compose_argv(service, stages) -> list[str]:
+    """What the container runs: compose's entrypoint/command over the image's (Docker rules)."""
+    build = service.get("build") or {}
+    image = stages.get(build.get("target", ""), {"entrypoint": [], "cmd": []})
+    entrypoint, command = as_list(service.get("entrypoint")), as_list(service.get("command"))
+    if entrypoint is not None:
+        return entrypoint + (command or [])
+    return image["entrypoint"] + (command if command is not None else image["cmd"])
 
 
 def compose_ports(service) -> set[int]:
@@ -655,55 +744,73 @@ def compose_ports(service) -> set[int]:
     return ports
 
 
+def split_image(image: str) -> tuple[str, str]:
+    repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    return repo, tag or "latest"
+
+
 def test_compose_and_manifests_agree(rendered):
     compose_file = Path(os.environ.get("FEDERIMED_TEST_COMPOSE_FILE", ROOT / "compose.yaml"))
     assert compose_file.is_file(), (
-        "compose.yaml is missing: the manifests are checked against it (services superlink, "
+        f"{compose_file} is missing: the manifests are checked against it (services superlink, "
         "serverapp, supernode-hospital-K, clientapp-hospital-K)"
     )
     services = yaml.safe_load(compose_file.read_text())["services"]
+    stages = dockerfile_stages(ROOT / "docker" / "Dockerfile")
     docs = rendered["example-three-hospitals"]["docs"]
     hospitals = hospital_namespaces(docs)
-    compose_hospitals = sorted(s.removeprefix("supernode-") for s in services
-                               if s.startswith("supernode-"))
+    compose_hospitals = sorted(
+        s.removeprefix("supernode-") for s in services if s.startswith("supernode-")
+    )
     assert compose_hospitals == hospitals, (compose_hospitals, hospitals)
 
     pairs = [("superlink", "superlink", "consortium"), ("serverapp", "serverapp", "consortium")]
     for h in hospitals:
         pairs += [(f"supernode-{h}", "supernode", h), (f"clientapp-{h}", "clientapp", h)]
+    problems = []
     for service_name, r, ns in pairs:
         assert service_name in services, f"compose.yaml has no service {service_name}"
         service = services[service_name]
         doc = find(docs, "Deployment", r, ns)
         (c,) = pod_spec(doc)["containers"]
         where = f"compose {service_name} vs k8s {ns}/{r}"
-        assert compose_value(service.get("image", "")) == c["image"], (
-            f"{where}: image {service.get('image')} != {c['image']}"
-        )
-        argv = compose_argv(service)
-        # (an empty argv would rely on the image's default command: both must say it)
-        assert argv == c["args"], f"{where}: command {argv} != federimed {c['args']}"
-        k8s_env = env_of(doc, docs)
-        c_env = compose_env(service)
-        prefix = ROLE_PREFIX[r]
-        k8s_names = {k for k in k8s_env if k.startswith(prefix)}
-        compose_names = {k for k in c_env if k.startswith(prefix)}
-        assert k8s_names == compose_names, (
-            f"{where}: FEDERIMED settings differ: only k8s {sorted(k8s_names - compose_names)}, "
-            f"only compose {sorted(compose_names - k8s_names)}"
-        )
-        for key in k8s_names:
-            if key in SAME_VALUE:
-                assert normalize(key, k8s_env[key]) == c_env[key], f"{where}: {key}"
-            if key in SAME_PORT:
-                assert k8s_env[key].rsplit(":", 1)[1] == c_env[key].rsplit(":", 1)[1], (
-                    f"{where}: {key} port"
-                )
+
+        compose_repo, compose_tag = split_image(compose_value(service.get("image", "")))
+        k8s_repo, k8s_tag = split_image(c["image"])
+        if compose_repo != k8s_repo:
+            problems.append(f"{where}: image {compose_repo} != {k8s_repo}")
+        if compose_tag != k8s_tag:
+            problems.append(
+                f"{where}: image tag {compose_tag!r} (compose default) != "
+                f"{k8s_tag!r} (k8s pins the release; :latest is not allowed there)"
+            )
+
+        argv = compose_argv(service, stages)
+        k8s_argv = c["command"] + c["args"]
+        if argv != k8s_argv:
+            problems.append(f"{where}: runs {argv} != {k8s_argv}")
+
+        k8s_env, c_env = env_of(doc, docs), compose_env(service)
+        k8s_names = {k for k in k8s_env if k.startswith("FEDERIMED_")}
+        compose_names = {k for k in c_env if k.startswith("FEDERIMED_")}
+        if k8s_names != compose_names:
+            problems.append(
+                f"{where}: settings only in k8s {sorted(k8s_names - compose_names)},"
+                f" only in compose {sorted(compose_names - k8s_names)}"
+            )
+        for key in k8s_names & compose_names:
+            if key in SAME_VALUE and normalize(key, k8s_env[key]) != c_env[key]:
+                problems.append(f"{where}: {key}={k8s_env[key]!r} vs {c_env[key]!r}")
+            if key in SAME_PORT and (
+                k8s_env[key].rsplit(":", 1)[1] != c_env[key].rsplit(":", 1)[1]
+            ):
+                problems.append(f"{where}: {key} port {k8s_env[key]!r} vs {c_env[key]!r}")
         for key, value in HARDENED_ENV.items():
-            if key in c_env:
-                assert c_env[key] == value, f"{where}: {key}"
+            if key in c_env and c_env[key] != value:
+                problems.append(f"{where}: {key}={c_env[key]!r}")
         ports = compose_ports(service)
-        if r == "superlink":
-            assert 8000 in ports or not ports, f"{where}: compose publishes {ports}"
-        if r == "supernode" and ports:
-            assert ports == {9094}, f"{where}: compose exposes {ports}"
+        if r == "superlink" and ports and 8000 not in ports:
+            problems.append(f"{where}: compose publishes {ports}, not 8000")
+        if r == "supernode" and ports and ports != {9094}:
+            problems.append(f"{where}: compose exposes {ports}, not 9094")
+    assert not problems, "compose.yaml and k8s/ disagree:\n" + "\n".join(problems)

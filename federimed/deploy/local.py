@@ -31,6 +31,7 @@ from federimed.settings import SuperLinkSettings, SuperNodeSettings
 
 CONNECTION = "federimed-local"
 FINISHED = "finished"
+STATUS_EVERY = 30.0
 
 
 def free_port() -> int:
@@ -126,22 +127,38 @@ class LocalFederation:
         runs = json.loads(out).get("runs", [])
         return runs[0] if runs else {}
 
+    def follow_logs(self, run_id: int, group: ProcessGroup) -> None:
+        """Stream the run's ServerApp log into logs/run-<id>.log (one process, no polling)."""
+        env = self._env()
+        env["FLWR_HOME"] = str(self.flwr_home)
+        group.start(f"run-{run_id}", ["flwr", "log", str(run_id), CONNECTION, "--stream"], env)
+
     def wait_for_run(
         self,
         run_id: int,
         group: ProcessGroup,
         timeout: float,
+        done: Callable[[], bool],
         on_tick: Callable[[], None] = lambda: None,
     ) -> dict[str, Any]:
+        """Wait for ``done()`` (cheap, checked often) or a finished status (asked rarely).
+
+        Each `flwr ls` costs seconds of CPU, which training on a small machine feels, so the
+        SuperLink is only asked every ``STATUS_EVERY`` seconds or once ``done()`` is true.
+        """
         deadline = time.monotonic() + timeout
+        last_status = time.monotonic()
         while time.monotonic() < deadline:
-            group.check_alive()
+            group.check_alive(ignore=(f"run-{run_id}",))
             on_tick()
-            status = self.run_status(run_id)
-            if str(status.get("status", "")).startswith(FINISHED):
-                on_tick()
-                return status
-            time.sleep(2)
+            finished = done()
+            if finished or time.monotonic() - last_status > STATUS_EVERY:
+                last_status = time.monotonic()
+                status = self.run_status(run_id)
+                if str(status.get("status", "")).startswith(FINISHED):
+                    on_tick()
+                    return status
+            time.sleep(1)
         raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
 
 

@@ -52,9 +52,11 @@ class ProcessGroup:
         self.members.append(member)
         return member
 
-    def check_alive(self) -> None:
+    def check_alive(self, ignore: tuple[str, ...] = ()) -> None:
         """Fail fast, naming the process and its log, when something died."""
         for member in self.members:
+            if member.name in ignore:
+                continue
             code = member.process.poll()
             if code is not None:
                 raise ProcessDied(member, code)
