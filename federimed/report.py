@@ -28,15 +28,19 @@ def write_json(report: dict[str, Any], out: Path) -> Path:
 
 
 def plot_rounds(report: dict[str, Any], out: Path) -> Path:
-    """Global model's accuracy per round on each hospital's validation data and the test set."""
+    """The global model per round: on each hospital's validation data and the test set.
+
+    Hospitals score the global model they receive at the start of each round, so round r
+    shows the model after r - 1 rounds of aggregation.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = report.get("rounds", {})
     numbers = sorted(int(r) for r in rounds)
     for hospital in report["hospitals"]:
         points = [
-            (r, rounds[str(r)]["evaluate"][hospital]["accuracy"])
+            (r - 1, rounds[str(r)]["train"][hospital]["global-val-accuracy"])
             for r in numbers
-            if hospital in rounds[str(r)].get("evaluate", {})
+            if "global-val-accuracy" in rounds[str(r)].get("train", {}).get(hospital, {})
         ]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{hospital} (validation)")
@@ -45,7 +49,8 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
         keys = sorted(int(r) for r in server)
         ax.plot(keys, [server[str(r)]["accuracy"] for r in keys], "k--", marker="s",
                 label="common test set")
-    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="Global model per round")
+    ax.set(xlabel="rounds of aggregation", ylabel="accuracy", ylim=(0, 1),
+           title="Global model per round")
     ax.legend(fontsize=8)
     path = out / "accuracy_per_round.png"
     fig.tight_layout()

@@ -54,23 +54,37 @@ def train_round(
     proximal_mu: float = 0.0,
     runtime: RuntimeSettings | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train the global adapter on this hospital's data; return the update and metrics."""
+    """Score the incoming global model on local validation, then train it on local data.
+
+    Scoring here, in the process that is already up, gives the per-hospital learning curve
+    without a second process start per round (a Flower evaluate round costs one).
+    """
     device = pick_device(runtime)
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
     model = build_classifier(run.model, labels, run.lora, seed=run.seed)
     load_exchanged_state(model, global_state)
     tokenizer = load_tokenizer(run.model)
+    metrics = {}
+    if data.validation:
+        validation = encode(data.validation, tokenizer, labels, run.max_length)
+        scores = evaluate(model, validation, device)
+        metrics = {"global-val-accuracy": scores["accuracy"], "global-val-loss": scores["loss"]}
     settings = run.train_settings(
         seed=_round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
     )
     encoded = encode(data.train, tokenizer, labels, run.max_length)
     log.info(
-        "%s round %d: %d steps on %d cases (%s)",
-        node.hospital, server_round, settings.steps, len(encoded), device,
+        "%s round %d: global model validation accuracy %s; training %d steps on %d cases (%s)",
+        node.hospital, server_round, _pct(metrics.get("global-val-accuracy")),
+        settings.steps, len(encoded), device,
     )
-    metrics = train(model, encoded, settings, device, on_step=_step_logger(node, settings.steps))
+    metrics |= train(model, encoded, settings, device, on_step=_step_logger(node, settings.steps))
     return exchanged_state(model), metrics
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _step_logger(node: NodeIdentity, steps: int):
