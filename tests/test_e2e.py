@@ -75,7 +75,7 @@ def finished_run(federation, tiny_model):
 
 
 def test_federation_with_tls_and_node_auth_completes_and_saves_a_model(finished_run):
-    run_id, status, out = finished_run
+    _, status, out = finished_run
     assert status["status"] == "finished:completed"
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(metrics["rounds"]) == [str(r) for r in range(1, ROUNDS + 1)]

@@ -1,0 +1,61 @@
+"""Flower command lines come from validated settings; bad settings name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from federimed.cli import main
+from federimed.deploy.certs import ensure_certs, node_key_path
+from federimed.deploy.flower import (
+    DeploymentError,
+    superexec_argv,
+    superlink_argv,
+    supernode_argv,
+)
+from federimed.settings import SuperExecSettings, SuperLinkSettings, SuperNodeSettings
+
+
+def test_superlink_is_hardened(tmp_path):
+    ensure_certs(tmp_path, [])
+    argv = superlink_argv(SuperLinkSettings(
+        ca_cert=tmp_path / "ca.crt", cert=tmp_path / "superlink.crt",
+        key=tmp_path / "superlink.key", database=tmp_path / "state" / "db.sqlite",
+    ))
+    assert argv[0] == "flower-superlink"
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation"):
+        assert flag in argv
+    assert "--insecure" not in argv
+    assert argv[argv.index("--ssl-certfile") + 1] == str(tmp_path / "superlink.crt")
+
+
+def test_supernode_args_and_node_config(tmp_path):
+    ensure_certs(tmp_path, ["hospital-1"])
+    argv = supernode_argv(SuperNodeSettings(
+        name="hospital-1", ca_cert=tmp_path / "ca.crt",
+        private_key=node_key_path(tmp_path, "hospital-1"), data_path=tmp_path,
+        isolation="process", runtime_host="0.0.0.0",
+    ))
+    assert argv[argv.index("--node-config") + 1] == (
+        f'hospital="hospital-1" data-path="{tmp_path}"'
+    )
+    assert argv[argv.index("--isolation") + 1] == "process"
+    assert "--insecure" not in argv
+
+
+def test_missing_files_are_named_by_their_variable(tmp_path):
+    with pytest.raises(DeploymentError, match="FEDERIMED_SUPERLINK_CA_CERT=.*file not found"):
+        superlink_argv(SuperLinkSettings(ca_cert=tmp_path / "nope.crt"))
+    with pytest.raises(DeploymentError, match="FEDERIMED_SUPEREXEC_CA_CERT"):
+        superexec_argv(SuperExecSettings(runtime_api="x:9094", ca_cert=tmp_path / "nope"))
+    assert superexec_argv(SuperExecSettings(runtime_api="x:9094"))[-1] == "--insecure"
+
+
+def test_cli_reports_bad_environment_plainly(monkeypatch, capsys):
+    monkeypatch.setenv("FEDERIMED_NODE_NAME", "Bad Name!")
+    monkeypatch.setenv("FEDERIMED_NODE_RUNTIME_PORT", "99999")
+    assert main(["supernode"]) == 2
+    err = capsys.readouterr().err
+    assert "FEDERIMED_NODE_NAME" in err
+    assert "FEDERIMED_NODE_RUNTIME_PORT" in err
+    assert "FEDERIMED_NODE_PRIVATE_KEY" in err  # required and missing
+    assert "Traceback" not in err

@@ -1,0 +1,78 @@
+"""What a ClientApp sends: the LoRA adapter and the head, never base weights, never text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from federimed.model import build_classifier, count_parameters, exchanged_state
+from federimed.runconfig import RunConfig
+
+MARKER = "ZEBRA-MARKER-7f3c"
+
+
+@pytest.fixture
+def marked_hospital(tmp_path, synth_data):
+    folder = tmp_path / "hospital-1"
+    shutil.copytree(synth_data / "hospital-1", folder)
+    for split in ("train.jsonl", "validation.jsonl"):
+        path = folder / split
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(
+            json.dumps({**r, "text": f"{r['text']} {MARKER}"}) + "\n" for r in rows
+        ))
+    return folder
+
+
+def _client_reply(run_config: dict, hospital_folder, arrays: ArrayRecord) -> Message:
+    """Call the real ClientApp train function as Flower would, with a real Message."""
+    import client_app.client_app as client
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7, message_type="train",
+    )
+    context = Context(
+        run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
+        node_config={"hospital": "hospital-1", "data-path": str(hospital_folder)},
+    )
+    return client.train(msg, context)
+
+
+def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked_hospital):
+    run = RunConfig(model=tiny_model, local_steps=2, max_length=64)
+    model = build_classifier(tiny_model, run.label_list, run.lora)
+    initial = ArrayRecord(exchanged_state(model))
+    reply = _client_reply(
+        {"model": tiny_model, "local-steps": 2, "max-length": 64}, marked_hospital, initial
+    )
+    arrays = reply.content["arrays"]
+    names = list(arrays.keys())
+    assert names == list(initial.keys())
+    assert all(("lora_" in n) or (".classifier." in n) for n in names), names
+    trainable, total = count_parameters(model)
+    sent = sum(int(a.numpy().size) for a in arrays.values())
+    assert sent == trainable
+    assert sent < total / 10  # the frozen encoder stays home
+    # Nothing in the reply (arrays, metrics, identity) carries the hospital's text.
+    payload = b"".join(a.data for a in arrays.values())
+    scalars = json.dumps({k: dict(v) for k, v in reply.content.items() if k != "arrays"})
+    assert MARKER.encode() not in payload
+    assert MARKER not in scalars
+    assert set(reply.content["metrics"].keys()) == {
+        "global-val-accuracy", "global-val-loss", "train-loss", "num-examples",
+    }
+    assert reply.content["node"]["hospital"] == "hospital-1"
+
+
+def test_exchanged_state_names_cover_every_trainable_parameter(tiny_model):
+    model = build_classifier(tiny_model, ["A", "B", "C"], RunConfig().lora)
+    state = exchanged_state(model)
+    trainable, _ = count_parameters(model)
+    assert sum(t.numel() for t in state.values()) == trainable
+    assert not any("embeddings" in name or "attention.output" in name for name in state)
