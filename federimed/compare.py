@@ -37,7 +37,10 @@ class Federation:
         folders = sorted(p for p in Path(root).glob("hospital-*") if p.is_dir())
         if not folders:
             raise FileNotFoundError(f"{root}: no hospital-* folders")
-        return cls({p.name: p for p in folders}, Path(root) / "test.jsonl")
+        test_path = Path(root) / "test.jsonl"
+        if not test_path.is_file():
+            raise FileNotFoundError(f"{test_path}: the common test set is missing")
+        return cls({p.name: p for p in folders}, test_path)
 
 
 def unseen_labels(train: list[Example], labels: list[str]) -> list[str]:

@@ -43,7 +43,7 @@ def test_supernode_args_and_node_config(tmp_path):
 
 
 def test_missing_files_are_named_by_their_variable(tmp_path):
-    with pytest.raises(DeploymentError, match="FEDERIMED_SUPERLINK_CA_CERT=.*file not found"):
+    with pytest.raises(DeploymentError, match=r"FEDERIMED_SUPERLINK_CA_CERT=.*file not found"):
         superlink_argv(SuperLinkSettings(ca_cert=tmp_path / "nope.crt"))
     with pytest.raises(DeploymentError, match="FEDERIMED_SUPEREXEC_CA_CERT"):
         superexec_argv(SuperExecSettings(runtime_api="x:9094", ca_cert=tmp_path / "nope"))

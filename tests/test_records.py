@@ -117,3 +117,21 @@ def test_cli_validate_exits_nonzero_and_names_the_line(tmp_path, capsys):
 def test_cli_validate_missing_path_is_a_plain_error(tmp_path, capsys):
     assert main(["data", "validate", str(tmp_path / "missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_medalpaca_flashcards_json_and_jsonl(tmp_path):
+    from federimed.data.records import load_flashcards
+
+    cards = [
+        {"instruction": "Answer this question truthfully", "input": "What is gout?",
+         "output": "Inflammatory arthritis from urate crystals."},
+        {"input": "First-line for anaphylaxis?", "output": "IM adrenaline."},
+    ]
+    as_json = tmp_path / "medical_meadow_flashcards.json"
+    as_json.write_text(json.dumps(cards))
+    loaded = load_flashcards(as_json)
+    assert [c.question for c in loaded] == ["What is gout?", "First-line for anaphylaxis?"]
+    assert loaded[0].instruction.startswith("Answer")
+    bad = write_jsonl(tmp_path / "cards.jsonl", [cards[1], {"input": "Q?", "output": " "}])
+    with pytest.raises(DataError, match=r"cards\.jsonl:2: missing or empty 'output'"):
+        load_flashcards(bad)

@@ -228,3 +228,44 @@ def labels_from_config(value: str) -> list[str]:
     """Run-config ``labels``: comma-separated codes, or "" for the built-in conditions."""
     codes = [code.strip() for code in value.split(",") if code.strip()]
     return codes or list(default_labels())
+
+
+@dataclass(frozen=True)
+class Flashcard:
+    """A MedAlpaca flashcard: a question and its answer (the generative track's unit)."""
+
+    question: str
+    answer: str
+    instruction: str = ""
+
+
+def load_flashcards(path: Path) -> list[Flashcard]:
+    """MedAlpaca flashcards: a JSON list or JSONL of {"input", "output"[, "instruction"]}."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = list(_jsonl_rows(path))
+    else:
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise DataError([Problem(path, None, f"cannot read flashcards: {error}")]) from None
+        if not isinstance(entries, list):
+            raise DataError([Problem(path, None, "expected a JSON list of flashcards")])
+        rows = [(index, entry, None) for index, entry in enumerate(entries, start=1)]
+    cards, problems = [], []
+    for where, row, parse_error in rows:
+        if parse_error:
+            problems.append(Problem(path, where, parse_error))
+            continue
+        if not isinstance(row, dict):
+            problems.append(Problem(path, where, "expected a JSON object"))
+            continue
+        empty = [f for f in ("input", "output") if not str(row.get(f) or "").strip()]
+        if empty:
+            problems.extend(Problem(path, where, f"missing or empty '{f}'") for f in empty)
+            continue
+        cards.append(Flashcard(row["input"].strip(), row["output"].strip(),
+                               str(row.get("instruction") or "").strip()))
+    if problems:
+        raise DataError(problems)
+    return cards

@@ -1,0 +1,67 @@
+"""`federimed demo` end to end (tiny model, few steps): processes, report, cleanup."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from federimed.cli import main
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _flower_processes() -> set[int]:
+    names = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp")
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmdline for name in names):
+            found.add(proc.info["pid"])
+    return found
+
+
+def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_model, capsys):
+    before = _flower_processes()
+    out = tmp_path / "run"
+    code = main([
+        "demo", "--out", str(out), "--hospitals", "2", "--rounds", "2", "--local-steps", "3",
+        "--model", tiny_model, "--certs", str(tmp_path / "certs"),
+        "--cases-per-hospital", "120",
+    ])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["tls"] is True and report["supernode_auth"] is True
+    assert report["flower_run_id"] > 0
+    assert sorted(report["hospitals"]) == ["hospital-1", "hospital-2"]
+    for hospital in report["hospitals"].values():
+        for method in ("federated", "local", "centralized"):
+            assert 0.0 <= hospital[method]["accuracy"] <= 1.0
+            assert "macro_f1" in hospital[method]
+        assert hospital["unseen_conditions"]
+        assert "unseen_accuracy" in hospital["local"]
+        assert sorted(hospital["bytes_per_round"]) == ["1", "2"]
+    assert sorted(report["rounds"]) == ["1", "2"]
+    assert set(report["wall_seconds"]) >= {"federated", "local", "centralized", "total"}
+    for name in ("report.md", "comparison.png", "accuracy_per_round.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "model" / "config.json").is_file()
+    assert {p.name for p in (out / "logs").glob("*.log")} >= {
+        "superlink.log", "supernode-hospital-1.log", "supernode-hospital-2.log",
+    }
+    printed = capsys.readouterr().out
+    assert "submitted Flower run" in printed and "federated" in printed
+    assert _flower_processes() - before == set()  # nothing left running
+
+
+def test_demo_failure_names_the_problem_and_leaves_nothing_behind(tmp_path, capsys):
+    before = _flower_processes()
+    data = tmp_path / "data" / "hospital-1"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text('{"id": "1", "text": "x", "label": "I21"}\n')
+    code = main(["demo", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                 "--certs", str(tmp_path / "certs")])
+    assert code == 2
+    assert "test.jsonl" in capsys.readouterr().err
+    assert _flower_processes() - before == set()
