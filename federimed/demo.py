@@ -6,6 +6,7 @@ at the end, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 from federimed.compare import Comparison, Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
+from federimed.deploy import netns
 from federimed.deploy.certs import ensure_certs
 from federimed.deploy.local import LocalFederation, free_port
 from federimed.deploy.processes import ProcessGroup
@@ -28,7 +30,7 @@ PROGRESS_PATTERNS = (
     re.compile(r"\[ROUND \d+\]"),
     re.compile(r"round \d+: test accuracy"),
     re.compile(r"aggregate_(train|evaluate): Received"),
-    re.compile(r"(hospital-\S+) step (\d+) loss"),
+    re.compile(r"hospital-\S+ (round \d+:|step \d+/\d+ loss)"),
     re.compile(r"(ERROR|Traceback|Exception)"),
 )
 
@@ -48,6 +50,7 @@ class DemoOptions:
     baselines: bool = True
     timeout: float = 1800
     app_dir: Path | None = None
+    netns: str = "auto"  # "auto": own network namespace per hospital where the machine allows
 
 
 def find_app_dir(explicit: Path | None) -> Path:
@@ -98,17 +101,41 @@ def _prepare_data(options: DemoOptions, say) -> Path:
     return data
 
 
+def use_namespaces(choice: str) -> bool:
+    if choice == "off":
+        return False
+    if netns.available():
+        return True
+    if choice == "on":
+        raise RuntimeError("--netns on needs root and iproute2 (`ip netns add` must work)")
+    return False
+
+
 def run_federation(
     options: DemoOptions, federation: Federation, run_config: dict[str, Any], say
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Start SuperLink + SuperNodes, submit the run with `flwr`, wait, stop everything."""
-    local = LocalFederation(
-        workdir=options.out, certs=options.certs, hospitals=federation.hospitals,
-        port=free_port(),
-    )
-    local.env = {**os.environ, "FLWR_HOME": str(local.flwr_home), "FEDERIMED_TORCH_THREADS": "1"}
-    with ProcessGroup(options.out / "logs") as group:
-        say(f"starting SuperLink on https://{local.address} (TLS, node authentication)")
+    with contextlib.ExitStack() as stack:
+        local = LocalFederation(
+            workdir=options.out, certs=options.certs, hospitals=federation.hospitals,
+            port=free_port(),
+        )
+        network: dict[str, Any] = {"mode": "loopback", "superlink": local.host}
+        if use_namespaces(options.netns):
+            hosts = stack.enter_context(netns.HospitalHosts())
+            for hospital in federation.hospitals:
+                hosts.add(hospital)
+            local.host, local.hosts = hosts.superlink_address, hosts
+            network = {"mode": "network namespaces", "superlink": local.host,
+                       "hospitals": dict(hosts.addresses)}
+        certs = ensure_certs(options.certs, list(federation.hospitals), (local.host,))
+        say(f"certificates in {options.certs} ({len(certs.created)} created, "
+            f"{len(certs.kept)} kept)")
+        local.env = {**os.environ, "FLWR_HOME": str(local.flwr_home),
+                     "FEDERIMED_TORCH_THREADS": "1"}
+        group = stack.enter_context(ProcessGroup(options.out / "logs"))
+        say(f"starting SuperLink on https://{local.address} (TLS, node authentication; "
+            f"hospitals on {network['mode']})")
         local.start_superlink(group)
         added = local.enroll_nodes()
         say(f"enrolled {len(added)} new SuperNode key(s); starting {len(federation.hospitals)} "
@@ -127,19 +154,20 @@ def run_federation(
         raise RuntimeError(
             f"Flower run {run_id} ended as {status.get('status')}; see {options.out / 'logs'}"
         )
-    return run_id, status
+    return run_id, status, network
 
 
-def run_demo(options: DemoOptions, say=print) -> dict[str, Any]:
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_demo(options: DemoOptions, say=_say) -> dict[str, Any]:
     started = time.monotonic()
     out = options.out.resolve()
     options = DemoOptions(**{**options.__dict__, "out": out})
     out.mkdir(parents=True, exist_ok=True)
     data = _prepare_data(options, say)
     federation = Federation.from_folder(data)
-    report_certs = ensure_certs(options.certs, list(federation.hospitals))
-    say(f"certificates in {options.certs} ({len(report_certs.created)} created, "
-        f"{len(report_certs.kept)} kept)")
     run_config = {
         "model": options.model,
         "num-server-rounds": options.rounds,
@@ -148,11 +176,14 @@ def run_demo(options: DemoOptions, say=print) -> dict[str, Any]:
         "strategy": options.strategy,
         "seed": options.seed,
         "test-path": str(federation.test_path.resolve()),
+        # Hospitals score each global model inside their training round (see task.py),
+        # so a separate evaluate round, one more process start per hospital, is not needed.
+        "fraction-evaluate": 0.0,
         "output-dir": str(out / "flower"),
     }
     run = RunConfig.from_flower(run_config)
     t0 = time.monotonic()
-    run_id, status = run_federation(options, federation, run_config, say)
+    run_id, status, network = run_federation(options, federation, run_config, say)
     seconds = {"federated": time.monotonic() - t0}
     flower_out = out / "flower" / str(run_id)
     metrics = json.loads((flower_out / "metrics.json").read_text())
@@ -168,14 +199,15 @@ def run_demo(options: DemoOptions, say=print) -> dict[str, Any]:
         results["local"], seconds["local"] = comparison.local_only()
         results["centralized"], seconds["centralized"] = comparison.centralized()
     seconds["total"] = time.monotonic() - started
-    report = build_report(options, run, run_id, status, metrics, comparison, results, seconds)
+    report = build_report(run, run_id, status, metrics, comparison, results, seconds)
+    report["network"] = network
     paths = write_report(report, out)
     say(summary_table(report))
     say(f"report: {paths[-1]}  model: {model_dir}")
     return report
 
 
-def build_report(options, run, run_id, status, metrics, comparison, results, seconds) -> dict:
+def build_report(run, run_id, status, metrics, comparison, results, seconds) -> dict:
     hospitals = {}
     for name, cases in comparison.train_sets.items():
         per_round_bytes = {

@@ -67,6 +67,18 @@ def _lora_targets(model: torch.nn.Module) -> list[str]:
     raise ValueError(f"cannot find attention query/value layers in {type(model).__name__}")
 
 
+def _head_modules(model: torch.nn.Module) -> list[str]:
+    """The layers between the encoder and the logits, trained and exchanged with the head.
+
+    BERT's pooler (and DistilBERT's pre-classifier) come from pre-training objectives that
+    have nothing to do with diagnosis; training them with the classifier makes the head learn
+    several times faster than a classifier on a frozen pooler (measured: 63% vs 26% test
+    accuracy after 60 steps on the synthetic task).
+    """
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [m for m in ("pooler", "pre_classifier") if m in names]
+
+
 def build_classifier(
     model: str, labels: list[str], lora: LoraSettings, seed: int = 0
 ) -> PeftModel:
@@ -88,6 +100,7 @@ def build_classifier(
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=_lora_targets(base),
+        modules_to_save=_head_modules(base),
     )
     return get_peft_model(base, config)
 

@@ -32,7 +32,7 @@ class RunConfig(BaseModel):
     num_server_rounds: int = Field(5, ge=1)
     local_steps: int = Field(12, ge=1)
     batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float = Field(5e-3, gt=0)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_nodes: int = Field(2, ge=1)

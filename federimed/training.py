@@ -24,7 +24,7 @@ from federimed.settings import RuntimeSettings
 class TrainSettings:
     steps: int
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     max_length: int = 128
     proximal_mu: float = 0.0
     seed: int = 0

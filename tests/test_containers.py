@@ -158,9 +158,10 @@ def stack(engine):
         yield stack
     finally:
         if os.environ.get("FEDERIMED_TEST_KEEP") != "1":
+            # Images stay: their layers (builder stages included) are the cache of the next
+            # run. No `image prune`: the builder stages' last layers are untagged and would go.
             stack.compose("down", "-v", "--remove-orphans", "--timeout", "10",
                           check=False, timeout=300)
-            engine.docker("image", "prune", "-f", check=False, timeout=300)
 
 
 def _logs(stack: Stack) -> str:

@@ -26,6 +26,7 @@ from federimed.deploy.flower import (
     supernode_argv,
     write_flwr_home,
 )
+from federimed.deploy.netns import HospitalHosts
 from federimed.deploy.processes import ProcessGroup, wait_until
 from federimed.settings import SuperLinkSettings, SuperNodeSettings
 
@@ -56,10 +57,12 @@ class LocalFederation:
     hospitals: dict[str, Path]  # hospital name -> data folder
     port: int = 8000
     env: dict[str, str] | None = None
+    host: str = "127.0.0.1"
+    hosts: HospitalHosts | None = None  # each hospital in its own network namespace
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def flwr_home(self) -> Path:
@@ -70,7 +73,7 @@ class LocalFederation:
 
     def start_superlink(self, group: ProcessGroup) -> None:
         settings = SuperLinkSettings(
-            host="127.0.0.1",
+            host=self.host,
             port=self.port,
             ca_cert=self.certs / "ca.crt",
             cert=self.certs / "superlink.crt",
@@ -98,8 +101,10 @@ class LocalFederation:
 
     def start_supernodes(self, group: ProcessGroup) -> None:
         for name, data in self.hospitals.items():
-            settings = self.node_settings(name, data, free_port())
-            group.start(f"supernode-{name}", supernode_argv(settings), self._env())
+            argv = supernode_argv(self.node_settings(name, data, free_port()))
+            if self.hosts is not None:
+                argv = self.hosts.wrap(name, argv)
+            group.start(f"supernode-{name}", argv, self._env())
 
     def wait_for_nodes(self, group: ProcessGroup, timeout: float = 120) -> None:
         def all_online() -> bool:
