@@ -21,6 +21,13 @@ def _fmt(value: float | None) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_json(report: dict[str, Any], out: Path) -> Path:
     path = out / "report.json"
     path.write_text(json.dumps(report, indent=2, allow_nan=True))
@@ -52,11 +59,7 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
     ax.set(xlabel="rounds of aggregation", ylabel="accuracy", ylim=(0, 1),
            title="Global model per round")
     ax.legend(fontsize=8)
-    path = out / "accuracy_per_round.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "accuracy_per_round.png")
 
 
 def plot_comparison(report: dict[str, Any], out: Path) -> Path:
@@ -76,11 +79,7 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
         ax.set(title=title, ylim=(0, 1))
     axes[0].set_ylabel("accuracy")
     axes[0].legend()
-    path = out / "comparison.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "comparison.png")
 
 
 def write_markdown(report: dict[str, Any], out: Path) -> Path:
