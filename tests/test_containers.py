@@ -212,6 +212,8 @@ def test_demo_run_completes_with_three_hospitals(stack):
     for k in range(1, ROUNDS + 1):
         assert f"[ROUND {k}/{ROUNDS}]" in submit_log, _tail(stack)
     assert submit_log.count("Sampled 3 nodes (out of 3)") >= ROUNDS, _tail(stack)
+    # `flwr run --stream` also ends with exit 0 when the run failed: demand the strategy's end
+    assert "Strategy execution finished" in submit_log, f"run did not finish:\n{_tail(stack)}"
 
 
 def test_model_and_metrics_land_on_runs_volume(stack, tmp_path):

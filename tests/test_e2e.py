@@ -1,6 +1,8 @@
 """A real SuperLink and real SuperNodes on loopback: TLS, node authentication, the full run.
 
-The model is a tiny random BERT (speed); everything else is what a hospital deployment runs.
+The model is the real pretrained MiniLM with short sequences and few steps: a tiny random BERT
+only learns the label prior, which on non-IID hospitals makes the global model worse, so it
+cannot show that federating helps. Everything else is what a hospital deployment runs.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ def _plant_markers(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(federation, tiny_model):
+def finished_run(federation):
     local, group, data = federation
     output = local.workdir / "runs"
     run_id = local.submit(find_app_dir(None), {
-        "model": tiny_model, "num-server-rounds": ROUNDS, "local-steps": 12,
-        "learning-rate": 0.005, "min-nodes": 3, "max-length": 64,
+        "model": "minilm", "num-server-rounds": ROUNDS, "local-steps": 10,
+        "min-nodes": 3, "max-length": 64,
         "test-path": str(data / "test.jsonl"), "output-dir": str(output),
         "audit-messages": True, "fraction-evaluate": 1.0,
     })
@@ -91,8 +93,8 @@ def test_global_model_improves_over_rounds(finished_run):
     _, _, out = finished_run
     server = json.loads((out / "metrics.json").read_text())["server_evaluation"]
     first, last = server["0"], server[str(ROUNDS)]
-    assert last["loss"] < first["loss"] - 0.05
-    assert last["accuracy"] > first["accuracy"]
+    assert last["loss"] < first["loss"] - 0.2
+    assert last["accuracy"] > first["accuracy"] + 0.1
 
 
 def test_no_training_text_reaches_the_server(finished_run, federation):
