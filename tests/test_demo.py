@@ -66,3 +66,27 @@ def test_demo_failure_names_the_problem_and_leaves_nothing_behind(tmp_path, caps
     assert code == 2
     assert "test.jsonl" in capsys.readouterr().err
     assert _processes_using(tmp_path) == set()
+
+
+def test_ctrl_c_stops_every_process(tmp_path, tiny_model):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "federimed.cli", "demo", "--out", str(out), "--hospitals", "2",
+         "--model", tiny_model, "--certs", str(tmp_path / "certs"),
+         "--cases-per-hospital", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list((out / "logs").glob("supernode-*.log")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_using(tmp_path) - {proc.pid}, "the federation never started"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted; all processes were stopped" in output
+    assert _processes_using(tmp_path) == set()
