@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from federimed.data.records import Example
 from federimed.data.synth import SynthConfig, generate
 from federimed.model import build_classifier, load_tokenizer, quiet_libraries
 from federimed.runconfig import RunConfig
@@ -30,8 +31,10 @@ def main() -> None:
     run = RunConfig(model=args.model)
     dataset = generate(SynthConfig(hospitals=1, cases_per_hospital=300))
     tokenizer = load_tokenizer(args.model)
-    data = encode(dataset.hospitals[0].train, tokenizer, run.label_list, run.max_length)
-    test = encode(dataset.test, tokenizer, run.label_list, run.max_length)
+    train_cases = [Example(**row) for row in dataset.hospitals[0].train]
+    test_cases = [Example(**row) for row in dataset.test]
+    data = encode(train_cases, tokenizer, run.label_list, run.max_length)
+    test = encode(test_cases, tokenizer, run.label_list, run.max_length)
     for threads in args.threads:
         torch.set_num_threads(threads)
         model = build_classifier(args.model, run.label_list, run.lora)

@@ -13,8 +13,11 @@ set -eu
 N="${HOSPITALS:-3}"
 UID_GID="${APP_UID:-49999}:${APP_GID:-49999}"
 
-# shellcheck disable=SC2086  # INIT_SANS / SYNTH_ARGS are word lists on purpose
-federimed certs --out /init/pki --hospitals "$N" --san superlink --san localhost ${INIT_SANS:-}
+# INIT_SANS: extra names/IPs the SuperLink is reached by (space-separated), besides the
+# built-in localhost, 127.0.0.1 and superlink.
+set -- --san superlink --san localhost
+for name in ${INIT_SANS:-}; do set -- "$@" --san "$name"; done
+federimed certs --out /init/pki --hospitals "$N" "$@"
 if [ ! -s /init/synth/manifest.json ]; then
     # shellcheck disable=SC2086
     federimed data synth --hospitals "$N" --out /init/synth ${SYNTH_ARGS:-}

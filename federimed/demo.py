@@ -39,8 +39,8 @@ PROGRESS_PATTERNS = (
 class DemoOptions:
     out: Path
     hospitals: int = 3
-    rounds: int = 4
-    local_steps: int = 15
+    rounds: int = 5
+    local_steps: int = 20
     model: str = "minilm"
     data: Path | None = None
     certs: Path = Path("certs")
