@@ -107,7 +107,8 @@ def _exec(argv: list[str]) -> int:
     from federimed.deploy.flower import flower_env
 
     print("exec:", " ".join(argv), flush=True)
-    os.execvpe(argv[0], argv, flower_env())
+    env = flower_env()
+    os.execvpe(argv[0], argv, env)
     return 0  # not reached
 
 

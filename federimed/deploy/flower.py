@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 from federimed.settings import SuperExecSettings, SuperLinkSettings, SuperNodeSettings
@@ -26,8 +27,13 @@ class DeploymentError(RuntimeError):
 
 
 def flower_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Hardened environment; Flower's binaries are found beside this Python even when the
+    virtualenv is not activated (``.venv/bin/federimed demo`` from the Makefile)."""
     env = dict(os.environ if base is None else base)
     env.update(HARDENED_ENV)
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     return env
 
 
