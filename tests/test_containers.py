@@ -168,8 +168,21 @@ def _logs(stack: Stack) -> str:
     return stack.compose("logs", "--no-color", "--timestamps", check=False, timeout=120).stdout
 
 
+INFRA_SYMPTOMS = ("database is locked", "Giving up reconnection", "task-token authentication")
+
+
 def _tail(stack: Stack, n: int = 80) -> str:
-    return "\n".join(stack.logs.splitlines()[-n:])
+    """The end of the logs, plus the symptoms of a CPU-starved SuperLink if there are any."""
+    lines = stack.logs.splitlines()
+    symptoms = [ln for ln in lines if any(s in ln for s in INFRA_SYMPTOMS)][:10]
+    hint = ""
+    if symptoms:
+        hint = (
+            f"\n--- load average now {os.getloadavg()}: the SuperLink's SQLite locks or "
+            "heartbeats timed out, typical when other CPU-heavy work shares the 2 cores:\n"
+            + "\n".join(symptoms)
+        )
+    return "\n".join(lines[-n:]) + hint
 
 
 # ------------------------------------------------------------------------------ static checks

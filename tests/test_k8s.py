@@ -726,10 +726,23 @@ def as_list(value) -> list[str] | None:
     return [compose_value(v) for v in (value.split() if isinstance(value, str) else value)]
 
 
-def compose_argv(service, stages) -> list[str]:
-    """What the container runs: compose's entrypoint/command over the image's (Docker rules)."""
+def build_targets(services) -> dict[str, str]:
+    """image name -> Dockerfile target, from the services that build each image."""
+    return {
+        compose_value(svc["image"]): svc["build"]["target"]
+        for svc in services.values()
+        if isinstance(svc.get("build"), dict) and "target" in svc["build"] and "image" in svc
+    }
+
+
+def compose_argv(service, stages, targets: dict[str, str]) -> list[str]:
+    """What the container runs: compose's entrypoint/command over the image's (Docker rules).
+
+    A service that only names an image built by another service runs that image's target.
+    """
     build = service.get("build") or {}
-    image = stages.get(build.get("target", ""), {"entrypoint": [], "cmd": []})
+    target = build.get("target") or targets.get(compose_value(service.get("image", "")), "")
+    image = stages.get(target, {"entrypoint": [], "cmd": []})
     entrypoint, command = as_list(service.get("entrypoint")), as_list(service.get("command"))
     if entrypoint is not None:
         return entrypoint + (command or [])
@@ -785,7 +798,7 @@ def test_compose_and_manifests_agree(rendered):
                 f"{k8s_tag!r} (k8s pins the release; :latest is not allowed there)"
             )
 
-        argv = compose_argv(service, stages)
+        argv = compose_argv(service, stages, build_targets(services))
         k8s_argv = c["command"] + c["args"]
         if argv != k8s_argv:
             problems.append(f"{where}: runs {argv} != {k8s_argv}")
