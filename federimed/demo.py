@@ -7,6 +7,7 @@ at the end, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -164,7 +165,7 @@ def _say(text: str) -> None:
 def run_demo(options: DemoOptions, say=_say) -> dict[str, Any]:
     started = time.monotonic()
     out = options.out.resolve()
-    options = DemoOptions(**{**options.__dict__, "out": out})
+    options = dataclasses.replace(options, out=out)
     out.mkdir(parents=True, exist_ok=True)
     data = _prepare_data(options, say)
     federation = Federation.from_folder(data)

@@ -60,6 +60,7 @@ class RoundLog:
             entry[kind][hospital] = dict(content["metrics"])
             if kind == "train":
                 sent = record_bytes(content["arrays"])
+                # The global model a hospital downloads has exactly the update's arrays.
                 entry["bytes"][hospital] = {"uplink": sent, "downlink": sent}
             if self.audit_dir is not None:
                 self._audit(kind, server_round, hospital, content)
