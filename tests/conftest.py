@@ -48,3 +48,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def plant_marker(folder: Path, marker: str) -> None:
+    """Append a unique string to every training and validation case of one hospital."""
+    for split in ("train.jsonl", "validation.jsonl"):
+        path = folder / split
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        write_jsonl(path, [{**row, "text": f"{row['text']} {marker}"} for row in rows])

@@ -13,9 +13,9 @@ import sqlite3
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+from conftest import plant_marker
 
 from federimed.demo import find_app_dir
 from federimed.deploy.certs import ensure_certs, node_key_path
@@ -35,7 +35,7 @@ def federation(tmp_path_factory, synth_data):
     root = tmp_path_factory.mktemp("federation")
     data = root / "data"
     shutil.copytree(synth_data, data)
-    _plant_markers(data / "hospital-1")
+    plant_marker(data / "hospital-1", MARKER)
     certs = root / "certs"
     ensure_certs(certs, [*HOSPITALS, "intruder"])
     local = LocalFederation(
@@ -49,16 +49,6 @@ def federation(tmp_path_factory, synth_data):
         local.start_supernodes(group)
         local.wait_for_nodes(group)
         yield local, group, data
-
-
-def _plant_markers(folder: Path) -> None:
-    """A unique string in every training and validation case of one hospital."""
-    for split in ("train.jsonl", "validation.jsonl"):
-        path = folder / split
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        for row in rows:
-            row["text"] = f"{row['text']} {MARKER}"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture(scope="module")

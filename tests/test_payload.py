@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import plant_marker
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -19,12 +20,7 @@ MARKER = "ZEBRA-MARKER-7f3c"
 def marked_hospital(tmp_path, synth_data):
     folder = tmp_path / "hospital-1"
     shutil.copytree(synth_data / "hospital-1", folder)
-    for split in ("train.jsonl", "validation.jsonl"):
-        path = folder / split
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        path.write_text("".join(
-            json.dumps({**r, "text": f"{r['text']} {MARKER}"}) + "\n" for r in rows
-        ))
+    plant_marker(folder, MARKER)
     return folder
 
 
