@@ -154,16 +154,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import subprocess
 
     from federimed.demo import find_app_dir
-    from federimed.deploy.flower import flower_env
+    from federimed.deploy.flower import log_stream_argv, run_status, submit_run
 
-    env = flower_env()
-    env["FLWR_HOME"] = str(_flwr_home(args))
-    argv = ["flwr", "run", str(find_app_dir(args.app)), "federimed"]
-    if args.run_config:
-        argv += ["--run-config", args.run_config]
-    if args.stream:
-        argv.append("--stream")
-    return subprocess.call(argv, env=env)
+    home = _flwr_home(args)
+    run_id = submit_run(home, "federimed", find_app_dir(args.app), args.run_config or "")
+    print(f"submitted Flower run {run_id}", flush=True)
+    if not args.stream:
+        return 0
+    argv, env = log_stream_argv(home, "federimed", run_id)
+    subprocess.call(argv, env=env)
+    status = run_status(home, "federimed", run_id).get("status", "unknown")
+    if status != "finished:completed":
+        print(f"error: Flower run {run_id} ended as {status}", file=sys.stderr)
+        return 1
+    print(f"Flower run {run_id} {status}")
+    return 0
 
 
 # --- training and inference -----------------------------------------------------------------

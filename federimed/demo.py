@@ -119,7 +119,7 @@ def run_federation(
     with contextlib.ExitStack() as stack:
         local = LocalFederation(
             workdir=options.out, certs=options.certs, hospitals=federation.hospitals,
-            port=free_port(),
+            port=free_port(), client_threads=1,
         )
         network: dict[str, Any] = {"mode": "loopback", "superlink": local.host}
         if use_namespaces(options.netns):
@@ -132,8 +132,7 @@ def run_federation(
         certs = ensure_certs(options.certs, list(federation.hospitals), (local.host,))
         say(f"certificates in {options.certs} ({len(certs.created)} created, "
             f"{len(certs.kept)} kept)")
-        local.env = {**os.environ, "FLWR_HOME": str(local.flwr_home),
-                     "FEDERIMED_TORCH_THREADS": "1"}
+        local.env = {**os.environ, "FLWR_HOME": str(local.flwr_home)}
         group = stack.enter_context(ProcessGroup(options.out / "logs"))
         say(f"starting SuperLink on https://{local.address} (TLS, node authentication; "
             f"hospitals on {network['mode']})")
@@ -145,10 +144,11 @@ def run_federation(
         local.wait_for_nodes(group)
         run_id = local.submit(find_app_dir(options.app_dir), run_config)
         say(f"submitted Flower run {run_id}; training...")
-        local.follow_logs(run_id, group)
+        stream = local.follow_logs(run_id, group)
         metrics_file = Path(run_config["output-dir"]) / str(run_id) / "metrics.json"
         status = local.wait_for_run(
-            run_id, group, options.timeout, done=metrics_file.exists,
+            run_id, group, options.timeout,
+            done=lambda: metrics_file.exists() or stream.process.poll() is not None,
             on_tick=LogFollower(options.out / "logs", say),
         )
     if status.get("status") != "finished:completed":
@@ -158,12 +158,19 @@ def run_federation(
     return run_id, status, network
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
+def clock_printer(started: float):
+    """Prints progress with the time since start, so a slow phase shows where it is slow."""
+
+    def say(text: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - started), 60)
+        print(f"[{minutes:02d}:{seconds:02d}] {text}", flush=True)
+
+    return say
 
 
-def run_demo(options: DemoOptions, say=_say) -> dict[str, Any]:
+def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     started = time.monotonic()
+    say = say or clock_printer(started)
     out = options.out.resolve()
     options = dataclasses.replace(options, out=out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,10 +39,10 @@ def federation(tmp_path_factory, synth_data):
     certs = root / "certs"
     ensure_certs(certs, [*HOSPITALS, "intruder"])
     local = LocalFederation(
-        workdir=root, certs=certs, hospitals={h: data / h for h in HOSPITALS}, port=free_port()
+        workdir=root, certs=certs, hospitals={h: data / h for h in HOSPITALS},
+        port=free_port(), client_threads=1,
     )
-    local.env = {**flower_env(), "FLWR_HOME": str(local.flwr_home),
-                 "FEDERIMED_TORCH_THREADS": "1"}
+    local.env = {**flower_env(), "FLWR_HOME": str(local.flwr_home)}
     with ProcessGroup(root / "logs") as group:
         local.start_superlink(group)
         local.enroll_nodes()
@@ -161,3 +161,19 @@ def test_plaintext_supernode_cannot_connect(federation):
     code, log = _outcome(member)
     assert code not in (None, 0), log
     assert time.monotonic() - started < 60
+
+
+def test_submit_stream_exits_nonzero_when_the_run_fails(federation, tmp_path, capsys):
+    """`federimed submit --stream` is what compose's one-shot runs: its exit code is the
+    run's outcome, so a failed run must not look like success to the operator."""
+    from federimed.cli import main
+
+    local, _, _ = federation
+    code = main([
+        "submit", "--superlink", local.address, "--ca-cert", str(local.certs / "ca.crt"),
+        "--flwr-home", str(tmp_path / "flwr-home"), "--stream",
+        "--run-config", f'test-path="{tmp_path / "missing.jsonl"}" output-dir="{tmp_path}"',
+    ])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out
+    assert "ended as finished:failed" in captured.err

@@ -7,11 +7,14 @@ between deployments.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from federimed.settings import SuperExecSettings, SuperLinkSettings, SuperNodeSettings
 
@@ -136,13 +139,44 @@ def enroll(flwr_home: Path, connection: str, public_keys: list[Path]) -> list[Pa
     for key in public_keys:
         if not key.is_file():
             raise DeploymentError(f"public key {key}: file not found")
-    added = []
-    for key in public_keys:
-        try:
-            run_flwr(["supernode", "register", str(key), connection, "--name", key.stem], flwr_home)
-        except DeploymentError as error:
-            if "already in use" not in str(error):
-                raise
-            continue
-        added.append(key)
-    return added
+    # Each `flwr` call spends seconds starting Python; the registrations are independent.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        newly = list(pool.map(lambda key: _register(flwr_home, connection, key), public_keys))
+    return [key for key, new in zip(public_keys, newly, strict=True) if new]
+
+
+def _register(flwr_home: Path, connection: str, key: Path) -> bool:
+    try:
+        run_flwr(["supernode", "register", str(key), connection, "--name", key.stem], flwr_home)
+    except DeploymentError as error:
+        if "already in use" not in str(error):
+            raise
+        return False
+    return True
+
+
+def submit_run(flwr_home: Path, connection: str, app_dir: Path, run_config: str) -> int:
+    """`flwr run` without waiting; the Flower run id (what `flwr log` and `flwr ls` take)."""
+    args = ["run", str(app_dir), connection, "--format", "json"]
+    if run_config:
+        args += ["--run-config", run_config]
+    out = run_flwr(args, flwr_home, timeout=300)
+    reply = json.loads(out)
+    if not reply.get("success", False) or "run-id" not in reply:
+        raise DeploymentError(f"flwr run did not start a run: {out.strip()}")
+    return int(reply["run-id"])
+
+
+def run_status(flwr_home: Path, connection: str, run_id: int) -> dict[str, Any]:
+    """The run's entry in `flwr ls` (status is e.g. ``finished:completed``)."""
+    out = run_flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home)
+    runs = json.loads(out).get("runs", [])
+    return runs[0] if runs else {}
+
+
+def log_stream_argv(flwr_home: Path, connection: str, run_id: int) -> tuple[list[str], dict]:
+    """`flwr log --stream` and its environment; unbuffered, since it usually writes to a
+    file that is read while the run goes (block buffering would hold every line to the end)."""
+    env = flower_env()
+    env.update({"FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1"})
+    return ["flwr", "log", str(run_id), connection, "--stream"], env

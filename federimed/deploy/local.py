@@ -18,21 +18,23 @@ from typing import Any
 
 from federimed.deploy.certs import node_key_path
 from federimed.deploy.flower import (
-    DeploymentError,
     enroll,
     flower_env,
+    log_stream_argv,
     run_flwr,
+    run_status,
+    submit_run,
     superlink_argv,
     supernode_argv,
     write_flwr_home,
 )
 from federimed.deploy.netns import HospitalHosts
-from federimed.deploy.processes import ProcessGroup, wait_until
+from federimed.deploy.processes import Managed, ProcessGroup, wait_until
 from federimed.settings import SuperLinkSettings, SuperNodeSettings
 
 CONNECTION = "federimed-local"
 FINISHED = "finished"
-STATUS_EVERY = 30.0
+STATUS_EVERY = 120.0
 
 
 def free_port() -> int:
@@ -59,6 +61,9 @@ class LocalFederation:
     env: dict[str, str] | None = None
     host: str = "127.0.0.1"
     hosts: HospitalHosts | None = None  # each hospital in its own network namespace
+    # Threads per ClientApp: hospitals sharing one machine train at once, so 1 each avoids
+    # oversubscription; the ServerApp evaluates while they wait and keeps torch's default.
+    client_threads: int | None = None
 
     @property
     def address(self) -> str:
@@ -100,11 +105,14 @@ class LocalFederation:
         )
 
     def start_supernodes(self, group: ProcessGroup) -> None:
+        env = self._env()
+        if self.client_threads:
+            env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
         for name, data in self.hospitals.items():
             argv = supernode_argv(self.node_settings(name, data, free_port()))
             if self.hosts is not None:
                 argv = self.hosts.wrap(name, argv)
-            group.start(f"supernode-{name}", argv, self._env())
+            group.start(f"supernode-{name}", argv, env)
 
     def wait_for_nodes(self, group: ProcessGroup, timeout: float = 120) -> None:
         def all_online() -> bool:
@@ -116,27 +124,16 @@ class LocalFederation:
 
     def submit(self, app_dir: Path, run_config: dict[str, Any]) -> int:
         overrides = " ".join(f"{key}={_toml(value)}" for key, value in run_config.items())
-        out = run_flwr(
-            ["run", str(app_dir), CONNECTION, "--run-config", overrides, "--format", "json"],
-            self.flwr_home,
-            timeout=300,
-        )
-        reply = json.loads(out)
-        if not reply.get("success", False) or "run-id" not in reply:
-            raise DeploymentError(f"flwr run did not start a run: {out.strip()}")
-        return int(reply["run-id"])
+        return submit_run(self.flwr_home, CONNECTION, app_dir, overrides)
 
     def run_status(self, run_id: int) -> dict[str, Any]:
-        out = run_flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-                       self.flwr_home)
-        runs = json.loads(out).get("runs", [])
-        return runs[0] if runs else {}
+        return run_status(self.flwr_home, CONNECTION, run_id)
 
-    def follow_logs(self, run_id: int, group: ProcessGroup) -> None:
-        """Stream the run's ServerApp log into logs/run-<id>.log (one process, no polling)."""
-        env = self._env()
-        env["FLWR_HOME"] = str(self.flwr_home)
-        group.start(f"run-{run_id}", ["flwr", "log", str(run_id), CONNECTION, "--stream"], env)
+    def follow_logs(self, run_id: int, group: ProcessGroup) -> Managed:
+        """Stream the run's ServerApp log into logs/run-<id>.log (one process, no polling);
+        the stream ends when the run does, which makes it a free "finished?" signal."""
+        argv, env = log_stream_argv(self.flwr_home, CONNECTION, run_id)
+        return group.start(f"run-{run_id}", argv, env)
 
     def wait_for_run(
         self,
@@ -149,7 +146,8 @@ class LocalFederation:
         """Wait for ``done()`` (cheap, checked often) or a finished status (asked rarely).
 
         Each `flwr ls` costs seconds of CPU, which training on a small machine feels, so the
-        SuperLink is only asked every ``STATUS_EVERY`` seconds or once ``done()`` is true.
+        SuperLink is asked once ``done()`` is true, or every ``STATUS_EVERY`` seconds in case
+        the run ended without ``done()`` noticing.
         """
         deadline = time.monotonic() + timeout
         last_status = time.monotonic()
