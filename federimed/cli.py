@@ -272,10 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
 
     demo = sub.add_parser("demo", help="run a secured local federation + baselines + report")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--hospitals", type=_positive_int, default=3)
-    demo.add_argument("--rounds", type=_positive_int, default=5)
-    demo.add_argument("--local-steps", type=_positive_int, default=20)
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
+                      help="run folder: report, model, logs (default: %(default)s)")
+    demo.add_argument("--hospitals", type=_positive_int, default=3,
+                      help="synthetic hospitals, one SuperNode each (default: %(default)s)")
+    # The default size fits the 10-minute target on 2 cores (README, "How long things take").
+    demo.add_argument("--rounds", type=_positive_int, default=4,
+                      help="federated rounds (default: %(default)s)")
+    demo.add_argument("--local-steps", type=_positive_int, default=15,
+                      help="optimizer steps per hospital per round (default: %(default)s)")
     demo.add_argument("--model", default="minilm", help="'minilm', a HF id or a local folder")
     demo.add_argument("--data", type=Path, help="your own data folder (hospital-*/, test.jsonl)")
     demo.add_argument("--certs", type=Path, default=Path("certs"))

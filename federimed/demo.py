@@ -40,8 +40,8 @@ PROGRESS_PATTERNS = (
 class DemoOptions:
     out: Path
     hospitals: int = 3
-    rounds: int = 5
-    local_steps: int = 20
+    rounds: int = 4
+    local_steps: int = 15
     model: str = "minilm"
     data: Path | None = None
     certs: Path = Path("certs")
@@ -82,11 +82,13 @@ class LogFollower:
                 self.offsets[log] = handle.tell()
             for line in chunk.decode(errors="replace").splitlines():
                 if any(p.search(line) for p in PROGRESS_PATTERNS):
-                    self.say(f"  [{log.stem}] {_strip_ansi(line).strip()[:160]}")
+                    self.say(f"  [{log.stem}] {_plain(line)[:160]}")
 
 
-def _strip_ansi(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+def _plain(line: str) -> str:
+    """Without colour codes and Flower's ``INFO :`` prefix (warnings and errors keep theirs)."""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    return re.sub(r"^INFO\s*:\s*", "", line)
 
 
 def _prepare_data(options: DemoOptions, say) -> Path:
