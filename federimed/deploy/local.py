@@ -35,6 +35,7 @@ from federimed.settings import SuperLinkSettings, SuperNodeSettings
 CONNECTION = "federimed-local"
 FINISHED = "finished"
 STATUS_EVERY = 120.0
+STATUS_AFTER_DONE = 3.0
 
 
 def free_port() -> int:
@@ -146,16 +147,17 @@ class LocalFederation:
         """Wait for ``done()`` (cheap, checked often) or a finished status (asked rarely).
 
         Each `flwr ls` costs seconds of CPU, which training on a small machine feels, so the
-        SuperLink is asked once ``done()`` is true, or every ``STATUS_EVERY`` seconds in case
-        the run ended without ``done()`` noticing.
+        SuperLink is asked every ``STATUS_AFTER_DONE`` seconds once ``done()`` is true (the
+        status turns "finished" a moment after), otherwise every ``STATUS_EVERY`` seconds in
+        case the run ended without ``done()`` noticing.
         """
         deadline = time.monotonic() + timeout
         last_status = time.monotonic()
         while time.monotonic() < deadline:
             group.check_alive(ignore=(f"run-{run_id}",))
             on_tick()
-            finished = done()
-            if finished or time.monotonic() - last_status > STATUS_EVERY:
+            every = STATUS_AFTER_DONE if done() else STATUS_EVERY
+            if time.monotonic() - last_status >= every:
                 last_status = time.monotonic()
                 status = self.run_status(run_id)
                 if str(status.get("status", "")).startswith(FINISHED):
