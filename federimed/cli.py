@@ -133,18 +133,22 @@ def cmd_superexec(args: argparse.Namespace) -> int:
     return _exec(superexec_argv(SuperExecSettings()))
 
 
+# The name of the connection `federimed enroll/submit` write into their private FLWR_HOME.
+CONNECTION = "federimed"
+
+
 def _flwr_home(args: argparse.Namespace) -> Path:
     from federimed.deploy.flower import write_flwr_home
 
     home = Path(args.flwr_home)
-    write_flwr_home(home, "federimed", args.superlink, args.ca_cert)
+    write_flwr_home(home, CONNECTION, args.superlink, args.ca_cert)
     return home
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from federimed.deploy.flower import enroll
 
-    added = enroll(_flwr_home(args), "federimed", args.public_keys)
+    added = enroll(_flwr_home(args), CONNECTION, args.public_keys)
     for key in args.public_keys:
         print(f"{'enrolled' if key in added else 'already enrolled'}: {key}")
     return 0
@@ -154,17 +158,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import subprocess
 
     from federimed.demo import find_app_dir
-    from federimed.deploy.flower import log_stream_argv, run_status, submit_run
+    from federimed.deploy.flower import COMPLETED, log_stream_argv, run_status, submit_run
 
     home = _flwr_home(args)
-    run_id = submit_run(home, "federimed", find_app_dir(args.app), args.run_config or "")
+    run_id = submit_run(home, CONNECTION, find_app_dir(args.app), args.run_config or "")
     print(f"submitted Flower run {run_id}", flush=True)
     if not args.stream:
         return 0
-    argv, env = log_stream_argv(home, "federimed", run_id)
+    argv, env = log_stream_argv(home, CONNECTION, run_id)
     subprocess.call(argv, env=env)
-    status = run_status(home, "federimed", run_id).get("status", "unknown")
-    if status != "finished:completed":
+    status = run_status(home, CONNECTION, run_id).get("status", "unknown")
+    if status != COMPLETED:
         print(f"error: Flower run {run_id} ended as {status}", file=sys.stderr)
         return 1
     print(f"Flower run {run_id} {status}")

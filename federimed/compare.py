@@ -19,7 +19,14 @@ from federimed.data.records import Example, load_examples, load_hospital
 from federimed.metrics import classification_metrics
 from federimed.model import build_classifier, load_tokenizer
 from federimed.runconfig import RunConfig
-from federimed.training import Encoded, encode, pick_device, predict_proba, train
+from federimed.training import (
+    Encoded,
+    encode,
+    pick_device,
+    predict_proba,
+    step_reporter,
+    train,
+)
 
 Progress = Callable[[str], None]
 
@@ -87,12 +94,11 @@ class Comparison:
         started = time.monotonic()
         model = build_classifier(self.run.model, self.labels, self.run.lora, seed=self.run.seed)
         settings = self.run.train_settings(steps=steps, seed=self.run.seed)
-        every = max(1, steps // 5)
 
-        def report(step: int, loss: float) -> None:
-            if step % every == 0 or step == steps:
-                self.progress(f"  {name}: step {step}/{steps} loss {loss:.3f}")
+        def emit(step: int, total: int, loss: float) -> None:
+            self.progress(f"  {name}: step {step}/{total} loss {loss:.3f}")
 
+        report = step_reporter(steps, emit, times=5)
         train(model, self._encode(cases), settings, pick_device(), on_step=report)
         return score(model, self.test, self.labels, self.unseen), time.monotonic() - started
 

@@ -21,6 +21,7 @@ from federimed.compare import Comparison, Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy import netns
 from federimed.deploy.certs import ensure_certs
+from federimed.deploy.flower import COMPLETED
 from federimed.deploy.local import LocalFederation, free_port
 from federimed.deploy.processes import ProcessGroup
 from federimed.model import load_for_inference
@@ -153,7 +154,7 @@ def run_federation(
             done=lambda: metrics_file.exists() or stream.process.poll() is not None,
             on_tick=LogFollower(options.out / "logs", say),
         )
-    if status.get("status") != "finished:completed":
+    if status.get("status") != COMPLETED:
         raise RuntimeError(
             f"Flower run {run_id} ended as {status.get('status')}; see {options.out / 'logs'}"
         )

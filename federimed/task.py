@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from federimed.data.records import Example, load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
-from federimed.training import encode, evaluate, pick_device, train
+from federimed.training import encode, evaluate, pick_device, step_reporter, train
 
 # A child of Flower's logger, so lines land in the SuperNode log next to Flower's own.
 log = logging.getLogger("flwr.federimed.client")
@@ -46,6 +47,13 @@ def _round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
     return run.seed * 1_000_003 + server_round * 1009 + sum(hospital.encode())
 
 
+def _global_model(run: RunConfig, global_state: Mapping[str, torch.Tensor]):
+    """The model the server sent: the seeded base with its adapter and head loaded."""
+    model = build_classifier(run.model, run.label_list, run.lora, seed=run.seed)
+    load_exchanged_state(model, global_state)
+    return model, load_tokenizer(run.model)
+
+
 def train_round(
     run: RunConfig,
     node: NodeIdentity,
@@ -62,9 +70,7 @@ def train_round(
     device = pick_device(runtime)
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
-    model = build_classifier(run.model, labels, run.lora, seed=run.seed)
-    load_exchanged_state(model, global_state)
-    tokenizer = load_tokenizer(run.model)
+    model, tokenizer = _global_model(run, global_state)
     metrics = {}
     if data.validation:
         validation = encode(data.validation, tokenizer, labels, run.max_length)
@@ -79,7 +85,8 @@ def train_round(
         node.hospital, server_round, _pct(metrics.get("global-val-accuracy")),
         settings.steps, len(encoded), device,
     )
-    metrics |= train(model, encoded, settings, device, on_step=_step_logger(node, settings.steps))
+    report = step_reporter(settings.steps, partial(_log_step, node.hospital), times=4)
+    metrics |= train(model, encoded, settings, device, on_step=report)
     return exchanged_state(model), metrics
 
 
@@ -87,14 +94,8 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def _step_logger(node: NodeIdentity, steps: int):
-    every = max(1, steps // 4)
-
-    def report(step: int, loss: float) -> None:
-        if step % every == 0 or step == steps:
-            log.info("%s step %d/%d loss %.4f", node.hospital, step, steps, loss)
-
-    return report
+def _log_step(hospital: str, step: int, steps: int, loss: float) -> None:
+    log.info("%s step %d/%d loss %.4f", hospital, step, steps, loss)
 
 
 def evaluate_round(
@@ -107,7 +108,6 @@ def evaluate_round(
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
     cases: list[Example] = data.validation or data.train
-    model = build_classifier(run.model, labels, run.lora, seed=run.seed)
-    load_exchanged_state(model, global_state)
-    encoded = encode(cases, load_tokenizer(run.model), labels, run.max_length)
+    model, tokenizer = _global_model(run, global_state)
+    encoded = encode(cases, tokenizer, labels, run.max_length)
     return evaluate(model, encoded, pick_device(runtime))

@@ -107,6 +107,20 @@ def _trim(batch: Encoded, rows: np.ndarray, device: torch.device) -> dict[str, t
     }
 
 
+def step_reporter(
+    steps: int, emit: Callable[[int, int, float], None], times: int
+) -> Callable[[int, float], None]:
+    """An ``on_step`` callback that passes on about ``times`` evenly spaced steps and the last:
+    enough to follow a run without flooding a log."""
+    every = max(1, steps // times)
+
+    def report(step: int, loss: float) -> None:
+        if step % every == 0 or step == steps:
+            emit(step, steps, loss)
+
+    return report
+
+
 def train(
     model: torch.nn.Module,
     data: Encoded,

@@ -25,6 +25,10 @@ HARDENED_ENV = {
 }
 
 
+# `flwr ls` status of a run that ended well (others: finished:failed, finished:stopped).
+COMPLETED = "finished:completed"
+
+
 class DeploymentError(RuntimeError):
     """A deployment step failed; the message says which and what to check."""
 
