@@ -36,19 +36,24 @@ def _hospital_names(count: int) -> list[str]:
 
 # --- data -----------------------------------------------------------------------------------
 
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from federimed.data.synth import SynthConfig, generate, write_dataset
 
     config = SynthConfig(
-        hospitals=args.hospitals, seed=args.seed, alpha=args.alpha,
+        hospitals=args.hospitals,
+        seed=args.seed,
+        alpha=args.alpha,
         cases_per_hospital=args.cases_per_hospital,
     )
     dataset = generate(config)
     write_dataset(dataset, args.out)
     for hospital in dataset.hospitals:
-        print(f"{hospital.name}: {len(hospital.train)} train, {len(hospital.validation)} "
-              f"validation, never saw {len(hospital.unseen)} conditions "
-              f"({', '.join(hospital.unseen)})")
+        print(
+            f"{hospital.name}: {len(hospital.train)} train, {len(hospital.validation)} "
+            f"validation, never saw {len(hospital.unseen)} conditions "
+            f"({', '.join(hospital.unseen)})"
+        )
     print(f"test: {len(dataset.test)} cases over {len(dataset.labels)} conditions -> {args.out}")
     return 0
 
@@ -90,6 +95,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 # --- deployment -----------------------------------------------------------------------------
+
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from federimed.deploy.certs import ensure_certs
@@ -177,16 +183,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # --- training and inference -----------------------------------------------------------------
 
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from federimed.demo import DemoOptions, run_demo
     from federimed.model import quiet_libraries
 
     quiet_libraries()
     options = DemoOptions(
-        out=args.out, hospitals=args.hospitals, rounds=args.rounds,
-        local_steps=args.local_steps, model=args.model, data=args.data, certs=args.certs,
-        seed=args.seed, cases_per_hospital=args.cases_per_hospital, strategy=args.strategy,
-        baselines=not args.no_baselines, app_dir=args.app, netns=args.netns,
+        out=args.out,
+        hospitals=args.hospitals,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        model=args.model,
+        data=args.data,
+        certs=args.certs,
+        seed=args.seed,
+        cases_per_hospital=args.cases_per_hospital,
+        strategy=args.strategy,
+        baselines=not args.no_baselines,
+        app_dir=args.app,
+        netns=args.netns,
     )
     run_demo(options)
     return 0
@@ -213,11 +229,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------
 
+
 def _connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
     parser.add_argument("--ca-cert", type=Path, required=True, help="CA that signed it")
-    parser.add_argument("--flwr-home", default=".flwr-federimed",
-                        help="private Flower CLI config folder (default: %(default)s)")
+    parser.add_argument(
+        "--flwr-home",
+        default=".flwr-federimed",
+        help="private Flower CLI config folder (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,13 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="make and check hospital data").add_subparsers(
-        dest="data_command", required=True, metavar="ACTION")
+        dest="data_command", required=True, metavar="ACTION"
+    )
     synth = data.add_parser("synth", help="write synthetic hospitals and a common test set")
     synth.add_argument("--hospitals", type=_positive_int, default=3)
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--alpha", type=float, default=0.5,
-                       help="Dirichlet label skew: smaller = more different hospitals")
+    synth.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet label skew: smaller = more different hospitals",
+    )
     synth.add_argument("--cases-per-hospital", type=_positive_int, default=300)
     synth.set_defaults(func=cmd_data_synth)
     validate = data.add_parser("validate", help="check a data file or folder; exit 1 if bad")
@@ -251,8 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", type=Path, default=Path("certs"))
     certs.add_argument("--hospitals", type=_positive_int, default=3)
     certs.add_argument("--hospital", action="append", help="a hospital name (repeatable)")
-    certs.add_argument("--san", action="append", default=[],
-                       help="extra name or IP the SuperLink is reached by (repeatable)")
+    certs.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        help="extra name or IP the SuperLink is reached by (repeatable)",
+    )
     certs.add_argument("--force", action="store_true", help="replace valid material too")
     certs.set_defaults(func=cmd_certs)
 
@@ -276,26 +305,46 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
 
     demo = sub.add_parser("demo", help="run a secured local federation + baselines + report")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="run folder: report, model, logs (default: %(default)s)")
-    demo.add_argument("--hospitals", type=_positive_int, default=3,
-                      help="synthetic hospitals, one SuperNode each (default: %(default)s)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/demo"),
+        help="run folder: report, model, logs (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--hospitals",
+        type=_positive_int,
+        default=3,
+        help="synthetic hospitals, one SuperNode each (default: %(default)s)",
+    )
     # The default size fits the 10-minute target on 2 cores (README, "How long things take").
-    demo.add_argument("--rounds", type=_positive_int, default=4,
-                      help="federated rounds (default: %(default)s)")
-    demo.add_argument("--local-steps", type=_positive_int, default=15,
-                      help="optimizer steps per hospital per round (default: %(default)s)")
+    demo.add_argument(
+        "--rounds", type=_positive_int, default=4, help="federated rounds (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--local-steps",
+        type=_positive_int,
+        default=15,
+        help="optimizer steps per hospital per round (default: %(default)s)",
+    )
     demo.add_argument("--model", default="minilm", help="'minilm', a HF id or a local folder")
     demo.add_argument("--data", type=Path, help="your own data folder (hospital-*/, test.jsonl)")
     demo.add_argument("--certs", type=Path, default=Path("certs"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cases-per-hospital", type=_positive_int, default=300)
-    demo.add_argument("--strategy", default="fedavg",
-                      choices=["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"])
+    demo.add_argument(
+        "--strategy",
+        default="fedavg",
+        choices=["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"],
+    )
     demo.add_argument("--no-baselines", action="store_true")
-    demo.add_argument("--netns", choices=["auto", "on", "off"], default="auto",
-                      help="run each hospital in its own network namespace (needs root; "
-                      "auto: where the machine allows it)")
+    demo.add_argument(
+        "--netns",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run each hospital in its own network namespace (needs root; "
+        "auto: where the machine allows it)",
+    )
     demo.add_argument("--app", type=Path, help="Flower app folder (default: this package)")
     demo.set_defaults(func=cmd_demo)
 
@@ -325,15 +374,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"error: invalid settings:\n{_settings_problems(error)}", file=sys.stderr)
         return 2
-    except (UserError, DataError, DeploymentError, ProcessDied, FileNotFoundError,
-            ValueError, TimeoutError, RuntimeError) as error:
+    except (
+        UserError,
+        DataError,
+        DeploymentError,
+        ProcessDied,
+        FileNotFoundError,
+        ValueError,
+        TimeoutError,
+        RuntimeError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
 def _settings_problems(error: ValidationError) -> str:
-    prefix = {"SuperLinkSettings": "FEDERIMED_SUPERLINK_", "SuperNodeSettings": "FEDERIMED_NODE_",
-              "SuperExecSettings": "FEDERIMED_SUPEREXEC_"}.get(error.title, "FEDERIMED_")
+    prefix = {
+        "SuperLinkSettings": "FEDERIMED_SUPERLINK_",
+        "SuperNodeSettings": "FEDERIMED_NODE_",
+        "SuperExecSettings": "FEDERIMED_SUPEREXEC_",
+    }.get(error.title, "FEDERIMED_")
     return "\n".join(
         f"  {prefix}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
         for e in error.errors()

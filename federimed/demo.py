@@ -97,7 +97,8 @@ def _prepare_data(options: DemoOptions, say) -> Path:
         return options.data
     data = options.out / "data"
     config = SynthConfig(
-        hospitals=options.hospitals, seed=options.seed,
+        hospitals=options.hospitals,
+        seed=options.seed,
         cases_per_hospital=options.cases_per_hospital,
     )
     write_dataset(generate(config), data)
@@ -121,8 +122,11 @@ def run_federation(
     """Start SuperLink + SuperNodes, submit the run with `flwr`, wait, stop everything."""
     with contextlib.ExitStack() as stack:
         local = LocalFederation(
-            workdir=options.out, certs=options.certs, hospitals=federation.hospitals,
-            port=free_port(), client_threads=1,
+            workdir=options.out,
+            certs=options.certs,
+            hospitals=federation.hospitals,
+            port=free_port(),
+            client_threads=1,
         )
         network: dict[str, Any] = {"mode": "loopback", "superlink": local.host}
         if use_namespaces(options.netns):
@@ -130,19 +134,28 @@ def run_federation(
             for hospital in federation.hospitals:
                 hosts.add(hospital)
             local.host, local.hosts = hosts.superlink_address, hosts
-            network = {"mode": "network namespaces", "superlink": local.host,
-                       "hospitals": dict(hosts.addresses)}
+            network = {
+                "mode": "network namespaces",
+                "superlink": local.host,
+                "hospitals": dict(hosts.addresses),
+            }
         certs = ensure_certs(options.certs, list(federation.hospitals), (local.host,))
-        say(f"certificates in {options.certs} ({len(certs.created)} created, "
-            f"{len(certs.kept)} kept)")
+        say(
+            f"certificates in {options.certs} ({len(certs.created)} created, "
+            f"{len(certs.kept)} kept)"
+        )
         local.env = {**os.environ, "FLWR_HOME": str(local.flwr_home)}
         group = stack.enter_context(ProcessGroup(options.out / "logs"))
-        say(f"starting SuperLink on https://{local.address} (TLS, node authentication; "
-            f"hospitals on {network['mode']})")
+        say(
+            f"starting SuperLink on https://{local.address} (TLS, node authentication; "
+            f"hospitals on {network['mode']})"
+        )
         local.start_superlink(group)
         added = local.enroll_nodes()
-        say(f"enrolled {len(added)} new SuperNode key(s); starting {len(federation.hospitals)} "
-            "SuperNodes")
+        say(
+            f"enrolled {len(added)} new SuperNode key(s); starting {len(federation.hospitals)} "
+            "SuperNodes"
+        )
         local.start_supernodes(group)
         local.wait_for_nodes(group)
         run_id = local.submit(find_app_dir(options.app_dir), run_config)
@@ -150,7 +163,9 @@ def run_federation(
         stream = local.follow_logs(run_id, group)
         metrics_file = Path(run_config["output-dir"]) / str(run_id) / "metrics.json"
         status = local.wait_for_run(
-            run_id, group, options.timeout,
+            run_id,
+            group,
+            options.timeout,
             done=lambda: metrics_file.exists() or stream.process.poll() is not None,
             on_tick=LogFollower(options.out / "logs", say),
         )
@@ -222,7 +237,8 @@ def build_report(run, run_id, status, metrics, comparison, results, seconds) -> 
     hospitals = {}
     for name, cases in comparison.train_sets.items():
         per_round_bytes = {
-            r: entry["bytes"].get(name) for r, entry in metrics["rounds"].items()
+            r: entry["bytes"].get(name)
+            for r, entry in metrics["rounds"].items()
             if entry.get("bytes", {}).get(name)
         }
         hospitals[name] = {
@@ -234,9 +250,13 @@ def build_report(run, run_id, status, metrics, comparison, results, seconds) -> 
     trainable, total = metrics["trainable_parameters"], metrics["total_parameters"]
     return {
         "setup": {
-            "hospitals": len(hospitals), "rounds": run.num_server_rounds,
-            "local_steps": run.local_steps, "batch_size": run.batch_size,
-            "model": run.model, "strategy": run.strategy, "seed": run.seed,
+            "hospitals": len(hospitals),
+            "rounds": run.num_server_rounds,
+            "local_steps": run.local_steps,
+            "batch_size": run.batch_size,
+            "model": run.model,
+            "strategy": run.strategy,
+            "seed": run.seed,
             "test_cases": len(comparison.test),
         },
         "tls": True,
@@ -269,4 +289,3 @@ def summary_table(report: dict[str, Any]) -> str:
                 f"{m.get('unseen_accuracy', float('nan')):>8.3f}"
             )
     return "\n".join(rows)
-

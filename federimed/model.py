@@ -79,9 +79,7 @@ def _head_modules(model: torch.nn.Module) -> list[str]:
     return [m for m in ("pooler", "pre_classifier") if m in names]
 
 
-def build_classifier(
-    model: str, labels: list[str], lora: LoraSettings, seed: int = 0
-) -> PeftModel:
+def build_classifier(model: str, labels: list[str], lora: LoraSettings, seed: int = 0) -> PeftModel:
     """The pretrained encoder, frozen, with a LoRA adapter and a fresh classification head.
 
     The seed makes the head and adapter initialisation identical on every participant, so a

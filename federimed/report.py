@@ -54,10 +54,19 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
     server = report.get("server_evaluation", {})
     if server:
         keys = sorted(int(r) for r in server)
-        ax.plot(keys, [server[str(r)]["accuracy"] for r in keys], "k--", marker="s",
-                label="common test set")
-    ax.set(xlabel="rounds of aggregation", ylabel="accuracy", ylim=(0, 1),
-           title="Global model per round")
+        ax.plot(
+            keys,
+            [server[str(r)]["accuracy"] for r in keys],
+            "k--",
+            marker="s",
+            label="common test set",
+        )
+    ax.set(
+        xlabel="rounds of aggregation",
+        ylabel="accuracy",
+        ylim=(0, 1),
+        title="Global model per round",
+    )
     ax.legend(fontsize=8)
     return _save(fig, out / "accuracy_per_round.png")
 

@@ -139,7 +139,9 @@ class GlobalModel:
         self.history[server_round] = metrics
         log.info(
             "round %d: test accuracy %.3f, macro-F1 %.3f",
-            server_round, metrics["accuracy"], metrics["macro-f1"],
+            server_round,
+            metrics["accuracy"],
+            metrics["macro-f1"],
         )
         return MetricRecord(metrics)
 

@@ -82,8 +82,12 @@ def train_round(
     encoded = encode(data.train, tokenizer, labels, run.max_length)
     log.info(
         "%s round %d: global model validation accuracy %s; training %d steps on %d cases (%s)",
-        node.hospital, server_round, _pct(metrics.get("global-val-accuracy")),
-        settings.steps, len(encoded), device,
+        node.hospital,
+        server_round,
+        _pct(metrics.get("global-val-accuracy")),
+        settings.steps,
+        len(encoded),
+        device,
     )
     report = step_reporter(settings.steps, partial(_log_step, node.hospital), times=4)
     metrics |= train(model, encoded, settings, device, on_step=report)

@@ -23,20 +23,30 @@ def _sans(path) -> set[str]:
 def test_creates_ca_server_cert_and_p384_openssh_node_keys(tmp_path):
     ensure_certs(tmp_path, ["hospital-1", "hospital-2"], ("fl.example.org",))
     assert _sans(tmp_path / "superlink.crt") == {
-        "localhost", "127.0.0.1", "superlink", "fl.example.org",
+        "localhost",
+        "127.0.0.1",
+        "superlink",
+        "fl.example.org",
     }
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
-    x509.load_pem_x509_certificate((tmp_path / "superlink.crt").read_bytes()) \
-        .verify_directly_issued_by(ca)
+    x509.load_pem_x509_certificate(
+        (tmp_path / "superlink.crt").read_bytes()
+    ).verify_directly_issued_by(ca)
     key = serialization.load_ssh_private_key(
         node_key_path(tmp_path, "hospital-1").read_bytes(), password=None
     )
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
-    assert node_key_path(tmp_path, "hospital-1").with_suffix(".pub").read_text().startswith(
-        "ecdsa-sha2-nistp384 "
+    assert (
+        node_key_path(tmp_path, "hospital-1")
+        .with_suffix(".pub")
+        .read_text()
+        .startswith("ecdsa-sha2-nistp384 ")
     )
-    for private in (tmp_path / "ca.key", tmp_path / "superlink.key",
-                    node_key_path(tmp_path, "hospital-2")):
+    for private in (
+        tmp_path / "ca.key",
+        tmp_path / "superlink.key",
+        node_key_path(tmp_path, "hospital-2"),
+    ):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
 
 
@@ -47,9 +57,10 @@ def test_rerun_keeps_valid_material_and_force_replaces_it(tmp_path):
     assert report.created == []
     assert {p: p.read_bytes() for p in before} == before
     ensure_certs(tmp_path, ["hospital-1"], force=True)
-    assert node_key_path(tmp_path, "hospital-1").read_bytes() != before[
-        node_key_path(tmp_path, "hospital-1")
-    ]
+    assert (
+        node_key_path(tmp_path, "hospital-1").read_bytes()
+        != before[node_key_path(tmp_path, "hospital-1")]
+    )
 
 
 def test_new_name_reissues_only_the_server_cert(tmp_path):

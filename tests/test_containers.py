@@ -50,7 +50,12 @@ COMPOSE_FILES = ("-f", "compose.yaml", "-f", "compose.cpu.yaml")
 
 def _run(argv, env=None, timeout=600, check=True, capture=True, input_=None):
     proc = subprocess.run(
-        argv, cwd=REPO, env=env, timeout=timeout, text=True, input=input_,
+        argv,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+        text=True,
+        input=input_,
         stdout=subprocess.PIPE if capture else None,
         stderr=subprocess.STDOUT if capture else None,
         check=False,
@@ -85,8 +90,7 @@ class Stack:
     submit_exit: int | None = None
 
     def compose(self, *args, **kw):
-        return _run(["docker", "compose", "-p", PROJECT, *COMPOSE_FILES, *args],
-                    env=self.env, **kw)
+        return _run(["docker", "compose", "-p", PROJECT, *COMPOSE_FILES, *args], env=self.env, **kw)
 
     def exec(self, service: str, *argv: str, check=False):
         return self.compose("exec", "-T", service, *argv, check=check, timeout=60)
@@ -100,6 +104,7 @@ class Stack:
 
 
 # ------------------------------------------------------------------------------ fixtures
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -122,14 +127,16 @@ def stack(engine):
     env = dict(engine.env)
     env.update(prepare_build.prepare())
     port = _free_port()
-    env.update({
-        "FEDERIMED_BASE_IMAGE": base_tag,
-        "FEDERIMED_IMAGE_TAG": IMAGE_TAG,
-        "FEDERIMED_DEMO_ROUNDS": str(ROUNDS),
-        "FEDERIMED_DEMO_LOCAL_STEPS": str(LOCAL_STEPS),
-        "FEDERIMED_TORCH_THREADS": "1",
-        "FEDERIMED_SUPERLINK_PUBLISH": f"127.0.0.1:{port}",
-    })
+    env.update(
+        {
+            "FEDERIMED_BASE_IMAGE": base_tag,
+            "FEDERIMED_IMAGE_TAG": IMAGE_TAG,
+            "FEDERIMED_DEMO_ROUNDS": str(ROUNDS),
+            "FEDERIMED_DEMO_LOCAL_STEPS": str(LOCAL_STEPS),
+            "FEDERIMED_TORCH_THREADS": "1",
+            "FEDERIMED_SUPERLINK_PUBLISH": f"127.0.0.1:{port}",
+        }
+    )
     stack = Stack(engine, env, port)
     stack.compose("down", "-v", "--remove-orphans", check=False, timeout=180)
 
@@ -160,8 +167,9 @@ def stack(engine):
         if os.environ.get("FEDERIMED_TEST_KEEP") != "1":
             # Images stay: their layers (builder stages included) are the cache of the next
             # run. No `image prune`: the builder stages' last layers are untagged and would go.
-            stack.compose("down", "-v", "--remove-orphans", "--timeout", "10",
-                          check=False, timeout=300)
+            stack.compose(
+                "down", "-v", "--remove-orphans", "--timeout", "10", check=False, timeout=300
+            )
 
 
 def _logs(stack: Stack) -> str:
@@ -186,6 +194,7 @@ def _tail(stack: Stack, n: int = 80) -> str:
 
 
 # ------------------------------------------------------------------------------ static checks
+
 
 def test_dockerfile_is_hadolint_clean():
     hadolint = _run(["bash", str(HELPERS / "engine.sh"), "hadolint"], timeout=600)
@@ -218,6 +227,7 @@ def test_compose_files_are_valid_and_gpu_only_in_override(engine):
 
 
 # ------------------------------------------------------------------------------ the real run
+
 
 def test_demo_run_completes_with_three_hospitals(stack):
     assert stack.submit_exit == 0, f"submit exited {stack.submit_exit}:\n{_tail(stack)}"
@@ -254,15 +264,20 @@ def test_superlink_is_published_on_loopback_with_tls(stack, tmp_path):
     ca = tmp_path / "ca.crt"
     stack.compose("cp", "superlink:/certs/ca.crt", str(ca))
     context = ssl.create_default_context(cafile=str(ca))
-    with urllib.request.urlopen(f"https://127.0.0.1:{stack.port}/health", context=context,
-                                timeout=10) as response:
+    with urllib.request.urlopen(
+        f"https://127.0.0.1:{stack.port}/health", context=context, timeout=10
+    ) as response:
         assert response.status == 200
     binding = stack.inspect("superlink")["HostConfig"]["PortBindings"]["8000/tcp"][0]
     assert binding["HostIp"] == "127.0.0.1"
 
 
-LONG_RUNNING = ("superlink", "serverapp", *(f"supernode-{h}" for h in HOSPITALS),
-                *(f"clientapp-{h}" for h in HOSPITALS))
+LONG_RUNNING = (
+    "superlink",
+    "serverapp",
+    *(f"supernode-{h}" for h in HOSPITALS),
+    *(f"clientapp-{h}" for h in HOSPITALS),
+)
 
 
 def test_services_run_as_non_root_and_are_healthy(stack):
@@ -338,7 +353,12 @@ def test_images_carry_no_build_inputs(stack):
     for image in ("superlink", "supernode", "superexec"):
         ref = f"federimed/{image}:{IMAGE_TAG}"
         found = stack.engine.docker(
-            "run", "--rm", "--entrypoint", "sh", ref, "-c",
+            "run",
+            "--rm",
+            "--entrypoint",
+            "sh",
+            ref,
+            "-c",
             "ls -d /build /wheelhouse /tmp/dist /tmp/build-ca-bundle.pem 2>/dev/null; true",
         ).stdout.strip()
         assert found == "", f"{ref} contains build inputs: {found}"

@@ -26,11 +26,25 @@ def _processes_using(folder) -> set[int]:
 
 def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_model, capsys):
     out = tmp_path / "run"
-    code = main([
-        "demo", "--out", str(out), "--hospitals", "2", "--rounds", "2", "--local-steps", "3",
-        "--model", tiny_model, "--certs", str(tmp_path / "certs"),
-        "--cases-per-hospital", "120",
-    ])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--hospitals",
+            "2",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "3",
+            "--model",
+            tiny_model,
+            "--certs",
+            str(tmp_path / "certs"),
+            "--cases-per-hospital",
+            "120",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["tls"] is True and report["supernode_auth"] is True
@@ -49,7 +63,9 @@ def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_mod
         assert (out / name).stat().st_size > 0
     assert (out / "model" / "config.json").is_file()
     assert {p.name for p in (out / "logs").glob("*.log")} >= {
-        "superlink.log", "supernode-hospital-1.log", "supernode-hospital-2.log",
+        "superlink.log",
+        "supernode-hospital-1.log",
+        "supernode-hospital-2.log",
     }
     printed = capsys.readouterr().out
     assert "submitted Flower run" in printed and "federated" in printed
@@ -61,8 +77,17 @@ def test_demo_failure_names_the_problem_and_leaves_nothing_behind(tmp_path, caps
     data = tmp_path / "data" / "hospital-1"
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text('{"id": "1", "text": "x", "label": "I21"}\n')
-    code = main(["demo", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
-                 "--certs", str(tmp_path / "certs")])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "run"),
+            "--data",
+            str(tmp_path / "data"),
+            "--certs",
+            str(tmp_path / "certs"),
+        ]
+    )
     assert code == 2
     assert "test.jsonl" in capsys.readouterr().err
     assert _processes_using(tmp_path) == set()
@@ -76,10 +101,25 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_model):
 
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "federimed.cli", "demo", "--out", str(out), "--hospitals", "2",
-         "--model", tiny_model, "--certs", str(tmp_path / "certs"),
-         "--cases-per-hospital", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "federimed.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--hospitals",
+            "2",
+            "--model",
+            tiny_model,
+            "--certs",
+            str(tmp_path / "certs"),
+            "--cases-per-hospital",
+            "120",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while not list((out / "logs").glob("supernode-*.log")) and time.monotonic() < deadline:

@@ -17,10 +17,14 @@ from federimed.settings import SuperExecSettings, SuperLinkSettings, SuperNodeSe
 
 def test_superlink_is_hardened(tmp_path):
     ensure_certs(tmp_path, [])
-    argv = superlink_argv(SuperLinkSettings(
-        ca_cert=tmp_path / "ca.crt", cert=tmp_path / "superlink.crt",
-        key=tmp_path / "superlink.key", database=tmp_path / "state" / "db.sqlite",
-    ))
+    argv = superlink_argv(
+        SuperLinkSettings(
+            ca_cert=tmp_path / "ca.crt",
+            cert=tmp_path / "superlink.crt",
+            key=tmp_path / "superlink.key",
+            database=tmp_path / "state" / "db.sqlite",
+        )
+    )
     assert argv[0] == "flower-superlink"
     for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation"):
         assert flag in argv
@@ -30,11 +34,16 @@ def test_superlink_is_hardened(tmp_path):
 
 def test_supernode_args_and_node_config(tmp_path):
     ensure_certs(tmp_path, ["hospital-1"])
-    argv = supernode_argv(SuperNodeSettings(
-        name="hospital-1", ca_cert=tmp_path / "ca.crt",
-        private_key=node_key_path(tmp_path, "hospital-1"), data_path=tmp_path,
-        isolation="process", runtime_host="0.0.0.0",
-    ))
+    argv = supernode_argv(
+        SuperNodeSettings(
+            name="hospital-1",
+            ca_cert=tmp_path / "ca.crt",
+            private_key=node_key_path(tmp_path, "hospital-1"),
+            data_path=tmp_path,
+            isolation="process",
+            runtime_host="0.0.0.0",
+        )
+    )
     assert argv[argv.index("--node-config") + 1] == (
         f'hospital="hospital-1" data-path="{tmp_path}"'
     )

@@ -39,8 +39,11 @@ def federation(tmp_path_factory, synth_data):
     certs = root / "certs"
     ensure_certs(certs, [*HOSPITALS, "intruder"])
     local = LocalFederation(
-        workdir=root, certs=certs, hospitals={h: data / h for h in HOSPITALS},
-        port=free_port(), client_threads=1,
+        workdir=root,
+        certs=certs,
+        hospitals={h: data / h for h in HOSPITALS},
+        port=free_port(),
+        client_threads=1,
     )
     local.env = {**flower_env(), "FLWR_HOME": str(local.flwr_home)}
     with ProcessGroup(root / "logs") as group:
@@ -55,12 +58,20 @@ def federation(tmp_path_factory, synth_data):
 def finished_run(federation):
     local, group, data = federation
     output = local.workdir / "runs"
-    run_id = local.submit(find_app_dir(None), {
-        "model": "minilm", "num-server-rounds": ROUNDS, "local-steps": 10,
-        "min-nodes": 3, "max-length": 64,
-        "test-path": str(data / "test.jsonl"), "output-dir": str(output),
-        "audit-messages": True, "fraction-evaluate": 1.0,
-    })
+    run_id = local.submit(
+        find_app_dir(None),
+        {
+            "model": "minilm",
+            "num-server-rounds": ROUNDS,
+            "local-steps": 10,
+            "min-nodes": 3,
+            "max-length": 64,
+            "test-path": str(data / "test.jsonl"),
+            "output-dir": str(output),
+            "audit-messages": True,
+            "fraction-evaluate": 1.0,
+        },
+    )
     metrics_file = output / str(run_id) / "metrics.json"
     status = local.wait_for_run(run_id, group, timeout=900, done=metrics_file.exists)
     return run_id, status, output / str(run_id)
@@ -107,9 +118,12 @@ def test_no_training_text_reaches_the_server(finished_run, federation):
 
 def _start_node(local, group, name, key_owner, ca_cert, data, extra=()):
     settings = local.node_settings(name, data, free_port())
-    settings = settings.model_copy(update={
-        "private_key": node_key_path(local.certs, key_owner), "ca_cert": ca_cert,
-    })
+    settings = settings.model_copy(
+        update={
+            "private_key": node_key_path(local.certs, key_owner),
+            "ca_cert": ca_cert,
+        }
+    )
     argv = [*supernode_argv(settings), "--max-retries", "2", "--max-wait-time", "20", *extra]
     return group.start(f"rogue-{name}", argv, local.env)
 
@@ -131,8 +145,9 @@ def _online_count(local) -> int:
 
 def test_unenrolled_supernode_is_refused(federation):
     local, group, data = federation
-    member = _start_node(local, group, "intruder", "intruder", local.certs / "ca.crt",
-                         data / "hospital-2")
+    member = _start_node(
+        local, group, "intruder", "intruder", local.certs / "ca.crt", data / "hospital-2"
+    )
     code, log = _outcome(member)
     assert code not in (None, 0), log
     assert _online_count(local) == len(HOSPITALS)
@@ -142,8 +157,9 @@ def test_supernode_that_does_not_trust_the_ca_cannot_connect(federation, tmp_pat
     local, group, data = federation
     other = tmp_path / "other-ca"
     ensure_certs(other, [])
-    member = _start_node(local, group, "wrong-ca", "hospital-2", other / "ca.crt",
-                         data / "hospital-2")
+    member = _start_node(
+        local, group, "wrong-ca", "hospital-2", other / "ca.crt", data / "hospital-2"
+    )
     code, log = _outcome(member)
     assert code not in (None, 0), log
     assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log.lower()
@@ -169,11 +185,20 @@ def test_submit_stream_exits_nonzero_when_the_run_fails(federation, tmp_path, ca
     from federimed.cli import main
 
     local, _, _ = federation
-    code = main([
-        "submit", "--superlink", local.address, "--ca-cert", str(local.certs / "ca.crt"),
-        "--flwr-home", str(tmp_path / "flwr-home"), "--stream",
-        "--run-config", f'test-path="{tmp_path / "missing.jsonl"}" output-dir="{tmp_path}"',
-    ])
+    code = main(
+        [
+            "submit",
+            "--superlink",
+            local.address,
+            "--ca-cert",
+            str(local.certs / "ca.crt"),
+            "--flwr-home",
+            str(tmp_path / "flwr-home"),
+            "--stream",
+            "--run-config",
+            f'test-path="{tmp_path / "missing.jsonl"}" output-dir="{tmp_path}"',
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1, captured.out
     assert "ended as finished:failed" in captured.err

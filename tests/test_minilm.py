@@ -38,8 +38,9 @@ def test_minilm_learns_the_synthetic_task_and_round_trips(synth_data, tmp_path, 
     model = build_classifier("minilm", comparison.labels, run.lora)
     before = comparison.federated(model)["hospital-1"]["accuracy"]
     torch.set_num_threads(2)
-    train(model, comparison._encode(pooled), run.train_settings(steps=60, seed=0),
-          torch.device("cpu"))
+    train(
+        model, comparison._encode(pooled), run.train_settings(steps=60, seed=0), torch.device("cpu")
+    )
     after = comparison.federated(model)["hospital-1"]["accuracy"]
     assert after > before + 0.15, (before, after)
 

@@ -31,10 +31,14 @@ def _client_reply(run_config: dict, hospital_folder, arrays: ArrayRecord) -> Mes
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     msg = Message(
         RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=7, message_type="train",
+        dst_node_id=7,
+        message_type="train",
     )
     context = Context(
-        run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
+        run_id=1,
+        node_id=7,
+        state=RecordDict(),
+        run_config=run_config,
         node_config={"hospital": "hospital-1", "data-path": str(hospital_folder)},
     )
     return client.train(msg, context)
@@ -62,7 +66,10 @@ def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked
     assert MARKER.encode() not in payload
     assert MARKER not in scalars
     assert set(reply.content["metrics"].keys()) == {
-        "global-val-accuracy", "global-val-loss", "train-loss", "num-examples",
+        "global-val-accuracy",
+        "global-val-loss",
+        "train-loss",
+        "num-examples",
     }
     assert reply.content["node"]["hospital"] == "hospital-1"
 

@@ -21,24 +21,30 @@ LABELS = ["I21", "J18"]
 
 
 def test_jsonl_loads_every_row(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [
-        {"id": "a", "text": "chest pain", "label": "I21"},
-        {"id": "b", "text": "cough, fever", "label": "J18"},
-    ])
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"id": "a", "text": "chest pain", "label": "I21"},
+            {"id": "b", "text": "cough, fever", "label": "J18"},
+        ],
+    )
     examples = load_examples(path, LABELS)
     assert [(e.id, e.label) for e in examples] == [("a", "I21"), ("b", "J18")]
 
 
 def test_each_problem_is_reported_with_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [
-        {"id": "a", "text": "chest pain", "label": "I21"},
-        '{"id": "b", "text": "broken\n',
-        {"id": "c", "label": "I21"},
-        {"id": "d", "text": "   ", "label": "I21"},
-        {"id": "e", "text": "rash", "label": "Z99"},
-        {"id": "a", "text": "again", "label": "J18"},
-        "\n",
-    ])
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"id": "a", "text": "chest pain", "label": "I21"},
+            '{"id": "b", "text": "broken\n',
+            {"id": "c", "label": "I21"},
+            {"id": "d", "text": "   ", "label": "I21"},
+            {"id": "e", "text": "rash", "label": "Z99"},
+            {"id": "a", "text": "again", "label": "J18"},
+            "\n",
+        ],
+    )
     examples, problems = check_file(path, LABELS)
     messages = [str(p) for p in problems]
     assert [e.id for e in examples] == ["a"]
@@ -102,10 +108,13 @@ def test_label_file_accepts_objects_and_rejects_garbage(tmp_path):
 
 def test_cli_validate_exits_nonzero_and_names_the_line(tmp_path, capsys):
     folder = tmp_path / "hospital-1"
-    write_jsonl(folder / "train.jsonl", [
-        {"id": "1", "text": "pain", "label": "I21"},
-        {"id": "2", "text": "cough", "label": "NOPE"},
-    ])
+    write_jsonl(
+        folder / "train.jsonl",
+        [
+            {"id": "1", "text": "pain", "label": "I21"},
+            {"id": "2", "text": "cough", "label": "NOPE"},
+        ],
+    )
     (tmp_path / "labels.json").write_text(json.dumps(LABELS))
     assert main(["data", "validate", str(folder)]) == 1
     captured = capsys.readouterr()
@@ -123,8 +132,11 @@ def test_medalpaca_flashcards_json_and_jsonl(tmp_path):
     from federimed.data.records import load_flashcards
 
     cards = [
-        {"instruction": "Answer this question truthfully", "input": "What is gout?",
-         "output": "Inflammatory arthritis from urate crystals."},
+        {
+            "instruction": "Answer this question truthfully",
+            "input": "What is gout?",
+            "output": "Inflammatory arthritis from urate crystals.",
+        },
         {"input": "First-line for anaphylaxis?", "output": "IM adrenaline."},
     ]
     as_json = tmp_path / "medical_meadow_flashcards.json"

@@ -38,8 +38,12 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(hospital):
     for mu in (0.0, 50.0):
         model = build_classifier(run.model, run.label_list, run.lora)
         start = {k: v.clone() for k, v in exchanged_state(model).items()}
-        train(model, data, TrainSettings(steps=10, learning_rate=1e-2, proximal_mu=mu),
-              torch.device("cpu"))
+        train(
+            model,
+            data,
+            TrainSettings(steps=10, learning_rate=1e-2, proximal_mu=mu),
+            torch.device("cpu"),
+        )
         end = exchanged_state(model)
         drift[mu] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start)
     assert drift[50.0] < drift[0.0]
@@ -81,10 +85,16 @@ def test_run_config_errors_name_the_key():
         RunConfig.from_flower({"no-such-key": 1})
 
 
-@pytest.mark.parametrize("name, cls", [
-    ("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
-    ("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg),
-])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("fedavg", FedAvg),
+        ("fedprox", FedProx),
+        ("fedadam", FedAdam),
+        ("fedmedian", FedMedian),
+        ("fedtrimmedavg", FedTrimmedAvg),
+    ],
+)
 def test_strategy_is_chosen_by_run_config(name, cls):
     strategy = make_strategy(RunConfig(strategy=name), RoundLog())
     assert type(strategy) is cls
@@ -93,11 +103,13 @@ def test_strategy_is_chosen_by_run_config(name, cls):
 def test_round_log_keeps_each_hospital_and_its_bytes(tmp_path):
     arrays = ArrayRecord({"w": torch.zeros(10)})
     replies = [
-        RecordDict({
-            "arrays": arrays,
-            "metrics": MetricRecord({"train-loss": loss, "num-examples": n}),
-            "node": ConfigRecord({"hospital": name, "server-round": 2}),
-        })
+        RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": MetricRecord({"train-loss": loss, "num-examples": n}),
+                "node": ConfigRecord({"hospital": name, "server-round": 2}),
+            }
+        )
         for name, loss, n in (("hospital-1", 1.0, 10), ("hospital-2", 3.0, 30))
     ]
     log = RoundLog(audit_dir=tmp_path)
@@ -106,5 +118,6 @@ def test_round_log_keeps_each_hospital_and_its_bytes(tmp_path):
     assert log.rounds[2]["train"]["hospital-2"]["train-loss"] == 3.0
     assert log.rounds[2]["bytes"]["hospital-1"]["uplink"] == record_bytes(arrays) > 40
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "round-2-train-hospital-1.bin", "round-2-train-hospital-2.bin",
+        "round-2-train-hospital-1.bin",
+        "round-2-train-hospital-2.bin",
     ]

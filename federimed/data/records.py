@@ -153,8 +153,11 @@ def check_file(
             continue
         if example.id in first_line:
             problems.append(
-                Problem(path, line, f"duplicate id '{example.id}' (first on line "
-                        f"{first_line[example.id]})")
+                Problem(
+                    path,
+                    line,
+                    f"duplicate id '{example.id}' (first on line {first_line[example.id]})",
+                )
             )
             continue
         first_line[example.id] = line
@@ -264,8 +267,13 @@ def load_flashcards(path: Path) -> list[Flashcard]:
         if empty:
             problems.extend(Problem(path, where, f"missing or empty '{f}'") for f in empty)
             continue
-        cards.append(Flashcard(row["input"].strip(), row["output"].strip(),
-                               str(row.get("instruction") or "").strip()))
+        cards.append(
+            Flashcard(
+                row["input"].strip(),
+                row["output"].strip(),
+                str(row.get("instruction") or "").strip(),
+            )
+        )
     if problems:
         raise DataError(problems)
     return cards

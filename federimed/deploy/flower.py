@@ -60,13 +60,20 @@ def superlink_argv(settings: SuperLinkSettings) -> list[str]:
     settings.database.parent.mkdir(parents=True, exist_ok=True)
     argv = [
         "flower-superlink",
-        "--host", settings.host,
-        "--port", str(settings.port),
-        "--ssl-ca-certfile", str(settings.ca_cert),
-        "--ssl-certfile", str(settings.cert),
-        "--ssl-keyfile", str(settings.key),
-        "--database", str(settings.database),
-        "--isolation", settings.isolation,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--ssl-ca-certfile",
+        str(settings.ca_cert),
+        "--ssl-certfile",
+        str(settings.cert),
+        "--ssl-keyfile",
+        str(settings.key),
+        "--database",
+        str(settings.database),
+        "--isolation",
+        settings.isolation,
         "--disable-runtime-dependency-installation",
     ]
     if settings.node_auth:
@@ -88,13 +95,20 @@ def supernode_argv(settings: SuperNodeSettings) -> list[str]:
         raise DeploymentError(f"FEDERIMED_NODE_DATA_PATH={settings.data_path}: not a folder")
     return [
         "flower-supernode",
-        "--superlink", settings.superlink,
-        "--root-certificates", str(settings.ca_cert),
-        "--auth-supernode-private-key", str(settings.private_key),
-        "--node-config", node_config(settings),
-        "--isolation", settings.isolation,
-        "--host", settings.runtime_host,
-        "--port", str(settings.runtime_port),
+        "--superlink",
+        settings.superlink,
+        "--root-certificates",
+        str(settings.ca_cert),
+        "--auth-supernode-private-key",
+        str(settings.private_key),
+        "--node-config",
+        node_config(settings),
+        "--isolation",
+        settings.isolation,
+        "--host",
+        settings.runtime_host,
+        "--port",
+        str(settings.runtime_port),
     ]
 
 

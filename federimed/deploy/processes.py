@@ -44,7 +44,11 @@ class ProcessGroup:
         log = self.log_dir / f"{name}.log"
         handle = log.open("ab")
         process = subprocess.Popen(
-            argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+            argv,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
             start_new_session=True,
         )
         handle.close()

@@ -40,9 +40,19 @@ def ensure_wheelhouse(python: str = sys.executable) -> Path:
         return wheelhouse
     log(f"pip download {TORCH_SPEC} -> {wheelhouse}")
     subprocess.run(
-        [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--dest", str(wheelhouse), TORCH_SPEC],
-        check=True, stdout=sys.stderr,
+        [
+            python,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+            str(wheelhouse),
+            TORCH_SPEC,
+        ],
+        check=True,
+        stdout=sys.stderr,
     )
     return wheelhouse
 
@@ -85,8 +95,11 @@ def _http_only(value: str) -> str:
 
 def index_settings(python: str = sys.executable) -> dict[str, str]:
     config = _pip_config(python)
-    for key, env in (("index-url", "PIP_INDEX_URL"), ("extra-index-url", "PIP_EXTRA_INDEX_URL"),
-                     ("trusted-host", "PIP_TRUSTED_HOST")):
+    for key, env in (
+        ("index-url", "PIP_INDEX_URL"),
+        ("extra-index-url", "PIP_EXTRA_INDEX_URL"),
+        ("trusted-host", "PIP_TRUSTED_HOST"),
+    ):
         if os.environ.get(env):
             config[key] = os.environ[env]
     settings = {
