@@ -1,14 +1,19 @@
 """`federimed`: one command line for hospital IT, operators and researchers.
 
 Errors a person can fix (bad data, bad settings, a missing file, a process that died) are
-printed as one plain message naming what and where, with exit code 2; never a bare traceback.
+printed as one plain message naming what and where, with exit code 2; never a bare traceback
+(``federimed --debug ...`` shows it).  This module alone owns SIGINT and SIGTERM: either ends
+any command with exit code 130 after everything it started was stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -16,6 +21,9 @@ from pydantic import ValidationError
 EXAMPLES = """\
 examples:
   federimed demo                                  # the whole thing: 3 hospitals, real Flower
+  federimed config show --format json             # effective run config, where each value is from
+  federimed up --hospitals 3 --out runs/fed       # a local federation that keeps running
+  federimed submit --out runs/fed --stream        # a training run on it; then: status, down
   federimed data synth --hospitals 3 --out data   # synthetic hospitals + common test set
   federimed data validate data/hospital-1         # check a data folder before training
   federimed certs --out certs --hospitals 3       # CA, SuperLink cert, node keys
@@ -58,17 +66,6 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels_for(path: Path, explicit: Path | None) -> dict[str, str]:
-    from federimed.data.records import default_labels, read_label_file
-
-    if explicit:
-        return read_label_file(explicit)
-    for folder in (path if path.is_dir() else path.parent, *path.resolve().parents):
-        if (folder / "labels.json").is_file():
-            return read_label_file(folder / "labels.json")
-    return default_labels()
-
-
 def cmd_data_validate(args: argparse.Namespace) -> int:
     from federimed.data.records import SPLITS, SUFFIXES, Columns, check_file
 
@@ -81,7 +78,10 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         raise UserError(f"{path}: no such file or folder")
     if not files:
         raise UserError(f"{path}: no train/validation/test .jsonl/.csv/.parquet files")
-    labels = _labels_for(path, args.labels)
+    from federimed.config import resolve
+
+    # The same label set training uses: the run config's `labels` (env and flags included).
+    labels = resolve(app_dir=args.app, run_config=args.run_config or "").run.label_list
     columns = Columns(text=args.text_column, label=args.label_column, id=args.id_column)
     failed = 0
     for file in files:
@@ -160,24 +160,110 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connection(args: argparse.Namespace) -> tuple[Path, str]:
+    """The private FLWR_HOME and connection name: from `up`'s record or from the flags."""
+    if args.out is not None:
+        from federimed.deploy.local import CONNECTION as LOCAL
+        from federimed.deploy.local import RunningFederation
+
+        return RunningFederation.attach(args.out).flwr_home, LOCAL
+    if not (args.superlink and args.ca_cert):
+        raise UserError(
+            "submit needs --out DIR (a federation from `federimed up`) or both "
+            "--superlink HOST:PORT and --ca-cert FILE"
+        )
+    return _flwr_home(args), CONNECTION
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     import subprocess
 
-    from federimed.demo import find_app_dir
+    from federimed.config import find_app_dir, resolve, to_toml_pairs
     from federimed.deploy.flower import COMPLETED, log_stream_argv, run_status, submit_run
 
-    home = _flwr_home(args)
-    run_id = submit_run(home, CONNECTION, find_app_dir(args.app), args.run_config or "")
+    home, connection = _connection(args)
+    flags = {"output-dir": str(Path(args.out).resolve() / "flower")} if args.out else {}
+    effective = resolve(app_dir=args.app, run_config=args.run_config or "", flags=flags)
+    app = find_app_dir(args.app)
+    run_id = submit_run(home, connection, app, to_toml_pairs(effective.overrides))
     print(f"submitted Flower run {run_id}", flush=True)
     if not args.stream:
         return 0
-    argv, env = log_stream_argv(home, CONNECTION, run_id)
+    argv, env = log_stream_argv(home, connection, run_id)
     subprocess.call(argv, env=env)
-    status = run_status(home, CONNECTION, run_id).get("status", "unknown")
+    status = run_status(home, connection, run_id).get("status", "unknown")
     if status != COMPLETED:
         print(f"error: Flower run {run_id} ended as {status}", file=sys.stderr)
         return 1
     print(f"Flower run {run_id} {status}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from federimed.compare import Federation
+    from federimed.deploy.local import LocalFederation
+
+    out = args.out.resolve()
+    data = args.data or _synthetic_data(out / "data", args.hospitals, args.seed)
+    federation = Federation.from_folder(data)
+    running = LocalFederation(
+        workdir=out,
+        certs=args.certs or out / "certs",
+        hospitals=federation.hospitals,
+        netns_mode=args.netns,
+        say=print,
+    ).start()
+    state = running.state
+    print(
+        f"federation up: SuperLink https://{state.superlink} "
+        f"(TLS: {state.tls}, node authentication: {state.node_auth}, {state.network})\n"
+        f"  consortium (Control API, `federimed submit --out {args.out}`): {state.superlink}\n"
+        f"  hospitals connect to (Fleet API): {state.superlink}, CA {state.ca_cert}\n"
+        + "".join(f"  {name} at {address}\n" for name, address in state.hospitals.items())
+        + f"stop it with: federimed down --out {args.out}"
+    )
+    return 0
+
+
+def _synthetic_data(out: Path, hospitals: int, seed: int) -> Path:
+    from federimed.data.synth import SynthConfig, generate, write_dataset
+
+    if not (out / "test.jsonl").is_file():
+        write_dataset(generate(SynthConfig(hospitals=hospitals, seed=seed)), out)
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from federimed.deploy.local import RunningFederation
+
+    report = RunningFederation.attach(args.out).status()
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"SuperLink {report['superlink']} ({report['network']})")
+    for p in report["processes"]:
+        state = "alive" if p["alive"] else "NOT RUNNING"
+        who = p["hospital"] or p["role"]
+        print(f"  {who:<14} pid {p['pid']:<8} {p['address']:<16} {p['netns'] or '-':<14} {state}")
+    for run in report["runs"]:
+        print(f"  run {run['run_id']}: {run['status']}, {run['rounds_completed']} round(s) done")
+    return 0 if all(p["alive"] for p in report["processes"]) else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from federimed.deploy.local import RunningFederation
+
+    running = RunningFederation.attach(args.out)
+    running.stop()
+    print(f"stopped {len(running.state.processes)} process(es) of the federation in {args.out}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from federimed.config import resolve
+
+    effective = resolve(app_dir=args.app, run_config=args.run_config or "")
+    print(effective.to_json() if args.format == "json" else effective.to_text())
     return 0
 
 
@@ -192,17 +278,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = DemoOptions(
         out=args.out,
         hospitals=args.hospitals,
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        model=args.model,
         data=args.data,
         certs=args.certs,
-        seed=args.seed,
         cases_per_hospital=args.cases_per_hospital,
-        strategy=args.strategy,
         baselines=not args.no_baselines,
         app_dir=args.app,
         netns=args.netns,
+        run_flags={
+            "num-server-rounds": args.rounds,
+            "local-steps": args.local_steps,
+            "model": args.model,
+            "strategy": args.strategy,
+            "seed": args.seed,
+        },
+        run_config=args.run_config or "",
     )
     run_demo(options)
     return 0
@@ -230,9 +319,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
-def _connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
-    parser.add_argument("--ca-cert", type=Path, required=True, help="CA that signed it")
+def _connection_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--superlink", required=required, help="SuperLink address HOST:PORT")
+    parser.add_argument("--ca-cert", type=Path, required=required, help="CA that signed it")
     parser.add_argument(
         "--flwr-home",
         default=".flwr-federimed",
@@ -240,13 +329,45 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--app", type=Path, help="Flower app folder (default: this package)")
+    parser.add_argument(
+        "--run-config",
+        metavar="'KEY=VALUE ...'",
+        help="run-config overrides, e.g. 'num-server-rounds=3 strategy=\"fedprox\"' "
+        "(keys and defaults: `federimed config show`)",
+    )
+
+
+def _out_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=required,
+        help="the local federation's folder (what `federimed up --out` was given)",
+    )
+
+
+def _netns_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--netns",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run each hospital in its own network namespace (needs root; "
+        "auto: where the machine allows it)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from federimed.runconfig import STRATEGIES
+
     parser = argparse.ArgumentParser(
         prog="federimed",
         description="Train clinical language models across hospitals without sharing records.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="make and check hospital data").add_subparsers(
@@ -264,13 +385,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--cases-per-hospital", type=_positive_int, default=300)
     synth.set_defaults(func=cmd_data_synth)
-    validate = data.add_parser("validate", help="check a data file or folder; exit 1 if bad")
+    validate = data.add_parser(
+        "validate",
+        help="check a data file or folder against the run config's labels; exit 1 if bad",
+    )
     validate.add_argument("path", type=Path)
-    validate.add_argument("--labels", type=Path, help="labels.json (default: found or built-in)")
+    _run_config_args(validate)
     validate.add_argument("--text-column", default="text")
     validate.add_argument("--label-column", default="label")
     validate.add_argument("--id-column", default="id")
     validate.set_defaults(func=cmd_data_validate)
+
+    config = sub.add_parser("config", help="the run configuration").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    show = config.add_parser(
+        "show",
+        help="print the effective run config and where each value came from",
+        description="Defaults come from the app's pyproject.toml [tool.flwr.app.config]; "
+        "FEDERIMED_RUN_<KEY> environment variables override them (source 'env'), "
+        "--run-config overrides both (source 'flag'). "
+        f"Strategies: {', '.join(STRATEGIES)}.",
+    )
+    _run_config_args(show)
+    show.add_argument("--format", choices=["text", "json"], default="text")
+    show.set_defaults(func=cmd_config_show)
 
     certs = sub.add_parser("certs", help="CA, SuperLink certificate and hospital key pairs")
     certs.add_argument("--out", type=Path, default=Path("certs"))
@@ -297,10 +436,35 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("public_keys", type=Path, nargs="+")
     enroll.set_defaults(func=cmd_enroll)
 
-    submit = sub.add_parser("submit", help="submit a training run with the flwr CLI")
-    _connection_args(submit)
-    submit.add_argument("--app", type=Path, help="Flower app folder (default: this package)")
-    submit.add_argument("--run-config", help="overrides, e.g. 'num-server-rounds=3'")
+    up = sub.add_parser(
+        "up", help="start a local federation (SuperLink + SuperNodes) that keeps running"
+    )
+    _out_arg(up)
+    up.add_argument("--hospitals", type=_positive_int, default=3, help="synthetic hospitals")
+    up.add_argument("--data", type=Path, help="your own data folder (hospital-*/, test.jsonl)")
+    up.add_argument("--certs", type=Path, help="certificates folder (default: OUT/certs)")
+    up.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    _netns_arg(up)
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="processes and runs of a local federation")
+    _out_arg(status)
+    status.add_argument("--format", choices=["text", "json"], default="text")
+    status.set_defaults(func=cmd_status)
+
+    down = sub.add_parser("down", help="stop everything `federimed up` started")
+    _out_arg(down)
+    down.set_defaults(func=cmd_down)
+
+    submit = sub.add_parser(
+        "submit",
+        help="submit a training run with the flwr CLI",
+        description="To a local federation (--out DIR) or to any SuperLink "
+        "(--superlink HOST:PORT --ca-cert FILE).",
+    )
+    _out_arg(submit, required=False)
+    _connection_args(submit, required=False)
+    _run_config_args(submit)
     submit.add_argument("--stream", action="store_true", help="follow the run's logs")
     submit.set_defaults(func=cmd_submit)
 
@@ -317,35 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="synthetic hospitals, one SuperNode each (default: %(default)s)",
     )
-    # The default size fits the 10-minute target on 2 cores (README, "How long things take").
-    demo.add_argument(
-        "--rounds", type=_positive_int, default=4, help="federated rounds (default: %(default)s)"
-    )
-    demo.add_argument(
-        "--local-steps",
-        type=_positive_int,
-        default=15,
-        help="optimizer steps per hospital per round (default: %(default)s)",
-    )
-    demo.add_argument("--model", default="minilm", help="'minilm', a HF id or a local folder")
     demo.add_argument("--data", type=Path, help="your own data folder (hospital-*/, test.jsonl)")
     demo.add_argument("--certs", type=Path, default=Path("certs"))
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cases-per-hospital", type=_positive_int, default=300)
-    demo.add_argument(
-        "--strategy",
-        default="fedavg",
-        choices=["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"],
-    )
     demo.add_argument("--no-baselines", action="store_true")
-    demo.add_argument(
-        "--netns",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="run each hospital in its own network namespace (needs root; "
-        "auto: where the machine allows it)",
-    )
-    demo.add_argument("--app", type=Path, help="Flower app folder (default: this package)")
+    _netns_arg(demo)
+    # Run-config shortcuts: unset means the app's default (`federimed config show`).
+    demo.add_argument("--rounds", type=_positive_int, help="run config num-server-rounds")
+    demo.add_argument("--local-steps", type=_positive_int, help="run config local-steps")
+    demo.add_argument("--model", help="run config model: 'minilm', a HF id or a local folder")
+    demo.add_argument("--strategy", choices=STRATEGIES, help="run config strategy")
+    demo.add_argument("--seed", type=int, help="run config seed (also seeds the synthetic data)")
+    _run_config_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     predict = sub.add_parser("predict", help="top-k diagnoses for a case description")
@@ -360,18 +507,24 @@ class UserError(Exception):
     """Something the user can fix; printed without a traceback."""
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from federimed.data.records import DataError
     from federimed.deploy.flower import DeploymentError
     from federimed.deploy.processes import ProcessDied
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; all processes were stopped", file=sys.stderr)
         return 130
     except ValidationError as error:
+        _debug(args)
         print(f"error: invalid settings:\n{_settings_problems(error)}", file=sys.stderr)
         return 2
     except (
@@ -384,8 +537,16 @@ def main(argv: list[str] | None = None) -> int:
         TimeoutError,
         RuntimeError,
     ) as error:
+        _debug(args)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _debug(args: argparse.Namespace) -> None:
+    if args.debug:
+        traceback.print_exc()
 
 
 def _settings_problems(error: ValidationError) -> str:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from federimed.data.records import Example, load_examples, load_hospital
@@ -120,7 +119,3 @@ class Comparison:
     def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         return score(model, self.test, self.labels, self.unseen)
 
-
-def mean_metric(results: dict[str, dict[str, float]], key: str) -> float:
-    values = [m[key] for m in results.values() if key in m and not np.isnan(m[key])]
-    return float(np.mean(values)) if values else float("nan")

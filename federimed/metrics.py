@@ -24,11 +24,11 @@ def classification_metrics(
     truth, predicted = np.asarray(truth), np.asarray(predicted)
     metrics = {
         "accuracy": float(np.mean(truth == predicted)) if truth.size else 0.0,
-        "macro-f1": macro_f1(truth, predicted),
+        "macro_f1": macro_f1(truth, predicted),
     }
     if unseen:
         rows = np.isin(truth, sorted(unseen))
-        metrics["unseen-accuracy"] = (
+        metrics["unseen_accuracy"] = (
             float(np.mean(truth[rows] == predicted[rows])) if rows.any() else float("nan")
         )
     return metrics

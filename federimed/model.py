@@ -33,9 +33,9 @@ FEDERIMED_META = "federimed.json"
 
 @dataclass(frozen=True)
 class LoraSettings:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int
+    alpha: int
+    dropout: float
 
 
 def quiet_libraries() -> None:

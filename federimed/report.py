@@ -45,9 +45,9 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
     numbers = sorted(int(r) for r in rounds)
     for hospital in report["hospitals"]:
         points = [
-            (r - 1, rounds[str(r)]["train"][hospital]["global-val-accuracy"])
+            (r - 1, rounds[str(r)]["train"][hospital]["val_accuracy"])
             for r in numbers
-            if "global-val-accuracy" in rounds[str(r)].get("train", {}).get(hospital, {})
+            if "val_accuracy" in rounds[str(r)].get("train", {}).get(hospital, {})
         ]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{hospital} (validation)")

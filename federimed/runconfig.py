@@ -1,13 +1,15 @@
 """The run configuration (``[tool.flwr.app.config]``), typed and validated once.
 
-Flower hands apps a flat dict of TOML values; a wrong type or a typo there would otherwise
-surface as a confusing error rounds later.  Both apps and the baselines read it through here.
+The defaults live in exactly one place, the app's ``pyproject.toml``: Flower merges them with
+``--run-config`` overrides and hands both apps the complete flat dict, and
+:mod:`federimed.config` reads the same table for the CLI.  This model therefore states types and
+bounds only, never a default: a key missing here is a key missing from the app's table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -15,7 +17,13 @@ from federimed.data.records import labels_from_config
 from federimed.model import LoraSettings
 from federimed.training import TrainSettings
 
+# The one list of aggregation strategies: the CLI's choices and the server's factory use it.
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+class RunConfigError(ValueError):
+    """A run-config key that is unknown, missing or ill-typed; names each key."""
 
 
 class RunConfig(BaseModel):
@@ -23,38 +31,51 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "minilm"
-    labels: str = ""
-    max_length: int = Field(128, ge=8, le=512)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    num_server_rounds: int = Field(5, ge=1)
-    local_steps: int = Field(12, ge=1)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(5e-3, gt=0)
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1)
-    min_nodes: int = Field(2, ge=1)
-    strategy: Strategy = "fedavg"
-    proximal_mu: float = Field(0.01, ge=0)
-    server_learning_rate: float = Field(0.01, gt=0)
-    test_path: str = ""
-    output_dir: str = "runs/flower"
-    audit_messages: bool = False
-    seed: int = 0
+    model: str
+    labels: str
+    max_length: int = Field(ge=8, le=512)
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    lora_dropout: float = Field(ge=0, lt=1)
+    num_server_rounds: int = Field(ge=1)
+    local_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    fraction_train: float = Field(gt=0, le=1)
+    fraction_evaluate: float = Field(ge=0, le=1)
+    min_nodes: int = Field(ge=1)
+    strategy: Strategy
+    proximal_mu: float = Field(ge=0)
+    server_learning_rate: float = Field(gt=0)
+    test_path: str
+    output_dir: str
+    audit_messages: bool
+    seed: int
+
+    @classmethod
+    def key_names(cls) -> list[str]:
+        """The run-config keys, as written in pyproject.toml and on ``--run-config``."""
+        return [field_key(name) for name in cls.model_fields]
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        unknown = sorted(set(run_config) - set(cls.key_names()))
+        if unknown:
+            raise RunConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}; "
+                f"allowed keys: {', '.join(cls.key_names())}"
+            )
         values = {key.replace("-", "_"): value for key, value in run_config.items()}
         try:
             return cls(**values)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-                for e in error.errors()
-            )
-            raise ValueError(f"invalid run config: {problems}") from None
+            raise RunConfigError(
+                "invalid run config: " + "; ".join(_describe(e) for e in error.errors())
+            ) from None
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat dict Flower hands the apps, keys with '-'."""
+        return {field_key(name): value for name, value in self.model_dump().items()}
 
     @property
     def label_list(self) -> list[str]:
@@ -71,7 +92,18 @@ class RunConfig(BaseModel):
             steps=steps or self.local_steps,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
-            max_length=self.max_length,
             proximal_mu=proximal_mu,
             seed=seed,
         )
+
+
+def field_key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """``key: problem (allowed: ...)``, in the run config's own spelling of the key."""
+    key = ".".join(field_key(str(part)) for part in error["loc"])
+    if error["type"] == "missing":
+        return f"{key}: missing (every key needs a value; the defaults are in pyproject.toml)"
+    return f"{key}: {error['msg']}, got {error.get('input')!r}"

@@ -75,7 +75,7 @@ def train_round(
     if data.validation:
         validation = encode(data.validation, tokenizer, labels, run.max_length)
         scores = evaluate(model, validation, device)
-        metrics = {"global-val-accuracy": scores["accuracy"], "global-val-loss": scores["loss"]}
+        metrics = {"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
     settings = run.train_settings(
         seed=_round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
     )
@@ -84,7 +84,7 @@ def train_round(
         "%s round %d: global model validation accuracy %s; training %d steps on %d cases (%s)",
         node.hospital,
         server_round,
-        _pct(metrics.get("global-val-accuracy")),
+        _pct(metrics.get("val_accuracy")),
         settings.steps,
         len(encoded),
         device,

@@ -23,9 +23,8 @@ from federimed.settings import RuntimeSettings
 @dataclass(frozen=True)
 class TrainSettings:
     steps: int
-    batch_size: int = 16
-    learning_rate: float = 5e-3
-    max_length: int = 128
+    batch_size: int
+    learning_rate: float
     proximal_mu: float = 0.0
     seed: int = 0
 
@@ -153,7 +152,7 @@ def train(
         if on_step:
             on_step(step + 1, losses[-1])
     tail = losses[-max(1, len(losses) // 4) :]
-    return {"train-loss": float(np.mean(tail)), "num-examples": len(data)}
+    return {"train_loss": float(np.mean(tail)), "num_examples": len(data)}
 
 
 def _bf16(device: torch.device) -> bool:
@@ -188,5 +187,5 @@ def evaluate(
     loss = float(-np.mean(np.log(proba[np.arange(len(truth)), truth] + 1e-12)))
     metrics = classification_metrics(truth, proba.argmax(axis=1), unseen=unseen)
     metrics["loss"] = loss if math.isfinite(loss) else float("nan")
-    metrics["num-examples"] = len(truth)
+    metrics["num_examples"] = len(truth)
     return metrics

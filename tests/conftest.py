@@ -60,3 +60,11 @@ def plant_marker(folder: Path, marker: str) -> None:
         path = folder / split
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         write_jsonl(path, [{**row, "text": f"{row['text']} {marker}"} for row in rows])
+
+
+def make_run(**overrides):
+    """The app's own defaults (pyproject.toml) with ``overrides`` (field names, '_' for '-')."""
+    from federimed.config import resolve
+
+    flags = {key.replace("_", "-"): value for key, value in overrides.items()}
+    return resolve(flags=flags, environ={}).run

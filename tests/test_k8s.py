@@ -3,7 +3,10 @@
 Offline only: `kubectl kustomize` renders every overlay, `kubernetes-validate --strict` checks
 every object against the API schemas of a pinned Kubernetes version, `checkov` runs once over
 all rendered overlays, and the assertions below check what no generic tool knows about this
-project (who may talk to whom, read-only data, the same settings as compose.yaml).
+project (who may talk to whom, read-only data, settings). Settings are defined once: the fixed
+environment and the container values of the FEDERIMED_* settings are ENV in docker/Dockerfile,
+so compose.yaml and the manifests may set only real settings, and only what differs from the
+image and from the settings' defaults (federimed/settings.py).
 
 The tools live in their own venv, .venv-k8s (checkov pins many heavy dependencies):
     python3 -m venv .venv-k8s && .venv-k8s/bin/pip install -r requirements-k8s.txt
@@ -12,21 +15,30 @@ They are looked up there first, then on PATH. A missing tool is a failure, never
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import TypeAdapter
+
+from federimed import settings
+from federimed.deploy.flower import HARDENED_ENV
 
 pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = K8S / "overlays"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+COMPOSE_OVERRIDES = ("compose.gpu.yaml", "compose.cpu.yaml")
 TOOLS_VENV = ROOT / ".venv-k8s"
 INSTALL_HINT = (
     "install the validation tools into their own venv:\n"
@@ -52,16 +64,15 @@ COMMANDS = {
     "serverapp": ["superexec"],
     "clientapp": ["superexec"],
 }
-HARDENED_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_HUB_OFFLINE": "1",
-}
-ROLE_PREFIX = {
-    "superlink": "FEDERIMED_SUPERLINK_",
-    "supernode": "FEDERIMED_NODE_",
-    "serverapp": "FEDERIMED_SUPEREXEC_",
-    "clientapp": "FEDERIMED_SUPEREXEC_",
+# Set by every image (the local processes get HARDENED_ENV from federimed.deploy.flower), and
+# nowhere else; the images also keep the model hub offline.
+FIXED_ENV = {**HARDENED_ENV, "HF_HUB_OFFLINE": "1"}
+# docker/Dockerfile targets that run a component (images are named after their target), and
+# the settings of that component.
+MODELS = {
+    "superlink": (settings.SuperLinkSettings,),
+    "supernode": (settings.SuperNodeSettings,),
+    "superexec": (settings.SuperExecSettings, settings.RuntimeSettings),
 }
 DNS_PORT = 53
 
@@ -171,6 +182,113 @@ def hospital_namespaces(docs) -> list[str]:
         for d in of_kind(docs, "Namespace")
         if d["metadata"].get("labels", {}).get("federimed.io/role") == "hospital"
     )
+
+
+# --------------------------------------------------------------------------- images, compose
+
+
+@functools.cache
+def dockerfile_env() -> dict[str, dict[str, str]]:
+    """stage -> the ENV it ends with, following `FROM <stage>` inheritance."""
+    stages: dict[str, dict[str, str]] = {}
+    env: dict[str, str] = {}
+    for line in re.sub(r"\\\n", " ", DOCKERFILE.read_text()).splitlines():
+        if m := re.match(r"\s*FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE):
+            env = dict(stages.get(m.group(1), {}))
+            stages[m.group(2) or f"_{len(stages)}"] = env
+        elif m := re.match(r"\s*ENV\s+(.+)", line, re.IGNORECASE):
+            words = shlex.split(m.group(1))
+            if "=" not in words[0]:  # legacy `ENV KEY value`
+                env[words[0]] = " ".join(words[1:])
+            else:
+                env.update(word.split("=", 1) for word in words)
+    return stages
+
+
+def image_stage(image: str) -> str:
+    """The docker/Dockerfile target an image was built from: REGISTRY/federimed/<target>:TAG."""
+    stage = re.split(r"[:@]", image.rsplit("/", 1)[-1])[0]
+    assert stage in MODELS, f"{image}: not an image of docker/Dockerfile ({sorted(MODELS)})"
+    return stage
+
+
+COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def compose_value(value) -> str:
+    """Compose interpolation with the defaults written in the file (not this shell's env)."""
+    return COMPOSE_VAR.sub(lambda m: m.group(2) or "", str(value))
+
+
+def compose_env(service) -> dict[str, str | None]:
+    """The service's environment as written; None: taken from the shell or .env if set there."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {k: None if v is None else compose_value(v) for k, v in env.items()}
+
+
+def compose_variants() -> dict[str, dict]:
+    """compose.yaml alone and with each override file: name -> services (environment merged)."""
+    base = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    variants = {"compose.yaml": base}
+    for override in COMPOSE_OVERRIDES:
+        services = copy.deepcopy(base)
+        extra = yaml.safe_load((ROOT / override).read_text()).get("services") or {}
+        for name, service in extra.items():
+            env = {**compose_env(services[name]), **compose_env(service)}
+            services[name]["environment"] = env
+        variants[f"compose.yaml + {override}"] = services
+    return variants
+
+
+def components(rendered):
+    """(where, image target, the env it sets) of every container that runs a component:
+    each k8s workload, and each compose service that keeps its image's entrypoint (the
+    one-shots init, enroll and submit take their settings as arguments)."""
+    for name, item in rendered.items():
+        for doc in workloads(item["docs"]):
+            (c,) = pod_spec(doc)["containers"]
+            where = f"k8s {name}: {doc['metadata']['namespace']}/{doc['metadata']['name']}"
+            yield where, image_stage(c["image"]), env_of(doc, item["docs"])
+    for variant, services in compose_variants().items():
+        for name, service in services.items():
+            if "entrypoint" not in service:
+                target = (service.get("build") or {}).get("target")
+                stage = target or image_stage(compose_value(service["image"]))
+                yield f"{variant}: {name}", stage, compose_env(service)
+
+
+def setting_field(stage: str, key: str):
+    """The settings field a FEDERIMED_* variable sets in the component of `stage`, or None."""
+    for model in MODELS[stage]:
+        prefix = model.model_config["env_prefix"]
+        field = key[len(prefix) :].lower() if key.startswith(prefix) else None
+        if field in model.model_fields:
+            return model.model_fields[field]
+    return None
+
+
+def parsed(stage: str, key: str, value: str):
+    return TypeAdapter(setting_field(stage, key).annotation).validate_python(value)
+
+
+def load(model, env: dict[str, str | None], monkeypatch):
+    """`model` as a container with exactly `env` sees it (this shell's FEDERIMED_* removed)."""
+    for key in list(os.environ):
+        if key.startswith("FEDERIMED_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("FEDERIMED_") and value is not None:
+            monkeypatch.setenv(key, value)
+    return model()
+
+
+def effective(doc, docs, model, monkeypatch):
+    """The container's settings: the image's ENV (docker/Dockerfile), then the manifest's env."""
+    (c,) = pod_spec(doc)["containers"]
+    env = {**dockerfile_env()[image_stage(c["image"])], **env_of(doc, docs)}
+    return load(model, env, monkeypatch)
 
 
 # --------------------------------------------------------------------------- rendering & tools
@@ -296,9 +414,6 @@ def test_pod_security(rendered):
             # writable places are explicit volumes (read-only root filesystem)
             mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
             assert "/tmp" in mounts, f"{what}: no writable /tmp"
-            env = {e["name"]: e.get("value") for e in c.get("env", [])}
-            for key, value in HARDENED_ENV.items():
-                assert env.get(key) == value, f"{what}: {key} must be {value}"
 
 
 def test_images_commands_and_roles(rendered):
@@ -311,50 +426,76 @@ def test_images_commands_and_roles(rendered):
 
 
 def test_settings_are_valid_for_the_cli(rendered, monkeypatch):
-    """Every FEDERIMED_* name exists in federimed/settings.py and every value parses there."""
-    from federimed import settings  # the project's own settings: the names compose/CLI use
+    """Every FEDERIMED_* variable that compose or a manifest sets is a setting of the component
+    its container runs (federimed/settings.py), and with the image's ENV every value parses."""
+    images = dockerfile_env()
+    for where, stage, env in components(rendered):
+        known = {
+            (m.model_config["env_prefix"] + field).upper()
+            for m in MODELS[stage]
+            for field in m.model_fields
+        }
+        image = f"docker/Dockerfile {stage}"
+        for source, names in ((where, set(env)), (image, set(images[stage]))):
+            ours = {k for k in names if k.startswith("FEDERIMED_")}
+            assert ours <= known, f"{source}: unknown settings {sorted(ours - known)}"
+        for model in MODELS[stage]:
+            load(model, {**images[stage], **env}, monkeypatch)  # raises naming the variable
+    for variant, services in compose_variants().items():
+        for name, service in services.items():
+            if "entrypoint" in service:
+                ours = sorted(k for k in compose_env(service) if k.startswith("FEDERIMED_"))
+                assert not ours, f"{variant}: {name} is a one-shot; it reads no settings: {ours}"
 
-    models = {
-        "superlink": [settings.SuperLinkSettings],
-        "supernode": [settings.SuperNodeSettings],
-        "serverapp": [settings.SuperExecSettings, settings.RuntimeSettings],
-        "clientapp": [settings.SuperExecSettings, settings.RuntimeSettings],
-    }
-    for name, item in rendered.items():
-        docs = item["docs"]
-        for doc in workloads(docs):
-            r = role(doc)
-            env = env_of(doc, docs)
-            known = {
-                (m.model_config["env_prefix"] + field).upper()
-                for m in models[r]
-                for field in m.model_fields
-            }
-            ours = {k for k in env if k.startswith("FEDERIMED_")}
-            assert ours <= known, f"{name}/{r}: unknown settings {sorted(ours - known)}"
-            for key in list(os.environ):
-                if key.startswith("FEDERIMED_"):
-                    monkeypatch.delenv(key)
-            for key in ours:
-                monkeypatch.setenv(key, env[key])
-            for model in models[r]:
-                model()  # raises with the variable's name if a value is invalid
+
+def test_deployments_set_only_what_differs(rendered):
+    """No value repeats the image's ENV or the settings' default (nor does the image)."""
+    images = dockerfile_env()
+    problems = []
+    for stage in MODELS:
+        for key, value in images[stage].items():
+            field = setting_field(stage, key)
+            if field and not field.is_required() and parsed(stage, key, value) == field.default:
+                problems.append(f"docker/Dockerfile {stage}: {key}={value} is the default")
+    for where, stage, env in components(rendered):
+        for key, value in env.items():
+            field = setting_field(stage, key)
+            if value is None or field is None:
+                continue  # passed through from the shell (compose), or not a setting (above)
+            ours = parsed(stage, key, value)
+            if key in images[stage] and ours == parsed(stage, key, images[stage][key]):
+                problems.append(f"{where}: {key}={value} is the image's already ({stage})")
+            elif not field.is_required() and ours == field.default:
+                problems.append(f"{where}: {key}={value} is the settings' default")
+    assert not problems, "set only what differs per deployment:\n" + "\n".join(problems)
+
+
+def test_fixed_environment_is_in_the_images_only():
+    images = dockerfile_env()
+    for stage in MODELS:
+        wrong = {k: images[stage].get(k) for k, v in FIXED_ENV.items() if images[stage].get(k) != v}
+        assert not wrong, f"docker/Dockerfile target {stage}: want {FIXED_ENV}, has {wrong}"
+    files = [ROOT / "compose.yaml", *(ROOT / f for f in COMPOSE_OVERRIDES), *K8S.rglob("*.yaml")]
+    for path in files:
+        text = path.read_text()
+        for key in FIXED_ENV:
+            assert key not in text, f"{path.relative_to(ROOT)}: {key} is the images' (Dockerfile)"
 
 
 # --------------------------------------------------------------------------- components
 
 
-def test_superlink_and_serverapp(rendered):
+def test_superlink_and_serverapp(rendered, monkeypatch):
     for name in ("consortium", "example-three-hospitals"):
         docs = rendered[name]["docs"]
         link = find(docs, "Deployment", "superlink", "consortium")
         assert link["spec"]["replicas"] == 1
         assert link["spec"]["strategy"]["type"] == "Recreate"
-        env = env_of(link, docs)
-        assert env["FEDERIMED_SUPERLINK_ISOLATION"] == "process"
-        assert env["FEDERIMED_SUPERLINK_NODE_AUTH"].lower() in {"true", "1"}
-        assert env["FEDERIMED_SUPERLINK_PORT"] == "8000"
-        assert env["FEDERIMED_SUPERLINK_HOST"] == "0.0.0.0"
+        conf = effective(link, docs, settings.SuperLinkSettings, monkeypatch)
+        assert conf.isolation == "process"
+        assert conf.node_auth is True
+        assert conf.port == 8000
+        assert conf.host == "0.0.0.0"
         (c,) = pod_spec(link)["containers"]
         for probe in ("readinessProbe", "livenessProbe"):
             get = c[probe]["httpGet"]
@@ -364,7 +505,7 @@ def test_superlink_and_serverapp(rendered):
         # state on a claim, at the database's folder
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod_spec(link)["volumes"]}
-        db_dir = str(Path(env["FEDERIMED_SUPERLINK_DATABASE"]).parent)
+        db_dir = conf.database.parent.as_posix()
         assert "persistentVolumeClaim" in volumes[mounts[db_dir]]
         find(
             docs,
@@ -373,14 +514,7 @@ def test_superlink_and_serverapp(rendered):
             "consortium",
         )
         # TLS files come from a Secret / ConfigMap mounted read-only
-        certs = {
-            Path(env[k]).parent.as_posix()
-            for k in (
-                "FEDERIMED_SUPERLINK_CA_CERT",
-                "FEDERIMED_SUPERLINK_CERT",
-                "FEDERIMED_SUPERLINK_KEY",
-            )
-        }
+        certs = {p.parent.as_posix() for p in (conf.ca_cert, conf.cert, conf.key)}
         (cert_dir,) = certs
         cert_volume = volumes[mounts[cert_dir]]
         sources = cert_volume.get("projected", {}).get("sources", [cert_volume])
@@ -389,9 +523,9 @@ def test_superlink_and_serverapp(rendered):
         assert [p["port"] for p in svc["spec"]["ports"]] == [8000]
 
         runner = find(docs, "Deployment", "serverapp", "consortium")
-        renv = env_of(runner, docs)
-        assert renv["FEDERIMED_SUPEREXEC_RUNTIME_API"] == "superlink:8000"
-        assert renv["FEDERIMED_SUPEREXEC_CA_CERT"].endswith("ca.crt")
+        rconf = effective(runner, docs, settings.SuperExecSettings, monkeypatch)
+        assert rconf.runtime_api == "superlink:8000"
+        assert rconf.ca_cert is not None and rconf.ca_cert.name == "ca.crt"
         rvolumes = {v["name"]: v for v in pod_spec(runner)["volumes"]}
         (rc,) = pod_spec(runner)["containers"]
         rmounts = {m["mountPath"]: m for m in rc["volumeMounts"]}
@@ -415,26 +549,27 @@ def hospital_cases(rendered):
             yield name, docs, ns
 
 
-def test_hospital_node_and_runner(rendered):
+def test_hospital_node_and_runner(rendered, monkeypatch):
     for name, docs, ns in hospital_cases(rendered):
         node, runner = hospital_parts(docs, ns)
-        env = env_of(node, docs)
-        assert env["FEDERIMED_NODE_ISOLATION"] == "process"
-        assert env["FEDERIMED_NODE_RUNTIME_HOST"] == "0.0.0.0"
-        assert env["FEDERIMED_NODE_RUNTIME_PORT"] == "9094"
-        assert re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", env["FEDERIMED_NODE_NAME"])
+        conf = effective(node, docs, settings.SuperNodeSettings, monkeypatch)
+        assert conf.isolation == "process"
+        assert conf.runtime_host == "0.0.0.0"
+        assert conf.runtime_port == 9094
+        assert re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", conf.name)
         if name == "example-three-hospitals":
-            assert env["FEDERIMED_NODE_NAME"] == ns
+            assert conf.name == ns
         svc = find(docs, "Service", "supernode", ns)
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
         assert [p["port"] for p in svc["spec"]["ports"]] == [9094]
-        renv = env_of(runner, docs)
-        assert renv["FEDERIMED_SUPEREXEC_RUNTIME_API"] == "supernode:9094"
+        rconf = effective(runner, docs, settings.SuperExecSettings, monkeypatch)
+        assert rconf.runtime_api == "supernode:9094"
+        assert rconf.ca_cert is None, "the node's app API is plaintext, inside the namespace"
         # the node key comes from a Secret
         volumes = {v["name"]: v for v in pod_spec(node)["volumes"]}
         (nc,) = pod_spec(node)["containers"]
         mounts = {m["mountPath"]: m for m in nc["volumeMounts"]}
-        key_dir = Path(env["FEDERIMED_NODE_PRIVATE_KEY"]).parent.as_posix()
+        key_dir = conf.private_key.parent.as_posix()
         assert mounts[key_dir].get("readOnly") is True
         key_volume = volumes[mounts[key_dir]["name"]]
         sources = key_volume.get("projected", {}).get("sources", [key_volume])
@@ -445,15 +580,17 @@ def test_hospital_node_and_runner(rendered):
         if name == "hospital-gpu":
             assert gpus == 1 and rc["resources"]["requests"].get("nvidia.com/gpu") == 1
             assert pod_spec(runner).get("nodeSelector") and pod_spec(runner).get("tolerations")
-            assert renv["FEDERIMED_DEVICE"] == "cuda"
+            device = effective(runner, docs, settings.RuntimeSettings, monkeypatch).device
+            assert device == "cuda"
         else:
             assert gpus is None
 
 
-def test_hospital_data_is_read_only(rendered):
+def test_hospital_data_is_read_only(rendered, monkeypatch):
     for name, docs, ns in hospital_cases(rendered):
         node, runner = hospital_parts(docs, ns)
-        data_path = env_of(node, docs)["FEDERIMED_NODE_DATA_PATH"]
+        conf = effective(node, docs, settings.SuperNodeSettings, monkeypatch)
+        data_path = conf.data_path.as_posix()
         volumes = {v["name"]: v for v in pod_spec(runner)["volumes"]}
         (rc,) = pod_spec(runner)["containers"]
         (mount,) = [m for m in rc["volumeMounts"] if m["mountPath"] == data_path]
@@ -548,12 +685,13 @@ def test_default_deny_everywhere(rendered):
             )
 
 
-def test_hospital_network_policies(rendered):
+def test_hospital_network_policies(rendered, monkeypatch):
     for name, docs, ns in hospital_cases(rendered):
         node, runner = hospital_parts(docs, ns)
         node_labels = node["spec"]["template"]["metadata"]["labels"]
         runner_labels = runner["spec"]["template"]["metadata"]["labels"]
-        superlink_port = int(env_of(node, docs)["FEDERIMED_NODE_SUPERLINK"].rsplit(":", 1)[1])
+        superlink = effective(node, docs, settings.SuperNodeSettings, monkeypatch).superlink
+        superlink_port = int(superlink.rsplit(":", 1)[1])
         where = f"{name}/{ns}"
 
         # SuperNode egress: DNS + the SuperLink's port, to a specific peer, nothing else.
@@ -644,186 +782,3 @@ def test_superlink_network_policy(rendered):
     annotations = ingress["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
     assert annotations["nginx.ingress.kubernetes.io/proxy-ssl-verify"] == "on"
-
-
-# --------------------------------------------------------------------------- compose agreement
-
-COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
-# Values that must be equal in both (the rest are host names, which differ per deployment:
-# for those only the port must agree).
-SAME_VALUE = {
-    "FEDERIMED_SUPERLINK_HOST",
-    "FEDERIMED_SUPERLINK_PORT",
-    "FEDERIMED_SUPERLINK_NODE_AUTH",
-    "FEDERIMED_SUPERLINK_ISOLATION",
-    "FEDERIMED_SUPERLINK_CA_CERT",
-    "FEDERIMED_SUPERLINK_CERT",
-    "FEDERIMED_SUPERLINK_KEY",
-    "FEDERIMED_SUPERLINK_DATABASE",
-    "FEDERIMED_NODE_NAME",
-    "FEDERIMED_NODE_ISOLATION",
-    "FEDERIMED_NODE_RUNTIME_HOST",
-    "FEDERIMED_NODE_RUNTIME_PORT",
-    "FEDERIMED_NODE_CA_CERT",
-    "FEDERIMED_NODE_PRIVATE_KEY",
-    "FEDERIMED_NODE_DATA_PATH",
-    "FEDERIMED_SUPEREXEC_CA_CERT",
-    "FEDERIMED_TORCH_THREADS",
-    "FEDERIMED_DEVICE",
-}
-SAME_PORT = {"FEDERIMED_NODE_SUPERLINK", "FEDERIMED_SUPEREXEC_RUNTIME_API"}
-
-
-def compose_value(value) -> str:
-    """Compose interpolation with the defaults written in the file (not this shell's env)."""
-    return COMPOSE_VAR.sub(lambda m: m.group(2) or "", str(value))
-
-
-def normalize(key, value):
-    value = compose_value(value)
-    if key.endswith("NODE_AUTH"):
-        return {
-            "1": "true",
-            "yes": "true",
-            "on": "true",
-            "0": "false",
-            "no": "false",
-            "off": "false",
-        }.get(value.lower(), value.lower())
-    return value
-
-
-def compose_env(service) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {k: normalize(k, v) for k, v in env.items() if v is not None}
-
-
-def dockerfile_stages(path: Path) -> dict[str, dict]:
-    """stage -> {"entrypoint": [...], "cmd": [...]}, following `FROM <stage>` inheritance."""
-    stages: dict[str, dict] = {}
-    current = None
-    text = re.sub(r"\\\n", " ", path.read_text()) if path.is_file() else ""
-    for line in text.splitlines():
-        line = line.strip()
-        if m := re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE):
-            parent = stages.get(m.group(1), {"entrypoint": [], "cmd": []})
-            current = dict(parent)
-            stages[m.group(2) or f"_{len(stages)}"] = current
-        elif current is not None and (m := re.match(r"(ENTRYPOINT|CMD)\s+(\[.*\])", line)):
-            value = json.loads(m.group(2))
-            if m.group(1) == "ENTRYPOINT":
-                current.update(entrypoint=value, cmd=[])  # a new ENTRYPOINT resets CMD
-            else:
-                current["cmd"] = value
-    return stages
-
-
-def as_list(value) -> list[str] | None:
-    if value is None:
-        return None
-    return [compose_value(v) for v in (value.split() if isinstance(value, str) else value)]
-
-
-def build_targets(services) -> dict[str, str]:
-    """image name -> Dockerfile target, from the services that build each image."""
-    return {
-        compose_value(svc["image"]): svc["build"]["target"]
-        for svc in services.values()
-        if isinstance(svc.get("build"), dict) and "target" in svc["build"] and "image" in svc
-    }
-
-
-def compose_argv(service, stages, targets: dict[str, str]) -> list[str]:
-    """What the container runs: compose's entrypoint/command over the image's (Docker rules).
-
-    A service that only names an image built by another service runs that image's target.
-    """
-    build = service.get("build") or {}
-    target = build.get("target") or targets.get(compose_value(service.get("image", "")), "")
-    image = stages.get(target, {"entrypoint": [], "cmd": []})
-    entrypoint, command = as_list(service.get("entrypoint")), as_list(service.get("command"))
-    if entrypoint is not None:
-        return entrypoint + (command or [])
-    return image["entrypoint"] + (command if command is not None else image["cmd"])
-
-
-def compose_ports(service) -> set[int]:
-    ports = set()
-    for item in (service.get("ports") or []) + (service.get("expose") or []):
-        target = item.get("target") if isinstance(item, dict) else str(item).split(":")[-1]
-        ports.add(int(str(compose_value(target)).split("/")[0]))
-    return ports
-
-
-def split_image(image: str) -> tuple[str, str]:
-    repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
-    return repo, tag or "latest"
-
-
-def test_compose_and_manifests_agree(rendered):
-    compose_file = Path(os.environ.get("FEDERIMED_TEST_COMPOSE_FILE", ROOT / "compose.yaml"))
-    assert compose_file.is_file(), (
-        f"{compose_file} is missing: the manifests are checked against it (services superlink, "
-        "serverapp, supernode-hospital-K, clientapp-hospital-K)"
-    )
-    services = yaml.safe_load(compose_file.read_text())["services"]
-    stages = dockerfile_stages(ROOT / "docker" / "Dockerfile")
-    docs = rendered["example-three-hospitals"]["docs"]
-    hospitals = hospital_namespaces(docs)
-    compose_hospitals = sorted(
-        s.removeprefix("supernode-") for s in services if s.startswith("supernode-")
-    )
-    assert compose_hospitals == hospitals, (compose_hospitals, hospitals)
-
-    pairs = [("superlink", "superlink", "consortium"), ("serverapp", "serverapp", "consortium")]
-    for h in hospitals:
-        pairs += [(f"supernode-{h}", "supernode", h), (f"clientapp-{h}", "clientapp", h)]
-    problems = []
-    for service_name, r, ns in pairs:
-        assert service_name in services, f"compose.yaml has no service {service_name}"
-        service = services[service_name]
-        doc = find(docs, "Deployment", r, ns)
-        (c,) = pod_spec(doc)["containers"]
-        where = f"compose {service_name} vs k8s {ns}/{r}"
-
-        compose_repo, compose_tag = split_image(compose_value(service.get("image", "")))
-        k8s_repo, k8s_tag = split_image(c["image"])
-        if compose_repo != k8s_repo:
-            problems.append(f"{where}: image {compose_repo} != {k8s_repo}")
-        if compose_tag != k8s_tag:
-            problems.append(
-                f"{where}: image tag {compose_tag!r} (compose default) != "
-                f"{k8s_tag!r} (k8s pins the release; :latest is not allowed there)"
-            )
-
-        argv = compose_argv(service, stages, build_targets(services))
-        k8s_argv = c["command"] + c["args"]
-        if argv != k8s_argv:
-            problems.append(f"{where}: runs {argv} != {k8s_argv}")
-
-        k8s_env, c_env = env_of(doc, docs), compose_env(service)
-        k8s_names = {k for k in k8s_env if k.startswith("FEDERIMED_")}
-        compose_names = {k for k in c_env if k.startswith("FEDERIMED_")}
-        if k8s_names != compose_names:
-            problems.append(
-                f"{where}: settings only in k8s {sorted(k8s_names - compose_names)},"
-                f" only in compose {sorted(compose_names - k8s_names)}"
-            )
-        for key in k8s_names & compose_names:
-            if key in SAME_VALUE and normalize(key, k8s_env[key]) != c_env[key]:
-                problems.append(f"{where}: {key}={k8s_env[key]!r} vs {c_env[key]!r}")
-            if key in SAME_PORT and (
-                k8s_env[key].rsplit(":", 1)[1] != c_env[key].rsplit(":", 1)[1]
-            ):
-                problems.append(f"{where}: {key} port {k8s_env[key]!r} vs {c_env[key]!r}")
-        for key, value in HARDENED_ENV.items():
-            if key in c_env and c_env[key] != value:
-                problems.append(f"{where}: {key}={c_env[key]!r}")
-        ports = compose_ports(service)
-        if r == "superlink" and ports and 8000 not in ports:
-            problems.append(f"{where}: compose publishes {ports}, not 8000")
-        if r == "supernode" and ports and ports != {9094}:
-            problems.append(f"{where}: compose exposes {ports}, not 9094")
-    assert not problems, "compose.yaml and k8s/ disagree:\n" + "\n".join(problems)

@@ -16,5 +16,5 @@ def test_unseen_accuracy_only_counts_the_unseen_rows():
     predicted = np.array([0, 0, 2, 1])
     metrics = classification_metrics(truth, predicted, unseen={2})
     assert metrics["accuracy"] == 0.5
-    assert metrics["unseen-accuracy"] == 0.5
-    assert "unseen-accuracy" not in classification_metrics(truth, predicted)
+    assert metrics["unseen_accuracy"] == 0.5
+    assert "unseen_accuracy" not in classification_metrics(truth, predicted)

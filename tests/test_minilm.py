@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_run
 
 from federimed.cli import main
 from federimed.compare import Comparison, Federation
@@ -15,14 +16,13 @@ from federimed.model import (
     load_tokenizer,
     save_model,
 )
-from federimed.runconfig import RunConfig
 from federimed.training import train
 
 pytestmark = pytest.mark.slow
 
 
 def test_lora_payload_size_of_the_real_encoder():
-    model = build_classifier("minilm", [f"L{i}" for i in range(10)], RunConfig().lora)
+    model = build_classifier("minilm", [f"L{i}" for i in range(10)], make_run().lora)
     trainable, total = count_parameters(model)
     # LoRA r=8 on query/value (73,728) + pooler (147,840) + a 10-way classifier (3,850)
     assert trainable == 225_418
@@ -32,7 +32,7 @@ def test_lora_payload_size_of_the_real_encoder():
 
 
 def test_minilm_learns_the_synthetic_task_and_round_trips(synth_data, tmp_path, capsys):
-    run = RunConfig(learning_rate=5e-3, local_steps=60, num_server_rounds=1)
+    run = make_run(learning_rate=5e-3, local_steps=60, num_server_rounds=1)
     comparison = Comparison(Federation.from_folder(synth_data), run, progress=lambda _: None)
     pooled = [case for cases in comparison.train_sets.values() for case in cases]
     model = build_classifier("minilm", comparison.labels, run.lora)

@@ -6,12 +6,11 @@ import json
 import shutil
 
 import pytest
-from conftest import plant_marker
+from conftest import make_run, plant_marker
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from federimed.model import build_classifier, count_parameters, exchanged_state
-from federimed.runconfig import RunConfig
 
 MARKER = "ZEBRA-MARKER-7f3c"
 
@@ -45,12 +44,10 @@ def _client_reply(run_config: dict, hospital_folder, arrays: ArrayRecord) -> Mes
 
 
 def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked_hospital):
-    run = RunConfig(model=tiny_model, local_steps=2, max_length=64)
+    run = make_run(model=tiny_model, local_steps=2, max_length=64)
     model = build_classifier(tiny_model, run.label_list, run.lora)
     initial = ArrayRecord(exchanged_state(model))
-    reply = _client_reply(
-        {"model": tiny_model, "local-steps": 2, "max-length": 64}, marked_hospital, initial
-    )
+    reply = _client_reply(run.to_flower(), marked_hospital, initial)
     arrays = reply.content["arrays"]
     names = list(arrays.keys())
     assert names == list(initial.keys())
@@ -66,16 +63,16 @@ def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked
     assert MARKER.encode() not in payload
     assert MARKER not in scalars
     assert set(reply.content["metrics"].keys()) == {
-        "global-val-accuracy",
-        "global-val-loss",
-        "train-loss",
-        "num-examples",
+        "val_accuracy",
+        "val_loss",
+        "train_loss",
+        "num_examples",
     }
     assert reply.content["node"]["hospital"] == "hospital-1"
 
 
 def test_exchanged_state_names_cover_every_trainable_parameter(tiny_model):
-    model = build_classifier(tiny_model, ["A", "B", "C"], RunConfig().lora)
+    model = build_classifier(tiny_model, ["A", "B", "C"], make_run().lora)
     state = exchanged_state(model)
     trainable, _ = count_parameters(model)
     assert sum(t.numel() for t in state.values()) == trainable

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from conftest import make_run
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from federimed.data.records import load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
-from federimed.runconfig import RunConfig
-from federimed.server import RoundLog, make_strategy, record_bytes
+from federimed.runconfig import STRATEGIES, RunConfig
+from federimed.runrecord import ROUNDS_FILE, RoundRecord, append_round, read_rounds
+from federimed.server import STRATEGY_CLASSES, RoundRecorder, make_strategy, record_bytes
 from federimed.settings import RuntimeSettings
 from federimed.training import TrainSettings, encode, evaluate, pick_device, train
 
 
 @pytest.fixture(scope="module")
 def hospital(synth_data, tiny_model):
-    run = RunConfig(model=tiny_model, max_length=64)
+    run = make_run(model=tiny_model, max_length=64)
     data = load_hospital(synth_data / "hospital-1", run.label_list)
     tokenizer = load_tokenizer(tiny_model)
     return run, encode(data.train, tokenizer, run.label_list, 64)
@@ -41,7 +42,7 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(hospital):
         train(
             model,
             data,
-            TrainSettings(steps=10, learning_rate=1e-2, proximal_mu=mu),
+            TrainSettings(steps=10, batch_size=16, learning_rate=1e-2, proximal_mu=mu),
             torch.device("cpu"),
         )
         end = exchanged_state(model)
@@ -51,8 +52,8 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(hospital):
 
 def test_same_seed_same_model_and_state_round_trips(tiny_model):
     labels = ["A", "B"]
-    first = build_classifier(tiny_model, labels, RunConfig().lora, seed=3)
-    second = build_classifier(tiny_model, labels, RunConfig().lora, seed=3)
+    first = build_classifier(tiny_model, labels, make_run().lora, seed=3)
+    second = build_classifier(tiny_model, labels, make_run().lora, seed=3)
     a, b = exchanged_state(first), exchanged_state(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="missing"):
@@ -72,52 +73,97 @@ def test_device_selection_falls_back_to_cpu_and_refuses_missing_cuda():
 def test_mixed_precision_training_on_gpu(hospital):
     run, data = hospital
     model = build_classifier(run.model, run.label_list, run.lora)
-    metrics = train(model, data, TrainSettings(steps=5), torch.device("cuda"))
-    assert metrics["train-loss"] > 0
+    metrics = train(
+        model, data, TrainSettings(steps=5, batch_size=16, learning_rate=5e-3), torch.device("cuda")
+    )
+    assert metrics["train_loss"] > 0
 
 
 def test_run_config_errors_name_the_key():
+    complete = make_run().to_flower()
     with pytest.raises(ValueError, match="local-steps"):
-        RunConfig.from_flower({"local-steps": 0})
-    with pytest.raises(ValueError, match="strategy"):
-        RunConfig.from_flower({"strategy": "fedwhatever"})
-    with pytest.raises(ValueError, match="no-such-key"):
-        RunConfig.from_flower({"no-such-key": 1})
+        RunConfig.from_flower({**complete, "local-steps": 0})
+    with pytest.raises(ValueError, match=r"strategy.*fedavg"):
+        RunConfig.from_flower({**complete, "strategy": "fedwhatever"})
+    with pytest.raises(ValueError, match=r"no-such-key.*allowed keys: model"):
+        RunConfig.from_flower({**complete, "no-such-key": 1})
+    missing = dict(complete)
+    del missing["seed"]
+    with pytest.raises(ValueError, match="seed: missing"):
+        RunConfig.from_flower(missing)
 
 
-@pytest.mark.parametrize(
-    "name, cls",
-    [
-        ("fedavg", FedAvg),
-        ("fedprox", FedProx),
-        ("fedadam", FedAdam),
-        ("fedmedian", FedMedian),
-        ("fedtrimmedavg", FedTrimmedAvg),
-    ],
-)
-def test_strategy_is_chosen_by_run_config(name, cls):
-    strategy = make_strategy(RunConfig(strategy=name), RoundLog())
-    assert type(strategy) is cls
+@pytest.mark.parametrize("name, cls", STRATEGY_CLASSES.items())
+def test_strategy_is_chosen_by_run_config(name, cls, tmp_path):
+    strategy = make_strategy(make_run(strategy=name), RoundRecorder(tmp_path))
+    assert isinstance(strategy, cls)
 
 
-def test_round_log_keeps_each_hospital_and_its_bytes(tmp_path):
+def test_every_strategy_choice_has_a_class():
+    assert set(STRATEGIES) == set(STRATEGY_CLASSES)
+
+
+class _Grid:
+    """What a strategy asks of Flower's Grid to sample nodes."""
+
+    def get_node_ids(self):
+        return [11, 12, 13]
+
+
+def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
+    strategy = make_strategy(make_run(min_nodes=3), RoundRecorder(tmp_path, audit=True))
     arrays = ArrayRecord({"w": torch.zeros(10)})
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _Grid()))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12, 13]
     replies = [
-        RecordDict(
-            {
-                "arrays": arrays,
-                "metrics": MetricRecord({"train-loss": loss, "num-examples": n}),
-                "node": ConfigRecord({"hospital": name, "server-round": 2}),
-            }
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": torch.full((10,), value)}),
+                    "metrics": MetricRecord({"train_loss": value, "num_examples": n}),
+                    "node": ConfigRecord({"hospital": name, "server-round": 1}),
+                }
+            ),
+            reply_to=message,
         )
-        for name, loss, n in (("hospital-1", 1.0, 10), ("hospital-2", 3.0, 30))
+        for message, name, value, n in zip(
+            sent[:2], ("hospital-1", "hospital-2"), (1.0, 3.0), (10, 30), strict=False
+        )
     ]
-    log = RoundLog(audit_dir=tmp_path)
-    aggregated = log.train_aggregation(replies, "num-examples")
-    assert aggregated["train-loss"] == pytest.approx(2.5)
-    assert log.rounds[2]["train"]["hospital-2"]["train-loss"] == 3.0
-    assert log.rounds[2]["bytes"]["hospital-1"]["uplink"] == record_bytes(arrays) > 40
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "round-2-train-hospital-1.bin",
-        "round-2-train-hospital-2.bin",
+    aggregated, metrics = strategy.aggregate_train(1, replies)
+    assert aggregated["w"].numpy()[0] == pytest.approx(2.5)
+    assert metrics["train_loss"] == pytest.approx(2.5)
+    test = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.2, "num_examples": 20}
+    strategy.recorder.finish(1, test)
+
+    (record,) = read_rounds(tmp_path)
+    silent = f"node-{sent[2].metadata.dst_node_id}"
+    assert record.participants == ["hospital-1", "hospital-2"]
+    assert record.dropped == [silent]
+    assert record.train["hospital-2"] == {"train_loss": 3.0, "num_examples": 30.0}
+    assert record.test.accuracy == 0.5
+    size = record_bytes(arrays)
+    assert record.traffic["hospital-1"].bytes_down == size > 40
+    assert record.traffic["hospital-1"].bytes_up == size
+    assert record.traffic[silent].bytes_up == 0
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == [
+        "round-1-train-hospital-1.bin",
+        "round-1-train-hospital-2.bin",
     ]
+
+
+def test_rounds_file_is_read_line_by_line_as_it_grows(tmp_path):
+    record = RoundRecord(
+        round=1,
+        participants=["a"],
+        dropped=[],
+        train={},
+        evaluate={},
+        test=None,
+        traffic={},
+        seconds=1.0,
+    )
+    append_round(tmp_path, record)
+    with (tmp_path / ROUNDS_FILE).open("a") as handle:
+        handle.write('{"round": 2, "partic')  # a line still being written
+    assert read_rounds(tmp_path) == [record]

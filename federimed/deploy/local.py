@@ -2,22 +2,36 @@
 
 Same processes and flags as a production deployment (TLS, node authentication, persistent
 state, no runtime installs, no telemetry); only the addresses are local.
+
+:class:`LocalFederation` is the one way to start it (``with LocalFederation(...) as running``
+for the demo and the tests; :meth:`LocalFederation.start` for ``federimed up``, whose processes
+outlive the command).  Either way ``federation.json`` in the work folder records every process,
+so :class:`RunningFederation` serves ``status``, ``submit`` and ``down`` from another process
+exactly as it serves the process that started the federation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import ssl
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federimed.deploy.certs import node_key_path
+import psutil
+from pydantic import BaseModel
+
+from federimed.config import to_toml_pairs
+from federimed.deploy import netns
+from federimed.deploy.certs import ensure_certs, node_key_path
 from federimed.deploy.flower import (
+    DeploymentError,
     enroll,
     flower_env,
     log_stream_argv,
@@ -28,11 +42,12 @@ from federimed.deploy.flower import (
     supernode_argv,
     write_flwr_home,
 )
-from federimed.deploy.netns import HospitalHosts
-from federimed.deploy.processes import Managed, ProcessGroup, wait_until
+from federimed.deploy.processes import ProcessGroup, tail, wait_until
+from federimed.runrecord import read_rounds
 from federimed.settings import SuperLinkSettings, SuperNodeSettings
 
 CONNECTION = "federimed-local"
+STATE_FILE = "federation.json"
 FINISHED = "finished"
 STATUS_EVERY = 120.0
 STATUS_AFTER_DONE = 3.0
@@ -53,32 +68,325 @@ def superlink_healthy(address: str, ca_cert: Path) -> bool:
         return False
 
 
-@dataclass
+def use_namespaces(choice: str) -> bool:
+    """``auto``: each hospital in its own network namespace where the machine allows it."""
+    if choice == "off":
+        return False
+    if netns.available():
+        return True
+    if choice == "on":
+        raise DeploymentError("--netns on needs root and iproute2 (`ip netns add` must work)")
+    return False
+
+
+class ProcessRecord(BaseModel):
+    role: str  # "superlink" or "supernode"
+    hospital: str | None
+    pid: int
+    started: float  # the process's start time: a reused pid is never mistaken for it
+    netns: str | None
+    address: str
+    log: str
+
+
+class FederationState(BaseModel):
+    """``federation.json``: what ``up`` started, read by ``status``, ``submit`` and ``down``."""
+
+    workdir: str
+    superlink: str  # HOST:PORT, for the consortium (Control API) and the hospitals (Fleet API)
+    ca_cert: str
+    flwr_home: str
+    tls: bool  # read from the SuperLink's command line as started, not assumed
+    node_auth: bool
+    network: str  # "loopback" or "network namespaces"
+    bridge: str | None
+    hospitals: dict[str, str]  # hospital -> its address
+    processes: list[ProcessRecord]
+
+
+def _same_process(record: ProcessRecord) -> psutil.Process | None:
+    try:
+        process = psutil.Process(record.pid)
+        if abs(process.create_time() - record.started) > 0.5:
+            return None
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _group_members(record: ProcessRecord) -> list[psutil.Process]:
+    """Processes in the record's process group started no earlier than it (its children)."""
+    members = []
+    for process in psutil.process_iter(["pid", "create_time"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if (
+                os.getpgid(process.pid) == record.pid
+                and process.info["create_time"] >= record.started - 0.5
+            ):
+                members.append(process)
+    return members
+
+
+def _stop_record(record: ProcessRecord, grace: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left; a group whose leader died is still
+    searched, so ``down`` after a crash leaves no orphaned app process behind."""
+    members = _group_members(record)
+    for process in members:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+class ProcessGone(DeploymentError):
+    """A federation process is no longer running; names it and its log."""
+
+
+class RunningFederation:
+    """Operations on a started federation, by its recorded state (any process may hold one)."""
+
+    def __init__(self, state: FederationState):
+        self.state = state
+        self.workdir = Path(state.workdir)
+        self.flwr_home = Path(state.flwr_home)
+
+    @classmethod
+    def attach(cls, workdir: Path) -> RunningFederation:
+        path = Path(workdir).resolve() / STATE_FILE
+        if not path.is_file():
+            raise DeploymentError(f"{path}: no federation here (start one with `federimed up`)")
+        return cls(FederationState.model_validate_json(path.read_text()))
+
+    @property
+    def address(self) -> str:
+        return self.state.superlink
+
+    def check_alive(self) -> None:
+        for record in self.state.processes:
+            if _same_process(record) is None:
+                name = f"supernode-{record.hospital}" if record.hospital else record.role
+                raise ProcessGone(
+                    f"{name} (pid {record.pid}) is not running; log: {record.log}\n"
+                    + tail(Path(record.log))
+                )
+
+    def submit(self, overrides: dict[str, Any], app_dir: Path) -> int:
+        """`flwr run` with ``overrides`` (what differs from the app's defaults)."""
+        return submit_run(self.flwr_home, CONNECTION, app_dir, to_toml_pairs(overrides))
+
+    def run_status(self, run_id: int) -> dict[str, Any]:
+        return run_status(self.flwr_home, CONNECTION, run_id)
+
+    def runs(self) -> list[dict[str, Any]]:
+        out = run_flwr(["ls", CONNECTION, "--format", "json"], self.flwr_home)
+        return json.loads(out).get("runs", [])
+
+    def wait_for_run(
+        self,
+        run_id: int,
+        timeout: float,
+        done: Callable[[], bool],
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> dict[str, Any]:
+        """Wait for ``done()`` (cheap, checked every second) or a finished status (asked
+        rarely); the run's ServerApp log is streamed to ``logs/run-<id>.log`` meanwhile.
+
+        Each `flwr ls` costs seconds of CPU, which training on a small machine feels, so the
+        SuperLink is asked every ``STATUS_AFTER_DONE`` seconds once ``done()`` is true (the
+        status turns "finished" a moment after), otherwise every ``STATUS_EVERY`` seconds in
+        case the run ended without ``done()`` noticing.
+        """
+        with ProcessGroup(self.workdir / "logs") as streams:
+            argv, env = log_stream_argv(self.flwr_home, CONNECTION, run_id)
+            stream = streams.start(f"run-{run_id}", argv, env)
+            deadline = time.monotonic() + timeout
+            last_status = time.monotonic()
+            while time.monotonic() < deadline:
+                self.check_alive()
+                on_tick()
+                finished = done() or stream.process.poll() is not None
+                if time.monotonic() - last_status >= (
+                    STATUS_AFTER_DONE if finished else STATUS_EVERY
+                ):
+                    last_status = time.monotonic()
+                    status = self.run_status(run_id)
+                    if str(status.get("status", "")).startswith(FINISHED):
+                        on_tick()
+                        return status
+                time.sleep(1)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
+
+    def wait_for_nodes(self, timeout: float = 120) -> None:
+        expected = len(self.state.hospitals)
+
+        def all_online() -> bool:
+            self.check_alive()
+            out = run_flwr(["supernode", "list", CONNECTION, "--format", "json"], self.flwr_home)
+            nodes = json.loads(out).get("nodes", [])
+            return sum(node.get("status") == "online" for node in nodes) >= expected
+
+        deadline = time.monotonic() + timeout
+        while not all_online():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"timed out after {timeout:.0f}s waiting for {expected} SuperNodes to come "
+                    f"online; see the logs in {self.workdir / 'logs'}"
+                )
+            time.sleep(2)
+
+    def status(self) -> dict[str, Any]:
+        """Every process with whether it is alive, and the runs with their rounds so far."""
+        processes = [
+            {
+                "role": r.role,
+                "hospital": r.hospital,
+                "pid": r.pid,
+                "netns": r.netns,
+                "address": r.address,
+                "alive": _same_process(r) is not None,
+            }
+            for r in self.state.processes
+        ]
+        report: dict[str, Any] = {
+            "workdir": self.state.workdir,
+            "superlink": self.address,
+            "tls": self.state.tls,
+            "node_auth": self.state.node_auth,
+            "network": self.state.network,
+            "processes": processes,
+            "runs": [],
+        }
+        if processes and processes[0]["alive"]:
+            report["runs"] = [self._run_entry(run) for run in self.runs()]
+        return report
+
+    def _run_entry(self, run: dict[str, Any]) -> dict[str, Any]:
+        run_id = int(run.get("run-id", 0))
+        return {
+            "run_id": run_id,
+            "status": run.get("status"),
+            "rounds_completed": len(read_rounds(self.workdir / "flower" / str(run_id))),
+        }
+
+    def stop(self) -> None:
+        """Stop every recorded process and remove the network namespaces, alive or not."""
+        for record in reversed(self.state.processes):
+            _stop_record(record)
+        if self.state.bridge:
+            netns.remove(self.state.bridge, [r.netns for r in self.state.processes if r.netns])
+        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+
+
 class LocalFederation:
-    workdir: Path
-    certs: Path
-    hospitals: dict[str, Path]  # hospital name -> data folder
-    port: int = 8000
-    env: dict[str, str] | None = None
-    host: str = "127.0.0.1"
-    hosts: HospitalHosts | None = None  # each hospital in its own network namespace
-    # Threads per ClientApp: hospitals sharing one machine train at once, so 1 each avoids
-    # oversubscription; the ServerApp evaluates while they wait and keeps torch's default.
-    client_threads: int | None = None
+    """Start a SuperLink and one SuperNode per hospital, enrol them, wait until all are online.
+
+    ``with LocalFederation(...) as running:`` stops everything on exit, error or Ctrl-C;
+    ``LocalFederation(...).start()`` leaves it running (``federimed up``; ``down`` stops it).
+    Nothing here changes after construction: the addresses are chosen up front.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        certs: Path,
+        hospitals: dict[str, Path],
+        netns_mode: str = "auto",
+        client_threads: int | None = 1,
+        say: Callable[[str], None] = lambda text: None,
+    ):
+        self.workdir = Path(workdir).resolve()
+        self.certs = Path(certs).resolve()
+        self.hospitals = {name: Path(path).resolve() for name, path in hospitals.items()}
+        self.hosts = netns.HospitalHosts() if use_namespaces(netns_mode) else None
+        self.host = self.hosts.superlink_address if self.hosts else "127.0.0.1"
+        self.port = free_port()
+        # Threads per ClientApp: hospitals sharing one machine train at once, so 1 each avoids
+        # oversubscription; the ServerApp evaluates while they wait and keeps torch's default.
+        self.client_threads = client_threads
+        self.say = say
+        self.group = ProcessGroup(self.workdir / "logs")
+        self._running: RunningFederation | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @property
-    def flwr_home(self) -> Path:
-        return self.workdir / "flwr-home"
+    def __enter__(self) -> RunningFederation:
+        return self.start()
 
-    def _env(self) -> dict[str, str]:
-        return flower_env(self.env)
+    def __exit__(self, *exc: object) -> None:
+        self.group.stop_all()
+        if self._running is not None:
+            self._running.stop()
+        if self.hosts is not None:
+            self.hosts.remove()
 
-    def start_superlink(self, group: ProcessGroup) -> None:
-        settings = SuperLinkSettings(
+    def start(self) -> RunningFederation:
+        try:
+            self._running = self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self._running
+
+    def _start(self) -> RunningFederation:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.hosts is not None:
+            self.hosts.create()
+            for hospital in self.hospitals:
+                self.hosts.add(hospital)
+        report = ensure_certs(self.certs, list(self.hospitals), (self.host,))
+        self.say(
+            f"certificates in {self.certs} ({len(report.created)} created, {len(report.kept)} kept)"
+        )
+        network = "network namespaces" if self.hosts else "loopback"
+        self.say(
+            f"starting SuperLink on https://{self.address} (TLS, node authentication; "
+            f"hospitals on {network})"
+        )
+        link_argv = superlink_argv(self._superlink_settings())
+        records = [self._launch("superlink", None, link_argv)]
+        ca = self.certs / "ca.crt"
+        wait_until(lambda: superlink_healthy(self.address, ca), 90, "the SuperLink", self.group)
+        flwr_home = self.workdir / "flwr-home"
+        write_flwr_home(flwr_home, CONNECTION, self.address, ca)
+        keys = [node_key_path(self.certs, name).with_suffix(".pub") for name in self.hospitals]
+        added = enroll(flwr_home, CONNECTION, keys)
+        self.say(
+            f"enrolled {len(added)} new SuperNode key(s); starting {len(self.hospitals)} SuperNodes"
+        )
+        records += [
+            self._launch("supernode", name, self._supernode_argv(name, data))
+            for name, data in self.hospitals.items()
+        ]
+        running = RunningFederation(
+            FederationState(
+                workdir=str(self.workdir),
+                superlink=self.address,
+                ca_cert=str(ca),
+                flwr_home=str(flwr_home),
+                tls="--ssl-certfile" in link_argv and "--insecure" not in link_argv,
+                node_auth="--enable-supernode-auth" in link_argv,
+                network=network,
+                bridge=self.hosts.bridge if self.hosts else None,
+                hospitals={
+                    name: self.hosts.addresses[name] if self.hosts else self.host
+                    for name in self.hospitals
+                },
+                processes=records,
+            )
+        )
+        (self.workdir / STATE_FILE).write_text(running.state.model_dump_json(indent=2))
+        running.wait_for_nodes()
+        return running
+
+    def _superlink_settings(self) -> SuperLinkSettings:
+        return SuperLinkSettings(
             host=self.host,
             port=self.port,
             ca_cert=self.certs / "ca.crt",
@@ -86,90 +394,33 @@ class LocalFederation:
             key=self.certs / "superlink.key",
             database=self.workdir / "state" / "superlink.db",
         )
-        group.start("superlink", superlink_argv(settings), self._env())
-        ca = self.certs / "ca.crt"
-        wait_until(lambda: superlink_healthy(self.address, ca), 90, "the SuperLink", group)
-        write_flwr_home(self.flwr_home, CONNECTION, self.address, ca)
 
-    def enroll_nodes(self) -> list[Path]:
-        keys = [node_key_path(self.certs, name).with_suffix(".pub") for name in self.hospitals]
-        return enroll(self.flwr_home, CONNECTION, keys)
-
-    def node_settings(self, name: str, data: Path, runtime_port: int) -> SuperNodeSettings:
+    def node_settings(self, name: str, data: Path) -> SuperNodeSettings:
         return SuperNodeSettings(
             name=name,
             superlink=self.address,
             ca_cert=self.certs / "ca.crt",
             private_key=node_key_path(self.certs, name),
-            data_path=data.resolve(),
-            runtime_port=runtime_port,
+            data_path=data,
+            runtime_port=free_port(),
         )
 
-    def start_supernodes(self, group: ProcessGroup) -> None:
-        env = self._env()
-        if self.client_threads:
+    def _supernode_argv(self, name: str, data: Path) -> list[str]:
+        argv = supernode_argv(self.node_settings(name, data))
+        return self.hosts.wrap(name, argv) if self.hosts else argv
+
+    def _launch(self, role: str, hospital: str | None, argv: list[str]) -> ProcessRecord:
+        env = flower_env()
+        if role == "supernode" and self.client_threads:
             env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
-        for name, data in self.hospitals.items():
-            argv = supernode_argv(self.node_settings(name, data, free_port()))
-            if self.hosts is not None:
-                argv = self.hosts.wrap(name, argv)
-            group.start(f"supernode-{name}", argv, env)
-
-    def wait_for_nodes(self, group: ProcessGroup, timeout: float = 120) -> None:
-        def all_online() -> bool:
-            out = run_flwr(["supernode", "list", CONNECTION, "--format", "json"], self.flwr_home)
-            nodes = json.loads(out).get("nodes", [])
-            return sum(node.get("status") == "online" for node in nodes) >= len(self.hospitals)
-
-        wait_until(all_online, timeout, "all SuperNodes to come online", group, every=2)
-
-    def submit(self, app_dir: Path, run_config: dict[str, Any]) -> int:
-        overrides = " ".join(f"{key}={_toml(value)}" for key, value in run_config.items())
-        return submit_run(self.flwr_home, CONNECTION, app_dir, overrides)
-
-    def run_status(self, run_id: int) -> dict[str, Any]:
-        return run_status(self.flwr_home, CONNECTION, run_id)
-
-    def follow_logs(self, run_id: int, group: ProcessGroup) -> Managed:
-        """Stream the run's ServerApp log into logs/run-<id>.log (one process, no polling);
-        the stream ends when the run does, which makes it a free "finished?" signal."""
-        argv, env = log_stream_argv(self.flwr_home, CONNECTION, run_id)
-        return group.start(f"run-{run_id}", argv, env)
-
-    def wait_for_run(
-        self,
-        run_id: int,
-        group: ProcessGroup,
-        timeout: float,
-        done: Callable[[], bool],
-        on_tick: Callable[[], None] = lambda: None,
-    ) -> dict[str, Any]:
-        """Wait for ``done()`` (cheap, checked often) or a finished status (asked rarely).
-
-        Each `flwr ls` costs seconds of CPU, which training on a small machine feels, so the
-        SuperLink is asked every ``STATUS_AFTER_DONE`` seconds once ``done()`` is true (the
-        status turns "finished" a moment after), otherwise every ``STATUS_EVERY`` seconds in
-        case the run ended without ``done()`` noticing.
-        """
-        deadline = time.monotonic() + timeout
-        last_status = time.monotonic()
-        while time.monotonic() < deadline:
-            group.check_alive(ignore=(f"run-{run_id}",))
-            on_tick()
-            every = STATUS_AFTER_DONE if done() else STATUS_EVERY
-            if time.monotonic() - last_status >= every:
-                last_status = time.monotonic()
-                status = self.run_status(run_id)
-                if str(status.get("status", "")).startswith(FINISHED):
-                    on_tick()
-                    return status
-            time.sleep(1)
-        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
+        name = f"supernode-{hospital}" if hospital else role
+        member = self.group.start(name, argv, env)
+        return ProcessRecord(
+            role=role,
+            hospital=hospital,
+            pid=member.process.pid,
+            started=psutil.Process(member.process.pid).create_time(),
+            netns=self.hosts.namespaces[hospital] if self.hosts and hospital else None,
+            address=self.hosts.addresses[hospital] if self.hosts and hospital else self.host,
+            log=str(member.log),
+        )

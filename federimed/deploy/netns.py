@@ -32,9 +32,16 @@ def available() -> bool:
     return made
 
 
+def remove(bridge: str, namespaces: list[str]) -> None:
+    """Delete namespaces and the bridge; what is already gone is fine (``down`` after a crash)."""
+    for namespace in namespaces:
+        _ip("netns", "del", namespace, check=False)
+    _ip("link", "del", bridge, check=False)
+
+
 @dataclass
 class HospitalHosts:
-    """A context manager that creates the bridge and one namespace per hospital."""
+    """The bridge (:meth:`create`) and one namespace per hospital (:meth:`add`)."""
 
     tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
     namespaces: dict[str, str] = field(default_factory=dict)
@@ -48,16 +55,13 @@ class HospitalHosts:
     def superlink_address(self) -> str:
         return f"{SUBNET}.1"
 
-    def __enter__(self) -> HospitalHosts:
+    def create(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.superlink_address}/{PREFIX}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        for namespace in self.namespaces.values():
-            _ip("netns", "del", namespace, check=False)
-        _ip("link", "del", self.bridge, check=False)
+    def remove(self) -> None:
+        remove(self.bridge, list(self.namespaces.values()))
 
     def add(self, hospital: str) -> str:
         """A namespace for ``hospital`` with address 10.213.0.(10 + n); returns its name."""

@@ -30,17 +30,15 @@ class ProcessGroup:
     members: list[Managed] = field(default_factory=list)
 
     def __enter__(self) -> ProcessGroup:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
-        signal.signal(signal.SIGTERM, self._previous)
 
     def start(
         self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None
     ) -> Managed:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         handle = log.open("ab")
         process = subprocess.Popen(
@@ -83,8 +81,9 @@ class ProcessGroup:
 
 class ProcessDied(RuntimeError):
     def __init__(self, member: Managed, code: int):
-        tail = _tail(member.log)
-        super().__init__(f"{member.name} exited with code {code}; log: {member.log}\n{tail}")
+        super().__init__(
+            f"{member.name} exited with code {code}; log: {member.log}\n{tail(member.log)}"
+        )
         self.member = member
         self.code = code
 
@@ -94,11 +93,7 @@ def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
         os.killpg(process.pid, sig)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -1,0 +1,102 @@
+"""The run's record: one line per round in ``rounds.jsonl``, then ``summary.json``.
+
+The ServerApp writes it as the run goes (a crash at round 3 keeps rounds 1 and 2); the demo's
+progress lines, the report and anything else that follows a run read it through these models,
+never the logs.  One key style throughout: snake_case.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Scores(_Record):
+    """The global model on the consortium's common test set."""
+
+    accuracy: float
+    macro_f1: float
+    loss: float
+    num_examples: int
+
+
+class Traffic(_Record):
+    """Serialized array bytes of one hospital in one round, as sent and as received."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class RoundRecord(_Record):
+    round: int
+    participants: list[str]  # hospitals whose training update arrived
+    dropped: list[str]  # hospitals sampled for training that did not answer (or answered an error)
+    train: dict[str, dict[str, float]]  # hospital -> its training metrics (train_loss, ...)
+    evaluate: dict[str, dict[str, float]]  # hospital -> metrics of a federated evaluate round
+    test: Scores | None  # None when the run has no test set
+    traffic: dict[str, Traffic]
+    seconds: float
+
+
+class RunSummary(_Record):
+    run_id: int
+    status: str  # "completed" (a run that did not get here has no summary)
+    run_config: dict[str, object]
+    rounds_completed: int
+    initial_test: Scores | None
+    final_test: Scores | None
+    update_bytes: int  # one hospital's update (adapter + head), each way, per round
+    trainable_parameters: int
+    total_parameters: int
+    final_model: str
+    wall_seconds: float
+
+
+def append_round(out: Path, record: RoundRecord) -> None:
+    """One line, flushed at once: readers follow the file while the run goes."""
+    with (out / ROUNDS_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(record.model_dump_json() + "\n")
+        handle.flush()
+
+
+def read_rounds(out: Path) -> list[RoundRecord]:
+    """Every complete line of ``rounds.jsonl`` (a line still being written is left for later)."""
+    path = out / ROUNDS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(True), start=1):
+        if not line.endswith("\n"):
+            break
+        try:
+            records.append(RoundRecord.model_validate_json(line))
+        except ValidationError as error:
+            raise ValueError(f"{path}:{number}: not a round record: {error}") from None
+    return records
+
+
+def write_summary(out: Path, summary: RunSummary) -> Path:
+    path = out / SUMMARY_FILE
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(summary.model_dump_json(indent=2), encoding="utf-8")
+    temporary.replace(path)  # readers see a whole summary or none
+    return path
+
+
+def read_summary(out: Path) -> RunSummary | None:
+    path = out / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RunSummary.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, ValidationError) as error:
+        raise ValueError(f"{path}: not a run summary: {error}") from None
