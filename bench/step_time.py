@@ -14,10 +14,10 @@ import time
 
 import torch
 
+from federimed.config import resolve
 from federimed.data.records import Example
 from federimed.data.synth import SynthConfig, generate
 from federimed.model import build_classifier, load_tokenizer, quiet_libraries
-from federimed.runconfig import RunConfig
 from federimed.training import encode, predict_proba, train
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     quiet_libraries()
-    run = RunConfig(model=args.model)
+    run = resolve(flags={"model": args.model}).run
     dataset = generate(SynthConfig(hospitals=1, cases_per_hospital=300))
     tokenizer = load_tokenizer(args.model)
     train_cases = [Example(**row) for row in dataset.hospitals[0].train]
@@ -45,11 +45,18 @@ def main() -> None:
         started = time.perf_counter()
         predict_proba(model, test, torch.device("cpu"))
         per_100 = (time.perf_counter() - started) / len(test) * 100
-        print(json.dumps({
-            "model": args.model, "threads": threads, "batch_size": run.batch_size,
-            "max_length": run.max_length, "seconds_per_step": round(step, 3),
-            "seconds_per_100_test_cases": round(per_100, 3),
-        }))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "threads": threads,
+                    "batch_size": run.batch_size,
+                    "max_length": run.max_length,
+                    "seconds_per_step": round(step, 3),
+                    "seconds_per_100_test_cases": round(per_100, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

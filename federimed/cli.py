@@ -514,9 +514,12 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from federimed.data.records import DataError
-    from federimed.deploy.flower import DeploymentError
+    from federimed.deploy.flower import HARDENED_ENV, DeploymentError
     from federimed.deploy.processes import ProcessDied
 
+    os.environ.update(HARDENED_ENV)  # this process and all it starts: no telemetry
+    # Offline like a hospital; HF_HUB_OFFLINE=0 lets `--model <hub id>` download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)

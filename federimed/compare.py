@@ -118,4 +118,3 @@ class Comparison:
 
     def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         return score(model, self.test, self.labels, self.unseen)
-

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from federimed.deploy.flower import HARDENED_ENV
+
+os.environ.update(HARDENED_ENV)
+# Tests never reach a model hub: fail at once instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -3,15 +3,16 @@
 Brings up a Docker engine where none runs (tests/containers/engine.sh), builds the three
 images on a locally made Debian base with the CPU torch wheel from wheelhouse/ and this host's
 CA and package index (tests/containers/prepare_build.py), starts compose.yaml (+ compose.cpu.yaml)
-and checks that the demo run finished its rounds with all three hospitals, saved the model on
-the `runs` volume, and that the deployment keeps its promises (non-root, networks, secrets).
+and checks that the demo run finished its rounds with all three hospitals, saved its run record
+(rounds.jsonl, summary.json) and the model on the `runs` volume, and that the deployment
+keeps its promises (non-root, networks, secrets).
 Everything is torn down afterwards; images and the layer cache stay for the next run.
 
     tests/containers/run.sh          # = make test-containers; needs root (dockerd, apt-get)
 
 Settings (env): FEDERIMED_TEST_ROUNDS (2), FEDERIMED_TEST_LOCAL_STEPS (3),
 FEDERIMED_TEST_KEEP=1 (leave the stack up for debugging), FEDERIMED_TEST_ARTIFACTS (folder for
-compose logs and metrics.json; default runs/containers-test).
+compose logs, rounds.jsonl and summary.json; default runs/containers-test).
 """
 
 from __future__ import annotations
@@ -238,20 +239,27 @@ def test_demo_run_completes_with_three_hospitals(stack):
     assert "Strategy execution finished" in submit_log, f"run did not finish:\n{_tail(stack)}"
 
 
-def test_model_and_metrics_land_on_runs_volume(stack, tmp_path):
+def test_model_and_run_record_land_on_runs_volume(stack, tmp_path):
     stack.compose("cp", "serverapp:/runs/.", str(tmp_path))
-    metrics_files = list(tmp_path.glob("*/metrics.json"))
-    assert len(metrics_files) == 1, f"runs volume: {sorted(map(str, tmp_path.rglob('*')))}"
-    run_dir = metrics_files[0].parent
-    metrics = json.loads(metrics_files[0].read_text())
-    (ARTIFACTS / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    rounds = metrics["rounds"]
-    assert sorted(rounds, key=int) == [str(k) for k in range(1, ROUNDS + 1)]
-    for k, entry in rounds.items():
-        assert sorted(entry["train"]) == list(HOSPITALS), f"round {k}: {entry['train']}"
-        assert sorted(entry["evaluate"]) == list(HOSPITALS), f"round {k}: {entry['evaluate']}"
-    assert metrics["run_config"]["num_server_rounds"] == ROUNDS
-    assert metrics["run_config"]["local_steps"] == LOCAL_STEPS
+    summaries = list(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 1, f"runs volume: {sorted(map(str, tmp_path.rglob('*')))}"
+    run_dir = summaries[0].parent
+    summary = json.loads(summaries[0].read_text())
+    rounds_text = (run_dir / "rounds.jsonl").read_text()
+    (ARTIFACTS / "summary.json").write_text(json.dumps(summary, indent=2))
+    (ARTIFACTS / "rounds.jsonl").write_text(rounds_text)
+    rounds = [json.loads(line) for line in rounds_text.splitlines() if line.strip()]
+    assert sorted(r["round"] for r in rounds) == list(range(1, ROUNDS + 1)), rounds_text
+    for entry in rounds:
+        k = entry["round"]
+        assert sorted(entry["participants"]) == list(HOSPITALS), f"round {k}: {entry}"
+        assert sorted(entry["traffic"]) == list(HOSPITALS), f"round {k}: {entry['traffic']}"
+        for hospital, traffic in entry["traffic"].items():
+            assert traffic["bytes_down"] > 0 and traffic["bytes_up"] > 0, (k, hospital, traffic)
+    assert summary["status"] == "completed", summary
+    assert summary["rounds_completed"] == ROUNDS
+    assert summary["run_config"]["num-server-rounds"] == ROUNDS
+    assert summary["run_config"]["local-steps"] == LOCAL_STEPS
     adapters = list((run_dir / "final").rglob("adapter_model.safetensors"))
     assert adapters and adapters[0].stat().st_size > 0, sorted(map(str, run_dir.rglob("*")))
     assert (adapters[0].parent / "adapter_config.json").is_file()

@@ -13,101 +13,145 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
+import psutil
 import pytest
 from conftest import plant_marker
 
-from federimed.demo import find_app_dir
+from federimed.cli import main
+from federimed.config import find_app_dir
 from federimed.deploy.certs import ensure_certs, node_key_path
-from federimed.deploy.flower import flower_env, supernode_argv
-from federimed.deploy.local import LocalFederation, free_port
+from federimed.deploy.flower import flower_env, run_flwr, supernode_argv
+from federimed.deploy.local import CONNECTION, STATE_FILE, RunningFederation, free_port
 from federimed.deploy.processes import ProcessGroup
+from federimed.runrecord import read_rounds, read_summary
+from federimed.settings import SuperNodeSettings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 MARKER = f"MARKER-{uuid.uuid4().hex}"
 ROUNDS = 3
+# The app's own default, changed in a copy of the app: the run must use it unasked.
+CHANGED_DEFAULT = ("local-steps", 15, 10)
+
+
+def _processes_using(folder) -> set[int]:
+    return {
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if str(folder) in " ".join(p.info["cmdline"] or [])
+    }
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, synth_data):
+    """One federation for the module, started and stopped with `federimed up` / `down`."""
     root = tmp_path_factory.mktemp("federation")
     data = root / "data"
     shutil.copytree(synth_data, data)
     plant_marker(data / "hospital-1", MARKER)
     certs = root / "certs"
     ensure_certs(certs, [*HOSPITALS, "intruder"])
-    local = LocalFederation(
-        workdir=root,
-        certs=certs,
-        hospitals={h: data / h for h in HOSPITALS},
-        port=free_port(),
-        client_threads=1,
-    )
-    local.env = {**flower_env(), "FLWR_HOME": str(local.flwr_home)}
-    with ProcessGroup(root / "logs") as group:
-        local.start_superlink(group)
-        local.enroll_nodes()
-        local.start_supernodes(group)
-        local.wait_for_nodes(group)
-        yield local, group, data
+    assert main(["up", "--out", str(root), "--data", str(data), "--certs", str(certs)]) == 0
+    try:
+        with ProcessGroup(root / "logs") as rogues:
+            yield RunningFederation.attach(root), rogues, data
+    finally:
+        if (root / STATE_FILE).exists():
+            main(["down", "--out", str(root)])
+
+
+def _submit(running, *args: str) -> int:
+    """`federimed submit --out` as a user runs it; the id of the run it started."""
+    before = {run["run_id"] for run in running.status()["runs"]}
+    assert main(["submit", "--out", str(running.workdir), *args]) == 0
+    (run_id,) = {run["run_id"] for run in running.status()["runs"]} - before
+    return run_id
 
 
 @pytest.fixture(scope="module")
-def finished_run(federation):
-    local, group, data = federation
-    output = local.workdir / "runs"
-    run_id = local.submit(
-        find_app_dir(None),
-        {
-            "model": "minilm",
-            "num-server-rounds": ROUNDS,
-            "local-steps": 10,
-            "min-nodes": 3,
-            "max-length": 64,
-            "test-path": str(data / "test.jsonl"),
-            "output-dir": str(output),
-            "audit-messages": True,
-            "fraction-evaluate": 1.0,
-        },
+def changed_app(tmp_path_factory):
+    """A copy of the app whose pyproject.toml has one default changed."""
+    root, app = find_app_dir(), tmp_path_factory.mktemp("app")
+    key, old, new = CHANGED_DEFAULT
+    pyproject = (root / "pyproject.toml").read_text()
+    assert f"\n{key} = {old}\n" in pyproject
+    (app / "pyproject.toml").write_text(
+        pyproject.replace(f"\n{key} = {old}\n", f"\n{key} = {new}\n")
     )
-    metrics_file = output / str(run_id) / "metrics.json"
-    status = local.wait_for_run(run_id, group, timeout=900, done=metrics_file.exists)
-    return run_id, status, output / str(run_id)
+    for package in ("federimed", "server_app", "client_app"):
+        shutil.copytree(root / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return app
+
+
+@pytest.fixture(scope="module")
+def finished_run(federation, changed_app):
+    running, _, data = federation
+    run_config = (
+        'model="minilm" max-length=64 audit-messages=true fraction-evaluate=1.0 '
+        f'num-server-rounds={ROUNDS} min-nodes=3 test-path="{data / "test.jsonl"}"'
+    )
+    run_id = _submit(running, "--app", str(changed_app), "--run-config", run_config)
+    run_out = running.workdir / "flower" / str(run_id)
+    status = running.wait_for_run(run_id, timeout=900, done=(run_out / "summary.json").exists)
+    return run_id, status, run_out
+
+
+def test_up_status_reports_every_process_and_the_run(federation, finished_run, capsys):
+    running, _, _ = federation
+    run_id, _, _ = finished_run
+    assert main(["status", "--out", str(running.workdir), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    roles = sorted((p["role"], p["hospital"] or "") for p in report["processes"])
+    assert roles == [("superlink", ""), *[("supernode", h) for h in HOSPITALS]]
+    assert all(p["alive"] and p["pid"] > 0 and p["address"] for p in report["processes"])
+    assert report["tls"] is True and report["node_auth"] is True
+    (entry,) = [r for r in report["runs"] if r["run_id"] == run_id]
+    assert entry["status"] == "finished:completed" and entry["rounds_completed"] == ROUNDS
 
 
 def test_federation_with_tls_and_node_auth_completes_and_saves_a_model(finished_run):
     _, status, out = finished_run
     assert status["status"] == "finished:completed"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert sorted(metrics["rounds"]) == [str(r) for r in range(1, ROUNDS + 1)]
-    for entry in metrics["rounds"].values():
-        assert sorted(entry["train"]) == HOSPITALS
-        assert sorted(entry["evaluate"]) == HOSPITALS
+    rounds = read_rounds(out)
+    assert [r.round for r in rounds] == list(range(1, ROUNDS + 1))
+    for record in rounds:
+        assert record.participants == HOSPITALS and record.dropped == []
+        assert sorted(record.evaluate) == HOSPITALS
+        assert all(t.bytes_up > 0 and t.bytes_down > 0 for t in record.traffic.values())
     assert (out / "final" / "config.json").is_file()
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "checkpoints" / f"round-{ROUNDS}" / "adapter_model.safetensors").is_file()
 
 
+def test_a_default_changed_in_pyproject_reaches_the_run(finished_run):
+    """Nothing but the app's own table said local-steps=10: the run used it."""
+    _, _, out = finished_run
+    key, _, new = CHANGED_DEFAULT
+    assert read_summary(out).run_config[key] == new
+
+
 def test_global_model_improves_over_rounds(finished_run):
     _, _, out = finished_run
-    server = json.loads((out / "metrics.json").read_text())["server_evaluation"]
-    first, last = server["0"], server[str(ROUNDS)]
-    assert last["loss"] < first["loss"] - 0.2
-    assert last["accuracy"] > first["accuracy"] + 0.1
+    summary = read_summary(out)
+    first, last = summary.initial_test, summary.final_test
+    assert last.loss < first.loss - 0.2
+    assert last.accuracy > first.accuracy + 0.1
+    assert read_rounds(out)[-1].test == last
 
 
 def test_no_training_text_reaches_the_server(finished_run, federation):
     """Every reply the server received, byte for byte, and the SuperLink's whole state."""
-    local, _, _ = federation
+    running, _, _ = federation
     _, _, out = finished_run
     replies = sorted((out / "audit").glob("*.bin"))
     from_marked = [p for p in replies if "hospital-1" in p.name]
     assert len(from_marked) == 2 * ROUNDS  # a train and an evaluate reply each round
     for path in replies:
         assert MARKER.encode() not in path.read_bytes(), path
-    state = local.workdir / "state" / "superlink.db"
+    state = running.workdir / "state" / "superlink.db"
     with sqlite3.connect(state) as db:
         dump = "\n".join(db.iterdump())
     assert "INSERT INTO" in dump  # the SuperLink really persisted this federation's state
@@ -116,16 +160,57 @@ def test_no_training_text_reaches_the_server(finished_run, federation):
         assert MARKER.encode() not in path.read_bytes(), path
 
 
-def _start_node(local, group, name, key_owner, ca_cert, data, extra=()):
-    settings = local.node_settings(name, data, free_port())
-    settings = settings.model_copy(
-        update={
-            "private_key": node_key_path(local.certs, key_owner),
-            "ca_cert": ca_cert,
-        }
+def _serverapp_processes(running) -> list[psutil.Process]:
+    link = psutil.Process(running.state.processes[0].pid)
+    return [
+        p
+        for p in link.children(recursive=True)
+        if any(Path(arg).name == "flwr-serverapp" for arg in p.cmdline()[:2])
+    ]
+
+
+def test_rounds_are_recorded_as_they_end_and_survive_a_serverapp_crash(
+    federation, finished_run, tiny_model
+):
+    """Round 1's line is on disk while the run goes on; SIGKILL the ServerApp: it stays."""
+    running, _, data = federation
+    run_config = (
+        f'model="{tiny_model}" max-length=32 local-steps=2 num-server-rounds=50 min-nodes=3 '
+        f'test-path="{data / "test.jsonl"}"'
     )
-    argv = [*supernode_argv(settings), "--max-retries", "2", "--max-wait-time", "20", *extra]
-    return group.start(f"rogue-{name}", argv, local.env)
+    run_id = _submit(running, "--run-config", run_config)
+    run_out = running.workdir / "flower" / str(run_id)
+    deadline = time.monotonic() + 300
+    while not read_rounds(run_out) and time.monotonic() < deadline:
+        running.check_alive()
+        time.sleep(0.5)
+    assert read_rounds(run_out), "no round was recorded in 300 s"
+    servers = _serverapp_processes(running)
+    assert servers, "the run's ServerApp process was not found"
+    for process in servers:
+        process.kill()
+    psutil.wait_procs(servers, timeout=10)
+    rounds = read_rounds(run_out)
+    assert rounds[0].round == 1 and rounds[0].participants == HOSPITALS
+    assert len(rounds) < 50 and read_summary(run_out) is None
+    run_flwr(["stop", str(run_id), CONNECTION], running.flwr_home)
+
+
+def _node_settings(running, name, key_owner, ca_cert, data) -> SuperNodeSettings:
+    certs = running.workdir / "certs"
+    return SuperNodeSettings(
+        name=name,
+        superlink=running.address,
+        ca_cert=ca_cert or certs / "ca.crt",
+        private_key=node_key_path(certs, key_owner),
+        data_path=data,
+        runtime_port=free_port(),
+    )
+
+
+def _start_node(running, rogues, settings):
+    argv = [*supernode_argv(settings), "--max-retries", "2", "--max-wait-time", "20"]
+    return rogues.start(f"rogue-{settings.name}", argv, flower_env())
 
 
 def _outcome(member, seconds: float = 60) -> tuple[int | None, str]:
@@ -136,43 +221,39 @@ def _outcome(member, seconds: float = 60) -> tuple[int | None, str]:
     return code, member.log.read_text(errors="replace")
 
 
-def _online_count(local) -> int:
-    from federimed.deploy.flower import run_flwr
-
-    out = run_flwr(["supernode", "list", "federimed-local", "--format", "json"], local.flwr_home)
+def _online_count(running) -> int:
+    out = run_flwr(["supernode", "list", CONNECTION, "--format", "json"], running.flwr_home)
     return sum(n.get("status") == "online" for n in json.loads(out)["nodes"])
 
 
 def test_unenrolled_supernode_is_refused(federation):
-    local, group, data = federation
-    member = _start_node(
-        local, group, "intruder", "intruder", local.certs / "ca.crt", data / "hospital-2"
-    )
-    code, log = _outcome(member)
+    running, rogues, data = federation
+    settings = _node_settings(running, "intruder", "intruder", None, data / "hospital-2")
+    code, log = _outcome(_start_node(running, rogues, settings))
     assert code not in (None, 0), log
-    assert _online_count(local) == len(HOSPITALS)
+    assert _online_count(running) == len(HOSPITALS)
 
 
 def test_supernode_that_does_not_trust_the_ca_cannot_connect(federation, tmp_path):
-    local, group, data = federation
+    running, rogues, data = federation
     other = tmp_path / "other-ca"
     ensure_certs(other, [])
-    member = _start_node(
-        local, group, "wrong-ca", "hospital-2", other / "ca.crt", data / "hospital-2"
+    settings = _node_settings(
+        running, "wrong-ca", "hospital-2", other / "ca.crt", data / "hospital-2"
     )
-    code, log = _outcome(member)
+    code, log = _outcome(_start_node(running, rogues, settings))
     assert code not in (None, 0), log
     assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log.lower()
 
 
 def test_plaintext_supernode_cannot_connect(federation):
-    local, group, data = federation
-    settings = local.node_settings("hospital-2", data / "hospital-2", free_port())
+    running, rogues, data = federation
+    settings = _node_settings(running, "plaintext", "hospital-2", None, data / "hospital-2")
     argv = supernode_argv(settings)
     ca_index = argv.index("--root-certificates")
     del argv[ca_index : ca_index + 2]
     argv += ["--insecure", "--max-retries", "2", "--max-wait-time", "20"]
-    member = group.start("rogue-plaintext", argv, local.env)
+    member = rogues.start("rogue-plaintext", argv, flower_env())
     started = time.monotonic()
     code, log = _outcome(member)
     assert code not in (None, 0), log
@@ -182,16 +263,14 @@ def test_plaintext_supernode_cannot_connect(federation):
 def test_submit_stream_exits_nonzero_when_the_run_fails(federation, tmp_path, capsys):
     """`federimed submit --stream` is what compose's one-shot runs: its exit code is the
     run's outcome, so a failed run must not look like success to the operator."""
-    from federimed.cli import main
-
-    local, _, _ = federation
+    running, _, _ = federation
     code = main(
         [
             "submit",
             "--superlink",
-            local.address,
+            running.address,
             "--ca-cert",
-            str(local.certs / "ca.crt"),
+            running.state.ca_cert,
             "--flwr-home",
             str(tmp_path / "flwr-home"),
             "--stream",
@@ -202,3 +281,18 @@ def test_submit_stream_exits_nonzero_when_the_run_fails(federation, tmp_path, ca
     captured = capsys.readouterr()
     assert code == 1, captured.out
     assert "ended as finished:failed" in captured.err
+
+
+def test_down_stops_every_process_and_a_second_down_says_there_is_nothing(federation, capsys):
+    """Last in this module: `down` against the federation that ran everything above."""
+    running, _, _ = federation
+    pids = [r.pid for r in running.state.processes]
+    assert main(["down", "--out", str(running.workdir)]) == 0
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
+    )
+    assert _processes_using(running.workdir / "certs") == set()
+    assert not (running.workdir / STATE_FILE).exists()
+    capsys.readouterr()
+    assert main(["status", "--out", str(running.workdir)]) == 2
+    assert "no federation here" in capsys.readouterr().err
