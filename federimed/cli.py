@@ -160,19 +160,21 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection(args: argparse.Namespace) -> tuple[Path, str]:
-    """The private FLWR_HOME and connection name: from `up`'s record or from the flags."""
+def _connection(args: argparse.Namespace) -> tuple[Path, str, dict]:
+    """The private FLWR_HOME, connection name and deployment's run overrides: from `up`'s
+    record, or from the flags (a remote SuperLink, whose deployment we know nothing of)."""
     if args.out is not None:
         from federimed.deploy.local import CONNECTION as LOCAL
         from federimed.deploy.local import RunningFederation
 
-        return RunningFederation.attach(args.out).flwr_home, LOCAL
+        running = RunningFederation.attach(args.out)
+        return running.flwr_home, LOCAL, running.run_overrides()
     if not (args.superlink and args.ca_cert):
         raise UserError(
             "submit needs --out DIR (a federation from `federimed up`) or both "
             "--superlink HOST:PORT and --ca-cert FILE"
         )
-    return _flwr_home(args), CONNECTION
+    return _flwr_home(args), CONNECTION, {}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -181,9 +183,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from federimed.config import find_app_dir, resolve, to_toml_pairs
     from federimed.deploy.flower import COMPLETED, log_stream_argv, run_status, submit_run
 
-    home, connection = _connection(args)
-    flags = {"output-dir": str(Path(args.out).resolve() / "flower")} if args.out else {}
-    effective = resolve(app_dir=args.app, run_config=args.run_config or "", flags=flags)
+    home, connection, deployment = _connection(args)
+    effective = resolve(app_dir=args.app, run_config=args.run_config or "", deployment=deployment)
     app = find_app_dir(args.app)
     run_id = submit_run(home, connection, app, to_toml_pairs(effective.overrides))
     print(f"submitted Flower run {run_id}", flush=True)
@@ -210,8 +211,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         workdir=out,
         certs=args.certs or out / "certs",
         hospitals=federation.hospitals,
+        test_path=federation.test_path,
         netns_mode=args.netns,
         say=print,
+        detached=True,
     ).start()
     state = running.state
     print(
@@ -261,8 +264,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     from federimed.config import resolve
+    from federimed.deploy.local import RunningFederation
 
-    effective = resolve(app_dir=args.app, run_config=args.run_config or "")
+    deployment = RunningFederation.attach(args.out).run_overrides() if args.out else {}
+    effective = resolve(app_dir=args.app, run_config=args.run_config or "", deployment=deployment)
     print(effective.to_json() if args.format == "json" else effective.to_text())
     return 0
 
@@ -404,10 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the effective run config and where each value came from",
         description="Defaults come from the app's pyproject.toml [tool.flwr.app.config]; "
         "FEDERIMED_RUN_<KEY> environment variables override them (source 'env'), "
-        "--run-config overrides both (source 'flag'). "
+        "--run-config overrides both (source 'flag'); with --out, what that local "
+        "federation sets for its runs comes between defaults and env (source 'deployment'). "
         f"Strategies: {', '.join(STRATEGIES)}.",
     )
     _run_config_args(show)
+    _out_arg(show, required=False)
     show.add_argument("--format", choices=["text", "json"], default="text")
     show.set_defaults(func=cmd_config_show)
 
@@ -508,6 +515,11 @@ class UserError(Exception):
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM: remember the request (every wait loop checks it within a second,
+    even if a library swallows the exception) and interrupt what runs now."""
+    from federimed.deploy.processes import request_stop
+
+    request_stop()
     raise KeyboardInterrupt
 
 
@@ -515,12 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from federimed.data.records import DataError
     from federimed.deploy.flower import HARDENED_ENV, DeploymentError
-    from federimed.deploy.processes import ProcessDied
+    from federimed.deploy.processes import ProcessDied, clear_stop
 
     os.environ.update(HARDENED_ENV)  # this process and all it starts: no telemetry
     # Offline like a hospital; HF_HUB_OFFLINE=0 lets `--model <hub id>` download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    clear_stop()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -544,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _debug(args: argparse.Namespace) -> None:

@@ -4,8 +4,9 @@ Three layers, later ones winning: ``default`` (the app's ``[tool.flwr.app.config
 place defaults are written), ``env`` (``FEDERIMED_RUN_<KEY>``, e.g.
 ``FEDERIMED_RUN_NUM_SERVER_ROUNDS=2``, or several in ``FEDERIMED_RUN_CONFIG='k=v ...'``, which
 the single-key variables override) and ``flag`` (``--run-config 'key=value ...'`` and the
-named flags such as ``--rounds``).  Only the env and flag layers are sent to Flower as
-overrides; Flower itself supplies the defaults to the apps from the same table.
+named flags such as ``--rounds``).  A local federation adds a ``deployment`` layer between
+defaults and env (its hospitals, test set and output folder).  Only what is not a default is
+sent to Flower as overrides; Flower supplies the defaults to the apps from the same table.
 """
 
 from __future__ import annotations
@@ -131,11 +132,14 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
     run_config: str = "",
     environ: Mapping[str, str] | None = None,
+    deployment: Mapping[str, Any] | None = None,
 ) -> EffectiveConfig:
-    """Defaults, then env, then flags (``flags`` and the ``--run-config`` text); validated."""
+    """Defaults, then what the deployment decides (e.g. the local federation's test set),
+    then env, then flags (``flags`` and the ``--run-config`` text); validated."""
     values = app_defaults(find_app_dir(app_dir))
     sources = dict.fromkeys(values, "default")
     layers = (
+        ("deployment", dict(deployment or {})),
         ("env", env_overrides(os.environ if environ is None else environ)),
         ("flag", parse_pairs(run_config)),
         ("flag", {k: v for k, v in (flags or {}).items() if v is not None}),

@@ -17,9 +17,9 @@ from federimed.compare import Comparison, Federation
 from federimed.config import find_app_dir, resolve
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy.flower import COMPLETED
-from federimed.deploy.local import FederationState, LocalFederation
+from federimed.deploy.local import FederationState, LocalFederation, deployment_overrides
 from federimed.model import load_for_inference
-from federimed.report import write_report
+from federimed.report import methods_in, write_report
 from federimed.runconfig import RunConfig
 from federimed.runrecord import (
     SUMMARY_FILE,
@@ -105,6 +105,7 @@ def run_federation(
         workdir=options.out,
         certs=options.certs,
         hospitals=federation.hospitals,
+        test_path=federation.test_path,
         netns_mode=options.netns,
         say=say,
     )
@@ -146,16 +147,13 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     seed = resolve(app_dir=options.app_dir, run_config=options.run_config, flags=options.run_flags)
     data = _prepare_data(options, seed.run.seed, say)
     federation = Federation.from_folder(data)
-    # What this deployment decides (the rest is the run config's defaults or the user's flags).
-    deployment = {
-        "min-nodes": len(federation.hospitals),
-        "test-path": str(federation.test_path.resolve()),
-        "output-dir": str(out / "flower"),
-    }
     effective = resolve(
         app_dir=options.app_dir,
         run_config=options.run_config,
-        flags={**deployment, **options.run_flags},
+        flags=options.run_flags,
+        deployment=deployment_overrides(
+            out, len(federation.hospitals), federation.test_path.resolve()
+        ),
     )
     run = effective.run
     t0 = time.monotonic()
@@ -237,9 +235,7 @@ def build_report(
 def summary_table(report: dict[str, Any]) -> str:
     rows = ["", f"{'hospital':<12} {'method':<12} {'accuracy':>9} {'macro-F1':>9} {'unseen':>8}"]
     for name, hospital in report["hospitals"].items():
-        for method in ("federated", "local", "centralized"):
-            if method not in hospital:
-                continue
+        for method in methods_in(report):
             m = hospital[method]
             rows.append(
                 f"{name:<12} {method:<12} {m['accuracy']:>9.3f} {m['macro_f1']:>9.3f} "

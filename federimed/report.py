@@ -15,6 +15,12 @@ import matplotlib.pyplot as plt
 METHODS = ("federated", "local", "centralized")
 
 
+def methods_in(report: dict[str, Any]) -> list[str]:
+    """The methods this report has results for (``--no-baselines``: federated only)."""
+    first = next(iter(report["hospitals"].values()), {})
+    return [method for method in METHODS if method in first]
+
+
 def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -75,14 +81,15 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
     """Federated vs local vs centralized, per hospital: all conditions and unseen ones."""
     hospitals = list(report["hospitals"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    width = 0.8 / len(METHODS)
+    methods = methods_in(report)
+    width = 0.8 / len(methods)
     for ax, key, title in (
         (axes[0], "accuracy", "All conditions (test accuracy)"),
         (axes[1], "unseen_accuracy", "Conditions the hospital never saw"),
     ):
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(methods):
             values = [report["hospitals"][h][method].get(key, float("nan")) for h in hospitals]
-            xs = [j + (i - 1) * width for j in range(len(hospitals))]
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(hospitals))]
             ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, label=method)
         ax.set_xticks(range(len(hospitals)), hospitals)
         ax.set(title=title, ylim=(0, 1))
@@ -108,7 +115,7 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "|---|---|---|---|---|---|---|",
     ]
     for name, hospital in report["hospitals"].items():
-        for method in METHODS:
+        for method in methods_in(report):
             m = hospital[method]
             lines.append(
                 f"| {name} | {hospital['train_cases']} | {len(hospital['unseen_conditions'])} "

@@ -9,13 +9,15 @@ bounds only, never a default: a key missing here is a key missing from the app's
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from federimed.data.records import labels_from_config
-from federimed.model import LoraSettings
-from federimed.training import TrainSettings
+
+if TYPE_CHECKING:  # torch stays out of the CLI, which the SuperLink/SuperNode images run
+    from federimed.model import LoraSettings
+    from federimed.training import TrainSettings
 
 # The one list of aggregation strategies: the CLI's choices and the server's factory use it.
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
@@ -83,11 +85,15 @@ class RunConfig(BaseModel):
 
     @property
     def lora(self) -> LoraSettings:
+        from federimed.model import LoraSettings
+
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
 
     def train_settings(
         self, steps: int | None = None, seed: int = 0, proximal_mu: float = 0.0
     ) -> TrainSettings:
+        from federimed.training import TrainSettings
+
         return TrainSettings(
             steps=steps or self.local_steps,
             batch_size=self.batch_size,

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 from federimed.deploy.flower import HARDENED_ENV
@@ -70,3 +71,13 @@ def make_run(**overrides):
 
     flags = {key.replace("_", "-"): value for key, value in overrides.items()}
     return resolve(flags=flags, environ={}).run
+
+
+def processes_using(folder) -> list[str]:
+    """Processes whose command line names ``folder`` (a test's certificates or output)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(folder) in cmdline:
+            found.append(f"{proc.info['pid']}: {cmdline[:200]}")
+    return found

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,18 @@ def test_bad_keys_and_values_are_refused_by_name(args, env, named, capsys, monke
     assert named in captured.err and "Traceback" not in captured.err
 
 
+def test_the_deployment_layer_sits_between_defaults_and_env():
+    from federimed.config import resolve
+
+    deployment = {"min-nodes": 3, "test-path": "/data/test.jsonl"}
+    effective = resolve(deployment=deployment, environ={"FEDERIMED_RUN_MIN_NODES": "2"})
+    assert effective.sources["min-nodes"] == "env" and effective.run.min_nodes == 2
+    assert effective.sources["test-path"] == "deployment"
+    assert effective.overrides == {"min-nodes": 2, "test-path": "/data/test.jsonl"}
+    flagged = resolve(deployment=deployment, run_config="min-nodes=1", environ={})
+    assert flagged.run.min_nodes == 1
+
+
 def test_debug_shows_the_traceback(capsys):
     assert main(["--debug", "config", "show", "--run-config", "rounds=3"]) == 2
     assert "Traceback" in capsys.readouterr().err
@@ -106,3 +120,15 @@ def test_fixed_environment_has_one_definition_for_local_processes():
     env = flower_env({"PATH": "/usr/bin", "FLWR_TELEMETRY_ENABLED": "1"})
     assert {k: env[k] for k in HARDENED_ENV} == HARDENED_ENV
     assert Path(shutil.which("flwr", path=env["PATH"]) or "").name == "flwr"
+
+
+def test_the_cli_and_the_run_config_need_no_ml_stack():
+    """The SuperLink and SuperNode images run `federimed` without torch or transformers."""
+    probe = (
+        "import sys; from federimed.cli import build_parser; from federimed.config import resolve;"
+        "build_parser(); resolve(environ={});"
+        "heavy = sorted({'torch', 'transformers', 'peft', 'datasets'} & set(sys.modules));"
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

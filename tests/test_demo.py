@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import json
 
-import psutil
 import pytest
+from conftest import processes_using
 
 from federimed.cli import main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _processes_using(folder) -> set[int]:
-    """Processes started for this test: their command lines name its certificates or output.
-
-    (Their `flwr-*app` children are started with --parent-pid and end with them.)
-    """
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if str(folder) in " ".join(proc.info["cmdline"] or []):
-            found.add(proc.info["pid"])
-    return found
 
 
 def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_model, capsys):
@@ -70,7 +58,7 @@ def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_mod
     printed = capsys.readouterr().out
     assert "submitted Flower run" in printed and "federated" in printed
     assert report["network"]["mode"] in ("loopback", "network namespaces")
-    assert _processes_using(tmp_path) == set()  # nothing left running
+    assert processes_using(tmp_path) == []  # nothing left running
 
 
 def test_demo_failure_names_the_problem_and_leaves_nothing_behind(tmp_path, capsys):
@@ -90,43 +78,4 @@ def test_demo_failure_names_the_problem_and_leaves_nothing_behind(tmp_path, caps
     )
     assert code == 2
     assert "test.jsonl" in capsys.readouterr().err
-    assert _processes_using(tmp_path) == set()
-
-
-def test_ctrl_c_stops_every_process(tmp_path, tiny_model):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "federimed.cli",
-            "demo",
-            "--out",
-            str(out),
-            "--hospitals",
-            "2",
-            "--model",
-            tiny_model,
-            "--certs",
-            str(tmp_path / "certs"),
-            "--cases-per-hospital",
-            "120",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not list((out / "logs").glob("supernode-*.log")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_using(tmp_path) - {proc.pid}, "the federation never started"
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
-    assert "interrupted; all processes were stopped" in output
-    assert _processes_using(tmp_path) == set()
+    assert processes_using(tmp_path) == []

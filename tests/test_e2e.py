@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import plant_marker
+from conftest import plant_marker, processes_using
 
 from federimed.cli import main
 from federimed.config import find_app_dir
@@ -35,14 +35,6 @@ MARKER = f"MARKER-{uuid.uuid4().hex}"
 ROUNDS = 3
 # The app's own default, changed in a copy of the app: the run must use it unasked.
 CHANGED_DEFAULT = ("local-steps", 15, 10)
-
-
-def _processes_using(folder) -> set[int]:
-    return {
-        p.info["pid"]
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if str(folder) in " ".join(p.info["cmdline"] or [])
-    }
 
 
 @pytest.fixture(scope="module")
@@ -283,15 +275,28 @@ def test_submit_stream_exits_nonzero_when_the_run_fails(federation, tmp_path, ca
     assert "ended as finished:failed" in captured.err
 
 
-def test_down_stops_every_process_and_a_second_down_says_there_is_nothing(federation, capsys):
-    """Last in this module: `down` against the federation that ran everything above."""
-    running, _, _ = federation
-    pids = [r.pid for r in running.state.processes]
-    assert main(["down", "--out", str(running.workdir)]) == 0
-    assert not any(
-        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_down_mid_run_stops_every_process(federation, tiny_model, capsys):
+    """Last in this module: `down` while a run is training, then nothing is left."""
+    running, _, data = federation
+    run_config = (
+        f'model="{tiny_model}" max-length=32 local-steps=2 num-server-rounds=50 min-nodes=3 '
+        f'test-path="{data / "test.jsonl"}"'
     )
-    assert _processes_using(running.workdir / "certs") == set()
+    run_out = running.workdir / "flower" / str(_submit(running, "--run-config", run_config))
+    deadline = time.monotonic() + 300
+    while not read_rounds(run_out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert read_rounds(run_out), "the run never got going"
+    started = [psutil.Process(r.pid) for r in running.state.processes]
+    started += [child for p in started for child in p.children(recursive=True)]
+    assert len(started) > len(HOSPITALS) + 1  # the run's app processes too
+    assert main(["down", "--out", str(running.workdir)]) == 0
+    assert _alive(started) == []
+    assert processes_using(running.workdir / "certs") == []
     assert not (running.workdir / STATE_FILE).exists()
     capsys.readouterr()
     assert main(["status", "--out", str(running.workdir)]) == 2

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_run
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from federimed.data.records import load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
@@ -111,6 +112,7 @@ class _Grid:
 
 
 def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp
     strategy = make_strategy(make_run(min_nodes=3), RoundRecorder(tmp_path, audit=True))
     arrays = ArrayRecord({"w": torch.zeros(10)})
     sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _Grid()))

@@ -42,7 +42,7 @@ from federimed.deploy.flower import (
     supernode_argv,
     write_flwr_home,
 )
-from federimed.deploy.processes import ProcessGroup, tail, wait_until
+from federimed.deploy.processes import ProcessGroup, nap, tail, wait_until
 from federimed.runrecord import read_rounds
 from federimed.settings import SuperLinkSettings, SuperNodeSettings
 
@@ -79,6 +79,26 @@ def use_namespaces(choice: str) -> bool:
     return False
 
 
+def deployment_overrides(
+    workdir: Path, hospitals: int, test_path: Path | str | None
+) -> dict[str, Any]:
+    """What a local federation decides for its runs: every hospital takes part, its test set,
+    outputs in its work folder (where ``status`` reads the rounds)."""
+    overrides: dict[str, Any] = {"min-nodes": hospitals, "output-dir": str(workdir / "flower")}
+    if test_path:
+        overrides["test-path"] = str(test_path)
+    return overrides
+
+
+def refusal_in_log(log: str) -> str | None:
+    """The refusal a SuperNode's log names (Flower 1.42's messages), if any."""
+    if "CERTIFICATE_VERIFY_FAILED" in log or "SSL/TLS handshake error" in log:
+        return "TLS refused: the SuperNode does not trust the SuperLink's certificate"
+    if "Failed to activate SuperNode" in log:
+        return "enrolment refused: its public key is not registered with the SuperLink"
+    return None
+
+
 class ProcessRecord(BaseModel):
     role: str  # "superlink" or "supernode"
     hospital: str | None
@@ -101,6 +121,7 @@ class FederationState(BaseModel):
     network: str  # "loopback" or "network namespaces"
     bridge: str | None
     hospitals: dict[str, str]  # hospital -> its address
+    test_path: str | None  # the common test set the consortium scores runs on
     processes: list[ProcessRecord]
 
 
@@ -130,9 +151,14 @@ def _group_members(record: ProcessRecord) -> list[psutil.Process]:
 
 
 def _stop_record(record: ProcessRecord, grace: float = 10.0) -> None:
-    """SIGTERM the process group, SIGKILL what is left; a group whose leader died is still
+    """SIGTERM the process, its descendants (Flower starts app processes in sessions of their
+    own) and its process group, then SIGKILL what is left; a group whose leader died is still
     searched, so ``down`` after a crash leaves no orphaned app process behind."""
     members = _group_members(record)
+    leader = _same_process(record)
+    if leader is not None:
+        with contextlib.suppress(psutil.Error):
+            members += [p for p in leader.children(recursive=True) if p not in members]
     for process in members:
         with contextlib.suppress(psutil.Error):
             process.send_signal(signal.SIGTERM)
@@ -165,6 +191,9 @@ class RunningFederation:
     @property
     def address(self) -> str:
         return self.state.superlink
+
+    def run_overrides(self) -> dict[str, Any]:
+        return deployment_overrides(self.workdir, len(self.state.hospitals), self.state.test_path)
 
     def check_alive(self) -> None:
         for record in self.state.processes:
@@ -218,7 +247,7 @@ class RunningFederation:
                     if str(status.get("status", "")).startswith(FINISHED):
                         on_tick()
                         return status
-                time.sleep(1)
+                nap(1)
         raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
 
     def wait_for_nodes(self, timeout: float = 120) -> None:
@@ -237,7 +266,7 @@ class RunningFederation:
                     f"timed out after {timeout:.0f}s waiting for {expected} SuperNodes to come "
                     f"online; see the logs in {self.workdir / 'logs'}"
                 )
-            time.sleep(2)
+            nap(2)
 
     def status(self) -> dict[str, Any]:
         """Every process with whether it is alive, and the runs with their rounds so far."""
@@ -295,22 +324,29 @@ class LocalFederation:
         workdir: Path,
         certs: Path,
         hospitals: dict[str, Path],
+        test_path: Path | None = None,
         netns_mode: str = "auto",
         client_threads: int | None = 1,
         say: Callable[[str], None] = lambda text: None,
+        detached: bool = False,
     ):
         self.workdir = Path(workdir).resolve()
         self.certs = Path(certs).resolve()
         self.hospitals = {name: Path(path).resolve() for name, path in hospitals.items()}
+        self.test_path = Path(test_path).resolve() if test_path else None
         self.hosts = netns.HospitalHosts() if use_namespaces(netns_mode) else None
-        self.host = self.hosts.superlink_address if self.hosts else "127.0.0.1"
         self.port = free_port()
         # Threads per ClientApp: hospitals sharing one machine train at once, so 1 each avoids
         # oversubscription; the ServerApp evaluates while they wait and keeps torch's default.
         self.client_threads = client_threads
         self.say = say
-        self.group = ProcessGroup(self.workdir / "logs")
-        self._running: RunningFederation | None = None
+        # Not detached: the processes die with this one, even when it is SIGKILLed.
+        self.group = ProcessGroup(self.workdir / "logs", detached=detached)
+
+    @property
+    def host(self) -> str:
+        """The SuperLink's address: the bridge's (its subnet is claimed at start) or loopback."""
+        return self.hosts.superlink_address if self.hosts else "127.0.0.1"
 
     @property
     def address(self) -> str:
@@ -320,23 +356,27 @@ class LocalFederation:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
+        # By the record first: it finds the app processes Flower started in sessions of
+        # their own while their parents still live; then the group reaps what it started.
+        if (self.workdir / STATE_FILE).is_file():
+            RunningFederation.attach(self.workdir).stop()
         self.group.stop_all()
-        if self._running is not None:
-            self._running.stop()
         if self.hosts is not None:
             self.hosts.remove()
 
     def start(self) -> RunningFederation:
+        self._clear_earlier_federation()  # before the try: a live one there is not ours to stop
         try:
-            self._running = self._start()
+            return self._start()
         except BaseException:
             self.__exit__()
             raise
-        return self._running
 
     def _start(self) -> RunningFederation:
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if self.hosts is not None:
+            stale = netns.remove_stale()
+            if stale:
+                self.say(f"removed what an earlier, killed run left behind: {', '.join(stale)}")
             self.hosts.create()
             for hospital in self.hospitals:
                 self.hosts.add(hospital)
@@ -344,46 +384,95 @@ class LocalFederation:
         self.say(
             f"certificates in {self.certs} ({len(report.created)} created, {len(report.kept)} kept)"
         )
-        network = "network namespaces" if self.hosts else "loopback"
         self.say(
             f"starting SuperLink on https://{self.address} (TLS, node authentication; "
-            f"hospitals on {network})"
+            f"hospitals on {self._network})"
         )
         link_argv = superlink_argv(self._superlink_settings())
         records = [self._launch("superlink", None, link_argv)]
+        # Recorded from the first process on, so `down` finds whatever a killed start left.
+        self._write_state(link_argv, records)
         ca = self.certs / "ca.crt"
         wait_until(lambda: superlink_healthy(self.address, ca), 90, "the SuperLink", self.group)
-        flwr_home = self.workdir / "flwr-home"
-        write_flwr_home(flwr_home, CONNECTION, self.address, ca)
+        write_flwr_home(self._flwr_home, CONNECTION, self.address, ca)
         keys = [node_key_path(self.certs, name).with_suffix(".pub") for name in self.hospitals]
-        added = enroll(flwr_home, CONNECTION, keys)
+        added = enroll(self._flwr_home, CONNECTION, keys)
         self.say(
             f"enrolled {len(added)} new SuperNode key(s); starting {len(self.hospitals)} SuperNodes"
         )
-        records += [
-            self._launch("supernode", name, self._supernode_argv(name, data))
-            for name, data in self.hospitals.items()
-        ]
-        running = RunningFederation(
-            FederationState(
-                workdir=str(self.workdir),
-                superlink=self.address,
-                ca_cert=str(ca),
-                flwr_home=str(flwr_home),
-                tls="--ssl-certfile" in link_argv and "--insecure" not in link_argv,
-                node_auth="--enable-supernode-auth" in link_argv,
-                network=network,
-                bridge=self.hosts.bridge if self.hosts else None,
-                hospitals={
-                    name: self.hosts.addresses[name] if self.hosts else self.host
-                    for name in self.hospitals
-                },
-                processes=records,
-            )
-        )
-        (self.workdir / STATE_FILE).write_text(running.state.model_dump_json(indent=2))
-        running.wait_for_nodes()
+        for name, data in self.hospitals.items():
+            records.append(self._launch("supernode", name, self._supernode_argv(name, data)))
+            self._write_state(link_argv, records)
+        running = RunningFederation.attach(self.workdir)
+        try:
+            running.wait_for_nodes()
+        except (TimeoutError, ProcessGone) as error:
+            raise DeploymentError(f"{error}\n{self._diagnose(running)}") from None
         return running
+
+    def _diagnose(self, running: RunningFederation) -> str:
+        """Why SuperNodes are not online, as far as their logs and the network tell."""
+        lines = []
+        for record in running.state.processes[1:]:
+            log = Path(record.log).read_text(errors="replace")
+            why = refusal_in_log(log)
+            if (
+                why is None
+                and self.hosts
+                and not self.hosts.reachable(record.hospital, self.host, self.port)
+            ):
+                why = (
+                    f"{self.address} is unreachable from its network namespace {record.netns} "
+                    "(another interface on this machine may hold the same subnet)"
+                )
+            if why is None and "Connection attempt failed" in log:
+                why = f"cannot connect to the SuperLink at {self.address}"
+            if why:
+                lines.append(f"  {record.hospital}: {why}; log: {record.log}")
+        return "\n".join(lines) or f"  no cause found in the SuperNode logs in {self.group.log_dir}"
+
+    @property
+    def _network(self) -> str:
+        return "network namespaces" if self.hosts else "loopback"
+
+    @property
+    def _flwr_home(self) -> Path:
+        return self.workdir / "flwr-home"
+
+    def _write_state(self, link_argv: list[str], records: list[ProcessRecord]) -> None:
+        state = FederationState(
+            workdir=str(self.workdir),
+            superlink=self.address,
+            ca_cert=str(self.certs / "ca.crt"),
+            flwr_home=str(self._flwr_home),
+            tls="--ssl-certfile" in link_argv and "--insecure" not in link_argv,
+            node_auth="--enable-supernode-auth" in link_argv,
+            network=self._network,
+            bridge=self.hosts.bridge if self.hosts else None,
+            hospitals={
+                name: self.hosts.addresses[name] if self.hosts else self.host
+                for name in self.hospitals
+            },
+            test_path=str(self.test_path) if self.test_path else None,
+            processes=records,
+        )
+        (self.workdir / STATE_FILE).write_text(state.model_dump_json(indent=2))
+
+    def _clear_earlier_federation(self) -> None:
+        """A federation recorded in this folder: refuse if it runs, clean up if it died."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.workdir / STATE_FILE).is_file():
+            return
+        earlier = RunningFederation.attach(self.workdir)
+        if any(_same_process(record) for record in earlier.state.processes):
+            raise DeploymentError(
+                f"a federation is already running in {self.workdir}; "
+                f"stop it first: federimed down --out {self.workdir}"
+            )
+        earlier.stop()
+        self.say(
+            f"cleaned up after the earlier federation in {self.workdir} (its processes had died)"
+        )
 
     def _superlink_settings(self) -> SuperLinkSettings:
         return SuperLinkSettings(

@@ -1,18 +1,49 @@
 """Start long-running processes with their logs in files, and never leave one behind.
 
 Each process gets its own process group, so stopping it also stops what it spawned (Flower's
-SuperLink and SuperNodes start `flwr-serverapp`/`flwr-clientapp` children).
+SuperLink and SuperNodes start `flwr-serverapp`/`flwr-clientapp` children).  Unless a group is
+started ``detached`` (``federimed up``), its processes also get the parent-death signal: when
+the command that started them dies, even by SIGKILL, the kernel kills them too.
+
+Stopping is owned by the CLI's signal handler, which calls :func:`request_stop`; every wait
+in this package sleeps through :func:`nap`, which raises ``KeyboardInterrupt`` within a second
+of a stop request even when a library swallowed the first ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+_stop = threading.Event()
+PR_SET_PDEATHSIG = 1
+
+
+def request_stop() -> None:
+    _stop.set()
+
+
+def clear_stop() -> None:
+    _stop.clear()
+
+
+def nap(seconds: float) -> None:
+    """``time.sleep`` that ends with ``KeyboardInterrupt`` once a stop was requested."""
+    if _stop.wait(seconds):
+        raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the parent dies (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -27,6 +58,7 @@ class ProcessGroup:
     """A context manager: everything started inside is stopped on exit, error or Ctrl-C."""
 
     log_dir: Path
+    detached: bool = False  # True: the processes may outlive this Python process
     members: list[Managed] = field(default_factory=list)
 
     def __enter__(self) -> ProcessGroup:
@@ -35,9 +67,7 @@ class ProcessGroup:
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
 
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None
-    ) -> Managed:
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Managed:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         handle = log.open("ab")
@@ -46,19 +76,17 @@ class ProcessGroup:
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=cwd,
             start_new_session=True,
+            preexec_fn=None if self.detached else _die_with_parent,
         )
         handle.close()
         member = Managed(name, process, log)
         self.members.append(member)
         return member
 
-    def check_alive(self, ignore: tuple[str, ...] = ()) -> None:
+    def check_alive(self) -> None:
         """Fail fast, naming the process and its log, when something died."""
         for member in self.members:
-            if member.name in ignore:
-                continue
             code = member.process.poll()
             if code is not None:
                 raise ProcessDied(member, code)
@@ -108,5 +136,5 @@ def wait_until(predicate, timeout: float, what: str, group: ProcessGroup, every:
         value = predicate()
         if value:
             return value
-        time.sleep(every)
+        nap(every)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -1,0 +1,73 @@
+"""The local federation's own logic: why nodes do not join, stale network namespaces."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from federimed.deploy import netns
+from federimed.deploy.local import refusal_in_log
+
+# As Flower 1.42 logs them (from real runs of an unenrolled node and a node with another CA).
+UNENROLLED = """\
+ERROR :     Exit Code: 305
+Failed to initialize the connection to the SuperLink.
+[code: 2004] Failed to activate SuperNode.
+The SuperNode could not establish a connection to the SuperLink.
+"""
+WRONG_CA = """\
+ERROR :     SSL/TLS handshake error detected.
+ERROR :     Exit Code: 305
+[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate signature failure
+"""
+
+
+def test_refusals_are_named_from_the_node_log():
+    assert refusal_in_log(UNENROLLED).startswith("enrolment refused")
+    assert refusal_in_log(WRONG_CA).startswith("TLS refused")
+    assert refusal_in_log("WARNING :   Connection attempt failed, retrying in 0.94 s") is None
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.e2e
+def test_stale_namespaces_are_removed_and_live_ones_kept():
+    """Needs root, as the demo's namespaces do (CI runs as root)."""
+    dead, live = str(_dead_pid()), str(os.getpid())
+    made = {tag: netns.HospitalHosts(tag=tag) for tag in (dead, live)}
+    try:
+        for hosts in made.values():
+            hosts.create()
+            hosts.add("hospital-1")
+        assert made[dead].subnet != made[live].subnet  # each federation its own /24
+        removed = netns.remove_stale()
+        assert f"fmbr{dead}" in removed and f"fm{dead}-h1" in removed
+        assert not [name for name in removed if live in name]
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert f"fm{live}-h1" in listed and f"fm{dead}-h1" not in listed
+    finally:
+        for hosts in made.values():
+            hosts.remove()
+
+
+@pytest.mark.e2e
+def test_reachability_is_probed_from_the_hospital_namespace():
+    hosts = netns.HospitalHosts()
+    try:
+        hosts.create()
+        hosts.add("hospital-1")
+        with socket.socket() as server:
+            server.bind((hosts.superlink_address, 0))
+            server.listen()
+            port = server.getsockname()[1]
+            assert hosts.reachable("hospital-1", hosts.superlink_address, port)
+        assert not hosts.reachable("hospital-1", hosts.superlink_address, port)
+    finally:
+        hosts.remove()

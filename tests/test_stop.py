@@ -1,0 +1,188 @@
+"""Stopping: Ctrl-C or SIGTERM in any phase stops everything; a killed demo leaves nothing that
+breaks the next one; two federations share a machine."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import processes_using
+
+from federimed.cli import main
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PAUSE_AT = Path(__file__).with_name("pause_at.py")
+# Each phase of `federimed demo`, and a function that stands in its middle (N-th call).
+PHASES = {
+    "certificates": "federimed.deploy.local:ensure_certs",
+    "enrolment": "federimed.deploy.local:enroll",
+    "supernode-start": "federimed.deploy.local:LocalFederation._supernode_argv@2",
+    "waiting-for-nodes": "federimed.deploy.local:RunningFederation.wait_for_nodes",
+    "submission": "federimed.deploy.local:submit_run",
+    "training": "federimed.demo:RoundFollower.__call__@5",
+    "baselines": "federimed.compare:Comparison.local_only",
+}
+
+
+def _namespaces_of(pid: int) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listed.splitlines() if line.startswith(f"fm{pid}-")]
+
+
+def _demo_args(tmp_path, tiny_model, *extra: str) -> list[str]:
+    return [
+        "demo",
+        "--out",
+        str(tmp_path / "run"),
+        "--hospitals",
+        "2",
+        "--model",
+        tiny_model,
+        "--certs",
+        str(tmp_path / "certs"),
+        "--cases-per-hospital",
+        "120",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "3",
+        *extra,
+    ]
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
+    """Lines of ``proc`` until one contains ``marker`` (a reader that cannot hang the test)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"no {marker!r} within {timeout:.0f}s:\n{''.join(seen)}")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("sig", [signal.SIGINT])
+def test_a_signal_in_any_phase_stops_everything(phase, sig, tmp_path, tiny_model):
+    proc = subprocess.Popen(
+        [sys.executable, str(PAUSE_AT), PHASES[phase], *_demo_args(tmp_path, tiny_model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _read_until(proc, "PAUSED", timeout=600)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted; all processes were stopped" in output
+    assert processes_using(tmp_path) == []
+    assert _namespaces_of(proc.pid) == []
+
+
+def test_sigterm_stops_a_training_demo(tmp_path, tiny_model):
+    proc = subprocess.Popen(
+        [sys.executable, str(PAUSE_AT), PHASES["training"], *_demo_args(tmp_path, tiny_model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _read_until(proc, "PAUSED", timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert processes_using(tmp_path) == []
+
+
+def test_a_killed_demo_leaves_nothing_that_breaks_the_next(tmp_path, tiny_model, capsys):
+    first = tmp_path / "first"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "federimed.cli", *_demo_args(first, tiny_model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _read_until(proc, "submitted Flower run", timeout=600)
+    time.sleep(3)  # the ClientApps are training
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    while processes_using(first) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_using(first) == []  # they died with it (parent-death signal)
+    stale = _namespaces_of(proc.pid)
+
+    second = tmp_path / "second"
+    args = _demo_args(second, tiny_model, "--no-baselines", "--run-config", "local-steps=1")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    if stale:  # as root, each hospital had its own network namespace
+        assert f"removed what an earlier, killed run left behind: fmbr{proc.pid}" in printed
+        assert _namespaces_of(proc.pid) == []
+
+
+def test_two_federations_on_one_machine_both_complete(tmp_path, synth_data, tiny_model):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    ups = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "federimed.cli",
+                "up",
+                "--out",
+                str(out),
+                "--data",
+                str(synth_data),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for out in outs
+    ]
+    try:
+        for up in ups:
+            output, _ = up.communicate(timeout=300)
+            assert up.returncode == 0, output
+        run_config = (
+            f'model="{tiny_model}" max-length=32 local-steps=2 num-server-rounds=1 min-nodes=3 '
+            f'test-path="{synth_data / "test.jsonl"}"'
+        )
+        submits = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "federimed.cli",
+                    "submit",
+                    "--out",
+                    str(out),
+                    "--run-config",
+                    run_config,
+                    "--stream",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for out in outs
+        ]
+        for submit in submits:
+            output, _ = submit.communicate(timeout=600)
+            assert submit.returncode == 0, output[-3000:]
+        addresses = {json.loads((out / "federation.json").read_text())["superlink"] for out in outs}
+        assert len(addresses) == 2
+    finally:
+        for out in outs:
+            main(["down", "--out", str(out)])
+    assert processes_using(tmp_path) == []
