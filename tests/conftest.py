@@ -81,3 +81,25 @@ def processes_using(folder) -> list[str]:
         if str(folder) in cmdline:
             found.append(f"{proc.info['pid']}: {cmdline[:200]}")
     return found
+
+
+def small_demo_args(tmp_path: Path, tiny_model: str, *extra: str) -> list[str]:
+    """`federimed demo` at its smallest: 2 hospitals, the tiny model, 2 rounds x 3 steps."""
+    return [
+        "demo",
+        "--out",
+        str(tmp_path / "run"),
+        "--hospitals",
+        "2",
+        "--model",
+        tiny_model,
+        "--certs",
+        str(tmp_path / "certs"),
+        "--cases-per-hospital",
+        "120",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "3",
+        *extra,
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import processes_using
+from conftest import processes_using, small_demo_args
 
 from federimed.cli import main
 
@@ -14,25 +14,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_model, capsys):
     out = tmp_path / "run"
-    code = main(
-        [
-            "demo",
-            "--out",
-            str(out),
-            "--hospitals",
-            "2",
-            "--rounds",
-            "2",
-            "--local-steps",
-            "3",
-            "--model",
-            tiny_model,
-            "--certs",
-            str(tmp_path / "certs"),
-            "--cases-per-hospital",
-            "120",
-        ]
-    )
+    code = main(small_demo_args(tmp_path, tiny_model))
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["tls"] is True and report["supernode_auth"] is True

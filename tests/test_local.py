@@ -71,3 +71,12 @@ def test_reachability_is_probed_from_the_hospital_namespace():
         assert not hosts.reachable("hospital-1", hosts.superlink_address, port)
     finally:
         hosts.remove()
+
+
+def test_a_damaged_federation_record_is_named(tmp_path, capsys):
+    from federimed.cli import main
+
+    (tmp_path / "federation.json").write_text('{"workdir": 3')
+    assert main(["status", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "federation.json: not a federation record" in err and "Traceback" not in err

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import processes_using
+from conftest import processes_using, small_demo_args
 
 from federimed.cli import main
 
@@ -35,27 +35,6 @@ def _namespaces_of(pid: int) -> list[str]:
     return [line.split()[0] for line in listed.splitlines() if line.startswith(f"fm{pid}-")]
 
 
-def _demo_args(tmp_path, tiny_model, *extra: str) -> list[str]:
-    return [
-        "demo",
-        "--out",
-        str(tmp_path / "run"),
-        "--hospitals",
-        "2",
-        "--model",
-        tiny_model,
-        "--certs",
-        str(tmp_path / "certs"),
-        "--cases-per-hospital",
-        "120",
-        "--rounds",
-        "2",
-        "--local-steps",
-        "3",
-        *extra,
-    ]
-
-
 def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
     """Lines of ``proc`` until one contains ``marker`` (a reader that cannot hang the test)."""
     seen: list[str] = []
@@ -75,7 +54,7 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
 @pytest.mark.parametrize("sig", [signal.SIGINT])
 def test_a_signal_in_any_phase_stops_everything(phase, sig, tmp_path, tiny_model):
     proc = subprocess.Popen(
-        [sys.executable, str(PAUSE_AT), PHASES[phase], *_demo_args(tmp_path, tiny_model)],
+        [sys.executable, str(PAUSE_AT), PHASES[phase], *small_demo_args(tmp_path, tiny_model)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -91,7 +70,7 @@ def test_a_signal_in_any_phase_stops_everything(phase, sig, tmp_path, tiny_model
 
 def test_sigterm_stops_a_training_demo(tmp_path, tiny_model):
     proc = subprocess.Popen(
-        [sys.executable, str(PAUSE_AT), PHASES["training"], *_demo_args(tmp_path, tiny_model)],
+        [sys.executable, str(PAUSE_AT), PHASES["training"], *small_demo_args(tmp_path, tiny_model)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -106,7 +85,7 @@ def test_sigterm_stops_a_training_demo(tmp_path, tiny_model):
 def test_a_killed_demo_leaves_nothing_that_breaks_the_next(tmp_path, tiny_model, capsys):
     first = tmp_path / "first"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "federimed.cli", *_demo_args(first, tiny_model)],
+        [sys.executable, "-m", "federimed.cli", *small_demo_args(first, tiny_model)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -122,7 +101,7 @@ def test_a_killed_demo_leaves_nothing_that_breaks_the_next(tmp_path, tiny_model,
     stale = _namespaces_of(proc.pid)
 
     second = tmp_path / "second"
-    args = _demo_args(second, tiny_model, "--no-baselines", "--run-config", "local-steps=1")
+    args = small_demo_args(second, tiny_model, "--no-baselines", "--run-config", "local-steps=1")
     assert main(args) == 0
     printed = capsys.readouterr().out
     if stale:  # as root, each hospital had its own network namespace

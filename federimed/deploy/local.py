@@ -133,7 +133,7 @@ def _same_process(record: ProcessRecord) -> psutil.Process | None:
         if process.status() == psutil.STATUS_ZOMBIE:
             return None
         return process
-    except psutil.NoSuchProcess:
+    except psutil.Error:
         return None
 
 
@@ -186,7 +186,10 @@ class RunningFederation:
         path = Path(workdir).resolve() / STATE_FILE
         if not path.is_file():
             raise DeploymentError(f"{path}: no federation here (start one with `federimed up`)")
-        return cls(FederationState.model_validate_json(path.read_text()))
+        try:
+            return cls(FederationState.model_validate_json(path.read_text()))
+        except ValueError as error:  # pydantic's ValidationError is one
+            raise DeploymentError(f"{path}: not a federation record ({error})") from None
 
     @property
     def address(self) -> str:
