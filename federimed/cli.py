@@ -231,7 +231,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _synthetic_data(out: Path, hospitals: int, seed: int) -> Path:
     from federimed.data.synth import SynthConfig, generate, write_dataset
 
-    if not (out / "test.jsonl").is_file():
+    if (out / "test.jsonl").is_file():
+        found = len(list(out.glob("hospital-*")))
+        print(f"using the synthetic data already in {out} ({found} hospitals)")
+    else:
         write_dataset(generate(SynthConfig(hospitals=hospitals, seed=seed)), out)
     return out
 
