@@ -48,16 +48,13 @@ class DemoOptions:
     run_config: str = ""
 
 
-def _prepare_data(options: DemoOptions, seed: int, say) -> Path:
-    if options.data is not None:
-        return options.data
-    data = options.out / "data"
+def _synthesize(options: DemoOptions, data: Path, seed: int, say) -> Federation:
     config = SynthConfig(
         hospitals=options.hospitals, seed=seed, cases_per_hospital=options.cases_per_hospital
     )
     write_dataset(generate(config), data)
     say(f"synthetic data for {options.hospitals} hospitals in {data}")
-    return data
+    return Federation.from_folder(data)
 
 
 def round_line(record: RoundRecord, total: int) -> str:
@@ -144,18 +141,21 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     out = options.out.resolve()
     options = dataclasses.replace(options, out=out)
     out.mkdir(parents=True, exist_ok=True)
-    seed = resolve(app_dir=options.app_dir, run_config=options.run_config, flags=options.run_flags)
-    data = _prepare_data(options, seed.run.seed, say)
-    federation = Federation.from_folder(data)
+    # The user's data, or synthetic data in a known layout, made below with the run's seed.
+    federation = Federation.from_folder(options.data) if options.data else None
+    data = (options.data or out / "data").resolve()
     effective = resolve(
         app_dir=options.app_dir,
         run_config=options.run_config,
         flags=options.run_flags,
         deployment=deployment_overrides(
-            out, len(federation.hospitals), federation.test_path.resolve()
+            out,
+            len(federation.hospitals) if federation else options.hospitals,
+            data / "test.jsonl",
         ),
     )
     run = effective.run
+    federation = federation or _synthesize(options, data, run.seed, say)
     t0 = time.monotonic()
     result = run_federation(options, federation, run, effective.overrides, say)
     seconds = {"federated": time.monotonic() - t0}
