@@ -4,6 +4,7 @@ breaks the next one; two federations share a machine."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -154,3 +155,20 @@ def test_two_federations_on_one_machine_both_complete(tmp_path, synth_data, tiny
         for out in outs:
             main(["down", "--out", str(out)])
     assert processes_using(tmp_path) == []
+
+
+def test_down_cleans_up_a_federation_whose_processes_died(tmp_path, synth_data, capsys):
+    out = tmp_path / "fed"
+    assert main(["up", "--out", str(out), "--data", str(synth_data)]) == 0
+    state = json.loads((out / "federation.json").read_text())
+    for record in state["processes"]:  # a crash, the OOM killer, a reboot
+        os.kill(record["pid"], signal.SIGKILL)
+    capsys.readouterr()
+    assert main(["status", "--out", str(out)]) == 1
+    assert "NOT RUNNING" in capsys.readouterr().out
+    assert main(["down", "--out", str(out)]) == 0
+    assert processes_using(tmp_path) == []
+    assert not (out / "federation.json").exists()
+    netns_left = [r["netns"] for r in state["processes"] if r["netns"]]
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [name for name in netns_left if name in listed]

@@ -47,6 +47,8 @@ from federimed.runrecord import read_rounds
 from federimed.settings import SuperLinkSettings, SuperNodeSettings
 
 CONNECTION = "federimed-local"
+# Set in the environment of every process a local federation starts; their children inherit it.
+FEDERATION_TAG = "FEDERIMED_FEDERATION"
 STATE_FILE = "federation.json"
 FINISHED = "finished"
 STATUS_EVERY = 120.0
@@ -150,6 +152,28 @@ def _group_members(record: ProcessRecord) -> list[psutil.Process]:
     return members
 
 
+def _tagged(workdir: str) -> list[psutil.Process]:
+    """Processes whose environment carries this federation's tag (set at launch, inherited)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(FEDERATION_TAG) == workdir:
+                found.append(process)
+    return found
+
+
+def _terminate(processes: list[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL what is still there after ``grace`` seconds."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
 def _stop_record(record: ProcessRecord, grace: float = 10.0) -> None:
     """SIGTERM the process, its descendants (Flower starts app processes in sessions of their
     own) and its process group, then SIGKILL what is left; a group whose leader died is still
@@ -159,14 +183,7 @@ def _stop_record(record: ProcessRecord, grace: float = 10.0) -> None:
     if leader is not None:
         with contextlib.suppress(psutil.Error):
             members += [p for p in leader.children(recursive=True) if p not in members]
-    for process in members:
-        with contextlib.suppress(psutil.Error):
-            process.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(members, timeout=grace)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=5)
+    _terminate(members, grace)
 
 
 class ProcessGone(DeploymentError):
@@ -309,6 +326,9 @@ class RunningFederation:
         """Stop every recorded process and remove the network namespaces, alive or not."""
         for record in reversed(self.state.processes):
             _stop_record(record)
+        # What an already dead process had started (Flower's app runners, in sessions of
+        # their own) is found by the tag every process of this federation inherits.
+        _terminate(_tagged(self.state.workdir))
         if self.state.bridge:
             netns.remove(self.state.bridge, [r.netns for r in self.state.processes if r.netns])
         (self.workdir / STATE_FILE).unlink(missing_ok=True)
@@ -503,6 +523,7 @@ class LocalFederation:
 
     def _launch(self, role: str, hospital: str | None, argv: list[str]) -> ProcessRecord:
         env = flower_env()
+        env[FEDERATION_TAG] = str(self.workdir)
         if role == "supernode" and self.client_threads:
             env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
         name = f"supernode-{hospital}" if hospital else role
