@@ -2,6 +2,8 @@
 
 The hospital's data folder comes from the SuperNode's node config (``data-path``); the text
 never leaves this process. Replies carry the LoRA adapter + head and numeric metrics only.
+The hospital's site policy (``FEDERIMED_SITE_POLICY``, never the run config) sets the floors a
+training task must meet and the bound on each update's norm; without one, nothing runs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from federimed.model import quiet_libraries
+from federimed.policy import policy_from_env
 from federimed.runconfig import RunConfig
 from federimed.task import NodeIdentity, evaluate_round, train_round
 
@@ -37,6 +40,7 @@ def train(msg: Message, context: Context) -> Message:
         msg.content["arrays"].to_torch_state_dict(),
         server_round=int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        policy=policy_from_env(),
     )
     content = RecordDict(
         {
@@ -50,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    policy_from_env()  # no usable site policy, no task
     run = RunConfig.from_flower(context.run_config)
     metrics = evaluate_round(
         run,

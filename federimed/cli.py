@@ -26,7 +26,10 @@ examples:
   federimed submit --out runs/fed --stream        # a training run on it; then: status, down
   federimed data synth --hospitals 3 --out data   # synthetic hospitals + common test set
   federimed data validate data/hospital-1         # check a data folder before training
-  federimed certs --out certs --hospitals 3       # CA, SuperLink cert, node keys
+  federimed certs --out certs --hospitals 3       # CA, SuperLink and gateway certs, node keys
+  federimed app hash                              # the bundle hash a hospital approves
+  federimed approve --policy site.yaml HASH       # approve it in a hospital's site policy
+  federimed ledger verify sites/h1/egress-ledger.jsonl  # prove what left a hospital
   federimed predict --model runs/demo/model "58M c/o crushing CP, ST elevation..."
 """
 
@@ -133,10 +136,80 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 
 def cmd_superexec(args: argparse.Namespace) -> int:
-    from federimed.deploy.flower import superexec_argv
+    """Flower's SuperExec in this process, so that it starts ClientApps through the hospital's
+    checks (federimed.deploy.site_runner) instead of plain `flwr-clientapp`."""
+    from flwr.supercore.cli import flower_superexec
+
+    from federimed.deploy.flower import flower_env, superexec_argv
+    from federimed.deploy.site_runner import use_site_clientapp
     from federimed.settings import SuperExecSettings
 
-    return _exec(superexec_argv(SuperExecSettings()))
+    argv = superexec_argv(SuperExecSettings())
+    print("run:", " ".join(argv), flush=True)
+    os.environ.update(flower_env())
+    use_site_clientapp()
+    sys.argv = argv
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Flower's own handlers stop its tasks
+        signal.signal(sig, signal.SIG_DFL)
+    flower_superexec()
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from federimed.deploy.gateway import gateway_argv
+    from federimed.settings import GatewaySettings
+
+    return _exec(gateway_argv(GatewaySettings()))
+
+
+# --- what a hospital controls -----------------------------------------------------------------
+
+
+def cmd_app_hash(args: argparse.Namespace) -> int:
+    from federimed.config import find_app_dir
+    from federimed.deploy.flower import app_hash
+
+    print(app_hash(args.app_dir or find_app_dir()))
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from federimed.policy import approve
+
+    added = approve(args.policy, args.hash, note=args.note, site=args.site, ledger=args.ledger)
+    print(f"{'approved' if added else 'already approved'}: {args.hash} in {args.policy}")
+    return 0
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    from federimed.ledger import entries
+
+    for number, entry in entries(args.path):
+        if args.format == "json":
+            print(json.dumps(entry, sort_keys=True))
+            continue
+        what = (
+            f"ERROR {entry['error']}"
+            if entry.get("error")
+            else (f"{entry['bytes']} bytes, metrics {sorted(entry.get('metrics') or {})}")
+        )
+        print(
+            f"{number:>5} {entry['time']} run {entry['run_id']} round {entry['round']} "
+            f"{entry['kind']}: {what}"
+        )
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from federimed.ledger import LedgerError, verify
+
+    try:
+        count = verify(args.path)
+    except LedgerError as error:
+        print(f"ledger does not verify: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.path}: {count} entries, hash chain intact")
+    return 0
 
 
 # The name of the connection `federimed enroll/submit` write into their private FLWR_HOME.
@@ -246,7 +319,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(report, indent=2))
         return 0
-    print(f"SuperLink {report['superlink']} ({report['network']})")
+    print(f"SuperLink {report['superlink']} (consortium only)")
+    print(f"fleet gateway {report['gateway']} (what hospitals reach; {report['network']})")
     for p in report["processes"]:
         state = "alive" if p["alive"] else "NOT RUNNING"
         who = p["hospital"] or p["role"]
@@ -438,8 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("superlink", cmd_superlink, "run the SuperLink (settings: FEDERIMED_SUPERLINK_*)"),
         ("supernode", cmd_supernode, "run a hospital's SuperNode (settings: FEDERIMED_NODE_*)"),
         ("superexec", cmd_superexec, "run an app runner (settings: FEDERIMED_SUPEREXEC_*)"),
+        ("gateway", cmd_gateway, "run the fleet gateway (settings: FEDERIMED_GATEWAY_*)"),
     ):
         sub.add_parser(name, help=text).set_defaults(func=func)
+
+    _site_parsers(sub)
 
     enroll = sub.add_parser("enroll", help="register hospital public keys with the SuperLink")
     _connection_args(enroll)
@@ -517,6 +594,46 @@ class UserError(Exception):
     """Something the user can fix; printed without a traceback."""
 
 
+def _site_parsers(sub: argparse._SubParsersAction) -> None:
+    """`app hash`, `approve`, `ledger show|verify`: the hospital's own controls."""
+    app = sub.add_parser("app", help="the app bundle hospitals approve").add_subparsers(
+        dest="app_command", required=True, metavar="COMMAND"
+    )
+    hash_ = app.add_parser("hash", help="SHA-256 of the app bundle exactly as `flwr run` builds it")
+    hash_.add_argument("app_dir", nargs="?", type=Path, help="default: this project")
+    hash_.set_defaults(func=cmd_app_hash)
+
+    approve = sub.add_parser(
+        "approve",
+        help="add an app bundle hash to a hospital's site policy",
+        description="Add HASH (from `federimed app hash`) to the site policy FILE; only "
+        "approved bundles run on the hospital's data. A new FILE needs --site.",
+    )
+    approve.add_argument("hash", metavar="HASH")
+    approve.add_argument("--policy", type=Path, required=True, metavar="FILE")
+    approve.add_argument("--site", help="the hospital's id, when FILE is created")
+    approve.add_argument("--note", default="", help="why / what was reviewed")
+    approve.add_argument(
+        "--ledger",
+        default="egress-ledger.jsonl",
+        help="where a new policy's egress ledger goes (writable; relative to FILE's folder)",
+    )
+    approve.set_defaults(func=cmd_approve)
+
+    ledger = sub.add_parser("ledger", help="the hospital's egress ledger").add_subparsers(
+        dest="ledger_command", required=True, metavar="COMMAND"
+    )
+    show = ledger.add_parser("show", help="every reply that left, one line each")
+    show.add_argument("path", type=Path)
+    show.add_argument("--format", choices=("text", "json"), default="text")
+    show.set_defaults(func=cmd_ledger_show)
+    verify = ledger.add_parser(
+        "verify", help="check the hash chain; exit 1 naming the first line that breaks"
+    )
+    verify.add_argument("path", type=Path)
+    verify.set_defaults(func=cmd_ledger_verify)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGINT and SIGTERM: remember the request (every wait loop checks it within a second,
     even if a library swallows the exception) and interrupt what runs now."""
@@ -574,6 +691,7 @@ def _settings_problems(error: ValidationError) -> str:
         "SuperLinkSettings": "FEDERIMED_SUPERLINK_",
         "SuperNodeSettings": "FEDERIMED_NODE_",
         "SuperExecSettings": "FEDERIMED_SUPEREXEC_",
+        "GatewaySettings": "FEDERIMED_GATEWAY_",
     }.get(error.title, "FEDERIMED_")
     return "\n".join(
         f"  {prefix}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"

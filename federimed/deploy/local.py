@@ -1,7 +1,10 @@
 """A real, secured Flower federation on one machine: SuperLink + one SuperNode per hospital.
 
 Same processes and flags as a production deployment (TLS, node authentication, persistent
-state, no runtime installs, no telemetry); only the addresses are local.
+state, no runtime installs, no telemetry); only the addresses are local.  As in production,
+hospitals are given the fleet gateway's address, never the SuperLink's (which listens on
+loopback, out of their network namespaces' reach), and each hospital runs its ClientApps in
+its own runner under its own site policy (``sites/<hospital>/policy.yaml``).
 
 :class:`LocalFederation` is the one way to start it (``with LocalFederation(...) as running``
 for the demo and the tests; :meth:`LocalFederation.start` for ``federimed up``, whose processes
@@ -27,11 +30,12 @@ from typing import Any
 import psutil
 from pydantic import BaseModel
 
-from federimed.config import to_toml_pairs
+from federimed.config import find_app_dir, to_toml_pairs
 from federimed.deploy import netns
 from federimed.deploy.certs import ensure_certs, node_key_path
 from federimed.deploy.flower import (
     DeploymentError,
+    app_hash,
     enroll,
     flower_env,
     log_stream_argv,
@@ -42,9 +46,11 @@ from federimed.deploy.flower import (
     supernode_argv,
     write_flwr_home,
 )
+from federimed.deploy.gateway import gateway_argv
 from federimed.deploy.processes import ProcessGroup, nap, tail, wait_until
+from federimed.policy import POLICY_ENV, approve
 from federimed.runrecord import read_rounds
-from federimed.settings import SuperLinkSettings, SuperNodeSettings
+from federimed.settings import GatewaySettings, SuperLinkSettings, SuperNodeSettings
 
 CONNECTION = "federimed-local"
 # Set in the environment of every process a local federation starts; their children inherit it.
@@ -102,7 +108,7 @@ def refusal_in_log(log: str) -> str | None:
 
 
 class ProcessRecord(BaseModel):
-    role: str  # "superlink" or "supernode"
+    role: str  # "superlink", "gateway", "supernode" or "clientapp" (a hospital's app runner)
     hospital: str | None
     pid: int
     started: float  # the process's start time: a reused pid is never mistaken for it
@@ -115,7 +121,8 @@ class FederationState(BaseModel):
     """``federation.json``: what ``up`` started, read by ``status``, ``submit`` and ``down``."""
 
     workdir: str
-    superlink: str  # HOST:PORT, for the consortium (Control API) and the hospitals (Fleet API)
+    superlink: str  # HOST:PORT, the consortium's only (Control API); on loopback
+    gateway: str  # HOST:PORT, the hospitals' only: the Fleet API through the fleet gateway
     ca_cert: str
     flwr_home: str
     tls: bool  # read from the SuperLink's command line as started, not assumed
@@ -123,6 +130,7 @@ class FederationState(BaseModel):
     network: str  # "loopback" or "network namespaces"
     bridge: str | None
     hospitals: dict[str, str]  # hospital -> its address
+    site_policies: dict[str, str]  # hospital -> its site policy file
     test_path: str | None  # the common test set the consortium scores runs on
     processes: list[ProcessRecord]
 
@@ -218,7 +226,7 @@ class RunningFederation:
     def check_alive(self) -> None:
         for record in self.state.processes:
             if _same_process(record) is None:
-                name = f"supernode-{record.hospital}" if record.hospital else record.role
+                name = f"{record.role}-{record.hospital}" if record.hospital else record.role
                 raise ProcessGone(
                     f"{name} (pid {record.pid}) is not running; log: {record.log}\n"
                     + tail(Path(record.log))
@@ -304,6 +312,8 @@ class RunningFederation:
         report: dict[str, Any] = {
             "workdir": self.state.workdir,
             "superlink": self.address,
+            "gateway": self.state.gateway,
+            "site_policies": self.state.site_policies,
             "tls": self.state.tls,
             "node_auth": self.state.node_auth,
             "network": self.state.network,
@@ -352,6 +362,7 @@ class LocalFederation:
         client_threads: int | None = 1,
         say: Callable[[str], None] = lambda text: None,
         detached: bool = False,
+        approved_apps: tuple[Path, ...] | None = None,
     ):
         self.workdir = Path(workdir).resolve()
         self.certs = Path(certs).resolve()
@@ -359,6 +370,10 @@ class LocalFederation:
         self.test_path = Path(test_path).resolve() if test_path else None
         self.hosts = netns.HospitalHosts() if use_namespaces(netns_mode) else None
         self.port = free_port()
+        self.gateway_port = free_port()
+        self.runtime_ports = {name: free_port() for name in self.hospitals}
+        # The app bundles every hospital's policy approves at set-up: this project's own app.
+        self.approved_apps = (find_app_dir(),) if approved_apps is None else approved_apps
         # Threads per ClientApp: hospitals sharing one machine train at once, so 1 each avoids
         # oversubscription; the ServerApp evaluates while they wait and keeps torch's default.
         self.client_threads = client_threads
@@ -368,12 +383,18 @@ class LocalFederation:
 
     @property
     def host(self) -> str:
-        """The SuperLink's address: the bridge's (its subnet is claimed at start) or loopback."""
+        """The gateway's host: the bridge's address (its subnet is claimed at start) or
+        loopback."""
         return self.hosts.superlink_address if self.hosts else "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The SuperLink, on loopback: no hospital namespace can reach it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.host}:{self.gateway_port}"
 
     def __enter__(self) -> RunningFederation:
         return self.start()
@@ -407,16 +428,20 @@ class LocalFederation:
         self.say(
             f"certificates in {self.certs} ({len(report.created)} created, {len(report.kept)} kept)"
         )
+        self._write_site_policies()
         self.say(
-            f"starting SuperLink on https://{self.address} (TLS, node authentication; "
-            f"hospitals on {self._network})"
+            f"starting SuperLink on https://{self.address} (TLS, node authentication) and the "
+            f"fleet gateway on https://{self.gateway} (hospitals on {self._network})"
         )
         link_argv = superlink_argv(self._superlink_settings())
         records = [self._launch("superlink", None, link_argv)]
         # Recorded from the first process on, so `down` finds whatever a killed start left.
         self._write_state(link_argv, records)
+        records.append(self._launch("gateway", None, gateway_argv(self._gateway_settings())))
+        self._write_state(link_argv, records)
         ca = self.certs / "ca.crt"
         wait_until(lambda: superlink_healthy(self.address, ca), 90, "the SuperLink", self.group)
+        wait_until(lambda: superlink_healthy(self.gateway, ca), 60, "the gateway", self.group)
         write_flwr_home(self._flwr_home, CONNECTION, self.address, ca)
         keys = [node_key_path(self.certs, name).with_suffix(".pub") for name in self.hospitals]
         added = enroll(self._flwr_home, CONNECTION, keys)
@@ -425,6 +450,7 @@ class LocalFederation:
         )
         for name, data in self.hospitals.items():
             records.append(self._launch("supernode", name, self._supernode_argv(name, data)))
+            records.append(self._launch("clientapp", name, self._runner_argv(name)))
             self._write_state(link_argv, records)
         running = RunningFederation.attach(self.workdir)
         try:
@@ -436,20 +462,22 @@ class LocalFederation:
     def _diagnose(self, running: RunningFederation) -> str:
         """Why SuperNodes are not online, as far as their logs and the network tell."""
         lines = []
-        for record in running.state.processes[1:]:
+        for record in running.state.processes:
+            if record.role != "supernode":
+                continue
             log = Path(record.log).read_text(errors="replace")
             why = refusal_in_log(log)
             if (
                 why is None
                 and self.hosts
-                and not self.hosts.reachable(record.hospital, self.host, self.port)
+                and not self.hosts.reachable(record.hospital, self.host, self.gateway_port)
             ):
                 why = (
-                    f"{self.address} is unreachable from its network namespace {record.netns} "
+                    f"{self.gateway} is unreachable from its network namespace {record.netns} "
                     "(another interface on this machine may hold the same subnet)"
                 )
             if why is None and "Connection attempt failed" in log:
-                why = f"cannot connect to the SuperLink at {self.address}"
+                why = f"cannot connect to the fleet gateway at {self.gateway}"
             if why:
                 lines.append(f"  {record.hospital}: {why}; log: {record.log}")
         return "\n".join(lines) or f"  no cause found in the SuperNode logs in {self.group.log_dir}"
@@ -466,6 +494,7 @@ class LocalFederation:
         state = FederationState(
             workdir=str(self.workdir),
             superlink=self.address,
+            gateway=self.gateway,
             ca_cert=str(self.certs / "ca.crt"),
             flwr_home=str(self._flwr_home),
             tls="--ssl-certfile" in link_argv and "--insecure" not in link_argv,
@@ -477,6 +506,7 @@ class LocalFederation:
                 for name in self.hospitals
             },
             test_path=str(self.test_path) if self.test_path else None,
+            site_policies={name: str(self._policy(name)) for name in self.hospitals},
             processes=records,
         )
         (self.workdir / STATE_FILE).write_text(state.model_dump_json(indent=2))
@@ -497,9 +527,34 @@ class LocalFederation:
             f"cleaned up after the earlier federation in {self.workdir} (its processes had died)"
         )
 
+    def _policy(self, hospital: str) -> Path:
+        return self.workdir / "sites" / hospital / "policy.yaml"
+
+    def _write_site_policies(self) -> None:
+        """Each hospital's policy (kept across starts, as a hospital would) approves the
+        bundles in ``approved_apps``; its ledger lies beside it."""
+        hashes = [app_hash(app) for app in self.approved_apps]
+        for hospital in self.hospitals:
+            for app, digest in zip(self.approved_apps, hashes, strict=True):
+                note = f"set up by federimed: {app}"
+                approve(self._policy(hospital), digest, note=note, site=hospital)
+        if hashes:
+            shown = ", ".join(digest[:12] for digest in hashes)
+            self.say(f"site policies in {self.workdir / 'sites'} approve app bundle {shown}")
+
+    @property
+    def _secret(self) -> Path:
+        """Shared by each SuperNode and its ClientApp runner (Flower's SuperExec auth)."""
+        path = self.workdir / "state" / "superexec.secret"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_bytes(os.urandom(32).hex().encode())
+        return path
+
     def _superlink_settings(self) -> SuperLinkSettings:
         return SuperLinkSettings(
-            host=self.host,
+            host="127.0.0.1",
             port=self.port,
             ca_cert=self.certs / "ca.crt",
             cert=self.certs / "superlink.crt",
@@ -507,26 +562,58 @@ class LocalFederation:
             database=self.workdir / "state" / "superlink.db",
         )
 
-    def node_settings(self, name: str, data: Path) -> SuperNodeSettings:
-        return SuperNodeSettings(
-            name=name,
+    def _gateway_settings(self) -> GatewaySettings:
+        return GatewaySettings(
+            host=self.host,
+            port=self.gateway_port,
             superlink=self.address,
             ca_cert=self.certs / "ca.crt",
-            private_key=node_key_path(self.certs, name),
-            data_path=data,
-            runtime_port=free_port(),
+            cert=self.certs / "gateway.crt",
+            key=self.certs / "gateway.key",
+            state=self.workdir / "state" / "gateway",
         )
 
     def _supernode_argv(self, name: str, data: Path) -> list[str]:
-        argv = supernode_argv(self.node_settings(name, data))
+        settings = SuperNodeSettings(
+            name=name,
+            superlink=self.gateway,
+            ca_cert=self.certs / "ca.crt",
+            private_key=node_key_path(self.certs, name),
+            data_path=data,
+            isolation="process",
+            runtime_port=self.runtime_ports[name],
+            superexec_auth_secret=self._secret,
+        )
+        return self._in_hospital(name, supernode_argv(settings))
+
+    def _runner_argv(self, name: str) -> list[str]:
+        """The hospital's ClientApp runner (`federimed superexec`), configured by env."""
+        return self._in_hospital(name, ["federimed", "superexec"])
+
+    def _in_hospital(self, name: str, argv: list[str]) -> list[str]:
         return self.hosts.wrap(name, argv) if self.hosts else argv
+
+    def _address_of(self, role: str, hospital: str | None) -> str:
+        if role == "superlink":
+            return self.address
+        if role == "gateway":
+            return self.gateway
+        return self.hosts.addresses[hospital] if self.hosts else "127.0.0.1"
 
     def _launch(self, role: str, hospital: str | None, argv: list[str]) -> ProcessRecord:
         env = flower_env()
         env[FEDERATION_TAG] = str(self.workdir)
-        if role == "supernode" and self.client_threads:
-            env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
-        name = f"supernode-{hospital}" if hospital else role
+        if role == "clientapp":
+            env.update(
+                FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[hospital]}",
+                FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret),
+                **{POLICY_ENV: str(self._policy(hospital))},
+            )
+            if self.client_threads:
+                env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
+        if role == "gateway":  # Caddy's own files stay in the work folder
+            env["XDG_DATA_HOME"] = env["XDG_CONFIG_HOME"] = str(self.workdir / "state" / "gateway")
+        name = f"{role}-{hospital}" if hospital else role
         member = self.group.start(name, argv, env)
         return ProcessRecord(
             role=role,
@@ -534,6 +621,6 @@ class LocalFederation:
             pid=member.process.pid,
             started=psutil.Process(member.process.pid).create_time(),
             netns=self.hosts.namespaces[hospital] if self.hosts and hospital else None,
-            address=self.hosts.addresses[hospital] if self.hosts and hospital else self.host,
+            address=self._address_of(role, hospital),
             log=str(member.log),
         )

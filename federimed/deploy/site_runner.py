@@ -1,0 +1,166 @@
+"""The hospital's ClientApp runner: Flower's own ``flwr-clientapp``, with the hospital's checks.
+
+A SuperNode runs whatever app bundle (FAB) the SuperLink hands it.  Flower 1.42 pulls the
+bundle, installs it, imports it, runs it and pushes the reply all inside
+:func:`flwr.supernode.runtime.run_clientapp.run_clientapp`; the three steps that matter to
+the hospital are module-level names there, so ``federimed-clientapp`` rebinds exactly those
+and then calls Flower's entry point unchanged:
+
+- ``install_from_fab``: the bundle's SHA-256 (the hash ``flwr run`` builds and
+  ``federimed app hash`` prints) must be in the site policy, else the task is refused before a
+  byte of it is unpacked or imported;
+- ``get_load_client_app_fn``: any exception from the app becomes a refusal whose text carries
+  no record content (the full error goes to the hospital's own log);
+- ``push_message``: metrics not on the allow-list are held back, and the reply is appended to
+  the hash-chained egress ledger before it leaves.
+
+``federimed superexec`` makes Flower's SuperExec start this command instead of
+``flwr-clientapp`` (:func:`use_site_clientapp`).  ``tests/test_site_runner.py`` pins the names
+against the installed Flower, so an upgrade that moves them fails loudly, not open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flwr.supernode.runtime.run_clientapp as flower_clientapp
+from flwr.app import Message, MetricRecord
+from flwr.app.error import Error
+from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+from federimed import ledger
+from federimed.policy import POLICY_ENV, PolicyError, SitePolicy, SiteRefusal, policy_from_env
+
+COMMAND = "federimed-clientapp"
+# Read by the approved app (the ledger and logs name the bundle that produced a reply).
+APP_HASH_ENV = "FEDERIMED_APP_HASH"
+log = logging.getLogger("flwr.federimed.site")
+
+
+def use_site_clientapp() -> None:
+    """Make this process's SuperExec launch ClientApps through :func:`main`."""
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = COMMAND
+
+
+class SiteGuard:
+    """The hospital's checks around one ClientApp task (one process per task in Flower)."""
+
+    def __init__(self, policy: SitePolicy | None, problem: str = ""):
+        self.policy = policy
+        self.problem = problem  # why there is no policy, for the refusal
+        self.app_hash: str | None = None
+        self.refusal: str | None = None  # what the server is told when the task fails
+
+    @classmethod
+    def from_env(cls) -> SiteGuard:
+        try:
+            return cls(policy_from_env())
+        except PolicyError as error:
+            log.error("%s", error)
+            return cls(None, str(error))
+
+    @property
+    def site(self) -> str:
+        return self.policy.site if self.policy else "this hospital"
+
+    def _refuse(self, code: str, reason: str) -> SiteRefusal:
+        refusal = SiteRefusal(self.site, code, reason)
+        self.refusal = str(refusal)
+        return refusal
+
+    def install(self, content: bytes, *args: Any, **kwargs: Any) -> Any:
+        app_hash = hashlib.sha256(content).hexdigest()
+        if self.policy is None:
+            raise self._refuse("NO_SITE_POLICY", "the hospital's site policy is not usable")
+        if not self.policy.approves(app_hash):
+            log.error(
+                "refused app bundle %s: not in the site policy %s; after review, approve it "
+                "with: federimed approve --policy %s %s",
+                app_hash,
+                os.environ.get(POLICY_ENV),
+                os.environ.get(POLICY_ENV),
+                app_hash,
+            )
+            raise self._refuse("APP_NOT_APPROVED", f"app bundle {app_hash} not approved")
+        self.app_hash = app_hash
+        os.environ[APP_HASH_ENV] = app_hash
+        return _install_from_fab(content, *args, **kwargs)
+
+    def loader(self, get_loader: Callable[..., Callable]) -> Callable[..., Callable]:
+        def get(*args: Any, **kwargs: Any) -> Callable:
+            load = get_loader(*args, **kwargs)
+            return lambda *ids: self._guarded(load(*ids))
+
+        return get
+
+    def _guarded(self, app: Callable) -> Callable:
+        def run(message: Message, context: Any) -> Message:
+            try:
+                return app(message=message, context=context)
+            except SiteRefusal as refusal:
+                self.refusal = str(refusal)
+                raise
+            except Exception as error:
+                log.exception("the ClientApp failed (kept in this log, not sent)")
+                raise self._refuse(
+                    "CLIENTAPP_FAILED",
+                    f"the ClientApp failed ({type(error).__name__}); details in the hospital's log",
+                ) from error
+
+        return run
+
+    def push(self, client: Any, message: Message, context: Any) -> Any:
+        if message.has_error():
+            reason = self.refusal or "the task failed at the hospital [code TASK_FAILED]"
+            message.error = Error(code=message.error.code, reason=reason)
+        else:
+            self._hold_back_metrics(message)
+        if self.policy is not None:
+            ledger.append(self.policy.ledger, self._entry(message, context))
+        return _push_message(client, message, context)
+
+    def _hold_back_metrics(self, message: Message) -> None:
+        for name, record in list(message.content.metric_records.items()):
+            kept, held = self.policy.split_metrics(dict(record))
+            if held:
+                log.warning("held back metrics not in the site policy's allow-list: %s", held)
+                message.content[name] = MetricRecord(kept)
+
+    def _entry(self, message: Message, context: Any) -> dict[str, Any]:
+        arrays = []
+        metrics: dict[str, float] = {}
+        if message.has_content():
+            for record in message.content.array_records.values():
+                arrays += [(key, array.data) for key, array in record.items()]
+            for record in message.content.metric_records.values():
+                metrics |= {key: value for key, value in record.items()}
+        return {
+            "site": self.site,
+            "run_id": int(context.run_id) if context else None,
+            "app_hash": self.app_hash,
+            "round": message.metadata.group_id,
+            "kind": message.metadata.message_type,
+            "error": message.error.reason if message.has_error() else None,
+            "arrays_sha256": ledger.arrays_digest(arrays) if arrays else None,
+            "metrics": metrics,
+            "bytes": sum(len(data) for _, data in arrays),
+        }
+
+
+_install_from_fab = flower_clientapp.install_from_fab
+_push_message = flower_clientapp.push_message
+
+
+def main() -> None:
+    """``federimed-clientapp``: what Flower's SuperExec starts for each ClientApp task."""
+    guard = SiteGuard.from_env()
+    flower_clientapp.install_from_fab = guard.install
+    flower_clientapp.get_load_client_app_fn = guard.loader(flower_clientapp.get_load_client_app_fn)
+    flower_clientapp.push_message = guard.push
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    flwr_clientapp()

@@ -1,0 +1,188 @@
+"""A hospital's site policy: what may run on its data and what may leave, decided by the hospital.
+
+The file (YAML, ``FEDERIMED_SITE_POLICY``) is the hospital's, mounted read-only into its
+containers; nothing the consortium sends (run config, app code) can loosen it.  Two sides read
+it: the hospital's ClientApp runner (:mod:`federimed.deploy.site_runner`: app approval by hash,
+the metric allow-list, error replies without record content, the egress ledger) and the
+approved app itself (:mod:`client_app.client_app`: floors on what one update may be built from,
+the clip on each update's norm).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:  # torch is only needed where updates are clipped, not by the CLI
+    import torch
+
+POLICY_ENV = "FEDERIMED_SITE_POLICY"
+# What FederiMed's own app reports (training.py): a new policy allows exactly these.
+DEFAULT_METRICS = (
+    "num_examples",
+    "train_loss",
+    "val_accuracy",
+    "val_loss",
+    "accuracy",
+    "loss",
+    "macro_f1",
+)
+
+
+class PolicyError(ValueError):
+    """The policy file is missing or wrong; the message names the file and the field."""
+
+
+class SiteRefusal(Exception):
+    """The hospital refuses a task. ``str()`` is what the server sees: the site, a reason with
+    no record content, and a code; details stay in the hospital's own log."""
+
+    def __init__(self, site: str, code: str, reason: str):
+        self.site = site
+        self.code = code
+        super().__init__(f"{reason} [refused by {site}, code {code}]")
+
+
+class Floors(BaseModel):
+    """Lower bounds on what one update is built from: small ones reveal single cases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(4, ge=1, description="smallest batch-size a run may use")
+    local_steps: int = Field(1, ge=1, description="fewest local-steps per update")
+    examples_per_update: int = Field(
+        16, ge=1, description="fewest distinct cases one update may be trained on"
+    )
+
+
+class ApprovedApp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    note: str = ""
+
+
+class SitePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="the hospital's id")
+    approved_apps: list[ApprovedApp] = Field(default_factory=list)
+    floors: Floors = Field(default_factory=Floors)
+    metrics_allowed: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
+    max_update_norm: float | None = Field(
+        None, gt=0, description="L2 clip on each update (new minus received weights)"
+    )
+    ledger: Path = Field(description="the egress ledger, on the hospital's own volume")
+
+    def approves(self, app_hash: str) -> bool:
+        return any(app.sha256 == app_hash for app in self.approved_apps)
+
+    def check_floors(self, batch_size: int, local_steps: int, examples: int) -> None:
+        """Refuse a training task below any floor, naming the rule."""
+        asked = {
+            "batch_size": (batch_size, "batch-size"),
+            "local_steps": (local_steps, "local-steps"),
+            "examples_per_update": (examples, "cases in one update"),
+        }
+        for rule, (value, what) in asked.items():
+            floor = getattr(self.floors, rule)
+            if value < floor:
+                raise SiteRefusal(
+                    self.site,
+                    "POLICY_FLOOR",
+                    f"{what}={value} is below the site policy's floor floors.{rule}={floor}",
+                )
+
+    def split_metrics(self, metrics: Mapping[str, object]) -> tuple[dict, list[str]]:
+        """(the metrics that may leave, the names held back)."""
+        allowed = set(self.metrics_allowed)
+        kept = {name: value for name, value in metrics.items() if name in allowed}
+        return kept, sorted(set(metrics) - allowed)
+
+
+def load_policy(path: Path) -> SitePolicy:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise PolicyError(f"{POLICY_ENV}={path}: cannot read the site policy ({error})") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f", line {where.line + 1}" if where else ""
+        raise PolicyError(f"{path}{line}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: a site policy is a YAML mapping (site:, approved_apps:, ...)")
+    try:
+        policy = SitePolicy.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise PolicyError(f"{path}: {problems}") from None
+    if not policy.ledger.is_absolute():
+        policy.ledger = (path.parent / policy.ledger).resolve()
+    return policy
+
+
+def policy_from_env(environ: Mapping[str, str] = os.environ) -> SitePolicy:
+    path = environ.get(POLICY_ENV)
+    if not path:
+        raise PolicyError(
+            f"{POLICY_ENV} is not set: this hospital has no site policy, so it runs nothing"
+        )
+    return load_policy(Path(path))
+
+
+def approve(
+    path: Path,
+    app_hash: str,
+    note: str = "",
+    site: str | None = None,
+    ledger: str = "egress-ledger.jsonl",
+) -> bool:
+    """Add ``app_hash`` to the policy at ``path``; False if it was there already.  A new
+    policy needs ``site`` and gets the default floors and allow-list, and ``ledger`` (relative
+    paths are taken from the policy's folder).  The file is rewritten: YAML comments do not
+    survive."""
+    if not re.fullmatch(r"[0-9a-f]{64}", app_hash):
+        raise PolicyError(f"{app_hash!r}: an app hash is 64 hex digits (`federimed app hash`)")
+    path = Path(path)
+    if path.exists():
+        policy = load_policy(path)
+        data = yaml.safe_load(path.read_text())
+    else:
+        if not site:
+            raise PolicyError(f"{path}: no such policy; pass --site to create it")
+        policy = SitePolicy.model_validate({"site": site, "ledger": ledger})
+        data = policy.model_dump(mode="json") | {"ledger": ledger}
+    if policy.approves(app_hash):
+        return False
+    data.setdefault("approved_apps", []).append({"sha256": app_hash, "note": note})
+    SitePolicy.model_validate(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return True
+
+
+def clip_update(
+    received: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], max_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Scale the update (trained minus received) down to ``max_norm`` in L2; (state, norm
+    before clipping)."""
+    deltas = {name: trained[name].float() - received[name].float() for name in trained}
+    norm = math.sqrt(sum(float(delta.pow(2).sum()) for delta in deltas.values()))
+    if norm <= max_norm:
+        return dict(trained), norm
+    scale = max_norm / norm
+    clipped = {
+        name: (received[name].float() + deltas[name] * scale).to(trained[name].dtype)
+        for name in trained
+    }
+    return clipped, norm
