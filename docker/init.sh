@@ -4,17 +4,25 @@
 #   /init/pki            CA key and all keys        (only this container ever mounts it)
 #   /init/synth          synthetic data set          (only this container)
 #   /init/certs-superlink   ca.crt superlink.crt superlink.key
+#   /init/certs-gateway     ca.crt gateway.crt gateway.key       (the fleet gateway only)
 #   /init/certs-public      ca.crt nodes/hospital-K.pub   (ServerApp runner, enroll, submit)
 #   /init/certs-hospital-K  ca.crt node.key node.key.pub  (that hospital's SuperNode only)
 #   /init/data-hospital-K   train.jsonl validation.jsonl labels.json (that hospital only)
 #   /init/data-server       test.jsonl labels.json manifest.json     (ServerApp runner)
-# Files end up owned by the images' user app (49999); private keys 0600.
+#   /init/runtime-consortium  superexec.secret: the Runtime API secret of the SuperLink, shared
+#                             with the ServerApp runner only
+#   /init/runtime-hospital-K  superexec.secret: the secret of SuperNode K's Runtime API, shared
+#                             with that hospital's ClientApp runner only
+#   /init/policy-hospital-K   policy.yaml: hospital K's site policy (mounted read-only in its
+#                             ClientApp runner), approving the app bundle of this image (/app)
+#   /init/ledger-hospital-K   (empty at first) hospital K's egress ledger, written by its runner
+# Files end up owned by the images' user app (49999); private keys 0600, secrets 0400.
 set -eu
 N="${HOSPITALS:-3}"
 UID_GID="${APP_UID:-49999}:${APP_GID:-49999}"
 
-# INIT_SANS: extra names/IPs the SuperLink is reached by (space-separated), besides the
-# built-in localhost, 127.0.0.1 and superlink.
+# INIT_SANS: extra names/IPs the SuperLink and the fleet gateway are reached by
+# (space-separated), besides the built-in localhost, 127.0.0.1, superlink and fleet-gateway.
 set -- --san superlink --san localhost
 for name in ${INIT_SANS:-}; do set -- "$@" --san "$name"; done
 federimed certs --out /init/pki --hospitals "$N" "$@"
@@ -32,6 +40,26 @@ put 0644 /init/pki/ca.crt /init/certs-superlink/ca.crt
 put 0644 /init/pki/superlink.crt /init/certs-superlink/superlink.crt
 put 0600 /init/pki/superlink.key /init/certs-superlink/superlink.key
 put 0644 /init/pki/ca.crt /init/certs-public/ca.crt
+if [ -d /init/certs-gateway ]; then
+    put 0644 /init/pki/ca.crt /init/certs-gateway/ca.crt
+    put 0644 /init/pki/gateway.crt /init/certs-gateway/gateway.crt
+    put 0600 /init/pki/gateway.key /init/certs-gateway/gateway.key
+fi
+
+secret() {  # secret DIR: a random Runtime API secret in DIR/superexec.secret, kept if present
+    if [ -d "$1" ] && [ ! -s "$1/superexec.secret" ]; then
+        (umask 077 && python3 -c 'import secrets, sys; sys.stdout.write(secrets.token_hex(32))' \
+            > "$1/superexec.secret")
+        echo "init: new Runtime API secret in $(basename "$1")"
+    fi
+    if [ -f "$1/superexec.secret" ]; then chmod 0400 "$1/superexec.secret"; fi
+}
+secret /init/runtime-consortium
+
+# The demo approves, for every hospital, the app bundle this image submits (`flwr run /app`):
+# in a real deployment each hospital reviews the app and runs `federimed approve` itself.
+APP_HASH="$(federimed app hash /app)"
+echo "init: app bundle $APP_HASH"
 k=1
 while [ "$k" -le "$N" ]; do
     h="hospital-$k"
@@ -40,6 +68,14 @@ while [ "$k" -le "$N" ]; do
         put 0644 /init/pki/ca.crt "/init/certs-$h/ca.crt"
         put 0600 "/init/pki/nodes/$h" "/init/certs-$h/node.key"
         put 0644 "/init/pki/nodes/$h.pub" "/init/certs-$h/node.key.pub"
+    fi
+    secret "/init/runtime-$h"
+    if [ -d "/init/policy-$h" ]; then
+        federimed approve --policy "/init/policy-$h/policy.yaml" --site "$h" \
+            --ledger /ledger/egress-ledger.jsonl \
+            --note "compose demo: the image's /app, approved by init on the hospital's behalf" \
+            "$APP_HASH"
+        chmod 0644 "/init/policy-$h/policy.yaml"
     fi
     if [ -d "/init/data-$h" ]; then
         for f in /init/synth/"$h"/*; do put 0644 "$f" "/init/data-$h/$(basename "$f")"; done
@@ -52,4 +88,4 @@ for f in test.jsonl labels.json manifest.json; do
 done
 for d in /init/*; do chown -R "$UID_GID" "$d"; done
 chmod 0700 /init/pki
-echo "init: certificates and data ready for $N hospitals"
+echo "init: certificates, secrets, site policies and data ready for $N hospitals"

@@ -294,7 +294,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"federation up: SuperLink https://{state.superlink} "
         f"(TLS: {state.tls}, node authentication: {state.node_auth}, {state.network})\n"
         f"  consortium (Control API, `federimed submit --out {args.out}`): {state.superlink}\n"
-        f"  hospitals connect to (Fleet API): {state.superlink}, CA {state.ca_cert}\n"
+        f"  hospitals connect to the fleet gateway (Fleet API only): {state.gateway}, "
+        f"CA {state.ca_cert}\n"
+        + "".join(f"  {name}'s site policy: {path}\n" for name, path in state.site_policies.items())
         + "".join(f"  {name} at {address}\n" for name, address in state.hospitals.items())
         + f"stop it with: federimed down --out {args.out}"
     )

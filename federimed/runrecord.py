@@ -40,6 +40,9 @@ class RoundRecord(_Record):
     round: int
     participants: list[str]  # hospitals whose training update arrived
     dropped: list[str]  # hospitals sampled for training that did not answer (or answered an error)
+    # node -> the reason a hospital gave for refusing or failing (no record content: the
+    # hospital's runner sends a reason and a code; details stay in its own log)
+    errors: dict[str, str] = {}
     train: dict[str, dict[str, float]]  # hospital -> its training metrics (train_loss, ...)
     evaluate: dict[str, dict[str, float]]  # hospital -> metrics of a federated evaluate round
     test: Scores | None  # None when the run has no test set

@@ -70,6 +70,7 @@ class RoundRecorder:
         self.started = time.monotonic()
         self.sampled: list[int] = []
         self.replied: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
+        self.errors: dict[str, str] = {}
         self.traffic: dict[int, dict[str, int]] = {}
 
     def _traffic(self, node_id: int) -> dict[str, int]:
@@ -86,6 +87,7 @@ class RoundRecorder:
     def received(self, kind: str, server_round: int, replies: list[Message]) -> None:
         for reply in replies:
             if reply.has_error():
+                self._error(kind, server_round, reply)
                 continue
             node_id = reply.metadata.src_node_id
             content = reply.content
@@ -97,6 +99,13 @@ class RoundRecorder:
                 self._traffic(node_id)["bytes_up"] += record_bytes(content["arrays"])
             if self.audit_dir is not None:
                 self._audit(kind, server_round, hospital, content)
+
+    def _error(self, kind: str, server_round: int, reply: Message) -> None:
+        name = self._name(reply.metadata.src_node_id)
+        self.errors[name] = str(reply.error.reason)
+        log.warning(
+            "round %d %s: %s replied an error: %s", server_round, kind, name, reply.error.reason
+        )
 
     def _audit(self, kind: str, server_round: int, hospital: str, content: RecordDict) -> None:
         """Everything the server received from this hospital, byte for byte."""
@@ -123,6 +132,7 @@ class RoundRecorder:
             round=server_round,
             participants=participants,
             dropped=sorted({self._name(n) for n in self.sampled} - set(participants)),
+            errors=self.errors,
             train=self.replied["train"],
             evaluate=self.replied["evaluate"],
             test=Scores(**test) if test else None,
@@ -149,6 +159,10 @@ class Recorded:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         replies = list(replies)
         self.recorder.received("train", server_round, replies)
+        if replies and all(reply.has_error() for reply in replies):
+            # Nobody trained: going on would repeat the same refusals for every round.
+            reasons = "; ".join(f"{n}: {r}" for n, r in sorted(self.recorder.errors.items()))
+            raise RuntimeError(f"round {server_round}: no hospital trained ({reasons})")
         return super().aggregate_train(server_round, replies)
 
     def configure_evaluate(

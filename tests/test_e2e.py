@@ -22,9 +22,17 @@ from conftest import plant_marker, processes_using
 from federimed.cli import main
 from federimed.config import find_app_dir
 from federimed.deploy.certs import ensure_certs, node_key_path
-from federimed.deploy.flower import flower_env, run_flwr, supernode_argv
+from federimed.deploy.flower import (
+    app_hash,
+    flower_env,
+    run_flwr,
+    submit_run,
+    supernode_argv,
+    write_flwr_home,
+)
 from federimed.deploy.local import CONNECTION, STATE_FILE, RunningFederation, free_port
 from federimed.deploy.processes import ProcessGroup
+from federimed.ledger import entries
 from federimed.runrecord import read_rounds, read_summary
 from federimed.settings import SuperNodeSettings
 
@@ -78,9 +86,19 @@ def changed_app(tmp_path_factory):
     return app
 
 
+def _approve(running, app: Path, hospitals=HOSPITALS) -> str:
+    """What each hospital's IT does after reviewing a bundle: approve its hash."""
+    digest = app_hash(app)
+    for hospital in hospitals:
+        policy = running.state.site_policies[hospital]
+        assert main(["approve", "--policy", policy, digest, "--note", "reviewed"]) == 0
+    return digest
+
+
 @pytest.fixture(scope="module")
 def finished_run(federation, changed_app):
     running, _, data = federation
+    _approve(running, changed_app)
     run_config = (
         'model="minilm" max-length=64 audit-messages=true fraction-evaluate=1.0 '
         f'num-server-rounds={ROUNDS} min-nodes=3 test-path="{data / "test.jsonl"}"'
@@ -97,7 +115,16 @@ def test_up_status_reports_every_process_and_the_run(federation, finished_run, c
     assert main(["status", "--out", str(running.workdir), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     roles = sorted((p["role"], p["hospital"] or "") for p in report["processes"])
-    assert roles == [("superlink", ""), *[("supernode", h) for h in HOSPITALS]]
+    assert roles == sorted(
+        [
+            ("superlink", ""),
+            ("gateway", ""),
+            *[("supernode", h) for h in HOSPITALS],
+            *[("clientapp", h) for h in HOSPITALS],
+        ]
+    )
+    assert report["gateway"] != report["superlink"]
+    assert sorted(report["site_policies"]) == HOSPITALS
     assert all(p["alive"] and p["pid"] > 0 and p["address"] for p in report["processes"])
     assert report["tls"] is True and report["node_auth"] is True
     (entry,) = [r for r in report["runs"] if r["run_id"] == run_id]
@@ -192,7 +219,7 @@ def _node_settings(running, name, key_owner, ca_cert, data) -> SuperNodeSettings
     certs = running.workdir / "certs"
     return SuperNodeSettings(
         name=name,
-        superlink=running.address,
+        superlink=running.state.gateway,  # what hospitals are given
         ca_cert=ca_cert or certs / "ca.crt",
         private_key=node_key_path(certs, key_owner),
         data_path=data,
@@ -273,6 +300,206 @@ def test_submit_stream_exits_nonzero_when_the_run_fails(federation, tmp_path, ca
     captured = capsys.readouterr()
     assert code == 1, captured.out
     assert "ended as finished:failed" in captured.err
+
+
+# --- what each hospital controls --------------------------------------------------------------
+
+PLANTED = f"PATIENT-{uuid.uuid4().hex[:8]}"
+PROBE_CLIENT = """
+import os
+from pathlib import Path
+
+# Import-time side effect: proof that this bundle's code ran at a hospital.
+site = Path(os.environ.get("FEDERIMED_SITE_POLICY", "unknown/x")).parent.name
+Path({markers!r}, site).touch()
+
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    if context.run_config["mode"] == "fail":
+        raise ValueError("record {planted} has label J45")
+    metrics = MetricRecord({{"num_examples": 1, "label_histogram_j45": 42}})
+    return Message(RecordDict({{"metrics": metrics}}), reply_to=msg)
+"""
+PROBE_SERVER = """
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    deadline = time.monotonic() + 60
+    while len(list(grid.get_node_ids())) < {hospitals} and time.monotonic() < deadline:
+        time.sleep(1)
+    tasks = [
+        Message(
+            RecordDict({{"config": ConfigRecord({{"server-round": 1}})}}),
+            dst_node_id=node,
+            message_type="train",
+        )
+        for node in grid.get_node_ids()
+    ]
+    replies = grid.send_and_receive(tasks, timeout=120)
+    out = [
+        {{
+            "error": reply.error.reason if reply.has_error() else None,
+            "metrics": None if reply.has_error() else dict(reply.content["metrics"]),
+        }}
+        for reply in replies
+    ]
+    Path(context.run_config["out"]).write_text(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def probe_app(tmp_path_factory):
+    """A small foreign app bundle: its ClientApp leaves a marker the moment it is imported."""
+    app = tmp_path_factory.mktemp("probe-app")
+    markers = tmp_path_factory.mktemp("markers")
+    (app / "probe").mkdir()
+    (app / "probe" / "__init__.py").write_text("")
+    (app / "probe" / "client.py").write_text(
+        PROBE_CLIENT.format(markers=str(markers), planted=PLANTED)
+    )
+    (app / "probe" / "server.py").write_text(PROBE_SERVER.format(hospitals=len(HOSPITALS)))
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "probe"\nversion = "1.0.0"\ndependencies = ["flwr"]\n'
+        '[tool.flwr.app]\npublisher = "federimed-tests"\n'
+        '[tool.flwr.app.components]\nserverapp = "probe.server:app"\n'
+        'clientapp = "probe.client:app"\n'
+        '[tool.flwr.app.config]\nmode = "ok"\nout = ""\n'
+    )
+    return app, markers
+
+
+def _probe(running, app: Path, out: Path, mode: str) -> list[dict]:
+    """One probe run; the replies its ServerApp received."""
+    run_config = f'mode="{mode}" out="{out}"'
+    run_id = submit_run(running.flwr_home, CONNECTION, app, run_config)
+    status = running.wait_for_run(run_id, timeout=300, done=out.exists)
+    assert status["status"] == "finished:completed", status
+    return json.loads(out.read_text())
+
+
+def _runner_log(running, hospital: str) -> str:
+    return (running.workdir / "logs" / f"clientapp-{hospital}.log").read_text(errors="replace")
+
+
+def test_hospitals_reach_the_fleet_api_and_nothing_else(federation, probe_app, tmp_path):
+    """From a hospital's network namespace: the gateway refuses Control (flwr ls, flwr run),
+    the SuperLink is unreachable; the consortium side works; the nodes train through it."""
+    running, _, _ = federation
+    assert running.state.network == "network namespaces"
+    namespace = next(p.netns for p in running.state.processes if p.role == "supernode")
+    ca = Path(running.state.ca_cert)
+    host, _ = running.state.gateway.split(":")
+    _, link_port = running.address.split(":")
+    targets = {
+        "gateway": running.state.gateway,
+        "superlink": running.address,  # loopback: the hospital's own, not the consortium's
+        "superlink-on-bridge": f"{host}:{link_port}",
+    }
+    for name, address in targets.items():
+        home = tmp_path / name
+        write_flwr_home(home, name, address, ca)
+        env = {**flower_env(), "FLWR_HOME": str(home)}
+        for command in (["ls", name], ["run", str(probe_app[0]), name]):
+            done = subprocess.run(
+                ["ip", "netns", "exec", namespace, "flwr", *command, "--format", "json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            reply = json.loads(done.stdout)
+            assert reply["success"] is False, (name, command, reply)
+            expected = "403 Forbidden" if name == "gateway" else "unavailable"
+            assert expected in reply["error-message"], (name, command, reply)
+    assert isinstance(running.runs(), list)  # the consortium's Control API answers
+    assert _online_count(running) == len(HOSPITALS)
+
+
+def test_only_bundles_a_hospital_approved_run_on_its_data(federation, probe_app, tmp_path):
+    running, _, _ = federation
+    app, markers = probe_app
+    digest = app_hash(app)
+    replies = _probe(running, app, tmp_path / "unapproved.json", "ok")
+    assert len(replies) == len(HOSPITALS)
+    for hospital in HOSPITALS:
+        assert any(f"is not approved by {hospital}" in (r["error"] or "") for r in replies)
+        log = _runner_log(running, hospital)
+        assert f"federimed approve --policy {running.state.site_policies[hospital]} {digest}" in log
+    assert list(markers.iterdir()) == []  # not a line of the bundle ran anywhere
+
+    _approve(running, app, ["hospital-1"])
+    replies = _probe(running, app, tmp_path / "approved.json", "ok")
+    (answered,) = [r for r in replies if r["error"] is None]
+    # The run went on with the hospital that approved; the others still refused.
+    assert sorted(r["error"].split("refused by ")[1][:10] for r in replies if r["error"]) == [
+        "hospital-2",
+        "hospital-3",
+    ]
+    assert [m.name for m in markers.iterdir()] == ["hospital-1"]
+    # A metric not on hospital-1's allow-list never reached the server.
+    assert answered["metrics"] == {"num_examples": 1}
+
+    replies = _probe(running, app, tmp_path / "failing.json", "fail")
+    (failed,) = [r for r in replies if "CLIENTAPP_FAILED" in (r["error"] or "")]
+    assert PLANTED not in failed["error"] and "J45" not in failed["error"]
+    assert PLANTED in _runner_log(running, "hospital-1")  # the details stay at the hospital
+    ledger = Path(running.state.site_policies["hospital-1"]).parent / "egress-ledger.jsonl"
+    probe_lines = [e for _, e in entries(ledger) if e["app_hash"] == digest]
+    assert [e["metrics"] for e in probe_lines if not e["error"]] == [{"num_examples": 1}]
+    assert not any(PLANTED in (e["error"] or "") for _, e in entries(ledger))
+
+
+def test_a_run_below_a_hospital_floor_is_refused_naming_the_rule(federation, tiny_model):
+    running, _, _ = federation
+    run_config = (
+        f'model="{tiny_model}" max-length=32 batch-size=2 local-steps=2 num-server-rounds=2 '
+        "min-nodes=3"
+    )
+    run_id = _submit(running, "--run-config", run_config)
+    log = running.workdir / "logs" / f"run-{run_id}.log"
+
+    def refused() -> bool:
+        return log.exists() and "no hospital trained" in log.read_text(errors="replace")
+
+    status = running.wait_for_run(run_id, timeout=300, done=refused)
+    assert status["status"] == "finished:failed"
+    text = log.read_text(errors="replace")
+    for hospital in HOSPITALS:
+        assert f"refused by {hospital}, code POLICY_FLOOR" in text
+    assert "batch-size=2 is below the site policy's floor floors.batch_size=4" in text
+    assert "batch-size=2" in _runner_log(running, "hospital-2")
+
+
+def test_every_reply_of_a_full_run_is_in_each_hospitals_verified_ledger(federation, finished_run):
+    running, _, _ = federation
+    run_id, _, _ = finished_run
+    for hospital in HOSPITALS:
+        path = Path(running.state.site_policies[hospital]).parent / "egress-ledger.jsonl"
+        assert main(["ledger", "verify", str(path)]) == 0
+        mine = [entry for _, entry in entries(path) if entry["run_id"] == run_id]
+        expected = [(r, k) for r in range(1, ROUNDS + 1) for k in ("evaluate", "train")]
+        assert sorted((e["round"], e["kind"]) for e in mine) == expected
+        for entry in mine:
+            assert entry["site"] == hospital and entry["error"] is None
+            assert len(entry["app_hash"]) == 64
+            assert "num_examples" in entry["metrics"]
+        assert all(e["bytes"] > 0 and e["arrays_sha256"] for e in mine if e["kind"] == "train")
 
 
 def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:

@@ -54,6 +54,7 @@ class SiteGuard:
         self.problem = problem  # why there is no policy, for the refusal
         self.app_hash: str | None = None
         self.refusal: str | None = None  # what the server is told when the task fails
+        self.server_round: int | None = None  # from the task's config, when the app ran
 
     @classmethod
     def from_env(cls) -> SiteGuard:
@@ -85,7 +86,9 @@ class SiteGuard:
                 os.environ.get(POLICY_ENV),
                 app_hash,
             )
-            raise self._refuse("APP_NOT_APPROVED", f"app bundle {app_hash} not approved")
+            raise self._refuse(
+                "APP_NOT_APPROVED", f"app bundle {app_hash} is not approved by {self.site}"
+            )
         self.app_hash = app_hash
         os.environ[APP_HASH_ENV] = app_hash
         return _install_from_fab(content, *args, **kwargs)
@@ -99,6 +102,7 @@ class SiteGuard:
 
     def _guarded(self, app: Callable) -> Callable:
         def run(message: Message, context: Any) -> Message:
+            self.server_round = _server_round(message)
             try:
                 return app(message=message, context=context)
             except SiteRefusal as refusal:
@@ -142,13 +146,21 @@ class SiteGuard:
             "site": self.site,
             "run_id": int(context.run_id) if context else None,
             "app_hash": self.app_hash,
-            "round": message.metadata.group_id,
+            "round": self.server_round,
             "kind": message.metadata.message_type,
             "error": message.error.reason if message.has_error() else None,
             "arrays_sha256": ledger.arrays_digest(arrays) if arrays else None,
             "metrics": metrics,
             "bytes": sum(len(data) for _, data in arrays),
         }
+
+
+def _server_round(message: Message) -> int | None:
+    """Flower's strategies put ``server-round`` into the task's ``config`` record."""
+    try:
+        return int(message.content["config"]["server-round"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 _install_from_fab = flower_clientapp.install_from_fab
