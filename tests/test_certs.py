@@ -22,16 +22,19 @@ def _sans(path) -> set[str]:
 
 def test_creates_ca_server_cert_and_p384_openssh_node_keys(tmp_path):
     ensure_certs(tmp_path, ["hospital-1", "hospital-2"], ("fl.example.org",))
-    assert _sans(tmp_path / "superlink.crt") == {
-        "localhost",
-        "127.0.0.1",
-        "superlink",
-        "fl.example.org",
-    }
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
-    x509.load_pem_x509_certificate(
-        (tmp_path / "superlink.crt").read_bytes()
-    ).verify_directly_issued_by(ca)
+    for server in ("superlink", "gateway"):  # the fleet gateway has its own key
+        assert _sans(tmp_path / f"{server}.crt") == {
+            "localhost",
+            "127.0.0.1",
+            "superlink",
+            "fleet-gateway",
+            "fl.example.org",
+        }
+        x509.load_pem_x509_certificate(
+            (tmp_path / f"{server}.crt").read_bytes()
+        ).verify_directly_issued_by(ca)
+    assert (tmp_path / "gateway.key").read_bytes() != (tmp_path / "superlink.key").read_bytes()
     key = serialization.load_ssh_private_key(
         node_key_path(tmp_path, "hospital-1").read_bytes(), password=None
     )
@@ -45,6 +48,7 @@ def test_creates_ca_server_cert_and_p384_openssh_node_keys(tmp_path):
     for private in (
         tmp_path / "ca.key",
         tmp_path / "superlink.key",
+        tmp_path / "gateway.key",
         node_key_path(tmp_path, "hospital-2"),
     ):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
@@ -63,11 +67,11 @@ def test_rerun_keeps_valid_material_and_force_replaces_it(tmp_path):
     )
 
 
-def test_new_name_reissues_only_the_server_cert(tmp_path):
+def test_new_name_reissues_only_the_server_certs(tmp_path):
     ensure_certs(tmp_path, ["hospital-1"])
     ca, key = (tmp_path / "ca.crt").read_bytes(), node_key_path(tmp_path, "hospital-1").read_bytes()
     report = ensure_certs(tmp_path, ["hospital-1"], ("10.0.0.5",))
-    assert report.created == [tmp_path / "superlink.crt"]
+    assert report.created == [tmp_path / "superlink.crt", tmp_path / "gateway.crt"]
     assert "10.0.0.5" in _sans(tmp_path / "superlink.crt")
     assert (tmp_path / "ca.crt").read_bytes() == ca
     assert node_key_path(tmp_path, "hospital-1").read_bytes() == key

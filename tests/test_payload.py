@@ -6,11 +6,14 @@ import json
 import shutil
 
 import pytest
+import torch
+import yaml
 from conftest import make_run, plant_marker
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from federimed.model import build_classifier, count_parameters, exchanged_state
+from federimed.policy import SiteRefusal, approve
 
 MARKER = "ZEBRA-MARKER-7f3c"
 
@@ -21,6 +24,21 @@ def marked_hospital(tmp_path, synth_data):
     shutil.copytree(synth_data / "hospital-1", folder)
     plant_marker(folder, MARKER)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def site_policy(tmp_path, monkeypatch):
+    """The hospital's policy, as its runner hands it to the ClientApp (default floors)."""
+    path = tmp_path / "site" / "policy.yaml"
+    approve(path, "0" * 64, site="hospital-1")
+    monkeypatch.setenv("FEDERIMED_SITE_POLICY", str(path))
+    return path
+
+
+def _set_policy(path, **changes) -> None:
+    data = yaml.safe_load(path.read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
 
 
 def _client_reply(run_config: dict, hospital_folder, arrays: ArrayRecord) -> Message:
@@ -77,3 +95,22 @@ def test_exchanged_state_names_cover_every_trainable_parameter(tiny_model):
     trainable, _ = count_parameters(model)
     assert sum(t.numel() for t in state.values()) == trainable
     assert not any("embeddings" in name or "attention.output" in name for name in state)
+
+
+def test_client_app_refuses_a_run_below_the_site_floors(tiny_model, marked_hospital, site_policy):
+    _set_policy(site_policy, floors={"batch_size": 32, "local_steps": 1, "examples_per_update": 1})
+    run = make_run(model=tiny_model, local_steps=2, max_length=64)
+    initial = ArrayRecord(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
+    with pytest.raises(SiteRefusal, match=r"batch-size=16 is below .* floors\.batch_size=32"):
+        _client_reply(run.to_flower(), marked_hospital, initial)
+
+
+def test_client_app_clips_its_update_to_the_site_bound(tiny_model, marked_hospital, site_policy):
+    _set_policy(site_policy, max_update_norm=0.01)
+    run = make_run(model=tiny_model, local_steps=2, max_length=64, learning_rate=0.05)
+    initial = ArrayRecord(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
+    reply = _client_reply(run.to_flower(), marked_hospital, initial)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    received = initial.to_torch_state_dict()
+    norm = torch.sqrt(sum(((sent[k] - received[k]) ** 2).sum() for k in sent))
+    assert 0.009 < float(norm) <= 0.0101  # it trained, and no further than the bound
