@@ -8,6 +8,13 @@ environment and the container values of the FEDERIMED_* settings are ENV in dock
 so compose.yaml and the manifests may set only real settings, and only what differs from the
 image and from the settings' defaults (federimed/settings.py).
 
+Issue 9, "the hospital stays in control", as far as manifests can show it: hospitals are given
+the fleet gateway (Fleet API only), never the SuperLink; the SuperLink admits only the
+consortium's own pods and hospitals may reach only the gateway; every separate app runner and
+the API it connects to hold the same Runtime API secret; and every hospital's ClientApp runner
+runs under the hospital's own site policy, mounted read-only from an object the manifests do
+not carry, with its egress ledger on a writable claim.
+
 The tools live in their own venv, .venv-k8s (checkov pins many heavy dependencies):
     python3 -m venv .venv-k8s && .venv-k8s/bin/pip install -r requirements-k8s.txt
 They are looked up there first, then on PATH. A missing tool is a failure, never a skip.
@@ -23,7 +30,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -31,6 +38,7 @@ from pydantic import TypeAdapter
 
 from federimed import settings
 from federimed.deploy.flower import HARDENED_ENV
+from federimed.policy import POLICY_ENV, approve, load_policy
 
 pytestmark = pytest.mark.k8s
 
@@ -38,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = K8S / "overlays"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+DOCS = ROOT / "docs" / "kubernetes.md"
 COMPOSE_OVERRIDES = ("compose.gpu.yaml", "compose.cpu.yaml")
 TOOLS_VENV = ROOT / ".venv-k8s"
 INSTALL_HINT = (
@@ -50,16 +59,18 @@ INSTALL_HINT = (
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 EXPECTED_OVERLAYS = {"consortium", "hospital", "hospital-gpu", "example-three-hospitals"}
 UID = 49999
-# Image names follow compose.yaml / docker/Dockerfile (targets superlink, supernode, superexec);
-# the tag is the release, pinned (never :latest).
+# Image names follow compose.yaml / docker/Dockerfile (targets superlink, gateway, supernode,
+# superexec); the tag is the release, pinned (never :latest).
 IMAGES = {
     "superlink": "federimed/superlink:0.1.0",
+    "fleet-gateway": "federimed/gateway:0.1.0",
     "supernode": "federimed/supernode:0.1.0",
     "serverapp": "federimed/superexec:0.1.0",
     "clientapp": "federimed/superexec:0.1.0",
 }
 COMMANDS = {
     "superlink": ["superlink"],
+    "fleet-gateway": ["gateway"],
     "supernode": ["supernode"],
     "serverapp": ["superexec"],
     "clientapp": ["superexec"],
@@ -71,10 +82,22 @@ FIXED_ENV = {**HARDENED_ENV, "HF_HUB_OFFLINE": "1"}
 # the settings of that component.
 MODELS = {
     "superlink": (settings.SuperLinkSettings,),
+    "gateway": (settings.GatewaySettings,),
     "supernode": (settings.SuperNodeSettings,),
     "superexec": (settings.SuperExecSettings, settings.RuntimeSettings),
 }
+# FEDERIMED_* variables a component reads that are no field of its settings models, each with
+# its check: the hospital's site policy is read by the ClientApp runner and the app it starts
+# (federimed/policy.py), from a file the deployment mounts.
+EXTRA_VARIABLES = {
+    "superexec": {POLICY_ENV: lambda value: Path(value).is_absolute()},
+}
 DNS_PORT = 53
+# Pod labels (app.kubernetes.io/name) of the roles the policies talk about.
+GATEWAY = "fleet-gateway"
+# The consortium's own pods that may reach the SuperLink: its app runner, the fleet gateway and
+# operator Jobs (federimed enroll / submit). Never anything from another namespace.
+SUPERLINK_PEERS = {"serverapp", GATEWAY, "federimed-operator"}
 
 
 # --------------------------------------------------------------------------- tools / fixtures
@@ -182,6 +205,106 @@ def hospital_namespaces(docs) -> list[str]:
         for d in of_kind(docs, "Namespace")
         if d["metadata"].get("labels", {}).get("federimed.io/role") == "hospital"
     )
+
+
+def namespace_labels(docs, ns) -> dict[str, str]:
+    """The namespace's labels as the API server sees them (it adds kubernetes.io/metadata.name)."""
+    labels = dict(find(docs, "Namespace", ns)["metadata"].get("labels", {}))
+    return {**labels, "kubernetes.io/metadata.name": ns}
+
+
+def pod_labels(doc) -> dict[str, str]:
+    return doc["spec"]["template"]["metadata"]["labels"]
+
+
+def consortium_cases(rendered):
+    """(overlay, docs, namespace) of every SuperLink: wherever hospitals are pointed at one."""
+    for name, item in rendered.items():
+        for doc in workloads(item["docs"]):
+            if role(doc) == "superlink":
+                yield name, item["docs"], doc["metadata"]["namespace"]
+
+
+# --------------------------------------------------------------------------- volumes, services
+
+
+def mount_of(doc, path) -> tuple[dict, dict]:
+    """(the container's volumeMount that holds `path`, its volume): the deepest one."""
+    (c,) = pod_spec(doc)["containers"]
+    path = PurePosixPath(path)
+    hits = [
+        m
+        for m in c.get("volumeMounts", [])
+        if path == PurePosixPath(m["mountPath"]) or PurePosixPath(m["mountPath"]) in path.parents
+    ]
+    assert hits, f"{doc['metadata']['name']}: nothing is mounted at {path} (read-only root)"
+    mount = max(hits, key=lambda m: len(m["mountPath"]))
+    volumes = {v["name"]: v for v in pod_spec(doc)["volumes"]}
+    return mount, volumes[mount["name"]]
+
+
+def file_source(doc, path) -> tuple[str, str, str]:
+    """(kind, name, key) of the ConfigMap or Secret a mounted file comes from."""
+    mount, volume = mount_of(doc, path)
+    assert "subPath" not in mount, f"{path}: a subPath mount never sees updates"
+    relative = PurePosixPath(path).relative_to(mount["mountPath"]).as_posix()
+    for source in volume.get("projected", {}).get("sources", [volume]):
+        for kind, field in (("Secret", "secret"), ("ConfigMap", "configMap")):
+            if field not in source:
+                continue
+            ref = source[field]
+            name = ref.get("secretName") or ref.get("name")
+            items = ref.get("items") or [{"key": relative, "path": relative}]
+            for item in items:
+                if item["path"] == relative:
+                    return kind, name, item["key"]
+    pytest.fail(f"{doc['metadata']['name']}: {path} comes from no ConfigMap or Secret")
+
+
+def writable_volume(doc, path) -> dict:
+    """The volume `path` is written to: mounted read-write, an emptyDir or a claim."""
+    mount, volume = mount_of(doc, path)
+    where = f"{doc['metadata']['name']}: {path}"
+    assert not mount.get("readOnly"), f"{where} is on a read-only mount"
+    claim = volume.get("persistentVolumeClaim")
+    assert "emptyDir" in volume or (claim and not claim.get("readOnly")), f"{where}: {volume}"
+    return volume
+
+
+def target_port(service, port: int, docs) -> int:
+    """The container port behind `port` of `service` (a named targetPort resolved in its pods)."""
+    (entry,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    target = entry.get("targetPort", port)
+    if isinstance(target, int):
+        return target
+    ns = service["metadata"]["namespace"]
+    selector = service["spec"]["selector"]
+    named = {
+        p["name"]: p["containerPort"]
+        for doc in workloads(docs)
+        if doc["metadata"]["namespace"] == ns
+        and all(pod_labels(doc).get(k) == v for k, v in selector.items())
+        for c in pod_spec(doc)["containers"]
+        for p in c.get("ports", [])
+        if "name" in p
+    }
+    return named[target]
+
+
+def in_cluster_service(host: str, docs, ns: str) -> tuple[str, str] | None:
+    """(service, namespace) a pod in `ns` reaches by `host` through cluster DNS (NAME,
+    NAME.NAMESPACE, NAME.NAMESPACE.svc[.cluster.local]); None for a name outside the cluster."""
+    for suffix in (".svc.cluster.local", ".svc"):
+        if host.endswith(suffix):
+            service, _, namespace = host[: -len(suffix)].partition(".")
+            return service, namespace
+    labels = host.split(".")
+    namespaces = {d["metadata"]["name"] for d in of_kind(docs, "Namespace")}
+    if len(labels) == 1:
+        return host, ns
+    if len(labels) == 2 and labels[1] in namespaces:
+        return labels[0], labels[1]
+    return None
 
 
 # --------------------------------------------------------------------------- images, compose
@@ -430,17 +553,21 @@ def test_settings_are_valid_for_the_cli(rendered, monkeypatch):
     its container runs (federimed/settings.py), and with the image's ENV every value parses."""
     images = dockerfile_env()
     for where, stage, env in components(rendered):
+        extra = EXTRA_VARIABLES.get(stage, {})
         known = {
             (m.model_config["env_prefix"] + field).upper()
             for m in MODELS[stage]
             for field in m.model_fields
-        }
+        } | set(extra)
         image = f"docker/Dockerfile {stage}"
         for source, names in ((where, set(env)), (image, set(images[stage]))):
             ours = {k for k in names if k.startswith("FEDERIMED_")}
             assert ours <= known, f"{source}: unknown settings {sorted(ours - known)}"
         for model in MODELS[stage]:
             load(model, {**images[stage], **env}, monkeypatch)  # raises naming the variable
+        for key, check in extra.items():
+            value = env.get(key)
+            assert value is None or check(value), f"{where}: {key}={value!r} is not valid"
     for variant, services in compose_variants().items():
         for name, service in services.items():
             if "entrypoint" in service:
@@ -613,6 +740,136 @@ def test_hospital_data_is_read_only(rendered, monkeypatch):
                         assert m.get("readOnly") is True, (name, ns, doc["metadata"]["name"])
 
 
+def test_fleet_gateway(rendered, monkeypatch):
+    """Wherever a SuperLink runs, the fleet gateway runs beside it: TLS with its own key from a
+    Secret, the SuperLink of its namespace behind it, verified by the name in its certificate."""
+    for name, docs, ns in consortium_cases(rendered):
+        where = f"{name}/{ns}"
+        gateway = find(docs, "Deployment", GATEWAY, ns)
+        conf = effective(gateway, docs, settings.GatewaySettings, monkeypatch)
+        assert conf.host == "0.0.0.0", where
+        link_host, link_port = conf.superlink.rsplit(":", 1)
+        link_svc = find(docs, "Service", link_host, ns)
+        assert link_svc["spec"]["selector"] == {"app.kubernetes.io/name": "superlink"}, where
+        assert target_port(link_svc, int(link_port), docs) == 8000, where
+        assert conf.superlink_name == "superlink", "the SuperLink certificate's default SAN"
+        for path in (conf.ca_cert, conf.cert, conf.key):
+            assert mount_of(gateway, path)[0].get("readOnly") is True, f"{where}: {path}"
+        assert file_source(gateway, conf.key)[0] == "Secret", "the gateway key is a Secret"
+        assert file_source(gateway, conf.ca_cert)[0] == "ConfigMap", "the CA is public"
+        writable_volume(gateway, conf.state)  # Caddy writes its config and storage there
+        (c,) = pod_spec(gateway)["containers"]
+        assert {"name": "https", "containerPort": conf.port, "protocol": "TCP"} in c["ports"]
+        get = c["readinessProbe"]["httpGet"]
+        assert get["path"] == "/health" and get["scheme"] == "HTTPS", where
+        svc = find(docs, "Service", GATEWAY, ns)
+        assert svc["spec"]["selector"] == {"app.kubernetes.io/name": GATEWAY}, where
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", where
+        assert [target_port(svc, p["port"], docs) for p in svc["spec"]["ports"]] == [conf.port]
+
+
+def test_hospitals_are_given_the_gateway(rendered, monkeypatch):
+    """No hospital's SuperNode is pointed at a SuperLink; in-cluster ones at the gateway's
+    Service; and the docs say how to put every address hospitals use into the certificate."""
+    docs_text = DOCS.read_text()
+    for name, docs, ns in hospital_cases(rendered):
+        node, _ = hospital_parts(docs, ns)
+        address = effective(node, docs, settings.SuperNodeSettings, monkeypatch).superlink
+        host, port = address.rsplit(":", 1)
+        where = f"{name}/{ns}: FEDERIMED_NODE_SUPERLINK={address}"
+        service = in_cluster_service(host, docs, ns)
+        consortium = {c_ns for _, _, c_ns in consortium_cases({name: rendered[name]})}
+        if consortium:
+            assert service, f"{where}: the consortium runs in this cluster, use its gateway"
+            assert service[1] in consortium, where
+        if service:
+            # a Service of this cluster: the gateway's, never the SuperLink's
+            svc = find(docs, "Service", *service)
+            selected = svc["spec"]["selector"].get("app.kubernetes.io/name")
+            assert selected != "superlink", f"{where} names the SuperLink's Service"
+            assert selected == GATEWAY, where
+            gateway = find(docs, "Deployment", GATEWAY, service[1])
+            gateway_port = effective(gateway, docs, settings.GatewaySettings, monkeypatch).port
+            assert target_port(svc, int(port), docs) == gateway_port, where
+        # the gateway certificate must carry the name the node connects to
+        assert f"--san {host}" in docs_text, f"{where}: docs/kubernetes.md lacks --san {host}"
+
+
+def test_runtime_api_secret_on_both_ends(rendered, monkeypatch):
+    """Every separate app runner and the Runtime API it connects to (the SuperLink's, or its
+    SuperNode's) read the same key of the same Secret, mounted read-only."""
+    pairs = 0
+    for name, item in rendered.items():
+        docs = item["docs"]
+        for runner in workloads(docs):
+            if role(runner) not in ("serverapp", "clientapp"):
+                continue
+            ns = runner["metadata"]["namespace"]
+            rconf = effective(runner, docs, settings.SuperExecSettings, monkeypatch)
+            svc = find(docs, "Service", rconf.runtime_api.rsplit(":", 1)[0], ns)
+            peer_role = svc["spec"]["selector"]["app.kubernetes.io/name"]
+            peer = find(docs, "Deployment", peer_role, ns)
+            model = {
+                "superlink": settings.SuperLinkSettings,
+                "supernode": settings.SuperNodeSettings,
+            }
+            pconf = effective(peer, docs, model[peer_role], monkeypatch)
+            where = f"{name}/{ns}: {role(runner)} -> {peer_role}"
+            assert rconf.auth_secret is not None, f"{where}: the runner presents no secret"
+            assert pconf.superexec_auth_secret is not None, f"{where}: the API expects none"
+            ours = file_source(runner, rconf.auth_secret)
+            theirs = file_source(peer, pconf.superexec_auth_secret)
+            assert ours[0] == "Secret" and ours == theirs, f"{where}: {ours} != {theirs}"
+            for doc, path in ((runner, rconf.auth_secret), (peer, pconf.superexec_auth_secret)):
+                assert mount_of(doc, path)[0].get("readOnly") is True, where
+            pairs += 1
+    # the ServerApp runner of both consortium overlays, five hospitals' ClientApp runners
+    assert pairs >= 2 + 5, pairs
+
+
+def test_site_policy_and_ledger(rendered, monkeypatch, tmp_path):
+    """Every hospital's ClientApp runner runs under the hospital's own site policy: mounted
+    read-only from a ConfigMap/Secret the manifests do not carry (the hospital creates it), and
+    the ledger path the docs tell hospitals to write into it lies on a writable claim."""
+    docs_text = DOCS.read_text()
+    ledgers = set(re.findall(r"--ledger[ =](/\S+)", docs_text))
+    assert ledgers, "docs/kubernetes.md: no `federimed approve ... --ledger /PATH` example"
+    for name, docs, ns in hospital_cases(rendered):
+        node, runner = hospital_parts(docs, ns)
+        where = f"{name}/{ns}"
+        policy = env_of(runner, docs).get(POLICY_ENV)
+        assert policy and PurePosixPath(policy).is_absolute(), f"{where}: no {POLICY_ENV}"
+        mount, _ = mount_of(runner, policy)
+        assert mount.get("readOnly") is True, f"{where}: the site policy must be read-only"
+        kind, obj, key = file_source(runner, policy)
+        assert kind in ("ConfigMap", "Secret"), where
+        shipped = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == obj]
+        assert not shipped, f"{where}: the site policy is the hospital's, not the manifests'"
+        command = f"create {kind.lower()} {obj}" if kind == "ConfigMap" else f"secret generic {obj}"
+        assert command in docs_text and f"{key}=" in docs_text, f"{where}: undocumented {obj}"
+        # The ledger: a policy made as the docs say puts it on the runner's writable claim.
+        node_name = effective(node, docs, settings.SuperNodeSettings, monkeypatch).name
+        for ledger_path in ledgers:
+            path = tmp_path / name / ns / "policy.yaml"
+            path.unlink(missing_ok=True)
+            approve(path, "0" * 64, site=node_name, ledger=ledger_path)
+            ledger = load_policy(path).ledger
+            volume = writable_volume(runner, ledger)
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            assert claim, f"{where}: the egress ledger must survive restarts (a claim)"
+            find(docs, "PersistentVolumeClaim", claim, ns)
+            data_claim = mount_of(runner, "/data")[1]["persistentVolumeClaim"]["claimName"]
+            assert claim != data_claim, f"{where}: the ledger is not the data volume"
+            # written by the runner only: no other pod of the hospital mounts the claim
+            for doc in workloads(docs):
+                if doc["metadata"]["namespace"] == ns and doc is not runner:
+                    claims = {
+                        v.get("persistentVolumeClaim", {}).get("claimName")
+                        for v in pod_spec(doc)["volumes"]
+                    }
+                    assert claim not in claims, f"{where}: {doc['metadata']['name']}"
+
+
 def test_no_secret_material_in_manifests(rendered):
     for name, item in rendered.items():
         assert not of_kind(item["docs"], "Secret"), f"{name}: Secrets are created with kubectl"
@@ -685,36 +942,77 @@ def test_default_deny_everywhere(rendered):
             )
 
 
+def peer_matches(peer, policy_ns, source_ns_labels, source_labels) -> bool:
+    """Whether a NetworkPolicy peer (namespaceSelector/podSelector, matchLabels) names a pod."""
+    if "ipBlock" in peer:
+        return False
+    for selector in (peer.get("namespaceSelector"), peer.get("podSelector")):
+        assert "matchExpressions" not in (selector or {}), "this test reads matchLabels only"
+    ns_selector = peer.get("namespaceSelector")
+    if ns_selector is None:
+        ns_ok = source_ns_labels["kubernetes.io/metadata.name"] == policy_ns
+    else:
+        ns_ok = all(
+            source_ns_labels.get(k) == v for k, v in ns_selector.get("matchLabels", {}).items()
+        )
+    pod_selector = peer.get("podSelector", {}).get("matchLabels", {})
+    return ns_ok and all(source_labels.get(k) == v for k, v in pod_selector.items())
+
+
+def admits(docs, target, source, port: int) -> bool:
+    """Whether the ingress policies of workload `target` admit workload `source` on `port`."""
+    ns = target["metadata"]["namespace"]
+    isolated, rules = rules_for(docs, ns, pod_labels(target), "ingress")
+    if not isolated:
+        return True
+    source_ns = namespace_labels(docs, source["metadata"]["namespace"])
+    for rule in rules:
+        if rule.get("ports") and (port, "TCP") not in rule_ports(rule):
+            continue
+        peers = rule.get("from")
+        if not peers or any(peer_matches(p, ns, source_ns, pod_labels(source)) for p in peers):
+            return True
+    return False
+
+
 def test_hospital_network_policies(rendered, monkeypatch):
     for name, docs, ns in hospital_cases(rendered):
         node, runner = hospital_parts(docs, ns)
-        node_labels = node["spec"]["template"]["metadata"]["labels"]
-        runner_labels = runner["spec"]["template"]["metadata"]["labels"]
-        superlink = effective(node, docs, settings.SuperNodeSettings, monkeypatch).superlink
-        superlink_port = int(superlink.rsplit(":", 1)[1])
+        node_labels = pod_labels(node)
+        runner_labels = pod_labels(runner)
+        address = effective(node, docs, settings.SuperNodeSettings, monkeypatch).superlink
+        host, port = address.rsplit(":", 1)
+        # An in-cluster gateway is reached on its container port (policies see pods, not
+        # Services); one outside the cluster on the port of its address.
+        service = in_cluster_service(host, docs, ns)
+        if service:
+            gateway_port = target_port(find(docs, "Service", *service), int(port), docs)
+        else:
+            gateway_port = int(port)
         where = f"{name}/{ns}"
 
-        # SuperNode egress: DNS + the SuperLink's port, to a specific peer, nothing else.
+        # SuperNode egress: DNS + the gateway's port, to the gateway only, nothing else.
         isolated, egress = rules_for(docs, ns, node_labels, "egress")
         assert isolated, where
-        seen_link = False
+        seen_gateway = False
         for rule in egress:
             if all(is_dns_peer(p) for p in rule.get("to", [{}])):
                 assert_dns_rule(rule, where)
                 continue
-            assert rule_ports(rule) == {(superlink_port, "TCP")}, f"{where}: {rule}"
-            assert rule.get("to"), f"{where}: SuperLink egress to anywhere"
+            assert rule_ports(rule) == {(gateway_port, "TCP")}, f"{where}: {rule}"
+            assert rule.get("to"), f"{where}: egress to anywhere"
             for peer in rule["to"]:
                 if "ipBlock" in peer:
+                    assert not service, f"{where}: an IP range for an in-cluster gateway"
                     cidr = peer["ipBlock"]["cidr"]
                     assert not cidr.endswith("/0") and not peer["ipBlock"].get("except"), cidr
                 else:
                     assert peer.get("podSelector", {}).get("matchLabels") == {
-                        "app.kubernetes.io/name": "superlink"
-                    }, f"{where}: {peer}"
+                        "app.kubernetes.io/name": GATEWAY
+                    }, f"{where}: hospitals may reach the fleet gateway only: {peer}"
                     assert peer.get("namespaceSelector", {}).get("matchLabels"), where
-            seen_link = True
-        assert seen_link, f"{where}: the SuperNode cannot reach the SuperLink"
+            seen_gateway = True
+        assert seen_gateway, f"{where}: the SuperNode cannot reach the fleet gateway"
 
         # SuperNode ingress: only its ClientApp runner, only on 9094.
         isolated, ingress = rules_for(docs, ns, node_labels, "ingress")
@@ -740,45 +1038,111 @@ def test_hospital_network_policies(rendered, monkeypatch):
         isolated, ingress = rules_for(docs, ns, runner_labels, "ingress")
         assert isolated and not ingress, f"{where}: nothing may connect to the ClientApp runner"
 
+        # Where the consortium runs in the same cluster: its gateway admits this SuperNode (and
+        # not the runner next to the patient data); its SuperLink admits neither.
+        if service:
+            gateway = find(docs, "Deployment", GATEWAY, service[1])
+            link = find(docs, "Deployment", "superlink", service[1])
+            assert admits(docs, gateway, node, gateway_port), f"{where}: gateway refuses node"
+            assert not admits(docs, gateway, runner, gateway_port), where
+            for pod in (node, runner):
+                assert not admits(docs, link, pod, 8000), f"{where}: reaches the SuperLink"
+
 
 def test_superlink_network_policy(rendered):
-    for name in ("consortium", "example-three-hospitals"):
-        docs = rendered[name]["docs"]
-        link = find(docs, "Deployment", "superlink", "consortium")
-        labels = link["spec"]["template"]["metadata"]["labels"]
-        isolated, egress = rules_for(docs, "consortium", labels, "egress")
+    cases = list(consortium_cases(rendered))
+    assert {name for name, _, _ in cases} >= {"consortium", "example-three-hospitals"}
+    for name, docs, ns in cases:
+        where = f"{name}/{ns}"
+        link = find(docs, "Deployment", "superlink", ns)
+        labels = pod_labels(link)
+        isolated, egress = rules_for(docs, ns, labels, "egress")
         assert isolated and not egress, "the SuperLink opens no connections"
-        isolated, ingress = rules_for(docs, "consortium", labels, "ingress")
+        isolated, ingress = rules_for(docs, ns, labels, "ingress")
         assert isolated and ingress
         for rule in ingress:
             assert rule_ports(rule) == {(8000, "TCP")}
             assert rule.get("from"), "port 8000 open to everybody"
             for peer in rule["from"]:
-                assert "ipBlock" not in peer, peer
-                ns_sel = peer.get("namespaceSelector")
-                pod_sel = peer.get("podSelector", {}).get("matchLabels")
-                assert pod_sel, f"every peer names its pods: {peer}"
-                if ns_sel is None:  # same namespace: the ServerApp runner only
-                    assert pod_sel == {"app.kubernetes.io/name": "serverapp"}, peer
-                elif ns_sel.get("matchLabels") == {"federimed.io/role": "hospital"}:
-                    # hospital namespaces: their SuperNode only, never their ClientApp runner
-                    assert pod_sel == {"app.kubernetes.io/name": "supernode"}, peer
-                else:
-                    assert ns_sel.get("matchLabels") == {
-                        "kubernetes.io/metadata.name": "ingress-nginx"
-                    }, peer
+                # the consortium's own pods only: no other namespace, no address range
+                assert set(peer) == {"podSelector"}, f"{where}: {peer}"
+                pod_sel = peer["podSelector"].get("matchLabels", {})
+                assert set(pod_sel) == {"app.kubernetes.io/name"}, f"{where}: {peer}"
+                assert pod_sel["app.kubernetes.io/name"] in SUPERLINK_PEERS, f"{where}: {peer}"
+        for peer_role in ("serverapp", GATEWAY):
+            peer = find(docs, "Deployment", peer_role, ns)
+            assert admits(docs, link, peer, 8000), f"{where}: {peer_role} cannot reach it"
         # the consortium namespace is no hospital; the example's hospitals are labelled
-        consortium = find(docs, "Namespace", "consortium")
-        assert consortium["metadata"]["labels"].get("federimed.io/role") != "hospital"
+        assert namespace_labels(docs, ns).get("federimed.io/role") != "hospital"
         if name == "example-three-hospitals":
             assert hospital_namespaces(docs) == ["hospital-1", "hospital-2", "hospital-3"]
 
-    # Outside hospitals come through the gateway, which routes Fleet (and /health) only.
-    docs = rendered["consortium"]["docs"]
-    (ingress,) = of_kind(docs, "Ingress")
-    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-    assert {p["path"] for p in paths} == {"/v1/fleet/", "/health"}
-    assert ingress["spec"]["tls"], "the gateway terminates TLS"
-    annotations = ingress["metadata"]["annotations"]
-    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
-    assert annotations["nginx.ingress.kubernetes.io/proxy-ssl-verify"] == "on"
+
+def test_gateway_network_policy(rendered, monkeypatch):
+    for name, docs, ns in consortium_cases(rendered):
+        where = f"{name}/{ns}"
+        gateway = find(docs, "Deployment", GATEWAY, ns)
+        labels = pod_labels(gateway)
+        port = effective(gateway, docs, settings.GatewaySettings, monkeypatch).port
+        # Ingress: hospitals only. In-cluster ones by namespace label, their SuperNode pods
+        # only; outside ones by address range, never the whole internet.
+        isolated, ingress = rules_for(docs, ns, labels, "ingress")
+        assert isolated and ingress, where
+        for rule in ingress:
+            assert rule_ports(rule) == {(port, "TCP")}, f"{where}: {rule}"
+            assert rule.get("from"), f"{where}: the gateway open to everybody"
+            for peer in rule["from"]:
+                if "ipBlock" in peer:
+                    assert set(peer) == {"ipBlock"}, peer
+                    cidr = peer["ipBlock"]["cidr"]
+                    assert not cidr.endswith("/0") and not peer["ipBlock"].get("except"), cidr
+                    continue
+                assert peer.get("namespaceSelector", {}).get("matchLabels") == {
+                    "federimed.io/role": "hospital"
+                }, f"{where}: {peer}"
+                assert peer.get("podSelector", {}).get("matchLabels") == {
+                    "app.kubernetes.io/name": "supernode"
+                }, f"{where}: hospitals' SuperNodes only, never their ClientApp runners"
+        # Egress: the SuperLink of its namespace on its port, and DNS to find it.
+        isolated, egress = rules_for(docs, ns, labels, "egress")
+        assert isolated and egress, where
+        for rule in egress:
+            if all(is_dns_peer(p) for p in rule.get("to", [{}])):
+                assert_dns_rule(rule, where)
+                continue
+            assert rule_ports(rule) == {(8000, "TCP")}, f"{where}: {rule}"
+            assert rule.get("to") == [
+                {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "superlink"}}}
+            ], f"{where}: {rule}"
+
+
+def test_only_the_gateway_is_exposed(rendered):
+    """Nothing but the gateway leaves the cluster network, and only for the hospitals' ranges,
+    the same in the load balancer and in the gateway's NetworkPolicy."""
+    for name, item in rendered.items():
+        docs = item["docs"]
+        assert not of_kind(docs, "Ingress"), f"{name}: hospitals come in through the gateway"
+        for svc in of_kind(docs, "Service"):
+            spec = svc["spec"]
+            where = f"{name}: Service {svc['metadata']['name']}"
+            assert not spec.get("externalIPs"), where
+            if spec.get("type", "ClusterIP") == "ClusterIP":
+                continue
+            assert spec["type"] == "LoadBalancer", f"{where}: {spec['type']}"
+            assert spec["selector"] == {"app.kubernetes.io/name": GATEWAY}, where
+            # the hospitals' own addresses reach the pods (for the NetworkPolicy)
+            assert spec.get("externalTrafficPolicy") == "Local", where
+            ranges = spec.get("loadBalancerSourceRanges")
+            assert ranges and not any(r.endswith("/0") for r in ranges), f"{where}: {ranges}"
+            ns = svc["metadata"]["namespace"]
+            gateway = find(docs, "Deployment", GATEWAY, ns)
+            _, ingress = rules_for(docs, ns, pod_labels(gateway), "ingress")
+            cidrs = {p["ipBlock"]["cidr"] for r in ingress for p in r["from"] if "ipBlock" in p}
+            assert cidrs == set(ranges), f"{where}: policy admits {cidrs}, the LB {ranges}"
+            for entry in spec["ports"]:
+                port = target_port(svc, entry["port"], docs)
+                assert all((port, "TCP") in rule_ports(r) for r in ingress), where
+    consortium = rendered["consortium"]["docs"]
+    assert [s for s in of_kind(consortium, "Service") if s["spec"].get("type") == "LoadBalancer"], (
+        "the consortium overlay publishes the gateway for hospitals outside its cluster"
+    )
