@@ -890,6 +890,19 @@ def selects(policy, labels) -> bool:
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
+def egress_beyond_dns(docs, ns, labels, where):
+    """The egress rules of an isolated pod other than DNS (whose rule is checked here)."""
+    isolated, egress = rules_for(docs, ns, labels, "egress")
+    assert isolated and egress, where
+    rules = []
+    for rule in egress:
+        if all(is_dns_peer(p) for p in rule.get("to", [{}])):
+            assert_dns_rule(rule, where)
+        else:
+            rules.append(rule)
+    return rules
+
+
 def rules_for(docs, ns, labels, direction):
     """All rules that apply to a pod (policies are additive) and whether it is isolated."""
     policies = [
@@ -992,13 +1005,8 @@ def test_hospital_network_policies(rendered, monkeypatch):
         where = f"{name}/{ns}"
 
         # SuperNode egress: DNS + the gateway's port, to the gateway only, nothing else.
-        isolated, egress = rules_for(docs, ns, node_labels, "egress")
-        assert isolated, where
         seen_gateway = False
-        for rule in egress:
-            if all(is_dns_peer(p) for p in rule.get("to", [{}])):
-                assert_dns_rule(rule, where)
-                continue
+        for rule in egress_beyond_dns(docs, ns, node_labels, where):
             assert rule_ports(rule) == {(gateway_port, "TCP")}, f"{where}: {rule}"
             assert rule.get("to"), f"{where}: egress to anywhere"
             for peer in rule["to"]:
@@ -1026,12 +1034,7 @@ def test_hospital_network_policies(rendered, monkeypatch):
                 assert not selects({"spec": peer}, node_labels), where
 
         # ClientApp runner: talks only to its SuperNode (and DNS to find it); admits nothing.
-        isolated, egress = rules_for(docs, ns, runner_labels, "egress")
-        assert isolated and egress, where
-        for rule in egress:
-            if all(is_dns_peer(p) for p in rule.get("to", [{}])):
-                assert_dns_rule(rule, where)
-                continue
+        for rule in egress_beyond_dns(docs, ns, runner_labels, where):
             assert rule_ports(rule) == {(9094, "TCP")}, where
             assert rule.get("to") and all(set(p) == {"podSelector"} for p in rule["to"]), where
             assert all(selects({"spec": p}, node_labels) for p in rule["to"]), where
@@ -1104,12 +1107,7 @@ def test_gateway_network_policy(rendered, monkeypatch):
                     "app.kubernetes.io/name": "supernode"
                 }, f"{where}: hospitals' SuperNodes only, never their ClientApp runners"
         # Egress: the SuperLink of its namespace on its port, and DNS to find it.
-        isolated, egress = rules_for(docs, ns, labels, "egress")
-        assert isolated and egress, where
-        for rule in egress:
-            if all(is_dns_peer(p) for p in rule.get("to", [{}])):
-                assert_dns_rule(rule, where)
-                continue
+        for rule in egress_beyond_dns(docs, ns, labels, where):
             assert rule_ports(rule) == {(8000, "TCP")}, f"{where}: {rule}"
             assert rule.get("to") == [
                 {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "superlink"}}}
