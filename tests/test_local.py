@@ -64,11 +64,11 @@ def test_reachability_is_probed_from_the_hospital_namespace():
         hosts.create()
         hosts.add("hospital-1")
         with socket.socket() as server:
-            server.bind((hosts.superlink_address, 0))
+            server.bind((hosts.bridge_address, 0))
             server.listen()
             port = server.getsockname()[1]
-            assert hosts.reachable("hospital-1", hosts.superlink_address, port)
-        assert not hosts.reachable("hospital-1", hosts.superlink_address, port)
+            assert hosts.reachable("hospital-1", hosts.bridge_address, port)
+        assert not hosts.reachable("hospital-1", hosts.bridge_address, port)
     finally:
         hosts.remove()
 

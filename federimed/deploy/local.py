@@ -362,7 +362,6 @@ class LocalFederation:
         client_threads: int | None = 1,
         say: Callable[[str], None] = lambda text: None,
         detached: bool = False,
-        approved_apps: tuple[Path, ...] | None = None,
     ):
         self.workdir = Path(workdir).resolve()
         self.certs = Path(certs).resolve()
@@ -372,8 +371,8 @@ class LocalFederation:
         self.port = free_port()
         self.gateway_port = free_port()
         self.runtime_ports = {name: free_port() for name in self.hospitals}
-        # The app bundles every hospital's policy approves at set-up: this project's own app.
-        self.approved_apps = (find_app_dir(),) if approved_apps is None else approved_apps
+        # What every hospital's policy approves at set-up: this project's own app bundle.
+        self.approved_app = find_app_dir()
         # Threads per ClientApp: hospitals sharing one machine train at once, so 1 each avoids
         # oversubscription; the ServerApp evaluates while they wait and keeps torch's default.
         self.client_threads = client_threads
@@ -385,7 +384,7 @@ class LocalFederation:
     def host(self) -> str:
         """The gateway's host: the bridge's address (its subnet is claimed at start) or
         loopback."""
-        return self.hosts.superlink_address if self.hosts else "127.0.0.1"
+        return self.hosts.bridge_address if self.hosts else "127.0.0.1"
 
     @property
     def address(self) -> str:
@@ -531,16 +530,13 @@ class LocalFederation:
         return self.workdir / "sites" / hospital / "policy.yaml"
 
     def _write_site_policies(self) -> None:
-        """Each hospital's policy (kept across starts, as a hospital would) approves the
-        bundles in ``approved_apps``; its ledger lies beside it."""
-        hashes = [app_hash(app) for app in self.approved_apps]
+        """Each hospital's policy (kept across starts, as a hospital's would be) approves this
+        project's app bundle; its ledger lies beside it."""
+        digest = app_hash(self.approved_app)
+        note = f"set up by federimed: {self.approved_app}"
         for hospital in self.hospitals:
-            for app, digest in zip(self.approved_apps, hashes, strict=True):
-                note = f"set up by federimed: {app}"
-                approve(self._policy(hospital), digest, note=note, site=hospital)
-        if hashes:
-            shown = ", ".join(digest[:12] for digest in hashes)
-            self.say(f"site policies in {self.workdir / 'sites'} approve app bundle {shown}")
+            approve(self._policy(hospital), digest, note=note, site=hospital)
+        self.say(f"site policies in {self.workdir / 'sites'} approve app bundle {digest[:12]}")
 
     @property
     def _secret(self) -> Path:

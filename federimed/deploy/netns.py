@@ -119,7 +119,8 @@ class HospitalHosts:
         return f"fmbr{self.tag}"
 
     @property
-    def superlink_address(self) -> str:
+    def bridge_address(self) -> str:
+        """This host on the bridge: where the fleet gateway listens for the hospitals."""
         return f"{self.subnet}.1"
 
     def create(self) -> None:
@@ -132,7 +133,7 @@ class HospitalHosts:
                 raise RuntimeError(f"no free subnet in {NETWORK}.0.0/16: {holders}")
             self.subnet = free[0]
             _ip("link", "add", self.bridge, "type", "bridge")
-            _ip("addr", "add", f"{self.superlink_address}/{PREFIX}", "dev", self.bridge)
+            _ip("addr", "add", f"{self.bridge_address}/{PREFIX}", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
 
     def remove(self) -> None:

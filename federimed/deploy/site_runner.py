@@ -49,9 +49,8 @@ def use_site_clientapp() -> None:
 class SiteGuard:
     """The hospital's checks around one ClientApp task (one process per task in Flower)."""
 
-    def __init__(self, policy: SitePolicy | None, problem: str = ""):
-        self.policy = policy
-        self.problem = problem  # why there is no policy, for the refusal
+    def __init__(self, policy: SitePolicy | None):
+        self.policy = policy  # None: unusable (logged at start), so every task is refused
         self.app_hash: str | None = None
         self.refusal: str | None = None  # what the server is told when the task fails
         self.server_round: int | None = None  # from the task's config, when the app ran
@@ -62,7 +61,7 @@ class SiteGuard:
             return cls(policy_from_env())
         except PolicyError as error:
             log.error("%s", error)
-            return cls(None, str(error))
+            return cls(None)
 
     @property
     def site(self) -> str:
