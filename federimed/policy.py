@@ -107,8 +107,8 @@ class SitePolicy(BaseModel):
         return kept, sorted(set(metrics) - allowed)
 
 
-def load_policy(path: Path) -> SitePolicy:
-    path = Path(path)
+def _read(path: Path) -> dict:
+    """The policy file as YAML data; errors name the file (and the line)."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as error:
@@ -119,13 +119,23 @@ def load_policy(path: Path) -> SitePolicy:
         raise PolicyError(f"{path}{line}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
         raise PolicyError(f"{path}: a site policy is a YAML mapping (site:, approved_apps:, ...)")
+    return data
+
+
+def _validate(path: Path, data: dict) -> SitePolicy:
+    """Errors name the file and each field."""
     try:
-        policy = SitePolicy.model_validate(data)
+        return SitePolicy.model_validate(data)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
         )
         raise PolicyError(f"{path}: {problems}") from None
+
+
+def load_policy(path: Path) -> SitePolicy:
+    path = Path(path)
+    policy = _validate(path, _read(path))
     if not policy.ledger.is_absolute():
         policy.ledger = (path.parent / policy.ledger).resolve()
     return policy
@@ -155,17 +165,16 @@ def approve(
         raise PolicyError(f"{app_hash!r}: an app hash is 64 hex digits (`federimed app hash`)")
     path = Path(path)
     if path.exists():
-        policy = load_policy(path)
-        data = yaml.safe_load(path.read_text())
+        data = _read(path)
+    elif site:
+        new = _validate(path, {"site": site, "ledger": ledger})
+        data = new.model_dump(mode="json") | {"ledger": ledger}
     else:
-        if not site:
-            raise PolicyError(f"{path}: no such policy; pass --site to create it")
-        policy = SitePolicy.model_validate({"site": site, "ledger": ledger})
-        data = policy.model_dump(mode="json") | {"ledger": ledger}
-    if policy.approves(app_hash):
+        raise PolicyError(f"{path}: no such policy; pass --site to create it")
+    if _validate(path, data).approves(app_hash):
         return False
     data.setdefault("approved_apps", []).append({"sha256": app_hash, "note": note})
-    SitePolicy.model_validate(data)
+    _validate(path, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return True

@@ -82,14 +82,18 @@ def superlink_argv(settings: SuperLinkSettings) -> list[str]:
     ]
     if settings.node_auth:
         argv.append("--enable-supernode-auth")
-    return argv + _secret_args(settings.superexec_auth_secret, "FEDERIMED_SUPERLINK")
+    return argv + _secret_args(
+        FEDERIMED_SUPERLINK_SUPEREXEC_AUTH_SECRET=settings.superexec_auth_secret
+    )
 
 
-def _secret_args(secret: Path | None, prefix: str) -> list[str]:
-    """``--superexec-auth-secret-file``: only runners holding the secret reach the Runtime API."""
+def _secret_args(**setting: Path | None) -> list[str]:
+    """``--superexec-auth-secret-file`` from the one setting given (its env name => its path):
+    only runners holding the secret reach the Runtime API."""
+    ((env_name, secret),) = setting.items()
     if secret is None:
         return []
-    require_files(**{f"{prefix}_SUPEREXEC_AUTH_SECRET": secret})
+    require_files(**{env_name: secret})
     return ["--superexec-auth-secret-file", str(secret)]
 
 
@@ -121,15 +125,17 @@ def supernode_argv(settings: SuperNodeSettings) -> list[str]:
         settings.runtime_host,
         "--port",
         str(settings.runtime_port),
-        *_secret_args(settings.superexec_auth_secret, "FEDERIMED_NODE"),
+        *_secret_args(FEDERIMED_NODE_SUPEREXEC_AUTH_SECRET=settings.superexec_auth_secret),
     ]
 
 
 def superexec_argv(settings: SuperExecSettings) -> list[str]:
-    argv = ["flower-superexec", "--runtime-api-address", settings.runtime_api]
-    if settings.auth_secret is not None:
-        require_files(FEDERIMED_SUPEREXEC_AUTH_SECRET=settings.auth_secret)
-        argv += ["--superexec-auth-secret-file", str(settings.auth_secret)]
+    argv = [
+        "flower-superexec",
+        "--runtime-api-address",
+        settings.runtime_api,
+        *_secret_args(FEDERIMED_SUPEREXEC_AUTH_SECRET=settings.auth_secret),
+    ]
     if settings.ca_cert is None:
         return [*argv, "--insecure"]
     require_files(FEDERIMED_SUPEREXEC_CA_CERT=settings.ca_cert)

@@ -428,6 +428,7 @@ class LocalFederation:
             f"certificates in {self.certs} ({len(report.created)} created, {len(report.kept)} kept)"
         )
         self._write_site_policies()
+        self._write_secret()
         self.say(
             f"starting SuperLink on https://{self.address} (TLS, node authentication) and the "
             f"fleet gateway on https://{self.gateway} (hospitals on {self._network})"
@@ -541,12 +542,19 @@ class LocalFederation:
     @property
     def _secret(self) -> Path:
         """Shared by each SuperNode and its ClientApp runner (Flower's SuperExec auth)."""
-        path = self.workdir / "state" / "superexec.secret"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600)
-            path.write_bytes(os.urandom(32).hex().encode())
-        return path
+        return self.workdir / "state" / "superexec.secret"
+
+    def _write_secret(self) -> None:
+        """Made once, kept across starts (runners of a restarted node still hold it)."""
+        if not self._secret.is_file():
+            self._secret.parent.mkdir(parents=True, exist_ok=True)
+            self._secret.touch(mode=0o600)
+            self._secret.write_bytes(os.urandom(32).hex().encode())
+
+    @property
+    def _gateway_state(self) -> Path:
+        """Caddy's working folder: its Caddyfile and its own files."""
+        return self.workdir / "state" / "gateway"
 
     def _superlink_settings(self) -> SuperLinkSettings:
         return SuperLinkSettings(
@@ -566,7 +574,7 @@ class LocalFederation:
             ca_cert=self.certs / "ca.crt",
             cert=self.certs / "gateway.crt",
             key=self.certs / "gateway.key",
-            state=self.workdir / "state" / "gateway",
+            state=self._gateway_state,
         )
 
     def _supernode_argv(self, name: str, data: Path) -> list[str]:
@@ -608,7 +616,7 @@ class LocalFederation:
             if self.client_threads:
                 env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
         if role == "gateway":  # Caddy's own files stay in the work folder
-            env["XDG_DATA_HOME"] = env["XDG_CONFIG_HOME"] = str(self.workdir / "state" / "gateway")
+            env["XDG_DATA_HOME"] = env["XDG_CONFIG_HOME"] = str(self._gateway_state)
         name = f"{role}-{hospital}" if hospital else role
         member = self.group.start(name, argv, env)
         return ProcessRecord(
