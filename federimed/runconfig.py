@@ -31,24 +31,28 @@ class RunConfigError(ValueError):
 class RunConfig(BaseModel):
     """Field names are the run-config keys with '-' written as '_'."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str
     labels: str
     max_length: int = Field(ge=8, le=512)
-    lora_r: int = Field(ge=1)
-    lora_alpha: int = Field(ge=1)
+    lora_r: int = Field(ge=1, le=1024)
+    lora_alpha: int = Field(ge=1, le=4096)
     lora_dropout: float = Field(ge=0, lt=1)
-    num_server_rounds: int = Field(ge=1)
-    local_steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    learning_rate: float = Field(gt=0)
+    num_server_rounds: int = Field(ge=1, le=10_000)
+    local_steps: int = Field(ge=1, le=1_000_000)
+    batch_size: int = Field(ge=1, le=8192)
+    learning_rate: float = Field(gt=0, le=10)
     fraction_train: float = Field(gt=0, le=1)
     fraction_evaluate: float = Field(ge=0, le=1)
-    min_nodes: int = Field(ge=1)
+    min_nodes: int = Field(ge=1, le=100_000)
+    round_timeout: float = Field(gt=0, le=7 * 86_400)  # a round longer than a week is a typo
+    run_deadline: float = Field(ge=0, le=365 * 86_400)  # 0 = none
+    max_update_norm: float = Field(ge=0)  # 0 = no bound
+    resume_from: str = Field(pattern=r"^[0-9]*$")  # a run id, or "" for a fresh run
     strategy: Strategy
-    proximal_mu: float = Field(ge=0)
-    server_learning_rate: float = Field(gt=0)
+    proximal_mu: float = Field(ge=0, le=1000)
+    server_learning_rate: float = Field(gt=0, le=10)
     test_path: str
     output_dir: str
     audit_messages: bool
