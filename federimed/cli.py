@@ -41,6 +41,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _run_id(text: str) -> str:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a run id is a number (see `flwr ls`), got {text!r}")
+    return text
+
+
 def _hospital_names(count: int) -> list[str]:
     return [f"hospital-{i}" for i in range(1, count + 1)]
 
@@ -257,7 +263,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from federimed.deploy.flower import COMPLETED, log_stream_argv, run_status, submit_run
 
     home, connection, deployment = _connection(args)
-    effective = resolve(app_dir=args.app, run_config=args.run_config or "", deployment=deployment)
+    run_config = args.run_config or ""
+    if args.resume:
+        run_config += f' resume-from="{args.resume}"'
+    effective = resolve(app_dir=args.app, run_config=run_config, deployment=deployment)
     app = find_app_dir(args.app)
     run_id = submit_run(home, connection, app, to_toml_pairs(effective.overrides))
     print(f"submitted Flower run {run_id}", flush=True)
@@ -555,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_args(submit, required=False)
     _run_config_args(submit)
     submit.add_argument("--stream", action="store_true", help="follow the run's logs")
+    submit.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        type=_run_id,
+        help="continue a run that died: start from its last checkpoint and do the rounds it "
+        "had left (pass the same --run-config; the ServerApp refuses one that differs)",
+    )
     submit.set_defaults(func=cmd_submit)
 
     demo = sub.add_parser("demo", help="run a secured local federation + baselines + report")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -38,11 +39,15 @@ class Traffic(_Record):
 
 class RoundRecord(_Record):
     round: int
-    participants: list[str]  # hospitals whose training update arrived
-    dropped: list[str]  # hospitals sampled for training that did not answer (or answered an error)
+    # Hospitals by the name their node was enrolled under (node authentication), not by what
+    # a reply says.
+    participants: list[str]  # hospitals whose training update was aggregated
+    dropped: list[str]  # sampled for training, no update in time (silent, gone, or an error)
     # node -> the reason a hospital gave for refusing or failing (no record content: the
     # hospital's runner sends a reason and a code; details stay in its own log)
     errors: dict[str, str] = {}
+    # hospital -> why its update arrived but was not aggregated (non-finite, shape, norm bound)
+    rejected: dict[str, str] = {}
     train: dict[str, dict[str, float]]  # hospital -> its training metrics (train_loss, ...)
     evaluate: dict[str, dict[str, float]]  # hospital -> metrics of a federated evaluate round
     test: Scores | None  # None when the run has no test set
@@ -52,9 +57,13 @@ class RoundRecord(_Record):
 
 class RunSummary(_Record):
     run_id: int
-    status: str  # "completed" (a run that did not get here has no summary)
+    # "completed", or "deadline" when run-deadline ended it early (a run that died has no
+    # summary: `federimed submit --resume RUN_ID` continues it)
+    status: Literal["completed", "deadline"]
     run_config: dict[str, object]
     rounds_completed: int
+    resumed_from: str | None = None  # the dead run this one continued
+    updates_rejected: int = 0  # updates that arrived and were dropped by the server's checks
     initial_test: Scores | None
     final_test: Scores | None
     update_bytes: int  # one hospital's update (adapter + head), each way, per round

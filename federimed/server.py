@@ -4,18 +4,29 @@ Flower's strategies aggregate client metrics into one number per round; the reco
 per hospital, plus who was sampled, who answered and the bytes each way, so the strategy is
 wrapped (:class:`Recorded`) to note every message it sends and every reply it gets before it
 aggregates, and :class:`RoundRecorder` appends the round to ``rounds.jsonl`` when it ends.
+
+The same wrapper is where a round survives a bad day: hospitals are named by the node Flower
+authenticated (the name it was enrolled under), never by what a reply says about itself;
+updates that are non-finite, mis-shaped or too large are dropped before aggregation; replies
+whose metric keys differ (a hospital without validation data) are cut to the common keys;
+and the run's deadline bounds every wait on the grid (:class:`DeadlineGrid`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -42,6 +53,7 @@ from federimed.runrecord import (
     Scores,
     Traffic,
     append_round,
+    read_rounds,
     write_summary,
 )
 from federimed.training import encode, evaluate, pick_device
@@ -50,6 +62,109 @@ log = logging.getLogger("flwr.federimed.server")
 
 # The metric replies are weighted by when Flower averages them (training.train reports it).
 WEIGHT_KEY = "num_examples"
+# An enrolled name is used in paths (audit files) and reports only if it is this plain.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class RunDeadline(Exception):
+    """The run's deadline passed: no new round starts."""
+
+
+def hospital_name(node_id: int, enrolled: str) -> str:
+    """The name the node was enrolled under, or ``node-<id>`` when it is not a safe name."""
+    return enrolled if SAFE_NAME.match(enrolled) else f"node-{node_id}"
+
+
+def update_problem(update: ArrayRecord, reference: ArrayRecord, max_norm: float) -> str | None:
+    """Why ``update`` must not be aggregated into ``reference`` (the global model), or None.
+
+    Keys, shapes and dtypes must match, every value must be finite, and with ``max_norm`` > 0
+    the L2 norm of the change must stay within it: one broken or hostile hospital must not
+    be able to wreck the global model for everyone.
+    """
+    if set(update) != set(reference):
+        missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
+    squared = 0.0
+    for name, expected in reference.items():
+        got = update[name]
+        if list(got.shape) != list(expected.shape) or got.dtype != expected.dtype:
+            wanted = f"{expected.dtype}{list(expected.shape)}"
+            return f"{name}: {got.dtype}{list(got.shape)}, expected {wanted}"
+        try:
+            values = got.numpy().astype(np.float64)
+        except ValueError as error:
+            return f"{name}: unreadable array ({error})"
+        if not np.isfinite(values).all():
+            return f"{name}: non-finite values"
+        squared += float(np.sum((values - expected.numpy()) ** 2))
+    norm = math.sqrt(squared)
+    if max_norm and norm > max_norm:
+        return f"update norm {norm:.4g} above the bound {max_norm:g}"
+    return None
+
+
+def metrics_problem(content: RecordDict) -> str | None:
+    """Why a reply's metrics cannot be averaged, or None."""
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            return f"metric {key}: non-finite value"
+    weight = metrics.get(WEIGHT_KEY)
+    if isinstance(weight, list) or weight is None or weight <= 0:
+        return f"metric {WEIGHT_KEY}: missing or not positive ({weight!r})"
+    return None
+
+
+def keep_common_metrics(replies: list[Message]) -> None:
+    """Cut every reply's metrics to the keys all of them have.
+
+    Flower refuses to aggregate replies whose metric keys differ; a hospital without
+    validation data (no ``val_*`` keys) must not fail everyone's round. Each hospital's full
+    metrics are already in the round record.
+    """
+    records = [next(iter(r.content.metric_records.values())) for r in replies]
+    if not records:
+        return
+    common = set.intersection(*(set(record) for record in records))
+    for record in records:
+        for key in set(record) - common:
+            del record[key]
+
+
+class DeadlineGrid:
+    """The run's grid with its deadline: waiting for nodes or replies ends when it passes.
+
+    Flower's strategies wait for ``min-nodes`` without end and for replies up to the round
+    timeout; through this grid both waits stop at the deadline and raise :class:`RunDeadline`.
+    """
+
+    def __init__(self, grid: Grid, deadline: float):
+        self._grid = grid
+        self._deadline = deadline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def _left(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise RunDeadline("the run deadline passed")
+        return left
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._left()
+        return self._grid.get_node_ids()
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        left = self._left()
+        bounded = left if timeout is None else min(timeout, left)
+        return self._grid.send_and_receive(messages, timeout=bounded)
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -63,7 +178,8 @@ class RoundRecorder:
     def __init__(self, out: Path, audit: bool = False):
         self.out = out
         self.audit_dir = out / "audit" if audit else None
-        self.names: dict[int, str] = {}  # node id -> the hospital it reported being
+        self.names: dict[int, str] = {}  # node id -> the name it was enrolled under
+        self.rejected_total = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -71,7 +187,13 @@ class RoundRecorder:
         self.sampled: list[int] = []
         self.replied: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
         self.errors: dict[str, str] = {}
+        self.rejected: dict[str, str] = {}
         self.traffic: dict[int, dict[str, int]] = {}
+
+    def learn_names(self, grid: Grid) -> None:
+        """Node id -> enrolled name, from the SuperLink's record of authenticated nodes."""
+        for node in grid.get_nodes():
+            self.names[node.node_id] = hospital_name(node.node_id, node.name)
 
     def _traffic(self, node_id: int) -> dict[str, int]:
         return self.traffic.setdefault(node_id, {"bytes_down": 0, "bytes_up": 0})
@@ -91,14 +213,23 @@ class RoundRecorder:
                 continue
             node_id = reply.metadata.src_node_id
             content = reply.content
-            node = content.get("node", {})
-            hospital = self.names.setdefault(node_id, str(node.get("hospital", f"node-{node_id}")))
+            hospital = self._name(node_id)
+            claimed = content.get("node", {}).get("hospital")
+            if claimed is not None and claimed != hospital:
+                log.warning("node %s (enrolled as %s) says it is %r", node_id, hospital, claimed)
             metrics = next(iter(content.metric_records.values()), MetricRecord())
             self.replied[kind][hospital] = {k: float(v) for k, v in metrics.items()}
             if "arrays" in content:
                 self._traffic(node_id)["bytes_up"] += record_bytes(content["arrays"])
             if self.audit_dir is not None:
                 self._audit(kind, server_round, hospital, content)
+
+    def reject(self, server_round: int, reply: Message, problem: str) -> None:
+        """An update that arrived but is not aggregated: counted, logged, in the record."""
+        name = self._name(reply.metadata.src_node_id)
+        self.rejected[name] = problem
+        self.rejected_total += 1
+        log.warning("round %d: update from %s dropped: %s", server_round, name, problem)
 
     def _error(self, kind: str, server_round: int, reply: Message) -> None:
         name = self._name(reply.metadata.src_node_id)
@@ -127,12 +258,14 @@ class RoundRecorder:
 
     def finish(self, server_round: int, test: dict[str, float] | None) -> RoundRecord:
         """The round is over: append its line to ``rounds.jsonl`` and start the next."""
-        participants = sorted(self.replied["train"])
+        participants = sorted(set(self.replied["train"]) - set(self.rejected))
+        answered = set(participants) | set(self.rejected)
         record = RoundRecord(
             round=server_round,
             participants=participants,
-            dropped=sorted({self._name(n) for n in self.sampled} - set(participants)),
+            dropped=sorted({self._name(n) for n in self.sampled} - answered),
             errors=self.errors,
+            rejected=self.rejected,
             train=self.replied["train"],
             evaluate=self.replied["evaluate"],
             test=Scores(**test) if test else None,
@@ -144,38 +277,74 @@ class RoundRecorder:
         return record
 
 
+def _refused(reply: Message) -> bool:
+    """An error from a hospital that is there (a policy refusal, a failing app)."""
+    return reply.has_error() and reply.error.code != ErrorCode.NODE_UNAVAILABLE
+
+
 class Recorded:
-    """Mixed in front of a Flower strategy: every message goes past the recorder first."""
+    """Mixed in front of a Flower strategy: every message goes past the recorder first.
+
+    ``round_offset`` shifts Flower's round numbers (1, 2, ...) to the run's own when a run
+    resumes another: the hospitals then draw the same batches as the uninterrupted run would.
+    """
 
     recorder: RoundRecorder
+    max_update_norm: float = 0.0
+    round_offset: int = 0
+    _sent: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.recorder.learn_names(grid)
         self.recorder.sent("train", messages)
+        self._sent = arrays
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        server_round += self.round_offset
         replies = list(replies)
         self.recorder.received("train", server_round, replies)
-        if replies and all(reply.has_error() for reply in replies):
+        if replies and all(_refused(reply) for reply in replies):
             # Nobody trained: going on would repeat the same refusals for every round.
             reasons = "; ".join(f"{n}: {r}" for n, r in sorted(self.recorder.errors.items()))
             raise RuntimeError(f"round {server_round}: no hospital trained ({reasons})")
-        return super().aggregate_train(server_round, replies)
+        usable = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            problem = metrics_problem(reply.content)
+            if problem is None and len(reply.content.array_records) != 1:
+                problem = f"expected one ArrayRecord, got {len(reply.content.array_records)}"
+            if problem is None:
+                update = next(iter(reply.content.array_records.values()))
+                problem = update_problem(update, self._sent, self.max_update_norm)
+            if problem is None:
+                usable.append(reply)
+            else:
+                self.recorder.reject(server_round, reply, problem)
+        keep_common_metrics(usable)
+        return super().aggregate_train(server_round, usable)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.recorder.learn_names(grid)
         self.recorder.sent("evaluate", messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
+        server_round += self.round_offset
         replies = list(replies)
         self.recorder.received("evaluate", server_round, replies)
-        return super().aggregate_evaluate(server_round, replies)
+        usable = [r for r in replies if not r.has_error() and metrics_problem(r.content) is None]
+        keep_common_metrics(usable)
+        return super().aggregate_evaluate(server_round, usable)
 
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
@@ -197,10 +366,15 @@ def _strategy_options(run: RunConfig) -> dict[str, Any]:
     return {}
 
 
-def make_strategy(run: RunConfig, recorder: RoundRecorder) -> Strategy:
+def make_strategy(run: RunConfig, recorder: RoundRecorder, round_offset: int = 0) -> Strategy:
     """The run config's strategy, recording every round through ``recorder``."""
     base = STRATEGY_CLASSES[run.strategy]
-    recorded = type(f"Recorded{base.__name__}", (Recorded, base), {"recorder": recorder})
+    checks = {
+        "recorder": recorder,
+        "max_update_norm": run.max_update_norm,
+        "round_offset": round_offset,
+    }
+    recorded = type(f"Recorded{base.__name__}", (Recorded, base), checks)
     return recorded(
         fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
@@ -210,6 +384,55 @@ def make_strategy(run: RunConfig, recorder: RoundRecorder) -> Strategy:
         weighted_by_key=WEIGHT_KEY,
         **_strategy_options(run),
     )
+
+
+class ResumeError(ValueError):
+    """``resume-from`` names a run that cannot be continued; says which and why."""
+
+
+RUN_CONFIG_FILE = "run_config.json"
+# What may change when a run is resumed: how long it goes and waits, not what it computes.
+RESUMABLE_CHANGES = {
+    "resume-from",
+    "num-server-rounds",
+    "round-timeout",
+    "run-deadline",
+    "min-nodes",
+    "audit-messages",
+}
+
+
+def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
+    return run_dir / "checkpoints" / f"round-{server_round}"
+
+
+def resume_point(run: RunConfig) -> tuple[list[RoundRecord], ArrayRecord]:
+    """The rounds a dead run completed and its global model after the last of them.
+
+    A round's line in ``rounds.jsonl`` is written after its checkpoint, so the last recorded
+    round always has one. The dead run's configuration must match this one's, except for
+    what only bounds the run (:data:`RESUMABLE_CHANGES`).
+    """
+    from safetensors.torch import load_file
+
+    run_id = run.resume_from
+    old = Path(run.output_dir) / run_id
+    config_file = old / RUN_CONFIG_FILE
+    if not config_file.is_file():
+        raise ResumeError(f"resume-from={run_id}: {config_file} not found (no such run here?)")
+    before = json.loads(config_file.read_text(encoding="utf-8"))
+    now = run.to_flower()
+    changed = sorted(k for k in now.keys() - RESUMABLE_CHANGES if before.get(k) != now[k])
+    if changed:
+        differences = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ResumeError(f"resume-from={run_id}: the run config differs ({differences})")
+    rounds = read_rounds(old)
+    if not rounds:
+        raise ResumeError(f"resume-from={run_id}: {old} has no completed round to resume from")
+    checkpoint = checkpoint_dir(old, rounds[-1].round) / "adapter_model.safetensors"
+    if not checkpoint.is_file():
+        raise ResumeError(f"resume-from={run_id}: checkpoint {checkpoint} is missing")
+    return rounds, ArrayRecord(OrderedDict(load_file(checkpoint)))
 
 
 class GlobalModel:
@@ -227,11 +450,14 @@ class GlobalModel:
             examples = load_examples(Path(run.test_path), self.labels)
             self.test = encode(examples, self.tokenizer, self.labels, run.max_length)
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
-        """Load ``arrays``, checkpoint them (after round 0) and score them on the test set."""
+    def load(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
         load_exchanged_state(self.model, arrays.to_torch_state_dict())
         if server_round > 0:
-            self.model.save_pretrained(self.out / "checkpoints" / f"round-{server_round}")
+            self.model.save_pretrained(checkpoint_dir(self.out, server_round))
+
+    def score(self, server_round: int) -> dict[str, float] | None:
+        """The loaded model on the common test set (None without one)."""
         if self.test is None:
             return None
         metrics = evaluate(self.model, self.test, self.device)
@@ -243,51 +469,97 @@ class GlobalModel:
         )
         return metrics
 
-    def save_final(self, arrays: ArrayRecord) -> Path:
-        load_exchanged_state(self.model, arrays.to_torch_state_dict())
+    def save_final(self) -> Path:
         return save_model(self.model, self.tokenizer, self.out / "final", self.run.model)
 
 
 class ServerRun:
-    """One run at the consortium: rounds through the strategy, the record written as they end."""
+    """One run at the consortium: rounds through the strategy, the record written as they end.
 
-    def __init__(self, run: RunConfig, run_id: int, output_dir: Path):
+    With ``resume-from`` it continues a dead run: that run's rounds are copied into this run's
+    record, its last checkpoint is the starting model, and only the rounds left are done.
+    """
+
+    def __init__(self, run: RunConfig, run_id: int):
         self.run = run
         self.run_id = run_id
-        self.out = output_dir / str(run_id)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(run.output_dir) / str(run_id)
         self.recorder = RoundRecorder(self.out, audit=run.audit_messages)
-        self.global_model = GlobalModel(run, self.out)
         self.scores: dict[int, dict[str, float] | None] = {}
+        self.resumed: tuple[list[RoundRecord], ArrayRecord] | None = None
+        if run.resume_from:
+            self.resumed = resume_point(run)
+            done = self.resumed[0][-1].round
+            if done >= run.num_server_rounds:
+                raise ResumeError(
+                    f"resume-from={run.resume_from}: it completed {done} round(s), "
+                    f"num-server-rounds is {run.num_server_rounds}: nothing is left to do"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / RUN_CONFIG_FILE).write_text(json.dumps(run.to_flower(), indent=2))
+        self.global_model = GlobalModel(run, self.out)
+        self.offset = 0
+        if self.resumed is not None:
+            rounds, _ = self.resumed
+            self.offset = rounds[-1].round
+            for record in rounds:
+                append_round(self.out, record)
+                self.scores[record.round] = record.test.model_dump() if record.test else None
 
-    def _end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower calls this before round 1 and as the last step of every round."""
-        scores = self.global_model.evaluate(server_round, arrays)
+    def _end_of_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls this before its round 1 and as the last step of every round."""
+        server_round = flower_round + self.offset
+        self.global_model.load(server_round, arrays)
+        if flower_round == 0 and self.offset:
+            return None  # the resumed checkpoint: scored and recorded by the run it came from
+        scores = self.global_model.score(server_round)
         self.scores[server_round] = scores
         if server_round > 0:
             self.recorder.finish(server_round, scores)
         return MetricRecord(scores) if scores else None
 
+    def _initial_arrays(self) -> ArrayRecord:
+        seeded = ArrayRecord(exchanged_state(self.global_model.model))
+        if self.resumed is None:
+            return seeded
+        self.scores[0] = self.global_model.score(0)  # the seeded model, as the first run saw it
+        return self.resumed[1]
+
     def start(self, grid: Grid) -> RunSummary:
         started = time.monotonic()
-        initial = ArrayRecord(exchanged_state(self.global_model.model))
-        result = make_strategy(self.run, self.recorder).start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=self.run.num_server_rounds,
-            evaluate_fn=self._end_of_round,
-        )
-        final = self.global_model.save_final(result.arrays)
+        update_bytes = record_bytes(ArrayRecord(exchanged_state(self.global_model.model)))
+        strategy = make_strategy(self.run, self.recorder, round_offset=self.offset)
+        if self.run.run_deadline:
+            grid = DeadlineGrid(grid, started + self.run.run_deadline)
+        status = "completed"
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=self._initial_arrays(),
+                num_rounds=self.run.num_server_rounds - self.offset,
+                timeout=self.run.round_timeout,
+                evaluate_fn=self._end_of_round,
+            )
+        except RunDeadline:
+            status = "deadline"
+            log.warning(
+                "run-deadline of %g s passed: the run ends after round %d",
+                self.run.run_deadline,
+                max(self.scores, default=0),
+            )
+        final = self.global_model.save_final()
         trainable, total = count_parameters(self.global_model.model)
-        last = self.run.num_server_rounds
+        last = max(self.scores, default=0)
         summary = RunSummary(
             run_id=self.run_id,
-            status="completed",
+            status=status,
             run_config=self.run.to_flower(),
             rounds_completed=last,
+            resumed_from=self.run.resume_from or None,
+            updates_rejected=self.recorder.rejected_total,
             initial_test=self.scores.get(0),
             final_test=self.scores.get(last),
-            update_bytes=record_bytes(initial),
+            update_bytes=update_bytes,
             trainable_parameters=trainable,
             total_parameters=total,
             final_model=str(final),

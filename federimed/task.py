@@ -83,6 +83,10 @@ def train_round(
         validation = encode(data.validation, tokenizer, labels, run.max_length)
         scores = evaluate(model, validation, device)
         metrics = {"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
+    else:
+        # Scoring on training cases would flatter the model; the server averages the metric
+        # keys every hospital reported, so this hospital's missing ones cost nobody a round.
+        log.info("%s: no validation.jsonl, the incoming model is not scored here", node.hospital)
     settings = run.train_settings(
         seed=_round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
     )
@@ -123,6 +127,8 @@ def evaluate_round(
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
     cases: list[Example] = data.validation or data.train
+    if not data.validation:
+        log.warning("%s: no validation.jsonl, evaluating on training cases", node.hospital)
     model, tokenizer = _global_model(run, global_state)
     encoded = encode(cases, tokenizer, labels, run.max_length)
     return evaluate(model, encoded, pick_device(runtime))

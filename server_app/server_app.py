@@ -7,8 +7,6 @@ it ends (``rounds.jsonl``), and saves the final model where `transformers` and `
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,4 +21,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(context.run_config)
-    ServerRun(run, context.run_id, Path(run.output_dir)).start(grid)
+    ServerRun(run, context.run_id).start(grid)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_run
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
 from federimed.data.records import load_hospital
@@ -105,10 +106,16 @@ def test_every_strategy_choice_has_a_class():
 
 
 class _Grid:
-    """What a strategy asks of Flower's Grid to sample nodes."""
+    """What a strategy asks of Flower's Grid: the online nodes and the names they enrolled as."""
+
+    def __init__(self, names=None):
+        self.names = names or {11: "hospital-1", 12: "hospital-2", 13: "../hospital-3"}
 
     def get_node_ids(self):
-        return [11, 12, 13]
+        return list(self.names)
+
+    def get_nodes(self):
+        return [NodeInfo(node_id=n, name=name) for n, name in self.names.items()]
 
 
 def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
@@ -116,6 +123,7 @@ def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
     strategy = make_strategy(make_run(min_nodes=3), RoundRecorder(tmp_path, audit=True))
     arrays = ArrayRecord({"w": torch.zeros(10)})
     sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _Grid()))
+    sent.sort(key=lambda m: m.metadata.dst_node_id)
     assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12, 13]
     replies = [
         Message(
@@ -132,6 +140,7 @@ def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
             sent[:2], ("hospital-1", "hospital-2"), (1.0, 3.0), (10, 30), strict=False
         )
     ]
+    replies[0].content["node"]["hospital"] = "hospital-2"  # a claim is not an identity
     aggregated, metrics = strategy.aggregate_train(1, replies)
     assert aggregated["w"].numpy()[0] == pytest.approx(2.5)
     assert metrics["train_loss"] == pytest.approx(2.5)
@@ -139,7 +148,7 @@ def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
     strategy.recorder.finish(1, test)
 
     (record,) = read_rounds(tmp_path)
-    silent = f"node-{sent[2].metadata.dst_node_id}"
+    silent = "node-13"  # enrolled under a name that is no safe path component
     assert record.participants == ["hospital-1", "hospital-2"]
     assert record.dropped == [silent]
     assert record.train["hospital-2"] == {"train_loss": 3.0, "num_examples": 30.0}

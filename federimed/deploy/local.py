@@ -90,9 +90,11 @@ def use_namespaces(choice: str) -> bool:
 def deployment_overrides(
     workdir: Path, hospitals: int, test_path: Path | str | None
 ) -> dict[str, Any]:
-    """What a local federation decides for its runs: every hospital takes part, its test set,
-    outputs in its work folder (where ``status`` reads the rounds)."""
-    overrides: dict[str, Any] = {"min-nodes": hospitals, "output-dir": str(workdir / "flower")}
+    """What a local federation decides for its runs: a round goes ahead with a majority of its
+    hospitals (every one online is sampled; one that is gone costs a round, not the run), its
+    test set, outputs in its work folder (where ``status`` reads the rounds)."""
+    majority = hospitals // 2 + 1
+    overrides: dict[str, Any] = {"min-nodes": majority, "output-dir": str(workdir / "flower")}
     if test_path:
         overrides["test-path"] = str(test_path)
     return overrides

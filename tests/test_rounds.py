@@ -1,0 +1,219 @@
+"""A round survives a bad day: bad updates, silent or refusing hospitals, deadlines, resumes.
+
+The strategy is driven here as Flower's ``Strategy.start`` drives it, with a stand-in Grid; the
+same code runs against a real federation in tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_run
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.supercore.task_identity import TaskIdentity
+
+from federimed.runrecord import RoundRecord, append_round, read_rounds
+from federimed.server import (
+    RUN_CONFIG_FILE,
+    DeadlineGrid,
+    ResumeError,
+    RoundRecorder,
+    RunDeadline,
+    checkpoint_dir,
+    hospital_name,
+    make_strategy,
+    resume_point,
+    update_problem,
+)
+
+NAMES = {11: "hospital-1", 12: "hospital-2", 13: "hospital-3", 14: "hospital-4"}
+
+
+class _Grid:
+    def get_node_ids(self):
+        return list(NAMES)
+
+    def get_nodes(self):
+        return [NodeInfo(node_id=n, name=name) for n, name in NAMES.items()]
+
+
+@pytest.fixture(autouse=True)
+def _as_in_a_serverapp():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _global() -> ArrayRecord:
+    return ArrayRecord({"a": torch.zeros(4), "b": torch.zeros(2, 3)})
+
+
+def _reply(message: Message, arrays: dict, metrics: dict) -> Message:
+    content = {"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}
+    return Message(RecordDict(content), reply_to=message)
+
+
+def _sent(strategy, server_round: int = 1) -> dict[str, Message]:
+    messages = strategy.configure_train(server_round, _global(), ConfigRecord(), _Grid())
+    return {NAMES[m.metadata.dst_node_id]: m for m in messages}
+
+
+def test_bad_updates_are_dropped_counted_and_the_round_goes_on(tmp_path):
+    recorder = RoundRecorder(tmp_path)
+    strategy = make_strategy(make_run(min_nodes=4, max_update_norm=10.0), recorder)
+    sent = _sent(strategy)
+    good = {"a": torch.ones(4), "b": torch.ones(2, 3)}
+    replies = [
+        _reply(sent["hospital-1"], good, {"train_loss": 1.0, "num_examples": 5}),
+        _reply(
+            sent["hospital-2"],
+            {"a": torch.tensor([1.0, float("nan"), 1, 1]), "b": torch.ones(2, 3)},
+            {"train_loss": 1.0, "num_examples": 5},
+        ),
+        _reply(
+            sent["hospital-3"],
+            {"a": torch.ones(5), "b": torch.ones(2, 3)},
+            {"train_loss": 1.0, "num_examples": 5},
+        ),
+        _reply(
+            sent["hospital-4"],
+            {"a": torch.full((4,), 100.0), "b": torch.ones(2, 3)},
+            {"train_loss": 1.0, "num_examples": 5},
+        ),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["a"].numpy(), np.ones(4))  # only hospital-1 counted
+    record = recorder.finish(1, None)
+    assert record.participants == ["hospital-1"]
+    assert record.dropped == []
+    assert record.rejected["hospital-2"] == "a: non-finite values"
+    assert "expected float32[4]" in record.rejected["hospital-3"]
+    assert "above the bound 10" in record.rejected["hospital-4"]
+    assert recorder.rejected_total == 3
+
+
+def test_update_checks_name_what_is_wrong():
+    reference = _global()
+    missing = ArrayRecord({"a": torch.zeros(4)})
+    assert update_problem(missing, reference, 0) == "wrong keys (missing ['b'], unexpected [])"
+    doubles = ArrayRecord({"a": torch.zeros(4, dtype=torch.float64), "b": torch.zeros(2, 3)})
+    assert "float64[4], expected float32[4]" in update_problem(doubles, reference, 0)
+    huge = ArrayRecord({"a": torch.full((4,), 1e6), "b": torch.zeros(2, 3)})
+    assert update_problem(huge, reference, 0) is None  # no bound configured
+
+
+def test_hospital_without_validation_keys_does_not_fail_the_round(tmp_path):
+    """Flower refuses replies with different metric keys; the server cuts to the common ones."""
+    recorder = RoundRecorder(tmp_path)
+    strategy = make_strategy(make_run(min_nodes=2), recorder)
+    sent = _sent(strategy)
+    weights = {"a": torch.ones(4), "b": torch.ones(2, 3)}
+    with_val = {"train_loss": 1.0, "num_examples": 5, "val_accuracy": 0.5, "val_loss": 2.0}
+    replies = [
+        _reply(sent["hospital-1"], weights, with_val),
+        _reply(sent["hospital-2"], weights, {"train_loss": 3.0, "num_examples": 5}),
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert dict(metrics) == {"train_loss": 2.0}  # Flower leaves out the weight key
+    record = recorder.finish(1, None)
+    assert record.participants == ["hospital-1", "hospital-2"]
+    assert record.train["hospital-1"]["val_accuracy"] == 0.5  # kept per hospital
+
+
+def test_silent_and_gone_hospitals_are_dropped_and_refusals_by_all_stop_the_run(tmp_path):
+    recorder = RoundRecorder(tmp_path)
+    strategy = make_strategy(make_run(min_nodes=2), recorder)
+    sent = _sent(strategy)
+    gone = Message(Error(ErrorCode.NODE_UNAVAILABLE, "node offline"), reply_to=sent["hospital-1"])
+    weights = {"a": torch.ones(4), "b": torch.ones(2, 3)}
+    answered = _reply(sent["hospital-2"], weights, {"num_examples": 5})
+    strategy.aggregate_train(1, [gone, answered])  # hospital-3 and -4: silent past the timeout
+    record = recorder.finish(1, None)
+    assert record.participants == ["hospital-2"]
+    assert record.dropped == ["hospital-1", "hospital-3", "hospital-4"]
+    assert record.errors == {"hospital-1": "node offline"}
+
+    sent = _sent(strategy, 2)
+    assert strategy.aggregate_train(2, [gone]) == (None, None)  # nobody there: a lost round
+    sent = _sent(strategy, 3)
+    refusal = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "below floors [refused by h1]")
+    refused = [Message(refusal, reply_to=m) for m in sent.values()]
+    with pytest.raises(RuntimeError, match="round 3: no hospital trained"):
+        strategy.aggregate_train(3, refused)
+
+
+def test_enrolled_names_that_are_not_plain_never_become_paths():
+    assert hospital_name(7, "hospital-1") == "hospital-1"
+    for unsafe in ("", "../etc", "a/b", ".hidden", "x" * 80, "h\n1"):
+        assert hospital_name(7, unsafe) == "node-7"
+
+
+def test_resumed_rounds_carry_the_run_s_own_numbers(tmp_path):
+    recorder = RoundRecorder(tmp_path)
+    strategy = make_strategy(make_run(min_nodes=1), recorder, round_offset=2)
+    sent = _sent(strategy, 1)  # Flower's first round of the resumed run
+    assert {m.content["config"]["server-round"] for m in sent.values()} == {3}
+    weights = {"a": torch.ones(4), "b": torch.ones(2, 3)}
+    strategy.aggregate_train(1, [_reply(sent["hospital-1"], weights, {"num_examples": 1})])
+    assert recorder.finish(3, None).round == 3
+
+
+def test_deadline_grid_bounds_every_wait():
+    class Slow(_Grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            self.timeout = timeout
+            return []
+
+    slow = Slow()
+    grid = DeadlineGrid(slow, time.monotonic() + 30)
+    grid.send_and_receive([], timeout=600)
+    assert 25 < slow.timeout <= 30
+    assert list(grid.get_node_ids()) == list(NAMES)
+    assert [n.name for n in grid.get_nodes()] == list(NAMES.values())
+    past = DeadlineGrid(slow, time.monotonic() - 1)
+    with pytest.raises(RunDeadline):
+        past.get_node_ids()
+    with pytest.raises(RunDeadline):
+        past.send_and_receive([], timeout=5)
+
+
+def _dead_run(tmp_path, rounds: int, run):
+    """What a ServerApp that died after ``rounds`` rounds leaves behind."""
+    from federimed.model import build_classifier
+
+    old = tmp_path / "flower" / "41"
+    old.mkdir(parents=True)
+    (old / RUN_CONFIG_FILE).write_text(json.dumps(run.to_flower()))
+    model = build_classifier(run.model, run.label_list, run.lora, seed=run.seed)
+    for k in range(1, rounds + 1):
+        model.save_pretrained(checkpoint_dir(old, k))
+        record = RoundRecord(
+            round=k, participants=["h"], dropped=[], train={}, evaluate={}, test=None,
+            traffic={}, seconds=1.0,
+        )  # fmt: skip
+        append_round(old, record)
+    return old
+
+
+def test_resume_point_is_the_last_recorded_round_and_refuses_a_changed_config(tmp_path, tiny_model):
+    base = {"model": tiny_model, "output_dir": str(tmp_path / "flower")}
+    _dead_run(tmp_path, 2, make_run(**base))
+    rounds, arrays = resume_point(make_run(**base, resume_from="41", num_server_rounds=6))
+    assert [r.round for r in rounds] == [1, 2]
+    assert any(name.endswith("lora_A.weight") for name in arrays)
+    with pytest.raises(ResumeError, match=r"learning-rate: 0\.005 -> 0\.1"):
+        resume_point(make_run(**base, resume_from="41", learning_rate=0.1))
+    with pytest.raises(ResumeError, match="not found"):
+        resume_point(make_run(**base, resume_from="42"))
+
+
+def test_resume_refuses_a_run_without_a_completed_round(tmp_path, tiny_model):
+    run = make_run(model=tiny_model, output_dir=str(tmp_path / "flower"))
+    _dead_run(tmp_path, 0, run)
+    with pytest.raises(ResumeError, match="no completed round"):
+        resume_point(make_run(model=tiny_model, output_dir=run.output_dir, resume_from="41"))
+    assert read_rounds(tmp_path / "flower" / "41") == []
