@@ -350,6 +350,16 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    from federimed.deploy.local import RunningFederation
+
+    running = RunningFederation.attach(args.out)
+    record = running.restart(args.role, args.hospital)
+    who = f"{args.role} of {args.hospital}" if args.hospital else args.role
+    print(f"restarted the {who} (pid {record.pid}); log: {record.log}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from federimed.config import resolve
     from federimed.deploy.local import RunningFederation
@@ -553,6 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop everything `federimed up` started")
     _out_arg(down)
     down.set_defaults(func=cmd_down)
+
+    restart = sub.add_parser(
+        "restart",
+        help="stop one process of an `up` federation and start it again as `up` did",
+        description="What a patched and rebooted node looks like: same command line, keys and "
+        "state database. A restarted SuperLink keeps every enrolment and completed round, but "
+        "Flower 1.42 does not reconnect a running ServerApp to it: that run fails after about "
+        "60 s; continue it with `federimed submit --resume RUN_ID`.",
+    )
+    _out_arg(restart)
+    restart.add_argument("role", choices=["superlink", "gateway", "supernode", "clientapp"])
+    restart.add_argument("hospital", nargs="?", help="for supernode and clientapp: which one")
+    restart.set_defaults(func=cmd_restart)
 
     submit = sub.add_parser(
         "submit",

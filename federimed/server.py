@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -185,6 +185,7 @@ class RoundRecorder:
     def _reset(self) -> None:
         self.started = time.monotonic()
         self.sampled: list[int] = []
+        self.outbox: list[Message] = []  # Flower sets each one's message id as it pushes it
         self.replied: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
         self.errors: dict[str, str] = {}
         self.rejected: dict[str, str] = {}
@@ -199,6 +200,7 @@ class RoundRecorder:
         return self.traffic.setdefault(node_id, {"bytes_down": 0, "bytes_up": 0})
 
     def sent(self, kind: str, messages: list[Message]) -> None:
+        self.outbox += messages
         for message in messages:
             node_id = message.metadata.dst_node_id
             if kind == "train":
@@ -231,8 +233,18 @@ class RoundRecorder:
         self.rejected_total += 1
         log.warning("round %d: update from %s dropped: %s", server_round, name, problem)
 
+    def _addressee(self, reply: Message) -> int:
+        """The node a reply is about: the SuperLink answers for a node that went offline."""
+        if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return reply.metadata.src_node_id
+        asked = reply.metadata.reply_to_message_id
+        return next(
+            (m.metadata.dst_node_id for m in self.outbox if m.metadata.message_id == asked),
+            SUPERLINK_NODE_ID,
+        )
+
     def _error(self, kind: str, server_round: int, reply: Message) -> None:
-        name = self._name(reply.metadata.src_node_id)
+        name = self._name(self._addressee(reply))
         self.errors[name] = str(reply.error.reason)
         log.warning(
             "round %d %s: %s replied an error: %s", server_round, kind, name, reply.error.reason

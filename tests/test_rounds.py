@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import make_run
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -128,7 +128,11 @@ def test_silent_and_gone_hospitals_are_dropped_and_refusals_by_all_stop_the_run(
     recorder = RoundRecorder(tmp_path)
     strategy = make_strategy(make_run(min_nodes=2), recorder)
     sent = _sent(strategy)
+    for name, message in sent.items():  # as Flower's grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"id-{name}"
+    # The SuperLink answers for a node that stopped sending heartbeats, in its own name.
     gone = Message(Error(ErrorCode.NODE_UNAVAILABLE, "node offline"), reply_to=sent["hospital-1"])
+    gone.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
     weights = {"a": torch.ones(4), "b": torch.ones(2, 3)}
     answered = _reply(sent["hospital-2"], weights, {"num_examples": 5})
     strategy.aggregate_train(1, [gone, answered])  # hospital-3 and -4: silent past the timeout

@@ -117,6 +117,10 @@ class ProcessRecord(BaseModel):
     netns: str | None
     address: str
     log: str
+    # How it was started (what `restart` repeats): the command line, and the variables set on
+    # top of Flower's fixed environment (paths and addresses only; secrets stay in files).
+    argv: list[str] = []
+    env: dict[str, str] = {}
 
 
 class FederationState(BaseModel):
@@ -333,6 +337,35 @@ class RunningFederation:
             "status": run.get("status"),
             "rounds_completed": len(read_rounds(self.workdir / "flower" / str(run_id))),
         }
+
+    def restart(self, role: str, hospital: str | None = None) -> ProcessRecord:
+        """Stop one process (if it still runs) and start it again exactly as ``up`` did.
+
+        What a rebooted hospital node or a restarted SuperLink looks like: same command line,
+        same state database, same keys, in the same network namespace.
+        """
+        matches = [
+            i
+            for i, r in enumerate(self.state.processes)
+            if (r.role, r.hospital) == (role, hospital)
+        ]
+        if not matches:
+            who = f"{role} of {hospital}" if hospital else role
+            raise DeploymentError(f"this federation has no {who}")
+        index = matches[0]
+        record = self.state.processes[index]
+        _stop_record(record)
+        group = ProcessGroup(self.workdir / "logs", detached=True)
+        member = group.start(Path(record.log).stem, record.argv, flower_env() | record.env)
+        if role in ("superlink", "gateway"):
+            ca = Path(self.state.ca_cert)
+            wait_until(lambda: superlink_healthy(record.address, ca), 90, f"the {role}", group)
+        started = psutil.Process(member.process.pid).create_time()
+        self.state.processes[index] = record.model_copy(
+            update={"pid": member.process.pid, "started": started}
+        )
+        (self.workdir / STATE_FILE).write_text(self.state.model_dump_json(indent=2))
+        return self.state.processes[index]
 
     def stop(self) -> None:
         """Stop every recorded process and remove the network namespaces, alive or not."""
@@ -607,8 +640,7 @@ class LocalFederation:
         return self.hosts.addresses[hospital] if self.hosts else "127.0.0.1"
 
     def _launch(self, role: str, hospital: str | None, argv: list[str]) -> ProcessRecord:
-        env = flower_env()
-        env[FEDERATION_TAG] = str(self.workdir)
+        env = {FEDERATION_TAG: str(self.workdir)}
         if role == "clientapp":
             env.update(
                 FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[hospital]}",
@@ -620,7 +652,7 @@ class LocalFederation:
         if role == "gateway":  # Caddy's own files stay in the work folder
             env["XDG_DATA_HOME"] = env["XDG_CONFIG_HOME"] = str(self._gateway_state)
         name = f"{role}-{hospital}" if hospital else role
-        member = self.group.start(name, argv, env)
+        member = self.group.start(name, argv, flower_env() | env)
         return ProcessRecord(
             role=role,
             hospital=hospital,
@@ -629,4 +661,6 @@ class LocalFederation:
             netns=self.hosts.namespaces[hospital] if self.hosts and hospital else None,
             address=self._address_of(role, hospital),
             log=str(member.log),
+            argv=argv,
+            env=env,
         )
