@@ -98,6 +98,21 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "comparison.png")
 
 
+def _round_rows(rounds: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per round from the run record: a hospital that was away shows here."""
+    rows = []
+    for number in sorted(rounds, key=int):
+        r = rounds[number]
+        rejected = ", ".join(f"{h} ({why})" for h, why in r.get("rejected", {}).items())
+        test = (r.get("test") or {}).get("accuracy")
+        rows.append(
+            f"| {number} | {', '.join(r['participants']) or 'none'} "
+            f"| {', '.join(r['dropped']) or '-'} | {rejected or '-'} | {_fmt(test)} "
+            f"| {r['seconds']:.0f} |"
+        )
+    return rows
+
+
 def write_markdown(report: dict[str, Any], out: Path) -> Path:
     setup = report["setup"]
     lines = [
@@ -127,6 +142,12 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "![comparison](comparison.png)",
         "",
         "![accuracy per round](accuracy_per_round.png)",
+        "",
+        "## Who took part in each round",
+        "",
+        "| round | took part | dropped | update rejected | test accuracy | seconds |",
+        "|---|---|---|---|---|---|",
+        *_round_rows(report.get("rounds", {})),
         "",
         "## Traffic and time",
         "",

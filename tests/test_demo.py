@@ -32,6 +32,8 @@ def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_mod
     for name in ("report.md", "comparison.png", "accuracy_per_round.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "model" / "config.json").is_file()
+    markdown = (out / "report.md").read_text()
+    assert "| 1 | hospital-1, hospital-2 | - | - |" in markdown  # who took part, per round
     assert {p.name for p in (out / "logs").glob("*.log")} >= {
         "superlink.log",
         "supernode-hospital-1.log",
