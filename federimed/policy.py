@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 if TYPE_CHECKING:  # torch is only needed where updates are clipped, not by the CLI
     import torch
 
 POLICY_ENV = "FEDERIMED_SITE_POLICY"
+# A policy is a page of YAML; a bigger file is not one, and is not read into memory.
+MAX_POLICY_BYTES = 1024 * 1024
 # What FederiMed's own app reports (training.py): a new policy allows exactly these.
 DEFAULT_METRICS = (
     "num_examples",
@@ -51,14 +53,18 @@ class SiteRefusal(Exception):
 
 
 class Floors(BaseModel):
-    """Lower bounds on what one update is built from: small ones reveal single cases."""
+    """Lower bounds on what one update is built from: small ones reveal single cases.
 
-    model_config = ConfigDict(extra="forbid")
+    Whole numbers only (``true`` is not 1), and no higher than any run could meet: the
+    run config's own maxima for batch-size and local-steps.  A floor above them refuses every
+    task, which is a typo better refused when the hospital starts."""
 
-    batch_size: int = Field(4, ge=1, description="smallest batch-size a run may use")
-    local_steps: int = Field(1, ge=1, description="fewest local-steps per update")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    batch_size: int = Field(4, ge=1, le=8192, description="smallest batch-size a run may use")
+    local_steps: int = Field(1, ge=1, le=1_000_000, description="fewest local-steps per update")
     examples_per_update: int = Field(
-        16, ge=1, description="fewest distinct cases one update may be trained on"
+        16, ge=1, le=10_000_000, description="fewest distinct cases one update may be trained on"
     )
 
 
@@ -70,16 +76,26 @@ class ApprovedApp(BaseModel):
 
 
 class SitePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     site: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="the hospital's id")
     approved_apps: list[ApprovedApp] = Field(default_factory=list)
     floors: Floors = Field(default_factory=Floors)
     metrics_allowed: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     max_update_norm: float | None = Field(
-        None, gt=0, description="L2 clip on each update (new minus received weights)"
+        None,
+        gt=0,
+        strict=True,  # a number (NaN and infinity refused), not true/false or text
+        description="L2 clip on each update (new minus received weights)",
     )
     ledger: Path = Field(description="the egress ledger, on the hospital's own volume")
+
+    @field_validator("ledger")
+    @classmethod
+    def _a_usable_path(cls, value: Path) -> Path:
+        if "\x00" in str(value) or not str(value).strip():
+            raise ValueError("must be a file path (not empty, no NUL character)")
+        return value
 
     def approves(self, app_hash: str) -> bool:
         return any(app.sha256 == app_hash for app in self.approved_apps)
@@ -107,19 +123,62 @@ class SitePolicy(BaseModel):
         return kept, sorted(set(metrics) - allowed)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice: plain YAML keeps the last one silently, which
+    in a policy could loosen a floor written further up."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # an unhashable key: PyYAML's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: Path) -> dict:
-    """The policy file as YAML data; errors name the file (and the line)."""
+    """The policy file as YAML data; errors name the file (and the line).
+
+    UTF-8 (a byte-order mark is fine), at most MAX_POLICY_BYTES, one YAML mapping."""
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as handle:
+            data = handle.read(MAX_POLICY_BYTES + 1)
     except OSError as error:
         raise PolicyError(f"{POLICY_ENV}={path}: cannot read the site policy ({error})") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{path}: larger than {MAX_POLICY_BYTES} bytes; not a site policy")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise PolicyError(f"{path}, line {line}: not UTF-8 text") from None
+    if not text.strip():
+        raise PolicyError(f"{path}: the file is empty; a site policy needs site: and ledger:")
+    try:
+        parsed = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f", line {where.line + 1}" if where else ""
-        raise PolicyError(f"{path}{line}: not valid YAML ({error})") from None
-    if not isinstance(data, dict):
+        raise PolicyError(f"{path}{_yaml_line(error, text)}: not valid YAML ({error})") from None
+    except RecursionError:
+        raise PolicyError(f"{path}: not valid YAML (nested too deeply)") from None
+    if not isinstance(parsed, dict):
         raise PolicyError(f"{path}: a site policy is a YAML mapping (site:, approved_apps:, ...)")
-    return data
+    return parsed
+
+
+def _yaml_line(error: yaml.YAMLError, text: str) -> str:
+    """', line N' where PyYAML knows it: a mark, or a reader error's character position."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return f", line {mark.line + 1}"
+    position = getattr(error, "position", None)
+    if isinstance(position, int):
+        return f", line {text.count(chr(10), 0, position) + 1}"
+    return ""
 
 
 def _validate(path: Path, data: dict) -> SitePolicy:

@@ -3,18 +3,52 @@
 Every setting is an environment variable with the ``FEDERIMED_`` prefix; the same names are
 used by ``compose.yaml``, the Kubernetes manifests and the ``federimed`` CLI, so a value means
 the same thing wherever it is set.  Values are validated when a component starts, so a typo in
-a deployment fails at once with the variable's name instead of deep inside Flower.
+a deployment fails at once with the variable's name instead of deep inside Flower.  That
+includes numbers: a port is 1..65535 (also the one in a HOST:PORT address), counts are not
+negative, and a host name is a host name (it is written into Flower's arguments and Caddy's
+configuration, so a stray space, quote or brace is refused rather than passed on).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Isolation = Literal["subprocess", "process"]
+# A DNS name, an IPv4 address, or an IPv6 address (bare, or in brackets as in "[::1]:8000").
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+")
+
+
+def _host(value: str) -> str:
+    if not _HOST.fullmatch(value):
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    return value
+
+
+def _address(value: str) -> str:
+    """HOST:PORT, with a port in 1..65535: Flower would only fail on it at its first connect."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    _host(host)
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return value
+
+
+def _node_config_path(value: Path) -> Path:
+    """Flower's --node-config is a quoted string: a quote or line break would end it early."""
+    if any(char in str(value) for char in '"\\\n\r\x00'):
+        raise ValueError(f"{str(value)!r}: no quote, backslash, line break or NUL allowed here")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+Address = Annotated[str, AfterValidator(_address)]
 
 
 class SuperLinkSettings(BaseSettings):
@@ -22,7 +56,7 @@ class SuperLinkSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDERIMED_SUPERLINK_", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
+    host: Host = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
     port: int = Field(8000, ge=1, le=65535, description="The single HTTPS port.")
     ca_cert: Path = Field(Path("certs/ca.crt"), description="CA that signed the server cert.")
     cert: Path = Field(Path("certs/superlink.crt"), description="Server certificate (PEM).")
@@ -43,14 +77,16 @@ class SuperNodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDERIMED_NODE_", extra="forbid")
 
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Hospital id.")
-    superlink: str = Field("127.0.0.1:8000", description="SuperLink address HOST:PORT.")
+    superlink: Address = Field("127.0.0.1:8000", description="SuperLink address HOST:PORT.")
     ca_cert: Path = Field(Path("certs/ca.crt"), description="CA used to verify the SuperLink.")
     private_key: Path = Field(..., description="The node's ECDSA P-384 key (OpenSSH format).")
-    data_path: Path = Field(..., description="The hospital's data folder (read-only).")
+    data_path: Annotated[Path, AfterValidator(_node_config_path)] = Field(
+        ..., description="The hospital's data folder (read-only)."
+    )
     isolation: Isolation = Field(
         "subprocess", description="'process' when a separate ClientApp container runs the app."
     )
-    runtime_host: str = Field("127.0.0.1", description="Bind address of the node's app API.")
+    runtime_host: Host = Field("127.0.0.1", description="Bind address of the node's app API.")
     runtime_port: int = Field(9094, ge=1, le=65535, description="Port of the node's app API.")
     superexec_auth_secret: Path | None = Field(
         None, description="Shared secret file the hospital's ClientApp runner must present."
@@ -62,7 +98,7 @@ class SuperExecSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDERIMED_SUPEREXEC_", extra="forbid")
 
-    runtime_api: str = Field(..., description="SuperLink HOST:8000 or SuperNode HOST:9094.")
+    runtime_api: Address = Field(..., description="SuperLink HOST:8000 or SuperNode HOST:9094.")
     ca_cert: Path | None = Field(
         None, description="CA to verify the Runtime API; unset means plaintext (same pod/host)."
     )
@@ -76,10 +112,10 @@ class GatewaySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDERIMED_GATEWAY_", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
+    host: Host = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
     port: int = Field(8443, ge=1, le=65535, description="HTTPS port hospitals connect to.")
-    superlink: str = Field("127.0.0.1:8000", description="The SuperLink behind it, HOST:PORT.")
-    superlink_name: str = Field(
+    superlink: Address = Field("127.0.0.1:8000", description="The SuperLink behind it, HOST:PORT.")
+    superlink_name: Host = Field(
         "superlink", description="Name in the SuperLink's certificate (verified on every hop)."
     )
     ca_cert: Path = Field(Path("certs/ca.crt"), description="CA that signed both certificates.")
@@ -91,9 +127,15 @@ class GatewaySettings(BaseSettings):
 class RuntimeSettings(BaseSettings):
     """Where and how the apps compute: the same code on a GPU host and on a laptop."""
 
-    model_config = SettingsConfigDict(env_prefix="FEDERIMED_", extra="ignore")
+    # An empty variable means the default: compose passes `FEDERIMED_TORCH_THREADS:` through
+    # from the shell, empty when the shell set it empty.
+    model_config = SettingsConfigDict(
+        env_prefix="FEDERIMED_", extra="ignore", env_ignore_empty=True
+    )
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' uses CUDA (with mixed precision) when present."
     )
-    torch_threads: int = Field(0, ge=0, description="CPU threads per process; 0 = torch default.")
+    torch_threads: int = Field(
+        0, ge=0, le=4096, description="CPU threads per process; 0 = torch default."
+    )
