@@ -31,7 +31,7 @@ class RunConfigError(ValueError):
 class RunConfig(BaseModel):
     """Field names are the run-config keys with '-' written as '_'."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     model: str
     labels: str
@@ -56,7 +56,7 @@ class RunConfig(BaseModel):
     test_path: str
     output_dir: str
     audit_messages: bool
-    seed: int
+    seed: int = Field(ge=0, le=2**32 - 1)  # what numpy and torch accept as a seed
 
     @classmethod
     def key_names(cls) -> list[str]:

@@ -575,22 +575,12 @@ def test_unknown_and_missing_run_config_keys_are_named(extra, drop):
     assert ("batch-size" if drop else extra) in str(error.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runconfig.py: pydantic's lax mode reads true/false as 1/0 for numeric keys; "
-    "needs Field(strict=True) on them (or ConfigDict(strict=True))",
-)
 @pytest.mark.parametrize("key", ["batch-size", "learning-rate", "fraction-train"])
 def test_true_is_not_a_number_in_the_run_config(key):
     with pytest.raises(RunConfigError, match=key):
         RunConfig.from_flower({**DEFAULTS, key: True})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runconfig.py: seed is unbounded; a negative seed fails in every hospital's "
-    "np.random.default_rng, one over 2**64 in torch.manual_seed: needs ge=0, le=2**32 - 1",
-)
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_a_seed_no_hospital_can_use_is_refused_at_start_up(seed):
     with pytest.raises(RunConfigError, match="seed"):
