@@ -7,14 +7,17 @@ and checks that the demo run finished its rounds with all three hospitals (which
 consortium only through the fleet gateway), saved its run record (rounds.jsonl, summary.json)
 and the model on the `runs` volume, that each hospital's egress ledger verifies, and that the
 deployment keeps its promises (non-root, networks, secrets, the Control API out of the
-hospitals' reach).
+hospitals' reach). Last, on the same stack: a hospital's SuperNode SIGKILLed (`docker compose
+kill`) in the middle of a second run is dropped from that round and the run completes with the
+other two; started again (`docker compose start`), it takes part in the next run.
 Everything is torn down afterwards; images and the layer cache stay for the next run.
 
     tests/containers/run.sh          # = make test-containers; needs root (dockerd, apt-get)
 
 Settings (env): FEDERIMED_TEST_ROUNDS (2), FEDERIMED_TEST_LOCAL_STEPS (3),
 FEDERIMED_TEST_KEEP=1 (leave the stack up for debugging), FEDERIMED_TEST_ARTIFACTS (folder for
-compose logs, rounds.jsonl and summary.json; default runs/containers-test).
+compose logs, rounds.jsonl and summary.json, the later runs' *-rounds.jsonl and submit-*.log;
+default runs/containers-test).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +55,15 @@ BUILD_TIMEOUT = 25 * 60
 RUN_TIMEOUT = 15 * 60
 ARTIFACTS = Path(os.environ.get("FEDERIMED_TEST_ARTIFACTS", REPO / "runs" / "containers-test"))
 COMPOSE_FILES = ("-f", "compose.yaml", "-f", "compose.cpu.yaml")
+LONG_RUNNING = (
+    "superlink",
+    "fleet-gateway",
+    "serverapp",
+    *(f"supernode-{h}" for h in HOSPITALS),
+    *(f"clientapp-{h}" for h in HOSPITALS),
+)
+NODES_ONLINE_TIMEOUT = 300  # SuperNodes connect within seconds; generous for a loaded machine
+KILLED = "hospital-3"  # the hospital whose SuperNode test_killed_hospital_... SIGKILLs
 
 
 def _run(argv, env=None, timeout=600, check=True, capture=True, input_=None):
@@ -167,8 +180,18 @@ def stack(engine):
 
     try:
         started = time.monotonic()
-        up = stack.compose("up", "-d", "--no-build", timeout=600, check=False)
+        # Everything but `submit` first (compose starts init and enroll on the way). A SuperNode
+        # is healthy once its Runtime API answers, which Flower opens before the node connects
+        # to the SuperLink, and a run samples the nodes online when its round starts (at least
+        # the deployment's min-nodes=2). The checks below demand all three hospitals in every
+        # round, so the demo is submitted once the SuperLink counts all three online; the run
+        # keeps the deployment's min-nodes, so a hospital lost during it still fails them.
+        up = stack.compose("up", "-d", "--no-build", *LONG_RUNNING, timeout=600, check=False)
         assert up.returncode == 0, f"compose up failed:\n{up.stdout[-4000:]}\n{_logs(stack)}"
+        _wait_for_online(stack, len(HOSPITALS))
+        stack.timings["up_to_nodes_online_s"] = time.monotonic() - started
+        up = stack.compose("up", "-d", "--no-build", "submit", timeout=600, check=False)
+        assert up.returncode == 0, f"compose up submit failed:\n{up.stdout[-4000:]}"
         deadline = time.monotonic() + RUN_TIMEOUT
         while time.monotonic() < deadline:
             state = stack.inspect("submit")["State"]
@@ -311,15 +334,6 @@ def test_superlink_and_gateway_are_published_on_loopback_with_tls(stack, tmp_pat
     assert binding["HostIp"] == "127.0.0.1"
 
 
-LONG_RUNNING = (
-    "superlink",
-    "fleet-gateway",
-    "serverapp",
-    *(f"supernode-{h}" for h in HOSPITALS),
-    *(f"clientapp-{h}" for h in HOSPITALS),
-)
-
-
 def test_services_run_as_non_root_and_are_healthy(stack):
     for service in LONG_RUNNING:
         info = stack.inspect(service)
@@ -409,7 +423,7 @@ def test_runtime_apis_take_only_runners_with_the_secret(stack):
 
 # Runs in a throwaway container of the app image (it has `flwr` and the app at /app) attached
 # to one network: what a machine there, holding the consortium's CA certificate, gets from the
-# address it is given.  argv: ADDRESS COMMANDS (ls,run) [HOST:PORT to probe with TCP ...]
+# address it is given.  argv: ADDRESS COMMANDS (ls,run,nodes) [HOST:PORT to probe with TCP ...]
 CLI_PROBE = r"""
 import json, os, socket, ssl, subprocess, sys, urllib.error, urllib.request
 from pathlib import Path
@@ -424,7 +438,8 @@ home.mkdir()
 env = dict(os.environ, FLWR_HOME=str(home))
 report = {"cli": {}, "http": {}, "tcp": {}}
 argvs = {"ls": ["flwr", "ls", "probe", "--format", "json"],
-         "run": ["flwr", "run", "/app", "probe", "--format", "json"]}
+         "run": ["flwr", "run", "/app", "probe", "--format", "json"],
+         "nodes": ["flwr", "supernode", "list", "probe", "--format", "json"]}
 for name in filter(None, commands.split(",")):
     proc = subprocess.run(argvs[name], env=env, capture_output=True, text=True, timeout=180)
     report["cli"][name] = {"rc": proc.returncode, "stdout": proc.stdout[-3000:],
@@ -649,3 +664,193 @@ def test_images_carry_their_commands(stack):
             "-c", f"command -v {command}",
         ).stdout.strip()  # fmt: skip
         assert found == f"/opt/venv/bin/{command}", (image, found)
+
+
+# ------------------------------------------------------------------------------ node loss
+# Last in the file: the checks above expect the demo run alone on the `runs` volume and in
+# the ledgers, and all three SuperNodes up.
+
+
+def _until(condition, timeout: float, failure):
+    """Poll ``condition()`` every 2 s until it returns something truthy, and return that;
+    after ``timeout`` seconds fail with ``failure()``."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout:.0f} s: {failure()}")
+        time.sleep(2)
+    return value
+
+
+def _online_nodes(stack: Stack) -> int:
+    """How many SuperNodes the SuperLink counts online: `flwr supernode list`, as the operator
+    runs it from the consortium network."""
+    report = _probe_from(stack, "consortium", "superlink:8000", "nodes")
+    listed = report["cli"]["nodes"]
+    assert not _cli_failed(listed), json.dumps(report, indent=1)
+    return sum(node["status"] == "online" for node in json.loads(listed["stdout"])["nodes"])
+
+
+def _wait_for_online(stack: Stack, expected: int) -> None:
+    """Until the SuperLink counts ``expected`` SuperNodes online."""
+    deadline = time.monotonic() + NODES_ONLINE_TIMEOUT
+    while (online := _online_nodes(stack)) != expected:
+        assert time.monotonic() < deadline, (
+            f"after {NODES_ONLINE_TIMEOUT} s the SuperLink counts {online} SuperNodes online, "
+            f"not {expected}:\n{_logs(stack)[-6000:]}"
+        )
+        time.sleep(2)
+
+
+@dataclass
+class Submission:
+    """`docker compose run submit` with FEDERIMED_RUN_CONFIG, in the background (it streams
+    the run's log until the run ends, and exits 0 only if it completed)."""
+
+    log: Path
+    proc: subprocess.Popen
+
+    @classmethod
+    def start(cls, stack: Stack, run_config: str, log: Path) -> Submission:
+        env = dict(stack.env, FEDERIMED_RUN_CONFIG=run_config)
+        argv = ["docker", "compose", "-p", PROJECT, *COMPOSE_FILES]
+        argv += ["run", "--rm", "--no-deps", "-T", "submit"]
+        with log.open("w") as out:
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return cls(log, proc)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def run_id(self) -> str:
+        found = _until(
+            lambda: re.search(r"submitted Flower run (\d+)", self.output()),
+            300,
+            lambda: f"no run submitted:\n{self.output()[-4000:]}",
+        )
+        return found.group(1)
+
+    def finish(self) -> None:
+        """Wait for the run's end; it must have completed."""
+        try:
+            code = self.proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"run still going:\n{self.output()[-4000:]}") from None
+        assert code == 0, f"submit exited {code}:\n{self.output()[-4000:]}"
+        assert "Strategy execution finished" in self.output(), self.output()[-4000:]
+
+
+def _follow_log(
+    stack: Stack, service: str, needle: str, process: subprocess.Popen, timeout: float
+) -> bool:
+    """Follow the service's log until a line contains ``needle`` (True), or ``process`` ended
+    or ``timeout`` seconds passed (False)."""
+    argv = ["docker", "compose", "-p", PROJECT, *COMPOSE_FILES, "logs", "-f", "--no-color", service]
+    follow = subprocess.Popen(
+        argv, cwd=REPO, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+
+    def watch() -> None:  # ends the log stream when there is nothing left to wait for
+        deadline = time.monotonic() + timeout
+        while follow.poll() is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        follow.kill()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        return any(needle in line for line in follow.stdout)
+    finally:
+        follow.kill()
+        follow.wait()
+
+
+def _run_record(stack: Stack, run_id: str, dest: Path, name: str) -> tuple[list[dict], dict]:
+    """rounds.jsonl and summary.json of a run, from the `runs` volume (also kept in ARTIFACTS)."""
+    dest.mkdir()
+    stack.compose("cp", f"serverapp:/runs/{run_id}/.", str(dest))
+    rounds_text = (dest / "rounds.jsonl").read_text()
+    (ARTIFACTS / f"{name}-rounds.jsonl").write_text(rounds_text)
+    rounds = [json.loads(line) for line in rounds_text.splitlines() if line.strip()]
+    return rounds, json.loads((dest / "summary.json").read_text())
+
+
+# Two rounds; no server-side test set (its scoring is the slow part of a round here and says
+# nothing about who took part). The round timeout stays the deployment's: the SuperLink
+# answers for the killed node once it has missed its heartbeats (33-60 s), well before.
+NODE_LOSS_RUN = f'num-server-rounds=2 local-steps={LOCAL_STEPS} test-path=""'
+REJOIN_RUN = f'num-server-rounds=1 local-steps={LOCAL_STEPS} test-path=""'
+
+
+def test_killed_hospital_is_dropped_and_the_run_completes_without_it(stack, tmp_path):
+    """SIGKILL a hospital's SuperNode once it holds its round-1 task: the SuperLink answers for
+    it (NODE_UNAVAILABLE) when it misses its heartbeats, round 1 aggregates the other two,
+    round 2 samples only the two online, and the run completes."""
+    node = f"supernode-{KILLED}"
+    others = [h for h in HOSPITALS if h != KILLED]
+    started = time.monotonic()
+    submission = Submission.start(stack, NODE_LOSS_RUN, ARTIFACTS / "submit-node-loss.log")
+    try:
+        run_id = submission.run_id()
+        # Round 1 samples all three (they are online after the demo run). The node logs
+        # `[RUN <id>]` as it pulls a task of the run: it is killed the moment it holds its
+        # round-1 task, following its log (no polling delay), long before its ClientApp
+        # could have trained and replied (tens of seconds here).
+        held = _follow_log(stack, node, f"[RUN {run_id}]", submission.proc, timeout=600)
+        assert held, f"run {run_id} gave {node} no task:\n{submission.output()[-4000:]}"
+        stack.compose("kill", node)  # SIGKILL, as `docker compose kill` sends by default
+        _until(
+            lambda: stack.inspect(node)["State"]["Status"] == "exited",
+            60,
+            lambda: f"{node} still running after `docker compose kill`",
+        )
+        assert stack.inspect(node)["State"]["ExitCode"] == 137
+        submission.finish()
+    finally:
+        if submission.proc.poll() is None:
+            submission.proc.kill()
+    stack.timings["node_loss_run_s"] = time.monotonic() - started
+    # the engine did not bring it back (restart: unless-stopped does not undo a kill)
+    assert stack.inspect(node)["State"]["Status"] == "exited"
+
+    rounds, summary = _run_record(stack, run_id, tmp_path / "run", "node-loss")
+    detail = json.dumps(rounds, indent=1)
+    assert [r["round"] for r in rounds] == [1, 2], detail
+    first, second = rounds
+    # round 1: sent to all three, the killed one dropped with the SuperLink's answer for it
+    assert first["participants"] == others and first["dropped"] == [KILLED], detail
+    assert list(first["errors"]) == [KILLED], detail
+    assert "Node Unavailable" in first["errors"][KILLED], detail
+    assert sorted(first["train"]) == others and not first["rejected"], detail
+    assert sorted(first["traffic"]) == list(HOSPITALS), detail
+    assert first["traffic"][KILLED]["bytes_down"] > 0, detail
+    assert first["traffic"][KILLED]["bytes_up"] == 0, detail
+    # round 2: the SuperLink lists it offline, so it is not even sampled
+    assert second["participants"] == others, detail
+    assert second["dropped"] == [] and second["errors"] == {}, detail
+    assert sorted(second["traffic"]) == others, detail
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2, summary
+
+
+def test_restarted_hospital_rejoins_the_next_run(stack, tmp_path):
+    """`docker compose start` the killed SuperNode: once the SuperLink counts it online again,
+    the next run's round includes it (its ClientApp runner reconnects by itself)."""
+    started = time.monotonic()
+    stack.compose("start", f"supernode-{KILLED}")
+    _wait_for_online(stack, len(HOSPITALS))
+    submission = Submission.start(stack, REJOIN_RUN, ARTIFACTS / "submit-rejoin.log")
+    try:
+        run_id = submission.run_id()
+        submission.finish()
+    finally:
+        if submission.proc.poll() is None:
+            submission.proc.kill()
+    stack.timings["rejoin_s"] = time.monotonic() - started
+    (ARTIFACTS / "timings.json").write_text(json.dumps(stack.timings, indent=2))
+    rounds, summary = _run_record(stack, run_id, tmp_path / "run", "rejoin")
+    detail = json.dumps(rounds, indent=1)
+    assert [r["round"] for r in rounds] == [1], detail
+    assert rounds[0]["participants"] == list(HOSPITALS), detail
+    assert rounds[0]["dropped"] == [] and rounds[0]["errors"] == {}, detail
+    assert summary["status"] == "completed", summary
