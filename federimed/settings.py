@@ -139,3 +139,8 @@ class RuntimeSettings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, le=4096, description="CPU threads per process; 0 = torch default."
     )
+    precision: Literal["auto", "fp32"] = Field(
+        "auto",
+        description="'auto': bf16 autocast on GPUs that support it (fp16 with loss scaling "
+        "on older ones); 'fp32': full precision everywhere. CPUs always compute in fp32.",
+    )

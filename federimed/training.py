@@ -41,8 +41,15 @@ class Encoded:
         return int(self.labels.shape[0])
 
 
+# Mixed precision on GPUs, unless FEDERIMED_PRECISION=fp32; set for the process by pick_device,
+# as torch's own thread count is.
+_mixed_precision = True
+
+
 def pick_device(runtime: RuntimeSettings | None = None) -> torch.device:
+    global _mixed_precision
     runtime = runtime or RuntimeSettings()
+    _mixed_precision = runtime.precision == "auto"
     if runtime.torch_threads:
         torch.set_num_threads(runtime.torch_threads)
     if runtime.device == "cuda" and not torch.cuda.is_available():
@@ -54,7 +61,7 @@ def pick_device(runtime: RuntimeSettings | None = None) -> torch.device:
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed precision on GPUs (bf16 where supported), full precision on CPU."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not _mixed_precision:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
@@ -134,7 +141,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.01)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not _bf16(device))
+    scaler = torch.amp.GradScaler(
+        enabled=device.type == "cuda" and _mixed_precision and not _bf16(device)
+    )
     losses = []
     for step, rows in enumerate(
         _batches(len(data), settings.batch_size, settings.steps, settings.seed)

@@ -70,6 +70,20 @@ def test_device_selection_falls_back_to_cpu_and_refuses_missing_cuda():
             pick_device(RuntimeSettings(device="cuda"))
 
 
+def test_full_precision_can_be_asked_for_on_gpus():
+    """FEDERIMED_PRECISION=fp32 turns autocast off on CUDA too (bench/gpu_check.py compares)."""
+    import contextlib
+
+    from federimed import training
+
+    pick_device(RuntimeSettings(device="cpu", precision="fp32"))
+    assert isinstance(training.autocast(torch.device("cuda")), contextlib.nullcontext)
+    pick_device(RuntimeSettings(device="cpu"))
+    assert training._mixed_precision
+    with pytest.raises(ValueError, match="precision"):
+        RuntimeSettings(precision="fp16")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_precision_training_on_gpu(hospital):
