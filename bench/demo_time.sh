@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# Wall time of the main job at its default size, phase by phase (from report.json).
+# Wall time of the main job at its default size, phase by phase (from report.json), and the
+# same in reference steps (bench/reference_step.py, timed just before and just after the demo
+# on this machine), the figure that compares machines of different speed:
 #   bash bench/demo_time.sh [extra `federimed demo` flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/bench-demo
 rm -rf "$out"
+reference() {
+    .venv/bin/python bench/reference_step.py --threads 2 --steps 10 |
+        .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["seconds_per_step"])'
+}
+before=$(reference)
 start=$(date +%s)
 .venv/bin/federimed demo --out "$out" "$@"
 end=$(date +%s)
+after=$(reference)
 echo "demo wall time: $((end - start)) s on $(nproc) cores ($(uname -m))"
-.venv/bin/python - "$out/report.json" <<'PY'
+.venv/bin/python - "$out/report.json" "$((end - start))" "$before" "$after" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
+wall, before, after = float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+step = (before + after) / 2
+print(f"reference step: {before:.3f} s before, {after:.3f} s after; "
+      f"demo = {wall / step:.0f} reference steps")
 print(json.dumps(report["wall_seconds"], indent=2))
 for name, h in report["hospitals"].items():
     print(name, {m: round(h[m]["accuracy"], 3) for m in ("federated", "local", "centralized")},
