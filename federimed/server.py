@@ -138,8 +138,9 @@ def keep_common_metrics(replies: list[Message]) -> None:
 class DeadlineGrid:
     """The run's grid with its deadline: waiting for nodes or replies ends when it passes.
 
-    Flower's strategies wait for ``min-nodes`` without end and for replies up to the round
-    timeout; through this grid both waits stop at the deadline and raise :class:`RunDeadline`.
+    Flower's strategies wait for ``min-nodes`` without end, polling the node list: past the
+    deadline that raises :class:`RunDeadline` (no new round starts). Waiting for replies is cut
+    to the time left, so a round in flight at the deadline ends with what arrived by then.
     """
 
     def __init__(self, grid: Grid, deadline: float):
@@ -149,20 +150,15 @@ class DeadlineGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def _left(self) -> float:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise RunDeadline("the run deadline passed")
-        return left
-
     def get_node_ids(self) -> Iterable[int]:
-        self._left()
+        if time.monotonic() >= self._deadline:
+            raise RunDeadline("the run deadline passed")
         return self._grid.get_node_ids()
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        left = self._left()
+        left = max(0.0, self._deadline - time.monotonic())
         bounded = left if timeout is None else min(timeout, left)
         return self._grid.send_and_receive(messages, timeout=bounded)
 
@@ -345,7 +341,10 @@ class Recorded:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        try:
+            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        except RunDeadline:
+            return []  # the round still ends (scored, checkpointed, recorded); none follows
         self.recorder.learn_names(grid)
         self.recorder.sent("evaluate", messages)
         return messages

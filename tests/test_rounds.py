@@ -180,9 +180,18 @@ def test_deadline_grid_bounds_every_wait():
     assert [n.name for n in grid.get_nodes()] == list(NAMES.values())
     past = DeadlineGrid(slow, time.monotonic() - 1)
     with pytest.raises(RunDeadline):
-        past.get_node_ids()
+        past.get_node_ids()  # no new round, no more waiting for nodes
+    past.send_and_receive([], timeout=5)
+    assert slow.timeout == 0  # a round in flight ends with what has arrived
+
+
+def test_a_round_in_flight_at_the_deadline_still_ends(tmp_path):
+    """Past the deadline a federated evaluation is skipped, so the round is still recorded."""
+    strategy = make_strategy(make_run(min_nodes=1, fraction_evaluate=1.0), RoundRecorder(tmp_path))
+    grid = DeadlineGrid(_Grid(), time.monotonic() - 1)
+    assert strategy.configure_evaluate(1, _global(), ConfigRecord(), grid) == []
     with pytest.raises(RunDeadline):
-        past.send_and_receive([], timeout=5)
+        strategy.configure_train(2, _global(), ConfigRecord(), grid)
 
 
 def _dead_run(tmp_path, rounds: int, run):
@@ -221,3 +230,20 @@ def test_resume_refuses_a_run_without_a_completed_round(tmp_path, tiny_model):
     with pytest.raises(ResumeError, match="no completed round"):
         resume_point(make_run(model=tiny_model, output_dir=run.output_dir, resume_from="41"))
     assert read_rounds(tmp_path / "flower" / "41") == []
+
+
+def test_a_run_that_never_gets_enough_hospitals_ends_at_its_deadline(tmp_path, tiny_model):
+    """Flower would wait for min-nodes for ever; run-deadline ends the run, model saved."""
+    from federimed.server import ServerRun
+
+    class Empty(_Grid):
+        def get_node_ids(self):
+            return []
+
+    run = make_run(
+        model=tiny_model, max_length=16, min_nodes=3, run_deadline=2, output_dir=str(tmp_path)
+    )
+    summary = ServerRun(run, 7).start(Empty())
+    assert summary.status == "deadline" and summary.rounds_completed == 0
+    assert (tmp_path / "7" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "7" / RUN_CONFIG_FILE).read_text())["run-deadline"] == 2
