@@ -8,6 +8,9 @@ training task must meet and the bound on each update's norm; without one, nothin
 
 from __future__ import annotations
 
+import time
+
+import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -32,6 +35,8 @@ def _identity(msg: Message, context: Context) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    # Flower starts a process per message: what that costs before any work, per round.
+    startup = time.time() - psutil.Process().create_time()
     run = RunConfig.from_flower(context.run_config)
     config = msg.content["config"]
     state, metrics = train_round(
@@ -45,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(state),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(metrics | {"startup_seconds": startup}),
             "node": _identity(msg, context),
         }
     )

@@ -35,6 +35,10 @@ DEFAULT_METRICS = (
     "accuracy",
     "loss",
     "macro_f1",
+    # where a round's time went at the hospital (process start, loading, computing)
+    "startup_seconds",
+    "load_seconds",
+    "compute_seconds",
 )
 
 

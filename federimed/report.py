@@ -98,6 +98,12 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "comparison.png")
 
 
+def round_overhead(record: dict[str, Any]) -> float | None:
+    """Round wall time / the slowest hospital's compute seconds (None when not reported)."""
+    compute = [m["compute_seconds"] for m in record["train"].values() if "compute_seconds" in m]
+    return record["seconds"] / max(compute) if compute and max(compute) > 0 else None
+
+
 def _round_rows(rounds: dict[str, dict[str, Any]]) -> list[str]:
     """One line per round from the run record: a hospital that was away shows here."""
     rows = []
@@ -105,10 +111,11 @@ def _round_rows(rounds: dict[str, dict[str, Any]]) -> list[str]:
         r = rounds[number]
         rejected = ", ".join(f"{h} ({why})" for h, why in r.get("rejected", {}).items())
         test = (r.get("test") or {}).get("accuracy")
+        overhead = round_overhead(r)
         rows.append(
             f"| {number} | {', '.join(r['participants']) or 'none'} "
             f"| {', '.join(r['dropped']) or '-'} | {rejected or '-'} | {_fmt(test)} "
-            f"| {r['seconds']:.0f} |"
+            f"| {r['seconds']:.0f} | {'n/a' if overhead is None else f'{overhead:.2f}'} |"
         )
     return rows
 
@@ -145,8 +152,11 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "",
         "## Who took part in each round",
         "",
-        "| round | took part | dropped | update rejected | test accuracy | seconds |",
-        "|---|---|---|---|---|---|",
+        "Overhead is the round's wall time over the slowest hospital's compute (scoring and "
+        "training): what process starts, loading and the network add.",
+        "",
+        "| round | took part | dropped | update rejected | test accuracy | seconds | overhead |",
+        "|---|---|---|---|---|---|---|",
         *_round_rows(report.get("rounds", {})),
         "",
         "## Traffic and time",

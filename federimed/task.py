@@ -7,6 +7,7 @@ local-only baseline.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -69,8 +70,10 @@ def train_round(
     Scoring here, in the process that is already up, gives the per-hospital learning curve
     without a second process start per round (a Flower evaluate round costs one).
     ``policy``, the hospital's: a run below its floors is refused before training, and the
-    update is clipped to its norm bound.
+    update is clipped to its norm bound. The metrics say where the round's time went:
+    ``load_seconds`` (data, model, tokenization) and ``compute_seconds`` (scoring, training).
     """
+    started = time.perf_counter()
     device = pick_device(runtime)
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
@@ -78,11 +81,13 @@ def train_round(
         cases = min(len(data.train), run.batch_size * run.local_steps)
         policy.check_floors(run.batch_size, run.local_steps, cases)
     model, tokenizer = _global_model(run, global_state)
-    metrics = {}
-    if data.validation:
-        validation = encode(data.validation, tokenizer, labels, run.max_length)
+    encoded = encode(data.train, tokenizer, labels, run.max_length)
+    validation = data.validation and encode(data.validation, tokenizer, labels, run.max_length)
+    loaded = time.perf_counter()
+    metrics = {"load_seconds": loaded - started}
+    if validation:
         scores = evaluate(model, validation, device)
-        metrics = {"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
+        metrics |= {"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
     else:
         # Scoring on training cases would flatter the model; the server averages the metric
         # keys every hospital reported, so this hospital's missing ones cost nobody a round.
@@ -90,7 +95,6 @@ def train_round(
     settings = run.train_settings(
         seed=_round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
     )
-    encoded = encode(data.train, tokenizer, labels, run.max_length)
     log.info(
         "%s round %d: global model validation accuracy %s; training %d steps on %d cases (%s)",
         node.hospital,
@@ -102,6 +106,7 @@ def train_round(
     )
     report = step_reporter(settings.steps, partial(_log_step, node.hospital), times=4)
     metrics |= train(model, encoded, settings, device, on_step=report)
+    metrics["compute_seconds"] = time.perf_counter() - loaded
     state = exchanged_state(model)
     if policy is not None and policy.max_update_norm is not None:
         state, norm = clip_update(global_state, state, policy.max_update_norm)

@@ -8,6 +8,7 @@ import pytest
 from conftest import processes_using, small_demo_args
 
 from federimed.cli import main
+from federimed.report import round_overhead as report_overhead
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,6 +35,9 @@ def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_mod
     assert (out / "model" / "config.json").is_file()
     markdown = (out / "report.md").read_text()
     assert "| 1 | hospital-1, hospital-2 | - | - |" in markdown  # who took part, per round
+    first = report["rounds"]["1"]
+    assert all(m["compute_seconds"] > 0 for m in first["train"].values())
+    assert report_overhead(first) >= 1.0  # a round takes at least its slowest compute
     assert {p.name for p in (out / "logs").glob("*.log")} >= {
         "superlink.log",
         "supernode-hospital-1.log",

@@ -80,12 +80,17 @@ def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked
     scalars = json.dumps({k: dict(v) for k, v in reply.content.items() if k != "arrays"})
     assert MARKER.encode() not in payload
     assert MARKER not in scalars
-    assert set(reply.content["metrics"].keys()) == {
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == {
         "val_accuracy",
         "val_loss",
         "train_loss",
         "num_examples",
+        "startup_seconds",
+        "load_seconds",
+        "compute_seconds",
     }
+    assert all(metrics[f"{phase}_seconds"] > 0 for phase in ("startup", "load", "compute"))
     assert reply.content["node"]["hospital"] == "hospital-1"
 
 
