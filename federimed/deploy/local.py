@@ -354,6 +354,11 @@ class RunningFederation:
             raise DeploymentError(f"this federation has no {who}")
         index = matches[0]
         record = self.state.processes[index]
+        if not record.argv:
+            raise DeploymentError(
+                f"{record.log}: this federation's record predates `restart`; "
+                f"restart all of it: federimed down/up --out {self.workdir}"
+            )
         _stop_record(record)
         group = ProcessGroup(self.workdir / "logs", detached=True)
         member = group.start(Path(record.log).stem, record.argv, flower_env() | record.env)
