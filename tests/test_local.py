@@ -80,3 +80,22 @@ def test_a_damaged_federation_record_is_named(tmp_path, capsys):
     assert main(["status", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "federation.json: not a federation record" in err and "Traceback" not in err
+
+
+def test_restart_names_what_it_cannot_restart(tmp_path):
+    from federimed.deploy.flower import DeploymentError
+    from federimed.deploy.local import FederationState, ProcessRecord, RunningFederation
+
+    old = ProcessRecord(
+        role="superlink", hospital=None, pid=1, started=0.0, netns=None, address="a", log="l"
+    )
+    state = FederationState(
+        workdir=str(tmp_path), superlink="a", gateway="g", ca_cert="c", flwr_home="f",
+        tls=True, node_auth=True, network="loopback", bridge=None, hospitals={},
+        site_policies={}, test_path=None, processes=[old],
+    )  # fmt: skip
+    running = RunningFederation(state)
+    with pytest.raises(DeploymentError, match="supernode of hospital-9"):
+        running.restart("supernode", "hospital-9")
+    with pytest.raises(DeploymentError, match="predates `restart`"):
+        running.restart("superlink")
