@@ -69,7 +69,7 @@ class ClientAppPeaks(threading.Thread):
 def measure(nodes: int, rounds: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    write_dataset(generate(SynthConfig(hospitals=nodes, seed=1, cases_per_hospital=60)), data)
+    write_dataset(generate(SynthConfig(hospitals=nodes, seed=1, cases_per_hospital=120)), data)
     model = tiny_model(out / "tiny-model")
     hospitals = {f"hospital-{i}": data / f"hospital-{i}" for i in range(1, nodes + 1)}
     local = LocalFederation(out, out / "certs", hospitals, data / "test.jsonl")
