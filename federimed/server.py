@@ -529,8 +529,7 @@ class ServerRun:
             self.recorder.finish(server_round, scores)
         return MetricRecord(scores) if scores else None
 
-    def _initial_arrays(self) -> ArrayRecord:
-        seeded = ArrayRecord(exchanged_state(self.global_model.model))
+    def _initial_arrays(self, seeded: ArrayRecord) -> ArrayRecord:
         if self.resumed is None:
             return seeded
         self.scores[0] = self.global_model.score(0)  # the seeded model, as the first run saw it
@@ -538,7 +537,7 @@ class ServerRun:
 
     def start(self, grid: Grid) -> RunSummary:
         started = time.monotonic()
-        update_bytes = record_bytes(ArrayRecord(exchanged_state(self.global_model.model)))
+        seeded = ArrayRecord(exchanged_state(self.global_model.model))
         strategy = make_strategy(self.run, self.recorder, round_offset=self.offset)
         if self.run.run_deadline:
             grid = DeadlineGrid(grid, started + self.run.run_deadline)
@@ -546,7 +545,7 @@ class ServerRun:
         try:
             strategy.start(
                 grid=grid,
-                initial_arrays=self._initial_arrays(),
+                initial_arrays=self._initial_arrays(seeded),
                 num_rounds=self.run.num_server_rounds - self.offset,
                 timeout=self.run.round_timeout,
                 evaluate_fn=self._end_of_round,
@@ -570,7 +569,7 @@ class ServerRun:
             updates_rejected=self.recorder.rejected_total,
             initial_test=self.scores.get(0),
             final_test=self.scores.get(last),
-            update_bytes=update_bytes,
+            update_bytes=record_bytes(seeded),
             trainable_parameters=trainable,
             total_parameters=total,
             final_model=str(final),
