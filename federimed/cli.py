@@ -146,14 +146,19 @@ def cmd_superexec(args: argparse.Namespace) -> int:
     checks (federimed.deploy.site_runner) instead of plain `flwr-clientapp`."""
     from flwr.supercore.cli import flower_superexec
 
+    from federimed.deploy import site_runner
     from federimed.deploy.flower import flower_env, superexec_argv
     from federimed.deploy.site_runner import use_site_clientapp
+    from federimed.deploy.warm import WarmStarter, use_warm_starts
     from federimed.settings import SuperExecSettings
 
-    argv = superexec_argv(SuperExecSettings())
+    settings = SuperExecSettings()
+    argv = superexec_argv(settings)
     print("run:", " ".join(argv), flush=True)
     os.environ.update(flower_env())
     use_site_clientapp()
+    if settings.warm_start:
+        use_warm_starts(WarmStarter(site_runner.COMMAND))
     sys.argv = argv
     for sig in (signal.SIGINT, signal.SIGTERM):  # Flower's own handlers stop its tasks
         signal.signal(sig, signal.SIG_DFL)

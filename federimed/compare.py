@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from federimed.data.records import Example, load_examples, load_hospital
+from federimed.features import with_features
 from federimed.metrics import classification_metrics
 from federimed.model import build_classifier, load_tokenizer
 from federimed.runconfig import RunConfig
@@ -68,7 +69,8 @@ def score(
 
 
 class Comparison:
-    """Holds the tokenized data once; trains and scores each baseline."""
+    """Holds the tokenized data (and the frozen layers' output for it) once; trains and scores
+    each baseline."""
 
     def __init__(self, federation: Federation, run: RunConfig, progress: Progress = print):
         self.run = run
@@ -82,37 +84,43 @@ class Comparison:
         self.unseen = {
             name: unseen_labels(cases, self.labels) for name, cases in self.train_sets.items()
         }
-        test_cases = load_examples(federation.test_path, self.labels)
-        self.test = self._encode(test_cases)
+        # Every baseline starts from the same frozen layers: their output is computed once.
+        self._frozen = self._fresh_model()
+        self.encoded = {name: self._encode(cases) for name, cases in self.train_sets.items()}
+        self.test = self._encode(load_examples(federation.test_path, self.labels))
         self.steps_per_hospital = run.num_server_rounds * run.local_steps
 
-    def _encode(self, cases: list[Example]) -> Encoded:
-        return encode(cases, self.tokenizer, self.labels, self.run.max_length)
+    def _fresh_model(self) -> torch.nn.Module:
+        return build_classifier(self.run.model, self.labels, self.run.lora, seed=self.run.seed)
 
-    def _train_and_score(self, name: str, cases: list[Example], steps: int) -> tuple[dict, float]:
+    def _encode(self, cases: list[Example]) -> Encoded:
+        encoded = encode(cases, self.tokenizer, self.labels, self.run.max_length)
+        return with_features(self._frozen, encoded, pick_device(), self.run.model)
+
+    def _train_and_score(self, name: str, data: Encoded, steps: int) -> tuple[dict, float]:
         started = time.monotonic()
-        model = build_classifier(self.run.model, self.labels, self.run.lora, seed=self.run.seed)
+        model = self._fresh_model()
         settings = self.run.train_settings(steps=steps, seed=self.run.seed)
 
         def emit(step: int, total: int, loss: float) -> None:
             self.progress(f"  {name}: step {step}/{total} loss {loss:.3f}")
 
         report = step_reporter(steps, emit, times=5)
-        train(model, self._encode(cases), settings, pick_device(), on_step=report)
+        train(model, data, settings, pick_device(), on_step=report)
         return score(model, self.test, self.labels, self.unseen), time.monotonic() - started
 
     def local_only(self) -> tuple[dict[str, dict[str, float]], float]:
         """Each hospital alone, scored on the common test set and on what it never saw."""
         results, seconds = {}, 0.0
-        for name, cases in self.train_sets.items():
-            scores, spent = self._train_and_score(f"local {name}", cases, self.steps_per_hospital)
+        for name, data in self.encoded.items():
+            scores, spent = self._train_and_score(f"local {name}", data, self.steps_per_hospital)
             results[name] = scores[name]
             seconds += spent
         return results, seconds
 
     def centralized(self) -> tuple[dict[str, dict[str, float]], float]:
         """All records pooled: the upper bound no hospital could legally build."""
-        pooled = [case for cases in self.train_sets.values() for case in cases]
+        pooled = Encoded.concat(list(self.encoded.values()))
         steps = self.steps_per_hospital * len(self.train_sets)
         return self._train_and_score("centralized", pooled, steps)
 

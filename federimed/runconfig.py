@@ -39,6 +39,7 @@ class RunConfig(BaseModel):
     lora_r: int = Field(ge=1, le=1024)
     lora_alpha: int = Field(ge=1, le=4096)
     lora_dropout: float = Field(ge=0, lt=1)
+    lora_layers: int = Field(ge=0, le=1024)  # adapters in the top N layers; 0 = all
     num_server_rounds: int = Field(ge=1, le=10_000)
     local_steps: int = Field(ge=1, le=1_000_000)
     batch_size: int = Field(ge=1, le=8192)
@@ -91,7 +92,9 @@ class RunConfig(BaseModel):
     def lora(self) -> LoraSettings:
         from federimed.model import LoraSettings
 
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
+        return LoraSettings(
+            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, layers=self.lora_layers
+        )
 
     def train_settings(
         self, steps: int | None = None, seed: int = 0, proximal_mu: float = 0.0

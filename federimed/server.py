@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import (
 )
 
 from federimed.data.records import load_examples
+from federimed.features import with_features
 from federimed.model import (
     build_classifier,
     count_parameters,
@@ -135,12 +136,17 @@ def keep_common_metrics(replies: list[Message]) -> None:
             del record[key]
 
 
+# One pull per run every half second is no load for a SuperLink; Flower's grid waits 3 s.
+REPLY_POLL_SECONDS = 0.5
+
+
 class DeadlineGrid:
     """The run's grid with its deadline: waiting for nodes or replies ends when it passes.
 
     Flower's strategies wait for ``min-nodes`` without end, polling the node list: past the
     deadline that raises :class:`RunDeadline` (no new round starts). Waiting for replies is cut
     to the time left, so a round in flight at the deadline ends with what arrived by then.
+    Without a deadline (``math.inf``) it only polls for replies more often than Flower does.
     """
 
     def __init__(self, grid: Grid, deadline: float):
@@ -158,9 +164,18 @@ class DeadlineGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        left = max(0.0, self._deadline - time.monotonic())
-        bounded = left if timeout is None else min(timeout, left)
-        return self._grid.send_and_receive(messages, timeout=bounded)
+        """Flower's own loop, polling every :data:`REPLY_POLL_SECONDS` instead of every 3 s:
+        the last reply of a round would otherwise wait 1.5 s on average to be seen."""
+        end = min(self._deadline, math.inf if timeout is None else time.monotonic() + timeout)
+        waiting = set(self._grid.push_messages(messages))
+        replies: list[Message] = []
+        while True:
+            pulled = list(self._grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting or time.monotonic() >= end:
+                return replies
+            time.sleep(min(REPLY_POLL_SECONDS, max(0.0, end - time.monotonic())))
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -459,7 +474,9 @@ class GlobalModel:
         self.test = None
         if run.test_path:
             examples = load_examples(Path(run.test_path), self.labels)
-            self.test = encode(examples, self.tokenizer, self.labels, run.max_length)
+            test = encode(examples, self.tokenizer, self.labels, run.max_length)
+            # Once per run: each round's scoring then runs only the adapted layers.
+            self.test = with_features(self.model, test, self.device, run.model)
 
     def load(self, server_round: int, arrays: ArrayRecord) -> None:
         """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
@@ -539,8 +556,8 @@ class ServerRun:
         started = time.monotonic()
         seeded = ArrayRecord(exchanged_state(self.global_model.model))
         strategy = make_strategy(self.run, self.recorder, round_offset=self.offset)
-        if self.run.run_deadline:
-            grid = DeadlineGrid(grid, started + self.run.run_deadline)
+        deadline = started + self.run.run_deadline if self.run.run_deadline else math.inf
+        grid = DeadlineGrid(grid, deadline)
         status = "completed"
         try:
             strategy.start(

@@ -105,6 +105,12 @@ class SuperExecSettings(BaseSettings):
     auth_secret: Path | None = Field(
         None, description="Shared secret file the SuperLink / SuperNode expects from runners."
     )
+    warm_start: bool = Field(
+        True,
+        description="Fork each ClientApp task from a parent that has torch, transformers and "
+        "peft imported (about 1 s to start instead of 10); costs one idle process per runner. "
+        "Off for ServerApp runners, which start one app per run.",
+    )
 
 
 class GatewaySettings(BaseSettings):
@@ -143,4 +149,10 @@ class RuntimeSettings(BaseSettings):
         "auto",
         description="'auto': bf16 autocast on GPUs that support it (fp16 with loss scaling "
         "on older ones); 'fp32': full precision everywhere. CPUs always compute in fp32.",
+    )
+    feature_cache: Path | None = Field(
+        None,
+        description="A hospital-owned, writable folder where the frozen layers' output for its "
+        "cases is kept between rounds (derived from the records: protect it like them); "
+        "unset: recomputed in every round.",
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from federimed.data.records import Example, load_hospital
+from federimed.features import first_adapted_layer, with_features
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
 from federimed.policy import SitePolicy, clip_update
 from federimed.runconfig import RunConfig
@@ -74,6 +75,7 @@ def train_round(
     ``load_seconds`` (data, model, tokenization) and ``compute_seconds`` (scoring, training).
     """
     started = time.perf_counter()
+    runtime = runtime or RuntimeSettings()
     device = pick_device(runtime)
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
@@ -85,6 +87,10 @@ def train_round(
     validation = data.validation and encode(data.validation, tokenizer, labels, run.max_length)
     loaded = time.perf_counter()
     metrics = {"load_seconds": loaded - started}
+    if runtime.feature_cache is None and first_adapted_layer(model):
+        log.info("%s: FEDERIMED_FEATURE_CACHE unset, frozen layers computed again", node.hospital)
+    encoded = _with_features(model, encoded, device, run, runtime)
+    validation = validation and _with_features(model, validation, device, run, runtime)
     if validation:
         scores = evaluate(model, validation, device)
         metrics |= {"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
@@ -114,6 +120,11 @@ def train_round(
     return state, metrics
 
 
+def _with_features(model, data, device, run: RunConfig, runtime: RuntimeSettings):
+    """The frozen layers' output, from the hospital's cache folder when it has one."""
+    return with_features(model, data, device, run.model, runtime.feature_cache)
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -135,5 +146,7 @@ def evaluate_round(
     if not data.validation:
         log.warning("%s: no validation.jsonl, evaluating on training cases", node.hospital)
     model, tokenizer = _global_model(run, global_state)
+    runtime = runtime or RuntimeSettings()
+    device = pick_device(runtime)
     encoded = encode(cases, tokenizer, labels, run.max_length)
-    return evaluate(model, encoded, pick_device(runtime))
+    return evaluate(model, _with_features(model, encoded, device, run, runtime), device)

@@ -7,6 +7,7 @@ comparison fair: only the data and the weight exchange differ.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from federimed.data.records import Example
+from federimed.features import Replay, replaying
 from federimed.metrics import classification_metrics
 from federimed.settings import RuntimeSettings
 
@@ -31,14 +33,36 @@ class TrainSettings:
 
 @dataclass
 class Encoded:
-    """A tokenized split: tensors ready for batching, labels as indices."""
+    """A tokenized split: tensors ready for batching, labels as indices, and optionally the
+    frozen layers' output for every row (:mod:`federimed.features`)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def attach(self, features: torch.Tensor) -> Encoded:
+        return dataclasses.replace(self, features=features)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Encoded]) -> Encoded:
+        """Splits pooled, features included (padded to the widest) when every part has them."""
+        features = None
+        if parts and all(p.features is not None for p in parts):
+            width = max(p.features.shape[1] for p in parts)
+            features = torch.cat(
+                [torch.nn.functional.pad(p.features, (0, 0, 0, width - p.features.shape[1]))
+                 for p in parts]
+            )  # fmt: skip
+        return cls(
+            torch.cat([p.input_ids for p in parts]),
+            torch.cat([p.attention_mask for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            features,
+        )
 
 
 # Mixed precision on GPUs, unless FEDERIMED_PRECISION=fp32; set for the process by pick_device,
@@ -102,15 +126,32 @@ def _batches(size: int, batch_size: int, steps: int, seed: int) -> Iterator[np.n
         order = order[batch_size:]
 
 
-def _trim(batch: Encoded, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    """Drop padding columns no row in this batch uses: a large CPU saving on short notes."""
-    mask = batch.attention_mask[rows]
+def batch_tensors(
+    data: Encoded, rows: np.ndarray, device: torch.device, with_features: bool = True
+) -> dict[str, torch.Tensor]:
+    """The rows' tensors without the padding columns none of them uses (a large CPU saving on
+    short notes); ``features`` too when the split carries them."""
+    mask = data.attention_mask[rows]
     width = max(int(mask.sum(dim=1).max()), 1)
-    return {
-        "input_ids": batch.input_ids[rows, :width].to(device),
+    batch = {
+        "input_ids": data.input_ids[rows, :width].to(device),
         "attention_mask": mask[:, :width].to(device),
-        "labels": batch.labels[rows].to(device),
+        "labels": data.labels[rows].to(device),
     }
+    if with_features and data.features is not None:
+        batch["features"] = data.features[rows, :width].to(device)
+    return batch
+
+
+def _replay_if_cached(model: torch.nn.Module, data: Encoded) -> contextlib.AbstractContextManager:
+    return replaying(model) if data.features is not None else contextlib.nullcontext()
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], replay: Replay | None):
+    features = batch.pop("features", None)
+    if replay is not None:
+        replay.hidden = features
+    return model(**batch)
 
 
 def step_reporter(
@@ -145,23 +186,29 @@ def train(
         enabled=device.type == "cuda" and _mixed_precision and not _bf16(device)
     )
     losses = []
-    for step, rows in enumerate(
-        _batches(len(data), settings.batch_size, settings.steps, settings.seed)
-    ):
-        with autocast(device):
-            loss = model(**_trim(data, rows, device)).loss
-        if anchor is not None:
-            drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-            loss = loss + settings.proximal_mu / 2 * drift
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss.detach()))
-        if on_step:
-            on_step(step + 1, losses[-1])
+    with _replay_if_cached(model, data) as replay:
+        for step, rows in enumerate(
+            _batches(len(data), settings.batch_size, settings.steps, settings.seed)
+        ):
+            with autocast(device):
+                loss = _forward(model, batch_tensors(data, rows, device), replay).loss
+            losses.append(_step(loss, params, anchor, settings.proximal_mu, optimizer, scaler))
+            if on_step:
+                on_step(step + 1, losses[-1])
     tail = losses[-max(1, len(losses) // 4) :]
     return {"train_loss": float(np.mean(tail)), "num_examples": len(data)}
+
+
+def _step(loss, params, anchor, proximal_mu: float, optimizer, scaler) -> float:
+    """One optimizer step; FedProx's proximal term when there is an anchor."""
+    if anchor is not None:
+        drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+        loss = loss + proximal_mu / 2 * drift
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
 
 
 def _bf16(device: torch.device) -> bool:
@@ -174,13 +221,14 @@ def predict_proba(
 ) -> np.ndarray:
     model.to(device).eval()
     out = []
-    for start in range(0, len(data), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(data)))
-        batch = _trim(data, rows, device)
-        batch.pop("labels")
-        with autocast(device):
-            logits = model(**batch).logits
-        out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    with _replay_if_cached(model, data) as replay:
+        for start in range(0, len(data), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(data)))
+            batch = batch_tensors(data, rows, device)
+            batch.pop("labels")
+            with autocast(device):
+                logits = _forward(model, batch, replay).logits
+            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 

@@ -7,7 +7,9 @@ same code runs against a real federation in tests/test_faults.py.
 from __future__ import annotations
 
 import json
+import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,23 +168,45 @@ def test_resumed_rounds_carry_the_run_s_own_numbers(tmp_path):
     assert recorder.finish(3, None).round == 3
 
 
-def test_deadline_grid_bounds_every_wait():
-    class Slow(_Grid):
-        def send_and_receive(self, messages, *, timeout=None):
-            self.timeout = timeout
-            return []
+class _Replies(_Grid):
+    """Replies to messages "a" and "b" that arrive on the given pulls (None: never)."""
 
-    slow = Slow()
-    grid = DeadlineGrid(slow, time.monotonic() + 30)
-    grid.send_and_receive([], timeout=600)
-    assert 25 < slow.timeout <= 30
+    def __init__(self, arrive: dict[str, int | None]):
+        super().__init__()
+        self.arrive, self.pulls = arrive, 0
+
+    def push_messages(self, messages):
+        return list(self.arrive)
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_id))
+            for message_id in ids
+            if self.arrive[message_id] == self.pulls
+        ]
+
+
+def test_the_grid_returns_once_every_reply_is_in_and_polls_faster_than_flower():
+    grid = _Replies({"a": 1, "b": 3})
+    replies = DeadlineGrid(grid, math.inf).send_and_receive([], timeout=600)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert grid.pulls == 3
+
+
+def test_deadline_grid_bounds_every_wait():
+    grid = _Replies({"a": 1, "b": None})
+    started = time.monotonic()
+    replies = DeadlineGrid(grid, started + 1).send_and_receive([], timeout=600)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert time.monotonic() - started >= 1 and grid.pulls >= 2
     assert list(grid.get_node_ids()) == list(NAMES)
     assert [n.name for n in grid.get_nodes()] == list(NAMES.values())
-    past = DeadlineGrid(slow, time.monotonic() - 1)
+    past = DeadlineGrid(_Replies({"a": None}), time.monotonic() - 1)
     with pytest.raises(RunDeadline):
         past.get_node_ids()  # no new round, no more waiting for nodes
-    past.send_and_receive([], timeout=5)
-    assert slow.timeout == 0  # a round in flight ends with what has arrived
+    assert past.send_and_receive([], timeout=5) == []  # a round in flight ends with what arrived
+    assert past._grid.pulls == 1
 
 
 def test_a_round_in_flight_at_the_deadline_still_ends(tmp_path):

@@ -1,0 +1,112 @@
+"""What each compute lever buys: the demo's federated training, in one process, per variant.
+
+    .venv/bin/python bench/levers.py [--data runs/demo/data] [--out runs/bench-levers.jsonl]
+        [--variant NAME ...]
+
+The federation's arithmetic without its processes (FedAvg over the demo's hospitals, the same
+training code, batches and seeds as the ClientApp), so that a lever's effect on accuracy and
+on compute is measured alone, on the same data, in minutes.  Per variant one JSON line:
+global test accuracy after each round, accuracy on each hospital's unseen conditions, the
+seconds spent computing the frozen layers once and training, and the update size.  Process
+starts, the network and scoring are the federation's business (bench/demo_time.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from federimed.compare import Federation, unseen_labels
+from federimed.config import resolve
+from federimed.data.records import load_examples, load_hospital
+from federimed.features import with_features
+from federimed.metrics import classification_metrics
+from federimed.model import build_classifier, exchanged_state, load_exchanged_state, quiet_libraries
+from federimed.model import load_tokenizer
+from federimed.task import _round_seed
+from federimed.training import encode, predict_proba, train
+
+# name -> run-config overrides (on top of pyproject.toml's defaults)
+VARIANTS = {
+    "all-layers": {"lora-layers": 0},  # adapters everywhere: nothing to keep between steps
+    "top-3": {"lora-layers": 3},
+    "top-2": {"lora-layers": 2},
+    "top-1": {"lora-layers": 1},
+}
+
+
+def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
+    run = resolve(flags=overrides, environ={}).run
+    labels, device = run.label_list, torch.device("cpu")
+    tokenizer = load_tokenizer(run.model)
+    train_sets = {h: load_hospital(p, labels).train for h, p in federation.hospitals.items()}
+    unseen = {h: {labels.index(c) for c in unseen_labels(t, labels)} for h, t in train_sets.items()}
+    model = build_classifier(run.model, labels, run.lora, seed=run.seed)
+    started = time.perf_counter()
+    encoded = {
+        h: with_features(model, encode(t, tokenizer, labels, run.max_length), device, run.model)
+        for h, t in train_sets.items()
+    }
+    test = encode(load_examples(federation.test_path, labels), tokenizer, labels, run.max_length)
+    test = with_features(model, test, device, run.model)
+    frozen_seconds = time.perf_counter() - started
+    state, curve, training = exchanged_state(model), [], 0.0
+    for server_round in range(1, run.num_server_rounds + 1):
+        total, summed = 0, OrderedDict()
+        for hospital, data in encoded.items():
+            load_exchanged_state(model, state)
+            settings = run.train_settings(seed=_round_seed(run, hospital, server_round))
+            t0 = time.perf_counter()
+            train(model, data, settings, device)
+            training += time.perf_counter() - t0
+            total += len(data)
+            for key, value in exchanged_state(model).items():
+                summed[key] = summed.get(key, 0) + value * len(data)
+        state = OrderedDict((key, value / total) for key, value in summed.items())
+        load_exchanged_state(model, state)
+        predicted = predict_proba(model, test, device).argmax(axis=1)
+        curve.append(float((predicted == test.labels.numpy()).mean()))
+    truth = test.labels.numpy()
+    unseen_accuracy = {
+        h: classification_metrics(truth, predicted, codes)["unseen_accuracy"]
+        for h, codes in unseen.items()
+    }
+    return {
+        "variant": name,
+        "overrides": overrides,
+        "accuracy": curve[-1],
+        "accuracy_per_round": curve,
+        "unseen_accuracy": unseen_accuracy,
+        "unseen_mean": float(np.mean(list(unseen_accuracy.values()))),
+        "frozen_layers_seconds": round(frozen_seconds, 1),
+        "training_seconds": round(training, 1),
+        "steps": run.num_server_rounds * run.local_steps * len(encoded),
+        "update_parameters": sum(v.numel() for v in state.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("runs/demo/data"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-levers.jsonl"))
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    federation = Federation.from_folder(args.data)
+    for name in args.variant or list(VARIANTS):
+        line = json.dumps(run_variant(name, VARIANTS[name], federation))
+        print(line, flush=True)
+        with args.out.open("a") as handle:
+            handle.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

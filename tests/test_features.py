@@ -1,0 +1,114 @@
+"""The frozen layers' output, computed once and replayed: same answers, kept where the hospital
+says, never trusted when the model changed under it."""
+
+from __future__ import annotations
+
+import stat
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_run
+
+from federimed import features
+from federimed.data.records import load_hospital
+from federimed.features import first_adapted_layer, with_features
+from federimed.model import build_classifier, load_tokenizer
+from federimed.training import Encoded, TrainSettings, encode, evaluate, predict_proba, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cases(synth_data, tiny_model):
+    run = make_run(model=tiny_model, max_length=64, lora_layers=1)
+    data = load_hospital(synth_data / "hospital-1", run.label_list)
+    return run, encode(data.train[:80], load_tokenizer(tiny_model), run.label_list, 64)
+
+
+def _model(run):
+    return build_classifier(run.model, run.label_list, run.lora, seed=run.seed)
+
+
+def test_adapters_sit_in_the_top_layers_only(cases):
+    run, _ = cases
+    assert first_adapted_layer(_model(run)) == 1
+    everywhere = make_run(model=run.model, lora_layers=0)
+    assert first_adapted_layer(_model(everywhere)) == 0
+
+
+def test_replayed_features_give_the_same_predictions_as_the_full_model(cases):
+    run, data = cases
+    model = _model(run)
+    cached = with_features(model, data, CPU, run.model)
+    assert cached.features is not None and cached.features.dtype == torch.float16
+    assert cached.features.shape[:2] == (len(data), int(data.attention_mask.sum(1).max()))
+    full, replayed = predict_proba(model, data, CPU), predict_proba(model, cached, CPU)
+    assert np.abs(full - replayed).max() < 2e-3
+    assert (full.argmax(1) == replayed.argmax(1)).mean() > 0.97
+    # The frozen layers are back in place afterwards.
+    assert np.array_equal(predict_proba(model, data, CPU), full)
+
+
+def test_training_on_replayed_features_learns_and_only_moves_the_adapter(cases):
+    run, data = cases
+    model = _model(run)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    cached = with_features(model, data, CPU, run.model)
+    before = evaluate(model, cached, CPU)["loss"]
+    train(model, cached, TrainSettings(steps=30, batch_size=16, learning_rate=5e-3), CPU)
+    assert evaluate(model, data, CPU)["loss"] < before - 0.2  # judged by the full model
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_pooled_splits_keep_their_features_row_for_row(cases):
+    run, data = cases
+    model = _model(run)
+    halves = [
+        with_features(model, Encoded(data.input_ids[s], data.attention_mask[s], data.labels[s]),
+                      CPU, run.model)
+        for s in (slice(0, 40), slice(40, 80))
+    ]  # fmt: skip
+    pooled = Encoded.concat(halves)
+    assert np.abs(predict_proba(model, pooled, CPU) - predict_proba(model, data, CPU)).max() < 2e-3
+
+
+def test_the_cache_folder_is_private_reused_and_refreshed_when_the_model_changes(
+    cases, tmp_path, monkeypatch
+):
+    run, data = cases
+    model = _model(run)
+    folder = tmp_path / "cache"
+    first = with_features(model, data, CPU, run.model, folder)
+    (path,) = folder.iterdir()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+    computed = []
+    original = features.frozen_features
+    monkeypatch.setattr(
+        features,
+        "frozen_features",
+        lambda m, d, device: computed.append(len(d)) or original(m, d, device),
+    )
+    again = with_features(model, data, CPU, run.model, folder)
+    assert torch.equal(again.features, first.features)
+    assert computed == [features._PROBE_ROWS]  # only the probe that checks the copy
+
+    with torch.no_grad():  # the same name, other weights below the adapter: not reused
+        model.base_model.model.bert.embeddings.word_embeddings.weight.mul_(2)
+    computed.clear()
+    with_features(model, data, CPU, run.model, folder)
+    assert computed == [features._PROBE_ROWS, len(data)]
+
+    path.write_bytes(b"not a tensor file")
+    computed.clear()
+    assert with_features(model, data, CPU, run.model, folder).features is not None
+    assert computed == [len(data)]
+
+
+def test_a_model_adapted_in_every_layer_is_left_as_it_is(cases, tmp_path):
+    run, data = cases
+    everywhere = make_run(model=run.model, lora_layers=0)
+    out = with_features(_model(everywhere), data, CPU, run.model, tmp_path)
+    assert out.features is None and not any(tmp_path.iterdir())
