@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,77 @@ def test_a_reply_is_ledgered_with_only_allowed_metrics(guard):
     array = sent.content["arrays"]["w"]
     assert entry["bytes"] == len(array.data)
     assert entry["arrays_sha256"] == ledger.arrays_digest([("w", array.data)])
+
+
+# --- warm ClientApp starts --------------------------------------------------------------------
+
+
+def _spec(task_type):
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    return ExecutionSpec(
+        task_type=task_type,
+        runtime_api_address="127.0.0.1:9094",
+        token="token-1",
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=4321,
+        suppress_output=False,
+        task_id=1,
+    )
+
+
+def test_clientapp_launches_go_to_the_warm_parent_and_fall_back_when_it_is_gone(monkeypatch):
+    """Flower's subprocess executor, unchanged, with the module it starts processes through."""
+    import subprocess
+
+    import flwr.supercore.superexec.executor.subprocess_executor as executor
+    from flwr.supercore.constant import TaskType
+
+    from federimed.deploy import warm
+
+    class Starter:
+        command, alive, started = "federimed-clientapp", True, []
+
+        def start(self, argv):
+            self.started.append(argv)
+            return self.alive
+
+    cold = []
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kwargs: cold.append(argv))
+    monkeypatch.setattr(executor, "subprocess", executor.subprocess)  # restored afterwards
+    monkeypatch.setitem(executor.TASK_TYPE_TO_COMMAND, TaskType.CLIENT_APP, "federimed-clientapp")
+    starter = Starter()
+    warm.use_warm_starts(starter)
+    executor.SubprocessExecutor().launch(_spec(TaskType.CLIENT_APP))
+    assert starter.started == [
+        ["federimed-clientapp", "--runtime-api-address", "127.0.0.1:9094",
+         "--token", "token-1", "--insecure", "--parent-pid", "4321"]
+    ]  # fmt: skip
+    assert cold == []
+    starter.alive = False  # the warm parent died: the task still starts, cold
+    executor.SubprocessExecutor().launch(_spec(TaskType.CLIENT_APP))
+    assert cold == [starter.started[-1]]
+    executor.SubprocessExecutor().launch(_spec(TaskType.SERVER_APP))  # not ours to warm
+    assert cold[-1][0] == executor.TASK_TYPE_TO_COMMAND[TaskType.SERVER_APP]
+
+
+def test_the_warm_parent_forks_a_real_clientapp_per_task(tmp_path):
+    from federimed.deploy.warm import PRELOAD, WarmStarter
+
+    log = tmp_path / "runner.log"
+    with log.open("w") as output:
+        starter = WarmStarter("federimed-clientapp", output=output)
+        try:
+            assert starter.start(["federimed-clientapp", "--help"])
+            assert starter.start(["federimed-clientapp", "--help"])
+        finally:
+            starter.close()
+    # The tasks outlive the parent's loop; wait for both to have written their help.
+    deadline = time.monotonic() + 120
+    while log.read_text().count("usage: federimed-clientapp") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().count("usage: federimed-clientapp") == 2
+    assert "warm ClientApp parent ready: " + ", ".join(PRELOAD) in log.read_text()
+    assert not starter.alive() and not starter.start(["federimed-clientapp"])

@@ -50,10 +50,15 @@ log = logging.getLogger("flwr.federimed.warm")
 class WarmStarter:
     """The runner's handle on its warm parent: one JSON line of argv per task to start."""
 
-    def __init__(self, command: str):
+    def __init__(self, command: str, output: IO | None = None):
+        """``output``: where the parent and its tasks write (default: the runner's own)."""
         self.command = command
         self.parent = subprocess.Popen(
-            [sys.executable, "-m", "federimed.deploy.warm"], stdin=subprocess.PIPE, text=True
+            [sys.executable, "-m", "federimed.deploy.warm"],
+            stdin=subprocess.PIPE,
+            stdout=output,
+            stderr=output,
+            text=True,
         )
 
     def alive(self) -> bool:
@@ -70,12 +75,13 @@ class WarmStarter:
             return False
         return True
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60) -> None:
+        """No more tasks: the parent starts those it was sent, then exits (tasks run on)."""
         with contextlib.suppress(OSError):
             self.parent.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.parent.wait(timeout=5)
-        if self.alive():
+        try:
+            self.parent.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             self.parent.kill()
 
 
