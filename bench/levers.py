@@ -27,8 +27,13 @@ from federimed.config import resolve
 from federimed.data.records import load_examples, load_hospital
 from federimed.features import with_features
 from federimed.metrics import classification_metrics
-from federimed.model import build_classifier, exchanged_state, load_exchanged_state, quiet_libraries
-from federimed.model import load_tokenizer
+from federimed.model import (
+    build_classifier,
+    exchanged_state,
+    load_exchanged_state,
+    load_tokenizer,
+    quiet_libraries,
+)
 from federimed.task import _round_seed
 from federimed.training import encode, predict_proba, train
 

@@ -7,6 +7,7 @@ total (that times the number of hospitals). Only where the data may go differs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,4 +126,6 @@ class Comparison:
         return self._train_and_score("centralized", pooled, steps)
 
     def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        return score(model, self.test, self.labels, self.unseen)
+        """The saved global model as users get it (adapter merged: every layer computed)."""
+        whole = dataclasses.replace(self.test, features=None, frozen_layers=0)
+        return score(model, whole, self.labels, self.unseen)

@@ -49,14 +49,17 @@ def layer_stack(model: nn.Module) -> nn.ModuleList | None:
 
 
 def first_adapted_layer(model: nn.Module) -> int:
-    """Index of the lowest layer with trainable weights; 0 when nothing below it is frozen."""
+    """Index of the lowest layer with an adapter or a trainable weight (a model loaded for
+    inference has no trainable weights, but its adapters are still named ``lora_``); the
+    number of layers when none is adapted (a head trained alone), 0 when nothing is frozen
+    below the adapters or the layers cannot be found."""
     stack = layer_stack(model)
     if stack is None:
         return 0
     for index, layer in enumerate(stack):
-        if any(p.requires_grad for p in layer.parameters()):
+        if any(p.requires_grad or "lora_" in n for n, p in layer.named_parameters()):
             return index
-    return 0
+    return len(stack)
 
 
 class _Skip(nn.Module):
@@ -92,14 +95,18 @@ def _swapped(stack: nn.ModuleList, replacements: dict[int, nn.Module]) -> Iterat
 
 
 @contextlib.contextmanager
-def replaying(model: nn.Module) -> Iterator[Replay]:
-    """The frozen layers replaced by a :class:`Replay` fed per batch by the caller."""
+def replaying(model: nn.Module, layers: int) -> Iterator[Replay]:
+    """The bottom ``layers`` replaced by a :class:`Replay` fed per batch by the caller; they
+    must be frozen and unadapted in ``model``, as in the model that computed the features."""
     stack, first = layer_stack(model), first_adapted_layer(model)
-    if stack is None or first == 0:
-        raise ValueError("the model has no frozen layers below its adapter to replay")
+    if stack is None or not 0 < layers <= first:
+        raise ValueError(
+            f"features of the bottom {layers} layer(s) do not fit this model "
+            f"(its lowest adapted layer is {first})"
+        )
     replay = Replay()
-    replacements: dict[int, nn.Module] = {index: _Skip() for index in range(first - 1)}
-    replacements[first - 1] = replay
+    replacements: dict[int, nn.Module] = {index: _Skip() for index in range(layers - 1)}
+    replacements[layers - 1] = replay
     with _swapped(stack, replacements):
         yield replay
 
@@ -177,14 +184,14 @@ def with_features(
         try:
             cached = torch.load(path, weights_only=True)
             if _still_matches(model, data, cached, device):
-                return data.attach(cached)
+                return data.attach(cached, first)
             log.warning("%s no longer matches the model; computing it again", path)
         except Exception as error:  # an unreadable copy is computed again, never trusted
             log.warning("%s unreadable (%s); computing it again", path, error)
     features = frozen_features(model, data, device)
     if path is not None:
         _save_private(features, path)
-    return data.attach(features)
+    return data.attach(features, first)
 
 
 def _save_private(features: torch.Tensor, path: Path) -> None:

@@ -40,18 +40,19 @@ class Encoded:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     features: torch.Tensor | None = None
+    frozen_layers: int = 0  # how many bottom layers ``features`` stands for
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def attach(self, features: torch.Tensor) -> Encoded:
-        return dataclasses.replace(self, features=features)
+    def attach(self, features: torch.Tensor, frozen_layers: int) -> Encoded:
+        return dataclasses.replace(self, features=features, frozen_layers=frozen_layers)
 
     @classmethod
     def concat(cls, parts: Sequence[Encoded]) -> Encoded:
         """Splits pooled, features included (padded to the widest) when every part has them."""
-        features = None
-        if parts and all(p.features is not None for p in parts):
+        features, layers = None, {p.frozen_layers for p in parts}
+        if parts and len(layers) == 1 and all(p.features is not None for p in parts):
             width = max(p.features.shape[1] for p in parts)
             features = torch.cat(
                 [torch.nn.functional.pad(p.features, (0, 0, 0, width - p.features.shape[1]))
@@ -62,6 +63,7 @@ class Encoded:
             torch.cat([p.attention_mask for p in parts]),
             torch.cat([p.labels for p in parts]),
             features,
+            layers.pop() if features is not None else 0,
         )
 
 
@@ -144,7 +146,9 @@ def batch_tensors(
 
 
 def _replay_if_cached(model: torch.nn.Module, data: Encoded) -> contextlib.AbstractContextManager:
-    return replaying(model) if data.features is not None else contextlib.nullcontext()
+    if data.features is None:
+        return contextlib.nullcontext()
+    return replaying(model, data.frozen_layers)
 
 
 def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], replay: Replay | None):

@@ -13,7 +13,7 @@ from conftest import make_run
 from federimed import features
 from federimed.data.records import load_hospital
 from federimed.features import first_adapted_layer, with_features
-from federimed.model import build_classifier, load_tokenizer
+from federimed.model import build_classifier, load_for_inference, load_tokenizer, save_model
 from federimed.training import Encoded, TrainSettings, encode, evaluate, predict_proba, train
 
 CPU = torch.device("cpu")
@@ -109,6 +109,19 @@ def test_the_cache_folder_is_private_reused_and_refreshed_when_the_model_changes
 
 def test_a_model_adapted_in_every_layer_is_left_as_it_is(cases, tmp_path):
     run, data = cases
-    everywhere = make_run(model=run.model, lora_layers=0)
-    out = with_features(_model(everywhere), data, CPU, run.model, tmp_path)
+    everywhere = _model(make_run(model=run.model, lora_layers=0))
+    out = with_features(everywhere, data, CPU, run.model, tmp_path)
     assert out.features is None and not any(tmp_path.iterdir())
+    cached = with_features(_model(run), data, CPU, run.model)
+    with pytest.raises(ValueError, match="bottom 1 layer"):
+        predict_proba(everywhere, cached, CPU)  # its layer 0 is adapted: no replay into it
+
+
+def test_a_model_loaded_for_inference_scores_from_the_same_features(cases, tmp_path):
+    run, data = cases
+    model = _model(run)
+    train(model, data, TrainSettings(steps=5, batch_size=16, learning_rate=5e-3), CPU)
+    save_model(model, load_tokenizer(run.model), tmp_path / "model", run.model)
+    loaded, _ = load_for_inference(tmp_path / "model" / "adapter")  # a merged one cannot tell
+    cached = with_features(_model(run), data, CPU, run.model)
+    assert np.abs(predict_proba(loaded, cached, CPU) - predict_proba(model, data, CPU)).max() < 2e-3

@@ -8,6 +8,7 @@ from conftest import make_run
 
 from federimed.cli import main
 from federimed.compare import Comparison, Federation
+from federimed.features import first_adapted_layer
 from federimed.model import (
     build_classifier,
     count_parameters,
@@ -24,11 +25,13 @@ pytestmark = pytest.mark.slow
 def test_lora_payload_size_of_the_real_encoder():
     model = build_classifier("minilm", [f"L{i}" for i in range(10)], make_run().lora)
     trainable, total = count_parameters(model)
-    # LoRA r=8 on query/value (73,728) + pooler (147,840) + a 10-way classifier (3,850)
-    assert trainable == 225_418
+    # LoRA r=8 on query/value of the top 2 of 6 layers (24,576) + pooler (147,840) + a 10-way
+    # classifier (3,850)
+    assert trainable == 176_266
     assert 22_000_000 < total < 23_500_000
     size = sum(t.numel() * t.element_size() for t in exchanged_state(model).values())
-    assert size == 225_418 * 4
+    assert size == 176_266 * 4
+    assert first_adapted_layer(model) == 4
 
 
 def test_minilm_learns_the_synthetic_task_and_round_trips(synth_data, tmp_path, capsys):
