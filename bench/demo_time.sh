@@ -25,6 +25,13 @@ step = (before + after) / 2
 print(f"reference step: {before:.3f} s before, {after:.3f} s after; "
       f"demo = {wall / step:.0f} reference steps")
 print(json.dumps(report["wall_seconds"], indent=2))
+for number, r in report["rounds"].items():
+    train = r["train"].values()
+    slowest = max(m["compute_seconds"] for m in train)
+    print(f"round {number}: {r['seconds']:.1f} s, slowest compute {slowest:.1f} s, "
+          f"overhead {r['seconds'] / slowest:.2f}; start-up "
+          + ", ".join(f"{m['startup_seconds']:.1f}" for m in train) + " s; load "
+          + ", ".join(f"{m['load_seconds']:.1f}" for m in train) + " s")
 for name, h in report["hospitals"].items():
     print(name, {m: round(h[m]["accuracy"], 3) for m in ("federated", "local", "centralized")},
           "unseen", {m: round(h[m].get("unseen_accuracy", float("nan")), 3)

@@ -195,6 +195,7 @@ class RoundRecorder:
 
     def _reset(self) -> None:
         self.started = time.monotonic()
+        self.sent_at = self.replied_at = None  # when the train tasks left, and replies were in
         self.sampled: list[int] = []
         self.outbox: list[Message] = []  # Flower sets each one's message id as it pushes it
         self.replied: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
@@ -211,6 +212,8 @@ class RoundRecorder:
         return self.traffic.setdefault(node_id, {"bytes_down": 0, "bytes_up": 0})
 
     def sent(self, kind: str, messages: list[Message]) -> None:
+        if kind == "train":
+            self.sent_at = time.monotonic()
         self.outbox += messages
         for message in messages:
             node_id = message.metadata.dst_node_id
@@ -220,6 +223,8 @@ class RoundRecorder:
                 self._traffic(node_id)["bytes_down"] += record_bytes(message.content["arrays"])
 
     def received(self, kind: str, server_round: int, replies: list[Message]) -> None:
+        if kind == "train":
+            self.replied_at = time.monotonic()
         for reply in replies:
             if reply.has_error():
                 self._error(kind, server_round, reply)
@@ -296,8 +301,24 @@ class RoundRecorder:
             seconds=time.monotonic() - self.started,
         )
         append_round(self.out, record)
+        self._log_phases(server_round)
         self._reset()
         return record
+
+    def _log_phases(self, server_round: int) -> None:
+        """Where the round's wall time went, as the server saw it (the hospitals report theirs
+        in the record): the part outside the hospitals' compute is the round's overhead."""
+        if self.sent_at is None or self.replied_at is None:
+            return
+        now = time.monotonic()
+        log.info(
+            "round %d: %.1f s to send, %.1f s until every reply was in, %.1f s to aggregate, "
+            "score and checkpoint",
+            server_round,
+            self.sent_at - self.started,
+            self.replied_at - self.sent_at,
+            now - self.replied_at,
+        )
 
 
 def _refused(reply: Message) -> bool:
