@@ -59,6 +59,18 @@ STATE_FILE = "federation.json"
 FINISHED = "finished"
 STATUS_EVERY = 120.0
 STATUS_AFTER_DONE = 3.0
+# CPU priority (nice) of each hospital's SuperNode and ClientApp runner, and so of the ClientApp
+# processes the runner starts (they inherit it), on a one-machine federation.  The hospitals'
+# processes outnumber the SuperLink's: at 20 hospitals training at once the SuperLink got about
+# a tenth of a CPU and, holding its SQLite state database's write lock (Flower writes on nearly
+# every Fleet request), waited 1-3 s on the run queue with the lock held (0.1 s of CPU); other
+# requests then outwaited SQLite's 5 s busy timeout (flwr/supercore/constant.py SQLITE_PRAGMAS)
+# and got HTTP 500 "database is locked", which Flower's clients do not retry
+# (flwr/supercore/retry/http_retry.py): a reply, a node's download or the ServerApp was lost.
+# In production the SuperLink has a host of its own; here the hospitals yield to it (and to
+# the gateway and ServerApp).  Lowering priority needs no privilege, and idle CPU is still
+# all theirs.  See processes._lower_priority for why the session is niced too.
+HOSPITAL_NICE = 19
 
 
 def free_port() -> int:
@@ -117,10 +129,12 @@ class ProcessRecord(BaseModel):
     netns: str | None
     address: str
     log: str
-    # How it was started (what `restart` repeats): the command line, and the variables set on
-    # top of Flower's fixed environment (paths and addresses only; secrets stay in files).
+    # How it was started (what `restart` repeats): the command line, the variables set on
+    # top of Flower's fixed environment (paths and addresses only; secrets stay in files), and
+    # its CPU priority (HOSPITAL_NICE).
     argv: list[str] = []
     env: dict[str, str] = {}
+    nice: int = 0
 
 
 class FederationState(BaseModel):
@@ -361,7 +375,9 @@ class RunningFederation:
             )
         _stop_record(record)
         group = ProcessGroup(self.workdir / "logs", detached=True)
-        member = group.start(Path(record.log).stem, record.argv, flower_env() | record.env)
+        member = group.start(
+            Path(record.log).stem, record.argv, flower_env() | record.env, nice=record.nice
+        )
         if role in ("superlink", "gateway"):
             ca = Path(self.state.ca_cert)
             wait_until(lambda: superlink_healthy(record.address, ca), 90, f"the {role}", group)
@@ -402,6 +418,7 @@ class LocalFederation:
         client_threads: int | None = 1,
         say: Callable[[str], None] = lambda text: None,
         detached: bool = False,
+        hospital_nice: int = HOSPITAL_NICE,
     ):
         self.workdir = Path(workdir).resolve()
         self.certs = Path(certs).resolve()
@@ -416,6 +433,7 @@ class LocalFederation:
         # Threads per ClientApp: hospitals sharing one machine train at once, so 1 each avoids
         # oversubscription; the ServerApp evaluates while they wait and keeps torch's default.
         self.client_threads = client_threads
+        self.hospital_nice = hospital_nice
         self.say = say
         # Not detached: the processes die with this one, even when it is SIGKILLed.
         self.group = ProcessGroup(self.workdir / "logs", detached=detached)
@@ -657,7 +675,8 @@ class LocalFederation:
         if role == "gateway":  # Caddy's own files stay in the work folder
             env["XDG_DATA_HOME"] = env["XDG_CONFIG_HOME"] = str(self._gateway_state)
         name = f"{role}-{hospital}" if hospital else role
-        member = self.group.start(name, argv, flower_env() | env)
+        nice = self.hospital_nice if role in ("supernode", "clientapp") else 0
+        member = self.group.start(name, argv, flower_env() | env, nice=nice)
         return ProcessRecord(
             role=role,
             hospital=hospital,
@@ -668,4 +687,5 @@ class LocalFederation:
             log=str(member.log),
             argv=argv,
             env=env,
+            nice=nice,
         )

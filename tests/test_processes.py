@@ -1,0 +1,50 @@
+"""Process priority on a one-machine federation: hospitals yield the CPU to the SuperLink."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from federimed.deploy.processes import ProcessGroup
+
+AUTOGROUP = Path("/proc/self/autogroup")
+BUSY = [sys.executable, "-c", "while True: pass"]
+
+
+def _autogroup_nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+def test_a_niced_process_and_its_session_are_niced(tmp_path):
+    with ProcessGroup(tmp_path) as group:
+        niced = group.start("niced", ["sleep", "30"], dict(os.environ), nice=10)
+        plain = group.start("plain", ["sleep", "30"], dict(os.environ))
+        assert psutil.Process(niced.process.pid).nice() == 10
+        assert psutil.Process(plain.process.pid).nice() == 0
+        if AUTOGROUP.exists():
+            assert _autogroup_nice(niced.process.pid) == 10
+            assert _autogroup_nice(plain.process.pid) == 0
+
+
+@pytest.mark.slow  # keeps the machine's CPUs busy for seconds
+@pytest.mark.skipif(
+    not AUTOGROUP.exists() or (os.cpu_count() or 1) > 4, reason="needs autogroup, few CPUs"
+)
+def test_niced_sessions_leave_the_cpu_to_a_plain_one(tmp_path):
+    """Eight busy niced sessions next to one plain one: without the session's nice (only the
+    process's), the plain one got about 1/9 of the machine; with it, nearly a CPU."""
+    with ProcessGroup(tmp_path) as group:
+        for i in range(8):
+            group.start(f"hog-{i}", BUSY, dict(os.environ), nice=19)
+        plain = psutil.Process(group.start("plain", BUSY, dict(os.environ)).process.pid)
+        time.sleep(0.5)
+        before = sum(plain.cpu_times()[:2])
+        time.sleep(3)
+        share = (sum(plain.cpu_times()[:2]) - before) / 3
+    # Other work on the machine takes its part; eight equal sessions would leave it 0.2.
+    assert share > 0.35, f"the plain process got {share:.2f} CPU"
