@@ -236,6 +236,12 @@ def test_the_flower_names_the_runner_rebinds_exist():
     for name in ("install_from_fab(", "get_load_client_app_fn(", "push_message("):
         assert name in source and callable(getattr(flower_clientapp, name[:-1]))
     assert executor.TASK_TYPE_TO_COMMAND is TASK_TYPE_TO_COMMAND
+    # federimed superexec shortens the task poll through Flower's own variable
+    from flwr.supercore.superexec import run_superexec
+
+    assert run_superexec._TASK_POLL_INTERVAL_ENV == "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+    # warm starts replace the module the executor starts processes through
+    assert "subprocess.Popen(" in Path(executor.__file__).read_text()
     original = TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP]
     try:
         site_runner.use_site_clientapp()
