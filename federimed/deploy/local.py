@@ -669,6 +669,8 @@ class LocalFederation:
                 FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[hospital]}",
                 FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret),
                 **{POLICY_ENV: str(self._policy(hospital))},
+                # The hospital's own folder: the frozen layers' output for its cases.
+                FEDERIMED_FEATURE_CACHE=str(self._policy(hospital).parent / "cache"),
             )
             if self.client_threads:
                 env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
