@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -48,3 +49,18 @@ def test_niced_sessions_leave_the_cpu_to_a_plain_one(tmp_path):
         share = (sum(plain.cpu_times()[:2]) - before) / 3
     # Other work on the machine takes its part; eight equal sessions would leave it 0.2.
     assert share > 0.35, f"the plain process got {share:.2f} CPU"
+
+
+def test_the_superlink_state_waits_longer_for_its_write_lock(tmp_path, monkeypatch):
+    """Pins the Flower names superlink_db rebinds: the pragmas are read at connect time."""
+    import flwr.supercore.sql_mixin as sql_mixin
+
+    from federimed.deploy import superlink_db
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+    assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "5000"  # Flower 1.42's default
+    superlink_db.longer_busy_timeout()
+    connection = sqlite3.connect(tmp_path / "state.db")
+    sql_mixin._set_sqlite_pragmas(connection, None)
+    assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == superlink_db.BUSY_TIMEOUT_MS
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # the rest kept

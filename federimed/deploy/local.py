@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -491,7 +492,13 @@ class LocalFederation:
             f"starting SuperLink on https://{self.address} (TLS, node authentication) and the "
             f"fleet gateway on https://{self.gateway} (hospitals on {self._network})"
         )
-        link_argv = superlink_argv(self._superlink_settings())
+        # Flower's SuperLink with a 60 s SQLite busy timeout instead of 5 s (superlink_db.py).
+        link_argv = [
+            sys.executable,
+            "-m",
+            "federimed.deploy.superlink_db",
+            *superlink_argv(self._superlink_settings())[1:],
+        ]
         records = [self._launch("superlink", None, link_argv)]
         # Recorded from the first process on, so `down` finds whatever a killed start left.
         self._write_state(link_argv, records)
