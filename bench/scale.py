@@ -105,6 +105,7 @@ class Sampler(threading.Thread):
         self.link_cpu = sum(psutil.Process(superlink).cpu_times()[:2])
         self.link_wait = self.link_wait_max = run_queue_wait(superlink)
         self.pressure = cpu_pressure()
+        self.memory_peak = psutil.virtual_memory().used  # the whole machine's, shared pages once
 
     def tasks(self) -> list[int]:
         cmdlines, children = {}, defaultdict(list)
@@ -129,6 +130,7 @@ class Sampler(threading.Thread):
                 if sample % 4 == 0:  # reading smaps costs CPU: every 2 s
                     self.uss[pid] = max(self.uss.get(pid, 0), uss(pid))
             self.link_wait_max = max(self.link_wait_max, run_queue_wait(self.superlink))
+            self.memory_peak = max(self.memory_peak, psutil.virtual_memory().used)
 
     def figures(self) -> dict:
         wall = time.monotonic() - self.started
@@ -140,6 +142,7 @@ class Sampler(threading.Thread):
             "superlink_cpu_s": round(link_cpu, 1),
             "superlink_runqueue_wait_s": round(self.link_wait_max - self.link_wait, 1),
             "cpu_pressure_pct": round((cpu_pressure() - self.pressure) / 1e4 / wall, 1),
+            "machine_mib_used_peak": mib(self.memory_peak),
         }
 
 
@@ -165,6 +168,7 @@ def idle_memory(running: RunningFederation) -> dict:
 
 def measure(nodes: int, rounds: int, out: Path, nice: int, round_timeout: float) -> dict:
     load_before = [round(x, 2) for x in os.getloadavg()]  # was the machine busy already?
+    memory_before = psutil.virtual_memory().used
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     write_dataset(generate(SynthConfig(hospitals=nodes, seed=1, cases_per_hospital=120)), data)
@@ -208,6 +212,7 @@ def measure(nodes: int, rounds: int, out: Path, nice: int, round_timeout: float)
         **figures,
         "superlink_db_locked": link_log.count("database is locked"),
         "superlink_http_500": link_log.count('HTTP/1.1" 500'),
+        "machine_mib_used_before": mib(memory_before),
         "loadavg_before": load_before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
