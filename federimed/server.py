@@ -136,8 +136,9 @@ def keep_common_metrics(replies: list[Message]) -> None:
             del record[key]
 
 
-# One pull per run every half second is no load for a SuperLink; Flower's grid waits 3 s.
-REPLY_POLL_SECONDS = 0.5
+# Flower's grid waits 3 s between pulls for replies.  Every pull is a SuperLink request that
+# can take its SQLite write lock (docs/scale.md), so not much more often than hospitals ask.
+REPLY_POLL_SECONDS = 1.0
 
 
 class DeadlineGrid:
