@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -118,7 +117,7 @@ def frozen_features(
     """Hidden states after the last frozen layer for every row, ``[rows, width, hidden]``
     (``width``: the longest case), in float16 on the CPU (half the memory; the adapted
     layers compute in float32 from it)."""
-    from federimed.training import autocast, batch_tensors
+    from federimed.training import autocast, scoring_batches
 
     stack, first = layer_stack(model), first_adapted_layer(model)
     if stack is None or first == 0:
@@ -134,10 +133,7 @@ def frozen_features(
     hook = stack[first - 1].register_forward_hook(keep)
     try:
         with _swapped(stack, {index: _Skip() for index in range(first, len(stack))}):
-            for start in range(0, len(data), batch_size):
-                rows = np.arange(start, min(start + batch_size, len(data)))
-                batch = batch_tensors(data, rows, device, with_features=False)
-                batch.pop("labels")
+            for rows, batch in scoring_batches(data, device, batch_size, with_features=False):
                 with autocast(device):
                     model(**batch)
                 hidden = captured.pop()

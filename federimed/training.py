@@ -145,6 +145,17 @@ def batch_tensors(
     return batch
 
 
+def scoring_batches(
+    data: Encoded, device: torch.device, batch_size: int, with_features: bool = True
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Every row once, in order, as model inputs without labels (scoring, frozen layers)."""
+    for start in range(0, len(data), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(data)))
+        batch = batch_tensors(data, rows, device, with_features)
+        batch.pop("labels")
+        yield rows, batch
+
+
 def _replay_if_cached(model: torch.nn.Module, data: Encoded) -> contextlib.AbstractContextManager:
     if data.features is None:
         return contextlib.nullcontext()
@@ -226,10 +237,7 @@ def predict_proba(
     model.to(device).eval()
     out = []
     with _replay_if_cached(model, data) as replay:
-        for start in range(0, len(data), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(data)))
-            batch = batch_tensors(data, rows, device)
-            batch.pop("labels")
+        for _, batch in scoring_batches(data, device, batch_size):
             with autocast(device):
                 logits = _forward(model, batch, replay).logits
             out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())

@@ -90,9 +90,9 @@ def use_warm_starts(starter: WarmStarter) -> None:
     import flwr.supercore.superexec.executor.subprocess_executor as executor
 
     def popen(argv: list[str], **kwargs: Any) -> Any:
-        if argv and argv[0] == starter.command and starter.start(list(argv)):
-            return None  # Flower does not keep the handle: the task reports over the API
         if argv and argv[0] == starter.command:
+            if starter.start(list(argv)):
+                return None  # Flower does not keep the handle: the task reports over the API
             log.warning("warm parent gone; starting the ClientApp in a fresh interpreter")
         return subprocess.Popen(argv, **kwargs)
 
