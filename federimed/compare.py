@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from federimed.data.records import Example, load_examples, load_hospital
-from federimed.features import with_features
+from federimed.features import keeps_frozen_layers, with_features
 from federimed.metrics import classification_metrics
 from federimed.model import build_classifier, load_tokenizer
 from federimed.runconfig import RunConfig
@@ -73,7 +73,15 @@ class Comparison:
     """Holds the tokenized data (and the frozen layers' output for it) once; trains and scores
     each baseline."""
 
-    def __init__(self, federation: Federation, run: RunConfig, progress: Progress = print):
+    def __init__(
+        self,
+        federation: Federation,
+        run: RunConfig,
+        progress: Progress = print,
+        feature_caches: Mapping[str, Path] | None = None,
+    ):
+        """``feature_caches``: hospital -> the folder its own runs keep the frozen layers'
+        output in (the local federation's), so that they are not computed a second time."""
         self.run = run
         self.labels = run.label_list
         self.progress = progress
@@ -87,16 +95,19 @@ class Comparison:
         }
         # Every baseline starts from the same frozen layers: their output is computed once.
         self._frozen = self._fresh_model()
-        self.encoded = {name: self._encode(cases) for name, cases in self.train_sets.items()}
+        caches = feature_caches or {}
+        self.encoded = {
+            name: self._encode(cases, caches.get(name)) for name, cases in self.train_sets.items()
+        }
         self.test = self._encode(load_examples(federation.test_path, self.labels))
         self.steps_per_hospital = run.num_server_rounds * run.local_steps
 
     def _fresh_model(self) -> torch.nn.Module:
         return build_classifier(self.run.model, self.labels, self.run.lora, seed=self.run.seed)
 
-    def _encode(self, cases: list[Example]) -> Encoded:
+    def _encode(self, cases: list[Example], cache: Path | None = None) -> Encoded:
         encoded = encode(cases, self.tokenizer, self.labels, self.run.max_length)
-        return with_features(self._frozen, encoded, pick_device(), self.run.model)
+        return with_features(self._frozen, encoded, pick_device(), self.run.model, cache)
 
     def _train_and_score(self, name: str, data: Encoded, steps: int) -> tuple[dict, float]:
         started = time.monotonic()
@@ -126,6 +137,12 @@ class Comparison:
         return self._train_and_score("centralized", pooled, steps)
 
     def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        """The saved global model as users get it (adapter merged: every layer computed)."""
-        whole = dataclasses.replace(self.test, features=None, frozen_layers=0)
-        return score(model, whole, self.labels, self.unseen)
+        """The saved global model as users get it (adapter merged).  Its frozen layers are
+        scored from the test set's features when its weights there are the base model's (as
+        they are when only the top layers were adapted); otherwise every layer is computed."""
+        test = self.test
+        if test.features is not None and not keeps_frozen_layers(
+            model, self._frozen, test.frozen_layers
+        ):
+            test = dataclasses.replace(test, features=None, frozen_layers=0)
+        return score(model, test, self.labels, self.unseen)

@@ -92,6 +92,7 @@ class FederatedResult:
     state: FederationState
     rounds: list[RoundRecord]
     summary: RunSummary
+    feature_caches: dict[str, Path]  # each hospital's copy of its frozen layers' output
 
 
 def run_federation(
@@ -120,8 +121,9 @@ def run_federation(
         raise RuntimeError(
             f"Flower run {run_id} ended as {status.get('status')}; see {options.out / 'logs'}"
         )
+    caches = {name: local.feature_cache(name) for name in federation.hospitals}
     return FederatedResult(
-        run_id, status, running.state, read_rounds(run_out), read_summary(run_out)
+        run_id, status, running.state, read_rounds(run_out), read_summary(run_out), caches
     )
 
 
@@ -164,7 +166,7 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     shutil.copytree(result.summary.final_model, model_dir)
 
     say("scoring the global model and training the baselines (same code, same budget)")
-    comparison = Comparison(federation, run, progress=say)
+    comparison = Comparison(federation, run, progress=say, feature_caches=result.feature_caches)
     model, _ = load_for_inference(model_dir)
     results = {"federated": comparison.federated(model)}
     if options.baselines:

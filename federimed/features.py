@@ -61,6 +61,33 @@ def first_adapted_layer(model: nn.Module) -> int:
     return len(stack)
 
 
+def _up_to_layer(model: nn.Module, stack: nn.ModuleList, layers: int) -> list[torch.Tensor]:
+    """The weights a case passes through before layer ``layers``: the embeddings and the
+    layers below it (they precede the layer in every encoder family's parameter order)."""
+    boundary = {id(p) for p in stack[layers].parameters()}
+    below = []
+    for parameter in model.parameters():
+        if id(parameter) in boundary:
+            return below
+        below.append(parameter)
+    raise ValueError(f"layer {layers}'s weights not found in the model")
+
+
+def keeps_frozen_layers(model: nn.Module, reference: nn.Module, layers: int) -> bool:
+    """Whether ``model`` computes the bottom ``layers`` layers with exactly ``reference``'s
+    weights, so features made with ``reference`` fit it: a saved model with its adapter merged
+    cannot say which layers were adapted, but its weights can, bit for bit."""
+    mine, theirs = layer_stack(model), layer_stack(reference)
+    if mine is None or theirs is None or not 0 < layers < min(len(mine), len(theirs)):
+        return False
+    below = _up_to_layer(model, mine, layers)
+    expected = _up_to_layer(reference, theirs, layers)
+    return len(below) == len(expected) and all(
+        a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
+        for a, b in zip(below, expected, strict=True)
+    )
+
+
 class _Skip(nn.Module):
     """Stands in for a frozen layer whose output is replayed further up."""
 

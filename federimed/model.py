@@ -180,7 +180,7 @@ def load_for_inference(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizer
     if not path.exists():
         raise FileNotFoundError(f"--model {path}: no such folder")
     if (path / "config.json").exists():
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path).requires_grad_(False)
         return model.eval(), AutoTokenizer.from_pretrained(path)
     if (path / "adapter_config.json").exists():
         meta_file = path / FEDERIMED_META if (path / FEDERIMED_META).exists() else None

@@ -209,6 +209,9 @@ class RoundRecorder:
         for node in grid.get_nodes():
             self.names[node.node_id] = hospital_name(node.node_id, node.name)
 
+    def restart_clock(self) -> None:
+        self.started = time.monotonic()
+
     def _traffic(self, node_id: int) -> dict[str, int]:
         return self.traffic.setdefault(node_id, {"bytes_down": 0, "bytes_up": 0})
 
@@ -560,11 +563,13 @@ class ServerRun:
         """Flower calls this before its round 1 and as the last step of every round."""
         server_round = flower_round + self.offset
         self.global_model.load(server_round, arrays)
-        if flower_round == 0 and self.offset:
-            return None  # the resumed checkpoint: scored and recorded by the run it came from
-        scores = self.global_model.score(server_round)
-        self.scores[server_round] = scores
-        if server_round > 0:
+        scores = None
+        if not (flower_round == 0 and self.offset):  # a resumed checkpoint: its run scored it
+            scores = self.global_model.score(server_round)
+            self.scores[server_round] = scores
+        if flower_round == 0:
+            self.recorder.restart_clock()  # round 1's time starts after the initial scoring
+        else:
             self.recorder.finish(server_round, scores)
         return MetricRecord(scores) if scores else None
 

@@ -125,3 +125,21 @@ def test_a_model_loaded_for_inference_scores_from_the_same_features(cases, tmp_p
     loaded, _ = load_for_inference(tmp_path / "model" / "adapter")  # a merged one cannot tell
     cached = with_features(_model(run), data, CPU, run.model)
     assert np.abs(predict_proba(loaded, cached, CPU) - predict_proba(model, data, CPU)).max() < 2e-3
+
+
+def test_a_merged_model_uses_the_features_only_where_its_weights_are_the_base_models(
+    cases, tmp_path
+):
+    run, data = cases
+    base = _model(run)
+    cached = with_features(base, data, CPU, run.model)
+    for lora_layers, keeps in ((1, True), (0, False)):
+        model = _model(make_run(model=run.model, lora_layers=lora_layers))
+        train(model, data, TrainSettings(steps=5, batch_size=16, learning_rate=5e-2), CPU)
+        save_model(model, load_tokenizer(run.model), tmp_path / str(lora_layers), run.model)
+        merged, _ = load_for_inference(tmp_path / str(lora_layers))
+        assert features.keeps_frozen_layers(merged, base, cached.frozen_layers) is keeps
+    # The top-layer model, merged, scores the same from the features as computed whole.
+    merged, _ = load_for_inference(tmp_path / "1")
+    whole = predict_proba(merged, data, CPU)
+    assert np.abs(predict_proba(merged, cached, CPU) - whole).max() < 2e-3

@@ -595,6 +595,10 @@ class LocalFederation:
     def _policy(self, hospital: str) -> Path:
         return self.workdir / "sites" / hospital / "policy.yaml"
 
+    def feature_cache(self, hospital: str) -> Path:
+        """The hospital's own folder for the frozen layers' output of its cases."""
+        return self._policy(hospital).parent / "cache"
+
     def _write_site_policies(self) -> None:
         """Each hospital's policy (kept across starts, as a hospital's would be) approves this
         project's app bundle; its ledger lies beside it."""
@@ -676,8 +680,7 @@ class LocalFederation:
                 FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[hospital]}",
                 FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret),
                 **{POLICY_ENV: str(self._policy(hospital))},
-                # The hospital's own folder: the frozen layers' output for its cases.
-                FEDERIMED_FEATURE_CACHE=str(self._policy(hospital).parent / "cache"),
+                FEDERIMED_FEATURE_CACHE=str(self.feature_cache(hospital)),
             )
             if self.client_threads:
                 env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
