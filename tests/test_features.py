@@ -74,9 +74,19 @@ def test_pooled_splits_keep_their_features_row_for_row(cases):
 
 
 def test_the_cache_folder_is_private_reused_and_refreshed_when_the_model_changes(
-    cases, tmp_path, monkeypatch
+    cases, synth_data, tmp_path, monkeypatch
 ):
-    run, data = cases
+    run, _ = cases
+    # Cases of their own lengths, the probe rows (the first two) the longest and the shortest:
+    # computed in different batches, of different widths.
+    examples = load_hospital(synth_data / "hospital-1", run.label_list).train[:80]
+    data = encode(examples, load_tokenizer(run.model), run.label_list, 256)
+    lengths = data.attention_mask.sum(dim=1)
+    longest, shortest = int(lengths.argmax()), int(lengths.argmin())
+    assert lengths[longest] > lengths[shortest] + 10
+    rest = [i for i in range(len(data)) if i not in (longest, shortest)]
+    order = torch.tensor([longest, shortest, *rest])
+    data = Encoded(data.input_ids[order], data.attention_mask[order], data.labels[order])
     model = _model(run)
     folder = tmp_path / "cache"
     first = with_features(model, data, CPU, run.model, folder)
