@@ -43,6 +43,12 @@ VARIANTS = {
     "top-3": {"lora-layers": 3},
     "top-2": {"lora-layers": 2},
     "top-1": {"lora-layers": 1},
+    # The adapters' scale (alpha / r): a larger one moves the adapters faster, not the head.
+    "top-2-alpha-32": {"lora-layers": 2, "lora-alpha": 32},
+    "top-1-alpha-32": {"lora-layers": 1, "lora-alpha": 32},
+    # A larger learning rate moves the head too.
+    "top-2-lr-0.01": {"lora-layers": 2, "learning-rate": 0.01},
+    "top-1-lr-0.01": {"lora-layers": 1, "learning-rate": 0.01},
 }
 
 

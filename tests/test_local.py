@@ -99,3 +99,15 @@ def test_restart_names_what_it_cannot_restart(tmp_path):
         running.restart("supernode", "hospital-9")
     with pytest.raises(DeploymentError, match="predates `restart`"):
         running.restart("superlink")
+
+
+def test_the_line_a_connected_supernode_logs_is_still_flowers():
+    """`wait_for_nodes` asks the SuperLink only once every SuperNode logged this line."""
+    import inspect
+
+    from flwr.supernode import start_client_internal
+
+    from federimed.deploy.local import NODE_CONNECTED
+
+    source = inspect.getsource(start_client_internal.start_client_internal)
+    assert f'"{NODE_CONNECTED} %s", node_id' in source

@@ -119,3 +119,18 @@ def test_client_app_clips_its_update_to_the_site_bound(tiny_model, marked_hospit
     received = initial.to_torch_state_dict()
     norm = torch.sqrt(sum(((sent[k] - received[k]) ** 2).sum() for k in sent))
     assert 0.009 < float(norm) <= 0.0101  # it trained, and no further than the bound
+
+
+def test_start_up_is_timed_from_when_the_process_really_started():
+    """psutil dates a process from the boot time rounded down to a second; the reported
+    start-up must not carry that error (it is most of a warm start)."""
+    import time
+
+    import psutil
+
+    from client_app.client_app import _process_age
+
+    age = _process_age()
+    by_psutil = time.time() - psutil.Process().create_time()
+    assert 0 < age <= by_psutil + 0.05
+    assert by_psutil - age < 1.05

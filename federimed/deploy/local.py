@@ -138,6 +138,11 @@ class ProcessRecord(BaseModel):
     nice: int = 0
 
 
+# What a SuperNode logs once it has connected to the SuperLink (flwr/supernode/
+# start_client_internal.py); tests/test_local.py pins it.
+NODE_CONNECTED = "SuperNode ID:"
+
+
 class FederationState(BaseModel):
     """``federation.json``: what ``up`` started, read by ``status``, ``submit`` and ``down``."""
 
@@ -300,22 +305,31 @@ class RunningFederation:
         raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
 
     def wait_for_nodes(self, timeout: float = 120) -> None:
+        """Until the SuperLink counts every hospital's SuperNode online.  Asking it is a `flwr`
+        process (about a second of CPU, which the starting SuperNodes feel), so it is asked
+        only once every SuperNode has logged that it connected."""
         expected = len(self.state.hospitals)
+        logs = [Path(r.log) for r in self.state.processes if r.role == "supernode"]
+
+        def all_connected() -> bool:
+            self.check_alive()
+            return all(
+                log.is_file() and NODE_CONNECTED in log.read_text(errors="replace") for log in logs
+            )
 
         def all_online() -> bool:
-            self.check_alive()
             out = run_flwr(["supernode", "list", CONNECTION, "--format", "json"], self.flwr_home)
             nodes = json.loads(out).get("nodes", [])
             return sum(node.get("status") == "online" for node in nodes) >= expected
 
         deadline = time.monotonic() + timeout
-        while not all_online():
+        while not (all_connected() and all_online()):
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"timed out after {timeout:.0f}s waiting for {expected} SuperNodes to come "
                     f"online; see the logs in {self.workdir / 'logs'}"
                 )
-            nap(2)
+            nap(0.25)
 
     def status(self) -> dict[str, Any]:
         """Every process with whether it is alive, and the runs with their rounds so far."""
