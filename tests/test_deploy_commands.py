@@ -49,6 +49,29 @@ def test_supernode_args_and_node_config(tmp_path):
     )
     assert argv[argv.index("--isolation") + 1] == "process"
     assert "--insecure" not in argv
+    assert argv[1:5] == ["-m", "federimed.deploy.supernode", "--idle-poll-seconds", "1.0"]
+
+
+def test_an_idle_supernode_asks_for_work_at_the_set_interval(monkeypatch):
+    """Pins the Flower loop the wrapper relies on: an idle pull sleeps `time.sleep(3)` through
+    the module's own `time`; the wrapper's `time` waits at most the setting."""
+    import inspect
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    from federimed.deploy import supernode
+
+    source = inspect.getsource(start_client_internal.start_client_internal)
+    assert f"time.sleep({supernode.FLOWER_IDLE_SLEEP})" in source
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    supernode.shorter_idle_sleeps(start_client_internal, 0.05)
+    started = time.monotonic()
+    start_client_internal.time.sleep(supernode.FLOWER_IDLE_SLEEP)
+    assert time.monotonic() - started < 1
+    assert start_client_internal.time.monotonic is time.monotonic
+    with pytest.raises(ValueError, match="idle_poll_seconds"):
+        SuperNodeSettings(name="h", private_key="k", data_path=".", idle_poll_seconds=0)
 
 
 def test_missing_files_are_named_by_their_variable(tmp_path):

@@ -413,3 +413,21 @@ def test_the_warm_parent_forks_a_real_clientapp_per_task(tmp_path):
     assert log.read_text().count("usage: federimed-clientapp") == 2
     assert "warm ClientApp parent ready: " + ", ".join(PRELOAD) in log.read_text()
     assert not starter.alive() and not starter.start(["federimed-clientapp"])
+
+
+def test_a_task_first_asks_for_its_message_after_a_tenth_of_a_second(monkeypatch):
+    """Pins what quicker_first_pulls relies on: Flower's task pulls its message through
+    pull_and_inflate_object_from_tree with the function's default backoff."""
+    import inspect
+
+    import flwr.supernode.runtime.run_clientapp as flower_clientapp
+
+    from federimed.deploy import site_runner
+
+    pull = flower_clientapp.pull_and_inflate_object_from_tree
+    monkeypatch.setattr(pull, "__kwdefaults__", dict(pull.__kwdefaults__))  # restored after
+    assert pull.__kwdefaults__["initial_backoff"] == 1
+    source = inspect.getsource(flower_clientapp.pull_task_input)
+    assert "pull_and_inflate_object_from_tree(" in source and "initial_backoff" not in source
+    site_runner.quicker_first_pulls()
+    assert pull.__kwdefaults__["initial_backoff"] == site_runner.FIRST_PULL_BACKOFF

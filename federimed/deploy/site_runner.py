@@ -14,8 +14,11 @@ and then calls Flower's entry point unchanged:
 - ``push_message``: metrics not on the allow-list are held back, and the reply is appended to
   the hash-chained egress ledger before it leaves.
 
+One more rebinding is about time, not trust: the task's first pull of the round's message
+backs off 0.1 s instead of Flower's 1 s (:func:`quicker_first_pulls`).
+
 ``federimed superexec`` makes Flower's SuperExec start this command instead of
-``flwr-clientapp`` (:func:`use_site_clientapp`).  ``tests/test_site_runner.py`` pins the names
+``flwr-clientapp`` (:func:`use_site_clientapp`).  ``tests/test_site.py`` pins the names
 against the installed Flower, so an upgrade that moves them fails loudly, not open.
 """
 
@@ -166,8 +169,23 @@ _install_from_fab = flower_clientapp.install_from_fab
 _push_message = flower_clientapp.push_message
 
 
+FIRST_PULL_BACKOFF = 0.1  # seconds; Flower's is 1 (flwr.supercore.constant)
+
+
+def quicker_first_pulls() -> None:
+    """The SuperNode hands out a task before it holds all of the task's message (it pulls the
+    arrays from the SuperLink after creating the task), so a warm-started task can ask for
+    them too early, and Flower's pull then sleeps 1 s, then 2 s more, whatever the arrays'
+    actual arrival.  From 0.1 s it asks a few more times, locally, and starts within a tenth
+    of a second of their arrival.  (The wait itself, the SuperNode fetching 0.7 MB from the
+    SuperLink, stays: 1.5-1.8 s of the demo's round-2 start-up, traced.)"""
+    defaults = flower_clientapp.pull_and_inflate_object_from_tree.__kwdefaults__
+    defaults["initial_backoff"] = FIRST_PULL_BACKOFF
+
+
 def main() -> None:
     """``federimed-clientapp``: what Flower's SuperExec starts for each ClientApp task."""
+    quicker_first_pulls()
     guard = SiteGuard.from_env()
     flower_clientapp.install_from_fab = guard.install
     flower_clientapp.get_load_client_app_fn = guard.loader(flower_clientapp.get_load_client_app_fn)
