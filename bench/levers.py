@@ -1,7 +1,7 @@
 """What each compute lever buys: the demo's federated training, in one process, per variant.
 
     .venv/bin/python bench/levers.py [--data runs/demo/data] [--out runs/bench-levers.jsonl]
-        [--variant NAME ...]
+        [--variant NAME ...] [--seeds 0 1 2]
 
 The federation's arithmetic without its processes (FedAvg over the demo's hospitals, the same
 training code, batches and seeds as the ClientApp), so that a lever's effect on accuracy and
@@ -9,6 +9,8 @@ on compute is measured alone, on the same data, in minutes.  Per variant one JSO
 global test accuracy after each round, accuracy on each hospital's unseen conditions, the
 seconds spent computing the frozen layers once and training, and the update size.  Process
 starts, the network and scoring are the federation's business (bench/demo_time.sh).
+One seed moves the accuracy by several points at this size: compare variants over seeds
+(the run config's ``seed``: model initialisation and every hospital's batches).
 """
 
 from __future__ import annotations
@@ -107,16 +109,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("runs/demo/data"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-levers.jsonl"))
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(args.threads)
     federation = Federation.from_folder(args.data)
     for name in args.variant or list(VARIANTS):
-        line = json.dumps(run_variant(name, VARIANTS[name], federation))
-        print(line, flush=True)
-        with args.out.open("a") as handle:
-            handle.write(line + "\n")
+        for seed in args.seeds:
+            line = json.dumps(run_variant(name, VARIANTS[name] | {"seed": seed}, federation))
+            print(line, flush=True)
+            with args.out.open("a") as handle:
+                handle.write(line + "\n")
 
 
 if __name__ == "__main__":
