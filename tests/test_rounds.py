@@ -271,3 +271,16 @@ def test_a_run_that_never_gets_enough_hospitals_ends_at_its_deadline(tmp_path, t
     assert summary.status == "deadline" and summary.rounds_completed == 0
     assert (tmp_path / "7" / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "7" / RUN_CONFIG_FILE).read_text())["run-deadline"] == 2
+
+
+def test_round_one_is_timed_from_after_the_initial_scoring(tmp_path, tiny_model, monkeypatch):
+    """The initial model's scoring (and the server's start) is not round 1's time."""
+    from federimed.model import exchanged_state
+    from federimed.server import ServerRun
+
+    run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
+    server = ServerRun(run, 7)
+    seeded = ArrayRecord(exchanged_state(server.global_model.model))
+    monkeypatch.setattr(server.global_model, "score", lambda _round: time.sleep(0.3) or None)
+    server._end_of_round(0, seeded)
+    assert time.monotonic() - server.recorder.started < 0.2

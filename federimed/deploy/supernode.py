@@ -7,7 +7,7 @@ of them.  ``python -m federimed.deploy.supernode --idle-poll-seconds S <flower-s
 flags>`` runs Flower's own ``flower-supernode`` with that sleep cut to ``S`` seconds
 (``FEDERIMED_NODE_IDLE_POLL_SECONDS``); everything else is Flower's.  Each pull is one request
 to the SuperLink, so the setting trades round latency for SuperLink load (docs/scale.md).
-``tests/test_site.py`` pins the Flower code this relies on.
+``tests/test_deploy_commands.py`` pins the Flower code this relies on.
 """
 
 from __future__ import annotations
