@@ -323,13 +323,16 @@ class RunningFederation:
             return sum(node.get("status") == "online" for node in nodes) >= expected
 
         deadline = time.monotonic() + timeout
-        while not (all_connected() and all_online()):
+        while True:
+            connected = all_connected()
+            if connected and all_online():
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"timed out after {timeout:.0f}s waiting for {expected} SuperNodes to come "
                     f"online; see the logs in {self.workdir / 'logs'}"
                 )
-            nap(0.25)
+            nap(2 if connected else 0.25)  # `flwr` was just asked: give its CPU back
 
     def status(self) -> dict[str, Any]:
         """Every process with whether it is alive, and the runs with their rounds so far."""
