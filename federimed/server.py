@@ -195,7 +195,7 @@ class RoundRecorder:
         self._reset()
 
     def _reset(self) -> None:
-        self.started = time.monotonic()
+        self.restart_clock()
         self.sent_at = self.replied_at = None  # when the train tasks left, and replies were in
         self.sampled: list[int] = []
         self.outbox: list[Message] = []  # Flower sets each one's message id as it pushes it
@@ -210,6 +210,7 @@ class RoundRecorder:
             self.names[node.node_id] = hospital_name(node.node_id, node.name)
 
     def restart_clock(self) -> None:
+        """The round's time counts from now (``finish`` starts the next one's clock too)."""
         self.started = time.monotonic()
 
     def _traffic(self, node_id: int) -> dict[str, int]:
