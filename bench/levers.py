@@ -44,6 +44,9 @@ VARIANTS = {
     "all-layers": {"lora-layers": 0},  # adapters everywhere: nothing to keep between steps
     "top-3": {"lora-layers": 3},
     "top-2": {"lora-layers": 2},
+    # The dropout the encoder was pretrained with, and the adapter's, kept while training.
+    "top-2-dropout": {"lora-layers": 2, "encoder-dropout": True, "lora-dropout": 0.05},
+    "top-2-lora-dropout": {"lora-layers": 2, "lora-dropout": 0.05},
     "top-1": {"lora-layers": 1},
     # The adapters' scale (alpha / r): a larger one moves the adapters faster, not the head.
     "top-2-alpha-32": {"lora-layers": 2, "lora-alpha": 32},

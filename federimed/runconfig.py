@@ -40,6 +40,7 @@ class RunConfig(BaseModel):
     lora_alpha: int = Field(ge=1, le=4096)
     lora_dropout: float = Field(ge=0, lt=1)
     lora_layers: int = Field(ge=0, le=1024)  # adapters in the top N layers; 0 = all
+    encoder_dropout: bool
     num_server_rounds: int = Field(ge=1, le=10_000)
     local_steps: int = Field(ge=1, le=1_000_000)
     batch_size: int = Field(ge=1, le=8192)
@@ -93,7 +94,11 @@ class RunConfig(BaseModel):
         from federimed.model import LoraSettings
 
         return LoraSettings(
-            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, layers=self.lora_layers
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            layers=self.lora_layers,
+            encoder_dropout=self.encoder_dropout,
         )
 
     def train_settings(
