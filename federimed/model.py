@@ -134,9 +134,10 @@ def _top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
 
 
 def exchanged_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
-    """Adapter and head weights: everything a hospital sends, nothing else."""
+    """Adapter and head weights: everything a hospital sends, nothing else.  A copy: on CPU
+    ``.cpu().float()`` would return the live parameters, which later training changes."""
     return OrderedDict(
-        (name, tensor.detach().cpu().float().contiguous())
+        (name, tensor.detach().to("cpu", torch.float32, copy=True).contiguous())
         for name, tensor in get_peft_model_state_dict(model).items()
     )
 

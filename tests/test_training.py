@@ -62,6 +62,46 @@ def test_same_seed_same_model_and_state_round_trips(tiny_model):
         load_exchanged_state(second, {k: v for k, v in list(a.items())[1:]})
 
 
+def test_exchanged_state_is_a_snapshot_that_later_training_leaves_alone(hospital):
+    run, data = hospital
+    model = build_classifier(run.model, run.label_list, run.lora)
+    sent = exchanged_state(model)
+    kept = {k: v.clone() for k, v in sent.items()}
+    train(
+        model, data, TrainSettings(steps=3, batch_size=16, learning_rate=1e-2), torch.device("cpu")
+    )
+    assert all(torch.equal(sent[k], kept[k]) for k in sent)
+    assert not all(torch.equal(exchanged_state(model)[k], kept[k]) for k in kept)
+
+
+def test_encoder_dropout_is_off_unless_the_run_keeps_it_and_training_is_then_repeatable(hospital):
+    run, data = hospital
+
+    def encoder_dropout(model) -> set[float]:
+        return {
+            m.p
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Dropout) and "lora" not in n
+        }
+
+    kept = build_classifier(
+        run.model, run.label_list, make_run(model=run.model, encoder_dropout=True).lora
+    )
+    assert max(encoder_dropout(kept)) > 0  # the tiny model's config has dropout to switch off
+    updates = []
+    for _ in range(2):
+        model = build_classifier(run.model, run.label_list, run.lora)
+        assert encoder_dropout(model) == {0.0}
+        train(
+            model,
+            data,
+            TrainSettings(steps=3, batch_size=16, learning_rate=1e-2),
+            torch.device("cpu"),
+        )
+        updates.append(exchanged_state(model))
+    assert all(torch.equal(updates[0][k], updates[1][k]) for k in updates[0])
+
+
 def test_device_selection_falls_back_to_cpu_and_refuses_missing_cuda():
     assert pick_device(RuntimeSettings(device="cpu")).type == "cpu"
     if not torch.cuda.is_available():
