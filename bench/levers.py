@@ -47,6 +47,9 @@ VARIANTS = {
     # The dropout the encoder was pretrained with, and the adapter's, kept while training.
     "top-2-dropout": {"lora-layers": 2, "encoder-dropout": True, "lora-dropout": 0.05},
     "top-2-lora-dropout": {"lora-layers": 2, "lora-dropout": 0.05},
+    # The same steps in fewer, longer rounds: less per-round overhead (process starts, scoring).
+    "3-rounds": {"num-server-rounds": 3, "local-steps": 20},
+    "2-rounds": {"num-server-rounds": 2, "local-steps": 30},
     "top-1": {"lora-layers": 1},
     # The adapters' scale (alpha / r): a larger one moves the adapters faster, not the head.
     "top-2-alpha-32": {"lora-layers": 2, "lora-alpha": 32},

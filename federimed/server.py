@@ -21,6 +21,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +290,9 @@ class RoundRecorder:
     def _name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
 
-    def finish(self, server_round: int, test: dict[str, float] | None) -> RoundRecord:
-        """The round is over: append its line to ``rounds.jsonl`` and start the next."""
+    def close(self, server_round: int) -> RoundRecord:
+        """The hospitals' part of the round is over: its record, without the global model's test
+        score (:meth:`write` adds it), and the next round's clock starts."""
         participants = sorted(set(self.replied["train"]) - set(self.rejected))
         answered = set(participants) | set(self.rejected)
         record = RoundRecord(
@@ -301,13 +303,18 @@ class RoundRecorder:
             rejected=self.rejected,
             train=self.replied["train"],
             evaluate=self.replied["evaluate"],
-            test=Scores(**test) if test else None,
+            test=None,
             traffic={self._name(n): Traffic(**t) for n, t in sorted(self.traffic.items())},
             seconds=time.monotonic() - self.started,
         )
-        append_round(self.out, record)
         self._log_phases(server_round)
         self._reset()
+        return record
+
+    def write(self, record: RoundRecord, test: dict[str, float] | None) -> RoundRecord:
+        """Append the round's line to ``rounds.jsonl``, with the test score when there is one."""
+        record = record.model_copy(update={"test": Scores(**test) if test else None})
+        append_round(self.out, record)
         return record
 
     def _log_phases(self, server_round: int) -> None:
@@ -317,8 +324,8 @@ class RoundRecorder:
             return
         now = time.monotonic()
         log.info(
-            "round %d: %.1f s to send, %.1f s until every reply was in, %.1f s to aggregate, "
-            "score and checkpoint",
+            "round %d: %.1f s to send, %.1f s until every reply was in, %.1f s to aggregate and "
+            "checkpoint (the test score follows while the next round runs)",
             server_round,
             self.sent_at - self.started,
             self.replied_at - self.sent_at,
@@ -540,6 +547,8 @@ class ServerRun:
         self.out = Path(run.output_dir) / str(run_id)
         self.recorder = RoundRecorder(self.out, audit=run.audit_messages)
         self.scores: dict[int, dict[str, float] | None] = {}
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="federimed-scoring")
+        self._scoring: Future | None = None
         self.resumed: tuple[list[RoundRecord], ArrayRecord] | None = None
         if run.resume_from:
             self.resumed = resume_point(run)
@@ -560,19 +569,36 @@ class ServerRun:
                 append_round(self.out, record)
                 self.scores[record.round] = record.test.model_dump() if record.test else None
 
-    def _end_of_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower calls this before its round 1 and as the last step of every round."""
+    def _end_of_round(self, flower_round: int, arrays: ArrayRecord) -> None:
+        """Flower calls this before its round 1 and as the last step of every round.
+
+        The global model is checkpointed and the round's record closed here; scoring the model
+        on the common test set (seconds of CPU on a small server) runs beside the next round,
+        whose hospitals spend its first seconds starting up, and then appends the round's line.
+        The next call waits for it: a model is not replaced while it is scored, and the lines
+        stay in round order."""
         server_round = flower_round + self.offset
+        self.wait_for_scoring()
         self.global_model.load(server_round, arrays)
-        scores = None
-        if not (flower_round == 0 and self.offset):  # a resumed checkpoint: its run scored it
-            scores = self.global_model.score(server_round)
-            self.scores[server_round] = scores
+        record = self.recorder.close(server_round) if flower_round else None
         if flower_round == 0:
-            self.recorder.restart_clock()  # round 1's time starts after the initial scoring
-        else:
-            self.recorder.finish(server_round, scores)
-        return MetricRecord(scores) if scores else None
+            self.recorder.restart_clock()  # round 1's time starts now, not with the server
+            if self.offset:
+                return  # a resumed checkpoint: its run scored it
+        self._scoring = self._scorer.submit(self._score, server_round, record)
+
+    def _score(self, server_round: int, record: RoundRecord | None) -> None:
+        scores = self.global_model.score(server_round)
+        self.scores[server_round] = scores
+        if record is not None:
+            self.recorder.write(record, scores)
+
+    def wait_for_scoring(self) -> None:
+        """Until the last round handed to the scoring thread is scored and recorded (its
+        failure is raised here)."""
+        if self._scoring is not None:
+            scoring, self._scoring = self._scoring, None
+            scoring.result()
 
     def _initial_arrays(self, seeded: ArrayRecord) -> ArrayRecord:
         if self.resumed is None:
@@ -602,6 +628,9 @@ class ServerRun:
                 self.run.run_deadline,
                 max(self.scores, default=0),
             )
+        finally:
+            self._scorer.shutdown(wait=True)  # the last round's score, even when a round failed
+        self.wait_for_scoring()
         final = self.global_model.save_final()
         trainable, total = count_parameters(self.global_model.model)
         last = max(self.scores, default=0)

@@ -89,7 +89,7 @@ def test_bad_updates_are_dropped_counted_and_the_round_goes_on(tmp_path):
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(arrays["a"].numpy(), np.ones(4))  # only hospital-1 counted
-    record = recorder.finish(1, None)
+    record = recorder.write(recorder.close(1), None)
     assert record.participants == ["hospital-1"]
     assert record.dropped == []
     assert record.rejected["hospital-2"] == "a: non-finite values"
@@ -121,7 +121,7 @@ def test_hospital_without_validation_keys_does_not_fail_the_round(tmp_path):
     ]
     _, metrics = strategy.aggregate_train(1, replies)
     assert dict(metrics) == {"train_loss": 2.0}  # Flower leaves out the weight key
-    record = recorder.finish(1, None)
+    record = recorder.write(recorder.close(1), None)
     assert record.participants == ["hospital-1", "hospital-2"]
     assert record.train["hospital-1"]["val_accuracy"] == 0.5  # kept per hospital
 
@@ -138,7 +138,7 @@ def test_silent_and_gone_hospitals_are_dropped_and_refusals_by_all_stop_the_run(
     weights = {"a": torch.ones(4), "b": torch.ones(2, 3)}
     answered = _reply(sent["hospital-2"], weights, {"num_examples": 5})
     strategy.aggregate_train(1, [gone, answered])  # hospital-3 and -4: silent past the timeout
-    record = recorder.finish(1, None)
+    record = recorder.write(recorder.close(1), None)
     assert record.participants == ["hospital-2"]
     assert record.dropped == ["hospital-1", "hospital-3", "hospital-4"]
     assert record.errors == {"hospital-1": "node offline"}
@@ -165,7 +165,7 @@ def test_resumed_rounds_carry_the_run_s_own_numbers(tmp_path):
     assert {m.content["config"]["server-round"] for m in sent.values()} == {3}
     weights = {"a": torch.ones(4), "b": torch.ones(2, 3)}
     strategy.aggregate_train(1, [_reply(sent["hospital-1"], weights, {"num_examples": 1})])
-    assert recorder.finish(3, None).round == 3
+    assert recorder.write(recorder.close(3), None).round == 3
 
 
 class _Replies(_Grid):
@@ -284,3 +284,35 @@ def test_round_one_is_timed_from_after_the_initial_scoring(tmp_path, tiny_model,
     monkeypatch.setattr(server.global_model, "score", lambda _round: time.sleep(0.3) or None)
     server._end_of_round(0, seeded)
     assert time.monotonic() - server.recorder.started < 0.2
+
+
+def test_scoring_runs_beside_the_next_round_and_lines_stay_in_order(tmp_path, tiny_model):
+    """A round goes back to Flower before its test score is in; the next round waits for that
+    score before replacing the model, and every line carries its own round's score."""
+    import threading
+
+    from federimed.model import exchanged_state
+    from federimed.server import ServerRun
+
+    run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
+    server = ServerRun(run, 7)
+    arrays = ArrayRecord(exchanged_state(server.global_model.model))
+    gates = {server_round: threading.Event() for server_round in (0, 1, 2)}
+    scored: list[int] = []
+    loaded: list[tuple[int, list[int]]] = []
+
+    def gated_score(server_round: int) -> dict[str, float]:
+        gates[server_round].wait(timeout=10)
+        scored.append(server_round)
+        return {"accuracy": server_round / 10, "macro_f1": 0.0, "loss": 1.0, "num_examples": 4}
+
+    server.global_model.score = gated_score
+    server.global_model.load = lambda server_round, _: loaded.append((server_round, list(scored)))
+    for flower_round in (0, 1, 2):
+        server._end_of_round(flower_round, arrays)  # returns while its scoring waits at the gate
+        assert flower_round not in scored
+        gates[flower_round].set()
+    server.wait_for_scoring()
+    assert loaded == [(0, []), (1, [0]), (2, [0, 1])]
+    assert [(r.round, r.test.accuracy) for r in read_rounds(tmp_path / "7")] == [(1, 0.1), (2, 0.2)]
+    assert server.scores[0]["accuracy"] == 0

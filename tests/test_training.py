@@ -199,7 +199,7 @@ def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
     assert aggregated["w"].numpy()[0] == pytest.approx(2.5)
     assert metrics["train_loss"] == pytest.approx(2.5)
     test = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.2, "num_examples": 20}
-    strategy.recorder.finish(1, test)
+    strategy.recorder.write(strategy.recorder.close(1), test)
 
     (record,) = read_rounds(tmp_path)
     silent = "node-13"  # enrolled under a name that is no safe path component
