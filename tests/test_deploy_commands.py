@@ -1,13 +1,20 @@
-"""Flower command lines come from validated settings; bad settings name the variable."""
+"""Flower command lines come from validated settings; bad settings name the variable; `flwr run`
+bundles what the hospitals approved."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+from flwr.cli.build import build_fab_from_disk
 
 from federimed.cli import main
+from federimed.config import find_app_dir
 from federimed.deploy.certs import ensure_certs, node_key_path
 from federimed.deploy.flower import (
     DeploymentError,
+    app_hash,
+    stage_app,
     superexec_argv,
     superlink_argv,
     supernode_argv,
@@ -91,3 +98,14 @@ def test_cli_reports_bad_environment_plainly(monkeypatch, capsys):
     assert "FEDERIMED_NODE_RUNTIME_PORT" in err
     assert "FEDERIMED_NODE_PRIVATE_KEY" in err  # required and missing
     assert "Traceback" not in err
+
+
+def test_flwr_run_bundles_a_staged_copy_into_the_approved_bundle(tmp_path):
+    """`flwr run` gets only the bundle's files (not the checkout's virtualenv and outputs),
+    and Flower's own builder makes the very bundle the hospitals approved from them."""
+    app = find_app_dir()
+    staged = stage_app(app, tmp_path / "staged")
+    assert hashlib.sha256(build_fab_from_disk(staged)).hexdigest() == app_hash(app)
+    copied = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert "server_app/server_app.py" in copied and "pyproject.toml" in copied
+    assert not [name for name in copied if name.startswith((".venv/", "runs/", "wheelhouse/"))]

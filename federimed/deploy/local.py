@@ -208,16 +208,21 @@ def _terminate(processes: list[psutil.Process], grace: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _stop_record(record: ProcessRecord, grace: float = 10.0) -> None:
-    """SIGTERM the process, its descendants (Flower starts app processes in sessions of their
-    own) and its process group, then SIGKILL what is left; a group whose leader died is still
-    searched, so ``down`` after a crash leaves no orphaned app process behind."""
+def _members(record: ProcessRecord) -> list[psutil.Process]:
+    """The process, its descendants (Flower starts app processes in sessions of their own) and
+    its process group; a group whose leader died is still searched, so ``down`` after a crash
+    leaves no orphaned app process behind."""
     members = _group_members(record)
     leader = _same_process(record)
     if leader is not None:
         with contextlib.suppress(psutil.Error):
             members += [p for p in leader.children(recursive=True) if p not in members]
-    _terminate(members, grace)
+    return members
+
+
+def _stop_record(record: ProcessRecord) -> None:
+    """SIGTERM the process and its members, then SIGKILL what is left."""
+    _terminate(_members(record))
 
 
 class ProcessGone(DeploymentError):
@@ -407,9 +412,14 @@ class RunningFederation:
         return self.state.processes[index]
 
     def stop(self) -> None:
-        """Stop every recorded process and remove the network namespaces, alive or not."""
-        for record in reversed(self.state.processes):
-            _stop_record(record)
+        """Stop every recorded process and remove the network namespaces, alive or not.
+
+        All at once: each takes up to a second to act on SIGTERM, one after another they took
+        4 s for three hospitals."""
+        members: list[psutil.Process] = []
+        for record in self.state.processes:
+            members += [p for p in _members(record) if p not in members]
+        _terminate(members)
         # What an already dead process had started (Flower's app runners, in sessions of
         # their own) is found by the tag every process of this federation inherits.
         _terminate(_tagged(self.state.workdir))
