@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from federimed.compare import Federation, unseen_labels
+from federimed.compare import unseen_labels
 from federimed.config import resolve
-from federimed.data.records import load_examples, load_hospital
+from federimed.data.records import Federation, load_examples, load_hospital
 from federimed.features import with_features
 from federimed.metrics import classification_metrics
 from federimed.model import (

@@ -147,7 +147,7 @@ def cmd_superexec(args: argparse.Namespace) -> int:
     from flwr.supercore.cli import flower_superexec
 
     from federimed.deploy import site_runner
-    from federimed.deploy.flower import flower_env, superexec_argv
+    from federimed.deploy.flower import flower_env, superexec_argv, wait_for_listener
     from federimed.deploy.site_runner import use_site_clientapp
     from federimed.deploy.warm import WarmStarter, use_warm_starts
     from federimed.settings import SuperExecSettings
@@ -165,6 +165,7 @@ def cmd_superexec(args: argparse.Namespace) -> int:
     sys.argv = argv
     for sig in (signal.SIGINT, signal.SIGTERM):  # Flower's own handlers stop its tasks
         signal.signal(sig, signal.SIG_DFL)
+    wait_for_listener(settings.runtime_api, say=lambda text: print(text, flush=True))
     flower_superexec()
     return 0
 
@@ -291,7 +292,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from federimed.compare import Federation
+    from federimed.data.records import Federation
     from federimed.deploy.local import LocalFederation
 
     out = args.out.resolve()
@@ -383,9 +384,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from federimed.demo import DemoOptions, run_demo
-    from federimed.model import quiet_libraries
 
-    quiet_libraries()
     options = DemoOptions(
         out=args.out,
         hospitals=args.hospitals,

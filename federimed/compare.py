@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from federimed.data.records import Example, load_examples, load_hospital
+from federimed.data.records import Example, Federation, load_examples, load_hospital
 from federimed.features import keeps_frozen_layers, with_features
 from federimed.metrics import classification_metrics
 from federimed.model import build_classifier, load_tokenizer
@@ -30,25 +29,6 @@ from federimed.training import (
 )
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Federation:
-    """The data a comparison is about: each hospital's folder and the common test set."""
-
-    hospitals: dict[str, Path]
-    test_path: Path
-
-    @classmethod
-    def from_folder(cls, root: Path) -> Federation:
-        """A `federimed data synth` layout: root/hospital-*/ and root/test.jsonl."""
-        folders = sorted(p for p in Path(root).glob("hospital-*") if p.is_dir())
-        if not folders:
-            raise FileNotFoundError(f"{root}: no hospital-* folders")
-        test_path = Path(root) / "test.jsonl"
-        if not test_path.is_file():
-            raise FileNotFoundError(f"{test_path}: the common test set is missing")
-        return cls({p.name: p for p in folders}, test_path)
 
 
 def unseen_labels(train: list[Example], labels: list[str]) -> list[str]:

@@ -7,19 +7,19 @@ at the end, whatever happens.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from federimed.compare import Comparison, Federation
 from federimed.config import find_app_dir, resolve
+from federimed.data.records import Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy.flower import COMPLETED
 from federimed.deploy.local import FederationState, LocalFederation, deployment_overrides
-from federimed.model import load_for_inference
-from federimed.report import methods_in, write_report
 from federimed.runconfig import RunConfig
 from federimed.runrecord import (
     SUMMARY_FILE,
@@ -28,6 +28,13 @@ from federimed.runrecord import (
     read_rounds,
     read_summary,
 )
+
+if TYPE_CHECKING:
+    from federimed.compare import Comparison
+
+# What the demo itself needs only after the federation: torch, transformers, peft (through
+# these) and matplotlib, seconds of one core to import.
+AFTER_THE_FEDERATION = ("federimed.compare", "federimed.model", "federimed.report")
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,24 @@ def clock_printer(started: float):
     return say
 
 
+def _import_in_background(modules: tuple[str, ...]) -> threading.Thread:
+    """Import ``modules`` beside the federation's start, which keeps a core idle much of the
+    time (processes starting, waiting for each other), instead of before it.  A failure shows
+    again where the module is imported for use."""
+
+    def load() -> None:
+        for name in modules:
+            importlib.import_module(name)
+
+    thread = threading.Thread(target=load, name="federimed-imports", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     started = time.monotonic()
     say = say or clock_printer(started)
+    imports = _import_in_background(AFTER_THE_FEDERATION)
     out = options.out.resolve()
     options = dataclasses.replace(options, out=out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +188,12 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     shutil.copytree(result.summary.final_model, model_dir)
 
     say("scoring the global model and training the baselines (same code, same budget)")
+    imports.join()
+    from federimed.compare import Comparison
+    from federimed.model import load_for_inference, quiet_libraries
+    from federimed.report import write_report
+
+    quiet_libraries()
     comparison = Comparison(federation, run, progress=say, feature_caches=result.feature_caches)
     model, _ = load_for_inference(model_dir)
     results = {"federated": comparison.federated(model)}
@@ -235,6 +263,8 @@ def build_report(
 
 
 def summary_table(report: dict[str, Any]) -> str:
+    from federimed.report import methods_in
+
     rows = ["", f"{'hospital':<12} {'method':<12} {'accuracy':>9} {'macro-F1':>9} {'unseen':>8}"]
     for name, hospital in report["hospitals"].items():
         for method in methods_in(report):

@@ -7,7 +7,8 @@ import torch
 from conftest import make_run
 
 from federimed.cli import main
-from federimed.compare import Comparison, Federation
+from federimed.compare import Comparison
+from federimed.data.records import Federation
 from federimed.features import first_adapted_layer
 from federimed.model import (
     build_classifier,

@@ -463,3 +463,22 @@ def load_flashcards(path: Path) -> list[Flashcard]:
     if problems:
         raise DataError(problems)
     return cards
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The data a comparison is about: each hospital's folder and the common test set."""
+
+    hospitals: dict[str, Path]
+    test_path: Path
+
+    @classmethod
+    def from_folder(cls, root: Path) -> Federation:
+        """A `federimed data synth` layout: root/hospital-*/ and root/test.jsonl."""
+        folders = sorted(p for p in Path(root).glob("hospital-*") if p.is_dir())
+        if not folders:
+            raise FileNotFoundError(f"{root}: no hospital-* folders")
+        test_path = Path(root) / "test.jsonl"
+        if not test_path.is_file():
+            raise FileNotFoundError(f"{test_path}: the common test set is missing")
+        return cls({p.name: p for p in folders}, test_path)

@@ -12,9 +12,11 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,26 @@ def supernode_argv(settings: SuperNodeSettings) -> list[str]:
         str(settings.runtime_port),
         *_secret_args(FEDERIMED_NODE_SUPEREXEC_AUTH_SECRET=settings.superexec_auth_secret),
     ]
+
+
+def wait_for_listener(address: str, say=print, every: float = 0.2) -> None:
+    """Until ``HOST:PORT`` accepts a TCP connection.
+
+    Flower's SuperExec retries an unreachable runtime API with exponential backoff (up to 20 s
+    between tries), so a runner started before its SuperNode (as the local federation does, to
+    import its ML libraries while the SuperLink starts) could sit out many seconds after the
+    node came up; asking five times a second costs nothing."""
+    host, _, port = address.rpartition(":")
+    told = False
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError:
+            if not told:
+                say(f"waiting for {address} to accept connections")
+                told = True
+            time.sleep(every)
 
 
 def superexec_argv(settings: SuperExecSettings) -> list[str]:

@@ -530,6 +530,11 @@ class LocalFederation:
         # Recorded from the first process on, so `down` finds whatever a killed start left.
         self._write_state(link_argv, records)
         records.append(self._launch("gateway", None, gateway_argv(self._gateway_settings())))
+        # The hospitals' ClientApp runners first: each imports its ML libraries (seconds of
+        # CPU, at the hospitals' low priority) while the SuperLink starts, then waits for its
+        # SuperNode (wait_for_listener); round 1 no longer waits for those imports.
+        for name in self.hospitals:
+            records.append(self._launch("clientapp", name, self._runner_argv(name)))
         self._write_state(link_argv, records)
         ca = self.certs / "ca.crt"
         wait_until(lambda: superlink_healthy(self.address, ca), 90, "the SuperLink", self.group)
@@ -542,7 +547,6 @@ class LocalFederation:
         )
         for name, data in self.hospitals.items():
             records.append(self._launch("supernode", name, self._supernode_argv(name, data)))
-            records.append(self._launch("clientapp", name, self._runner_argv(name)))
             self._write_state(link_argv, records)
         running = RunningFederation.attach(self.workdir)
         try:
