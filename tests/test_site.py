@@ -415,6 +415,35 @@ def test_the_warm_parent_forks_a_real_clientapp_per_task(tmp_path):
     assert not starter.alive() and not starter.start(["federimed-clientapp"])
 
 
+def test_the_warm_parent_dies_with_its_runner_even_mid_import(tmp_path):
+    """A SIGKILLed runner (its federation killed) takes the warm parent with it at once, not
+    when the parent's imports end and it reads the closed pipe."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    log = tmp_path / "runner.log"
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from federimed.deploy.warm import WarmStarter;"
+            "w = WarmStarter('federimed-clientapp', output=open(sys.argv[1], 'w'));"
+            "print(w.parent.pid, flush=True); time.sleep(120)",
+            str(log),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    parent = psutil.Process(int(runner.stdout.readline()))
+    runner.kill()  # well before the parent's imports (seconds of torch and transformers) end
+    runner.wait()
+    gone, _ = psutil.wait_procs([parent], timeout=60)
+    assert gone
+    assert "warm ClientApp parent ready" not in log.read_text()  # it died importing
+
+
 def test_a_task_first_asks_for_its_message_after_a_tenth_of_a_second(monkeypatch):
     """Pins what quicker_first_pulls relies on: Flower's task pulls its message through
     pull_and_inflate_object_from_tree with the function's default backoff."""

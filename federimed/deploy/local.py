@@ -531,8 +531,8 @@ class LocalFederation:
         self._write_state(link_argv, records)
         records.append(self._launch("gateway", None, gateway_argv(self._gateway_settings())))
         # The hospitals' ClientApp runners first: each imports its ML libraries (seconds of
-        # CPU, at the hospitals' low priority) while the SuperLink starts, then waits for its
-        # SuperNode (wait_for_listener); round 1 no longer waits for those imports.
+        # CPU, at the hospitals' low priority, so with what the rest leaves) while the SuperLink
+        # starts, then waits for its SuperNode (wait_for_listener) before Flower's SuperExec.
         for name in self.hospitals:
             records.append(self._launch("clientapp", name, self._runner_argv(name)))
         self._write_state(link_argv, records)

@@ -40,8 +40,9 @@ def nap(seconds: float) -> None:
         raise KeyboardInterrupt
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the parent dies (Linux)."""
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux); in a child before exec, or first
+    thing in a helper process."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -118,7 +119,7 @@ class ProcessGroup:
             if nice:
                 _lower_priority(nice)
             if not self.detached:
-                _die_with_parent()
+                die_with_parent()
 
         return setup
 

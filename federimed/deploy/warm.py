@@ -34,6 +34,8 @@ import sys
 import types
 from typing import IO, Any
 
+from federimed.deploy.processes import die_with_parent
+
 # What a ClientApp task imports that costs seconds; never the bundle's own modules.
 PRELOAD = (
     "numpy",
@@ -53,8 +55,12 @@ class WarmStarter:
     def __init__(self, command: str, output: IO | None = None):
         """``output``: where the parent and its tasks write (default: the runner's own)."""
         self.command = command
+        # Dies with the runner, even a SIGKILLed one: otherwise it would notice only once its
+        # imports were done and it read the closed pipe (seconds at nice 19 on a busy machine),
+        # holding the hospital's network namespace meanwhile.
         self.parent = subprocess.Popen(
             [sys.executable, "-m", "federimed.deploy.warm"],
+            preexec_fn=die_with_parent,
             stdin=subprocess.PIPE,
             stdout=output,
             stderr=output,
