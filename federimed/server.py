@@ -211,7 +211,7 @@ class RoundRecorder:
             self.names[node.node_id] = hospital_name(node.node_id, node.name)
 
     def restart_clock(self) -> None:
-        """The round's time counts from now (``finish`` starts the next one's clock too)."""
+        """The round's time counts from now (``close`` starts the next one's clock too)."""
         self.started = time.monotonic()
 
     def _traffic(self, node_id: int) -> dict[str, int]:

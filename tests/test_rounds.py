@@ -273,8 +273,9 @@ def test_a_run_that_never_gets_enough_hospitals_ends_at_its_deadline(tmp_path, t
     assert json.loads((tmp_path / "7" / RUN_CONFIG_FILE).read_text())["run-deadline"] == 2
 
 
-def test_round_one_is_timed_from_after_the_initial_scoring(tmp_path, tiny_model, monkeypatch):
-    """The initial model's scoring (and the server's start) is not round 1's time."""
+def test_round_one_is_timed_from_the_end_of_round_zero(tmp_path, tiny_model, monkeypatch):
+    """The server's start is not round 1's time, and neither is the initial model's scoring,
+    which runs beside round 1."""
     from federimed.model import exchanged_state
     from federimed.server import ServerRun
 
