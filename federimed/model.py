@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -149,6 +150,51 @@ def load_exchanged_state(model: PeftModel, state: Mapping[str, torch.Tensor]) ->
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
     set_peft_model_state_dict(model, dict(state))
+
+
+# The one array a Flower message carries the exchanged state in (to_wire / from_wire).
+WIRE_ARRAY = "exchanged"
+
+
+def to_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as it crosses the network: one flat float32 array, the tensors in name order.
+
+    Flower sends each array of a message as objects of its own, one HTTPS request apiece at
+    every hop (ServerApp, SuperLink, gateway, SuperNode, ClientApp, and back).  The demo's 12
+    arrays (LoRA matrices, pooler, classifier) made 28 requests per hop: 1.6-2.7 s for a
+    SuperNode to receive a round's model, 0.8-2 s to send its reply (the gateway's access log
+    over a demo; the README's performance table).  One array makes five.
+    FedAvg, FedProx, FedAdam, the median and the trimmed mean all work element by element, so
+    every strategy aggregates the flat array as it did the named ones.
+    """
+    return {
+        WIRE_ARRAY: torch.cat(
+            [state[name].detach().reshape(-1).to("cpu", torch.float32) for name in sorted(state)]
+        )
+    }
+
+
+def from_wire(model: PeftModel, wire: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """The named tensors in ``wire`` (:func:`to_wire`), laid out as ``model`` exchanges them."""
+    if set(wire) != {WIRE_ARRAY}:
+        raise ValueError(
+            f"weights are not in FederiMed's wire format: expected the one array "
+            f"{WIRE_ARRAY!r}, got {sorted(wire)}"
+        )
+    shapes = {name: tensor.shape for name, tensor in get_peft_model_state_dict(model).items()}
+    names = sorted(shapes)
+    sizes = [math.prod(shapes[name]) for name in names]
+    flat = wire[WIRE_ARRAY]
+    if flat.dim() != 1 or flat.numel() != sum(sizes):
+        raise ValueError(
+            f"weights do not match the model: {WIRE_ARRAY!r} has shape {tuple(flat.shape)}, this "
+            f"model exchanges {sum(sizes)} values (same model, labels, lora-r and lora-layers?)"
+        )
+    pieces = torch.split(flat.to(torch.float32), sizes)
+    return OrderedDict(
+        (name, piece.reshape(shapes[name]).clone())
+        for name, piece in zip(names, pieces, strict=True)
+    )
 
 
 def count_parameters(model: PeftModel) -> tuple[int, int]:

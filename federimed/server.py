@@ -19,7 +19,6 @@ import logging
 import math
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,9 +43,11 @@ from federimed.model import (
     build_classifier,
     count_parameters,
     exchanged_state,
+    from_wire,
     load_exchanged_state,
     load_tokenizer,
     save_model,
+    to_wire,
 )
 from federimed.runconfig import RunConfig
 from federimed.runrecord import (
@@ -491,7 +492,7 @@ def resume_point(run: RunConfig) -> tuple[list[RoundRecord], ArrayRecord]:
     checkpoint = checkpoint_dir(old, rounds[-1].round) / "adapter_model.safetensors"
     if not checkpoint.is_file():
         raise ResumeError(f"resume-from={run_id}: checkpoint {checkpoint} is missing")
-    return rounds, ArrayRecord(OrderedDict(load_file(checkpoint)))
+    return rounds, ArrayRecord(to_wire(load_file(checkpoint)))
 
 
 class GlobalModel:
@@ -513,7 +514,7 @@ class GlobalModel:
 
     def load(self, server_round: int, arrays: ArrayRecord) -> None:
         """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
-        load_exchanged_state(self.model, arrays.to_torch_state_dict())
+        load_exchanged_state(self.model, from_wire(self.model, arrays.to_torch_state_dict()))
         if server_round > 0:
             self.model.save_pretrained(checkpoint_dir(self.out, server_round))
 
@@ -608,7 +609,7 @@ class ServerRun:
 
     def start(self, grid: Grid) -> RunSummary:
         started = time.monotonic()
-        seeded = ArrayRecord(exchanged_state(self.global_model.model))
+        seeded = ArrayRecord(to_wire(exchanged_state(self.global_model.model)))
         strategy = make_strategy(self.run, self.recorder, round_offset=self.offset)
         deadline = started + self.run.run_deadline if self.run.run_deadline else math.inf
         grid = DeadlineGrid(grid, deadline)

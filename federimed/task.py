@@ -17,7 +17,14 @@ import torch
 
 from federimed.data.records import Example, load_hospital
 from federimed.features import first_adapted_layer, with_features
-from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
+from federimed.model import (
+    build_classifier,
+    exchanged_state,
+    from_wire,
+    load_exchanged_state,
+    load_tokenizer,
+    to_wire,
+)
 from federimed.policy import SitePolicy, clip_update
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
@@ -50,23 +57,27 @@ def _round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
     return run.seed * 1_000_003 + server_round * 1009 + sum(hospital.encode())
 
 
-def _global_model(run: RunConfig, global_state: Mapping[str, torch.Tensor]):
-    """The model the server sent: the seeded base with its adapter and head loaded."""
+def _global_model(run: RunConfig, wire: Mapping[str, torch.Tensor]):
+    """The model the server sent: the seeded base with its adapter and head loaded; also the
+    received state by name (the reference an update is clipped against)."""
     model = build_classifier(run.model, run.label_list, run.lora, seed=run.seed)
+    global_state = from_wire(model, wire)
     load_exchanged_state(model, global_state)
-    return model, load_tokenizer(run.model)
+    return model, load_tokenizer(run.model), global_state
 
 
 def train_round(
     run: RunConfig,
     node: NodeIdentity,
-    global_state: Mapping[str, torch.Tensor],
+    global_wire: Mapping[str, torch.Tensor],
     server_round: int,
     proximal_mu: float = 0.0,
     runtime: RuntimeSettings | None = None,
     policy: SitePolicy | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Score the incoming global model on local validation, then train it on local data.
+
+    The global model comes and the update goes in the wire format (:func:`to_wire`).
 
     Scoring here, in the process that is already up, gives the per-hospital learning curve
     without a second process start per round (a Flower evaluate round costs one).
@@ -82,7 +93,7 @@ def train_round(
     if policy is not None:
         cases = min(len(data.train), run.batch_size * run.local_steps)
         policy.check_floors(run.batch_size, run.local_steps, cases)
-    model, tokenizer = _global_model(run, global_state)
+    model, tokenizer, global_state = _global_model(run, global_wire)
     encoded = encode(data.train, tokenizer, labels, run.max_length)
     validation = data.validation and encode(data.validation, tokenizer, labels, run.max_length)
     loaded = time.perf_counter()
@@ -117,7 +128,7 @@ def train_round(
     if policy is not None and policy.max_update_norm is not None:
         state, norm = clip_update(global_state, state, policy.max_update_norm)
         log.info("%s update norm %.4f (site bound %g)", node.hospital, norm, policy.max_update_norm)
-    return state, metrics
+    return to_wire(state), metrics
 
 
 def _with_features(model, data, device, run: RunConfig, runtime: RuntimeSettings):
@@ -136,7 +147,7 @@ def _log_step(hospital: str, step: int, steps: int, loss: float) -> None:
 def evaluate_round(
     run: RunConfig,
     node: NodeIdentity,
-    global_state: Mapping[str, torch.Tensor],
+    global_wire: Mapping[str, torch.Tensor],
     runtime: RuntimeSettings | None = None,
 ) -> dict[str, float]:
     """The global model on this hospital's own validation cases (they never leave)."""
@@ -145,7 +156,7 @@ def evaluate_round(
     cases: list[Example] = data.validation or data.train
     if not data.validation:
         log.warning("%s: no validation.jsonl, evaluating on training cases", node.hospital)
-    model, tokenizer = _global_model(run, global_state)
+    model, tokenizer, _ = _global_model(run, global_wire)
     runtime = runtime or RuntimeSettings()
     device = pick_device(runtime)
     encoded = encode(cases, tokenizer, labels, run.max_length)

@@ -12,7 +12,14 @@ from conftest import make_run, plant_marker
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from federimed.model import build_classifier, count_parameters, exchanged_state
+from federimed.model import (
+    WIRE_ARRAY,
+    build_classifier,
+    count_parameters,
+    exchanged_state,
+    from_wire,
+    to_wire,
+)
 from federimed.policy import SiteRefusal, approve
 
 MARKER = "ZEBRA-MARKER-7f3c"
@@ -64,11 +71,11 @@ def _client_reply(run_config: dict, hospital_folder, arrays: ArrayRecord) -> Mes
 def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked_hospital):
     run = make_run(model=tiny_model, local_steps=2, max_length=64)
     model = build_classifier(tiny_model, run.label_list, run.lora)
-    initial = ArrayRecord(exchanged_state(model))
+    initial = ArrayRecord(to_wire(exchanged_state(model)))
     reply = _client_reply(run.to_flower(), marked_hospital, initial)
     arrays = reply.content["arrays"]
-    names = list(arrays.keys())
-    assert names == list(initial.keys())
+    assert list(arrays.keys()) == [WIRE_ARRAY]  # one array: one object per hop (model.to_wire)
+    names = list(from_wire(model, arrays.to_torch_state_dict()))
     head = (".classifier.", ".pooler.")
     assert all("lora_" in n or any(h in n for h in head) for n in names), names
     trainable, total = count_parameters(model)
@@ -102,10 +109,33 @@ def test_exchanged_state_names_cover_every_trainable_parameter(tiny_model):
     assert not any("embeddings" in name or "attention.output" in name for name in state)
 
 
+def test_the_wire_format_round_trips_whatever_order_the_names_come_in(tiny_model):
+    model = build_classifier(tiny_model, ["A", "B", "C"], make_run().lora)
+    state = exchanged_state(model)
+    shuffled = dict(reversed(state.items()))  # e.g. a checkpoint, whose file sorts the names
+    wire = to_wire(shuffled)
+    assert list(wire) == [WIRE_ARRAY] and wire[WIRE_ARRAY].dim() == 1
+    back = from_wire(model, wire)
+    assert list(back) == sorted(state)
+    assert all(torch.equal(back[name], state[name]) for name in state)
+
+
+def test_weights_in_another_format_or_size_are_refused_by_name(tiny_model):
+    model = build_classifier(tiny_model, ["A", "B", "C"], make_run().lora)
+    state = exchanged_state(model)
+    with pytest.raises(ValueError, match=r"expected the one array 'exchanged', got \['base_model"):
+        from_wire(model, state)
+    bigger = build_classifier(tiny_model, ["A", "B", "C", "D"], make_run().lora)
+    with pytest.raises(ValueError, match=r"'exchanged' has shape \(\d+,\), this model exchanges"):
+        from_wire(model, to_wire(exchanged_state(bigger)))
+
+
 def test_client_app_refuses_a_run_below_the_site_floors(tiny_model, marked_hospital, site_policy):
     _set_policy(site_policy, floors={"batch_size": 32, "local_steps": 1, "examples_per_update": 1})
     run = make_run(model=tiny_model, local_steps=2, max_length=64)
-    initial = ArrayRecord(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
+    initial = ArrayRecord(
+        to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
+    )
     with pytest.raises(SiteRefusal, match=r"batch-size=16 is below .* floors\.batch_size=32"):
         _client_reply(run.to_flower(), marked_hospital, initial)
 
@@ -113,11 +143,13 @@ def test_client_app_refuses_a_run_below_the_site_floors(tiny_model, marked_hospi
 def test_client_app_clips_its_update_to_the_site_bound(tiny_model, marked_hospital, site_policy):
     _set_policy(site_policy, max_update_norm=0.01)
     run = make_run(model=tiny_model, local_steps=2, max_length=64, learning_rate=0.05)
-    initial = ArrayRecord(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
+    initial = ArrayRecord(
+        to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
+    )
     reply = _client_reply(run.to_flower(), marked_hospital, initial)
-    sent = reply.content["arrays"].to_torch_state_dict()
-    received = initial.to_torch_state_dict()
-    norm = torch.sqrt(sum(((sent[k] - received[k]) ** 2).sum() for k in sent))
+    sent = reply.content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
+    received = initial.to_torch_state_dict()[WIRE_ARRAY]
+    norm = torch.linalg.vector_norm(sent - received)
     assert 0.009 < float(norm) <= 0.0101  # it trained, and no further than the bound
 
 

@@ -237,11 +237,16 @@ def _dead_run(tmp_path, rounds: int, run):
 
 
 def test_resume_point_is_the_last_recorded_round_and_refuses_a_changed_config(tmp_path, tiny_model):
+    from federimed.model import build_classifier, exchanged_state, from_wire
+
     base = {"model": tiny_model, "output_dir": str(tmp_path / "flower")}
-    _dead_run(tmp_path, 2, make_run(**base))
+    run = make_run(**base)
+    _dead_run(tmp_path, 2, run)
     rounds, arrays = resume_point(make_run(**base, resume_from="41", num_server_rounds=6))
     assert [r.round for r in rounds] == [1, 2]
-    assert any(name.endswith("lora_A.weight") for name in arrays)
+    model = build_classifier(run.model, run.label_list, run.lora, seed=run.seed)  # as saved
+    resumed, saved = from_wire(model, arrays.to_torch_state_dict()), exchanged_state(model)
+    assert all(torch.equal(resumed[name], saved[name]) for name in saved)
     with pytest.raises(ResumeError, match=r"learning-rate: 0\.005 -> 0\.1"):
         resume_point(make_run(**base, resume_from="41", learning_rate=0.1))
     with pytest.raises(ResumeError, match="not found"):
@@ -276,12 +281,12 @@ def test_a_run_that_never_gets_enough_hospitals_ends_at_its_deadline(tmp_path, t
 def test_round_one_is_timed_from_the_end_of_round_zero(tmp_path, tiny_model, monkeypatch):
     """The server's start is not round 1's time, and neither is the initial model's scoring,
     which runs beside round 1."""
-    from federimed.model import exchanged_state
+    from federimed.model import exchanged_state, to_wire
     from federimed.server import ServerRun
 
     run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
     server = ServerRun(run, 7)
-    seeded = ArrayRecord(exchanged_state(server.global_model.model))
+    seeded = ArrayRecord(to_wire(exchanged_state(server.global_model.model)))
     monkeypatch.setattr(server.global_model, "score", lambda _round: time.sleep(0.3) or None)
     server._end_of_round(0, seeded)
     assert time.monotonic() - server.recorder.started < 0.2
