@@ -71,11 +71,15 @@ def test_an_idle_supernode_asks_for_work_at_the_set_interval(monkeypatch):
 
     source = inspect.getsource(start_client_internal.start_client_internal)
     assert f"time.sleep({supernode.FLOWER_IDLE_SLEEP})" in source
+    waits = inspect.getsource(start_client_internal._push_messages)
+    assert waits.count("time.sleep(0.5)") == 2  # for its ClientApp's reply, for an object
     monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
-    supernode.shorter_idle_sleeps(start_client_internal, 0.05)
-    started = time.monotonic()
-    start_client_internal.time.sleep(supernode.FLOWER_IDLE_SLEEP)
-    assert time.monotonic() - started < 1
+    supernode.shorter_idle_sleeps(start_client_internal, 1.5)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # what the wrapper's sleep asks for
+    for flower_wait in (supernode.FLOWER_IDLE_SLEEP, 0.5, 0.05):
+        start_client_internal.time.sleep(flower_wait)
+    assert slept == [1.5, supernode.LOCAL_WAIT_SECONDS, 0.05]
     assert start_client_internal.time.monotonic is time.monotonic
     with pytest.raises(ValueError, match="idle_poll_seconds"):
         SuperNodeSettings(name="h", private_key="k", data_path=".", idle_poll_seconds=0)

@@ -52,15 +52,45 @@ def test_niced_sessions_leave_the_cpu_to_a_plain_one(tmp_path):
 
 
 def test_the_superlink_state_waits_longer_for_its_write_lock(tmp_path, monkeypatch):
-    """Pins the Flower names superlink_db rebinds: the pragmas are read at connect time."""
+    """Pins the Flower names local_superlink rebinds: the pragmas are read at connect time."""
     import flwr.supercore.sql_mixin as sql_mixin
 
-    from federimed.deploy import superlink_db
+    from federimed.deploy import local_superlink
 
     monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
     assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "5000"  # Flower 1.42's default
-    superlink_db.longer_busy_timeout()
+    local_superlink.longer_busy_timeout()
     connection = sqlite3.connect(tmp_path / "state.db")
     sql_mixin._set_sqlite_pragmas(connection, None)
-    assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == superlink_db.BUSY_TIMEOUT_MS
+    timeout = connection.execute("PRAGMA busy_timeout").fetchone()[0]
+    assert timeout == local_superlink.BUSY_TIMEOUT_MS
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # the rest kept
+
+
+def test_the_superlinks_serverapp_runner_starts_niced_in_a_session_of_its_own(monkeypatch):
+    """Pins the Flower name local_superlink rebinds: the SuperLink starts the SuperExec for its
+    ServerApps (subprocess isolation) with the Popen arguments `get_popen_detach_kwargs` gives."""
+    import importlib
+    import inspect
+    import subprocess
+
+    from federimed.deploy import local_superlink
+
+    flower_superlink = importlib.import_module(local_superlink.SUPERLINK_MODULE)
+
+    assert "subprocess.Popen(command, **get_popen_detach_kwargs())" in inspect.getsource(
+        flower_superlink
+    )
+    monkeypatch.setattr(
+        flower_superlink, "get_popen_detach_kwargs", flower_superlink.get_popen_detach_kwargs
+    )
+    local_superlink.niced_app_runner(19)
+    runner = subprocess.Popen(["sleep", "30"], **flower_superlink.get_popen_detach_kwargs())
+    try:  # Popen returns once the child has exec'd, after its preexec_fn
+        assert os.getsid(runner.pid) == runner.pid  # a session of its own, as Flower starts it
+        assert psutil.Process(runner.pid).nice() == 19
+        if AUTOGROUP.exists():
+            assert _autogroup_nice(runner.pid) == 19
+    finally:
+        runner.kill()
+        runner.wait()

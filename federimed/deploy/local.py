@@ -68,9 +68,11 @@ STATUS_AFTER_DONE = 3.0
 # requests then outwaited SQLite's 5 s busy timeout (flwr/supercore/constant.py SQLITE_PRAGMAS)
 # and got HTTP 500 "database is locked", which Flower's clients do not retry
 # (flwr/supercore/retry/http_retry.py): a reply, a node's download or the ServerApp was lost.
-# In production the SuperLink has a host of its own; here the hospitals yield to it (and to
-# the gateway and ServerApp).  Lowering priority needs no privilege, and idle CPU is still
-# all theirs.  See processes._lower_priority for why the session is niced too.
+# In production the SuperLink has a host of its own; here the hospitals yield to it and to the
+# gateway.  The ServerApp runs at the hospitals' priority (local_superlink.py: its scoring is
+# off a round's critical path, their start-up is on it).  Lowering priority needs no
+# privilege, and idle CPU is still all theirs.  See processes.lower_priority for why the
+# session is niced too.
 HOSPITAL_NICE = 19
 
 
@@ -519,11 +521,14 @@ class LocalFederation:
             f"starting SuperLink on https://{self.address} (TLS, node authentication) and the "
             f"fleet gateway on https://{self.gateway} (hospitals on {self._network})"
         )
-        # Flower's SuperLink with a 60 s SQLite busy timeout instead of 5 s (superlink_db.py).
+        # Flower's SuperLink with a 60 s SQLite busy timeout instead of 5 s, and its ServerApps
+        # yielding the CPU as the hospitals do (local_superlink.py).
         link_argv = [
             sys.executable,
             "-m",
-            "federimed.deploy.superlink_db",
+            "federimed.deploy.local_superlink",
+            "--app-nice",
+            str(self.hospital_nice),
             *superlink_argv(self._superlink_settings())[1:],
         ]
         records = [self._launch("superlink", None, link_argv)]

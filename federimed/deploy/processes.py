@@ -47,7 +47,7 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
     """In the child, before exec (after ``setsid``): nice the process *and its session*.
 
     With autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on by default in
@@ -117,7 +117,7 @@ class ProcessGroup:
 
         def setup() -> None:
             if nice:
-                _lower_priority(nice)
+                lower_priority(nice)
             if not self.detached:
                 die_with_parent()
 

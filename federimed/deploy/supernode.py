@@ -5,7 +5,8 @@ An idle Flower 1.42 SuperNode sleeps a fixed 3 s between two pulls
 1.5 s on average at every hospital before it even starts, and the round waits for the last
 of them.  ``python -m federimed.deploy.supernode --idle-poll-seconds S <flower-supernode
 flags>`` runs Flower's own ``flower-supernode`` with that sleep cut to ``S`` seconds
-(``FEDERIMED_NODE_IDLE_POLL_SECONDS``); everything else is Flower's.  Each pull is one request
+(``FEDERIMED_NODE_IDLE_POLL_SECONDS``), and its local 0.5 s waits to 0.1 s
+(:data:`LOCAL_WAIT_SECONDS`); everything else is Flower's.  Each pull is one request
 to the SuperLink, so the setting trades round latency for SuperLink load (docs/scale.md).
 ``tests/test_deploy_commands.py`` pins the Flower code this relies on.
 """
@@ -18,14 +19,19 @@ import time
 import types
 
 FLOWER_IDLE_SLEEP = 3  # seconds, the constant in Flower's SuperNode loop
+# Its other waits poll the node's own state every 0.5 s: for its ClientApp's reply, and for
+# an object's bytes to arrive from it.  Each check is a lookup in the SuperNode's memory, so
+# checking every 0.1 s costs nothing and sends a finished hospital's reply on sooner.
+LOCAL_WAIT_SECONDS = 0.1
 
 
 def shorter_idle_sleeps(module: types.ModuleType, seconds: float) -> None:
-    """Give ``module`` a ``time`` whose ``sleep`` waits at most ``seconds``: only the idle
-    pull's 3 s wait is longer than that (the others poll local state every 0.5 s)."""
+    """Give ``module`` a ``time`` whose ``sleep`` waits at most ``seconds`` for the idle pull's
+    3 s and at most :data:`LOCAL_WAIT_SECONDS` for the shorter, local waits."""
 
     def sleep(duration: float) -> None:
-        time.sleep(min(duration, seconds))
+        cap = seconds if duration >= FLOWER_IDLE_SLEEP else LOCAL_WAIT_SECONDS
+        time.sleep(min(duration, cap))
 
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
     module.time = types.SimpleNamespace(**(names | {"sleep": sleep}))
