@@ -1,7 +1,8 @@
 """FederiMed ClientApp: runs inside a hospital, next to its data, and sends back only weights.
 
 The hospital's data folder comes from the SuperNode's node config (``data-path``); the text
-never leaves this process. Replies carry the LoRA adapter + head and numeric metrics only.
+never leaves this process. Replies carry the LoRA adapter (and the encoder's head) and numeric
+metrics only.
 The hospital's site policy (``FEDERIMED_SITE_POLICY``, never the run config) sets the floors a
 training task must meet and the bound on each update's norm; without one, nothing runs.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,7 +21,7 @@ from flwr.clientapp import ClientApp
 from federimed.model import quiet_libraries
 from federimed.policy import policy_from_env
 from federimed.runconfig import RunConfig
-from federimed.task import NodeIdentity, evaluate_round, train_round
+from federimed.task import NodeIdentity
 
 quiet_libraries()
 app = ClientApp()
@@ -46,13 +48,24 @@ def _identity(msg: Message, context: Context) -> ConfigRecord:
     )
 
 
+def _track(run: RunConfig) -> ModuleType:
+    """The round's steps for the run's track: the encoder's or the causal LM's."""
+    if run.track == "generative":
+        from federimed import generative
+
+        return generative
+    from federimed import task
+
+    return task
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     # Flower starts a process per message: what that costs before any work, per round.
     startup = _process_age()
     run = RunConfig.from_flower(context.run_config)
     config = msg.content["config"]
-    state, metrics = train_round(
+    state, metrics = _track(run).train_round(
         run,
         NodeIdentity.from_node_config(context.node_config),
         msg.content["arrays"].to_torch_state_dict(),
@@ -74,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     policy_from_env()  # no usable site policy, no task
     run = RunConfig.from_flower(context.run_config)
-    metrics = evaluate_round(
+    metrics = _track(run).evaluate_round(
         run,
         NodeIdentity.from_node_config(context.node_config),
         msg.content["arrays"].to_torch_state_dict(),

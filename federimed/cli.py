@@ -72,6 +72,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
             f"({', '.join(hospital.unseen)})"
         )
     print(f"test: {len(dataset.test)} cases over {len(dataset.labels)} conditions -> {args.out}")
+    if args.track == "generative":
+        from federimed.data.flashcards import from_cases, write_flashcards
+
+        cards = from_cases(dataset)
+        write_flashcards(cards, args.out)
+        for hospital in cards.hospitals:
+            print(f"{hospital.name}: {len(hospital.train)} flashcards, {len(hospital.validation)} "
+                  "validation")  # fmt: skip
+        print(f"test: {len(cards.test)} flashcards -> {args.out / 'test-flashcards.jsonl'}")
     return 0
 
 
@@ -426,6 +435,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    from federimed.decoder import GeneratorError, ask, load_answerer
+    from federimed.model import quiet_libraries
+
+    quiet_libraries()
+    if not args.question.strip():
+        raise UserError("ask: the question is empty")
+    try:
+        model, tokenizer = load_answerer(args.model)
+    except GeneratorError as error:
+        raise UserError(str(error)) from None
+    ask(model, tokenizer, args.question, args.max_new_tokens,
+        on_text=lambda text: print(text, end="", flush=True))  # fmt: skip
+    print()
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -494,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dirichlet label skew: smaller = more different hospitals",
     )
     synth.add_argument("--cases-per-hospital", type=_positive_int, default=300)
+    synth.add_argument(
+        "--track",
+        choices=("classify", "generative"),
+        default="classify",
+        help="generative: also each hospital's flashcards (its cases as case -> diagnosis "
+        "cards, what it knows about the conditions it has seen) and test-flashcards.jsonl",
+    )
     synth.set_defaults(func=cmd_data_synth)
     validate = data.add_parser(
         "validate",
@@ -635,6 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=_positive_int, default=3)
     predict.add_argument("text")
     predict.set_defaults(func=cmd_predict)
+
+    ask = sub.add_parser(
+        "ask", help="a generative run's model answers a question, printed as it is generated"
+    )
+    ask.add_argument("--model", type=Path, required=True, help="the run's final/ (or adapter/)")
+    ask.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    ask.add_argument("question")
+    ask.set_defaults(func=cmd_ask)
     return parser
 
 

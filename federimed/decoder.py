@@ -9,7 +9,6 @@ Prompts go through the model's own chat template; answers are decoded greedily u
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 import shutil
@@ -188,25 +187,24 @@ def _plain(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 @torch.no_grad()
-def answer_perplexity(model: torch.nn.Module, data: Encoded, device: torch.device) -> float:
-    """exp of the mean loss per answer token over all cards: how surprised the model is by the
-    reference answers (lower is better)."""
+def answer_loss(model: torch.nn.Module, data: Encoded, device: torch.device) -> float:
+    """Mean loss per answer token over all cards (its exp is the answers' perplexity: how
+    surprised the model is by the reference answers; lower is better)."""
     model.to(device).eval()
     total, tokens = 0.0, 0
     for start in range(0, len(data), 16):
         rows = np.arange(start, min(start + 16, len(data)))
         batch = batch_tensors(data, rows, device, with_features=False)
         with autocast(device):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+            logits = model(**inputs).logits
         targets = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
         )
         total += float(losses)
         tokens += int((targets != IGNORE).sum())
-    return math.exp(total / max(tokens, 1))
+    return total / max(tokens, 1)
 
 
 @torch.no_grad()
@@ -286,3 +284,57 @@ def _scores(cards: Sequence[Flashcard], answers: Sequence[str]) -> dict[str, flo
     if f1:
         metrics["token_f1"] = float(np.mean(f1))
     return metrics
+
+
+def load_answerer(folder: Path) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """A run's generative model (``final/`` or its ``adapter/``): the base model its adapter
+    names, with the adapter on it, and the tokenizer saved beside it."""
+    import json
+
+    folder = Path(folder)
+    adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise GeneratorError(f"{folder}: not a generative model folder (no {config_file.name})")
+    config = json.loads(config_file.read_text())
+    if config.get("task_type") != TaskType.CAUSAL_LM.value:
+        raise GeneratorError(f"{folder}: an adapter, but not a causal LM's (`federimed predict`?)")
+    base = config["base_model_name_or_path"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    except OSError as error:
+        raise GeneratorError(f"{folder}: its base model {base} cannot be loaded: {error}") from None
+    tokenizer = load_generator_tokenizer(str(adapter))
+    return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
+
+
+@torch.no_grad()
+def ask(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    max_new_tokens: int,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The greedy answer to ``question``; ``on_text`` receives it piece by piece as it is
+    generated (a terminal prints it as it comes)."""
+    from transformers import TextStreamer
+
+    ids = torch.tensor([prompt_ids(tokenizer, question)])
+    streamer = None
+    if on_text is not None:
+
+        class _Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                on_text(text)
+
+        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

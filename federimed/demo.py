@@ -66,11 +66,7 @@ def _synthesize(options: DemoOptions, data: Path, seed: int, say) -> Federation:
 
 def round_line(record: RoundRecord, total: int) -> str:
     """One progress line per finished round, from the run's record (not from log lines)."""
-    test = (
-        f"test accuracy {100 * record.test.accuracy:.1f}% (macro-F1 {record.test.macro_f1:.3f})"
-        if record.test
-        else "no test set"
-    )
+    test = record.test.describe() if record.test else "no test set"
     dropped = ", ".join(record.dropped) or "none"
     return (
         f"round {record.round}/{total}: {test}; {len(record.participants)} hospital(s) "

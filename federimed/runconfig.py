@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # torch stays out of the CLI, which the SuperLink/SuperNode i
 # The one list of aggregation strategies: the CLI's choices and the server's factory use it.
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Track = Literal["classify", "generative"]
+TRACKS: tuple[str, ...] = get_args(Track)
 
 
 class RunConfigError(ValueError):
@@ -33,6 +35,9 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
+    track: Track
+    generator: str
+    max_new_tokens: int = Field(ge=1, le=1024)
     model: str
     labels: str
     max_length: int = Field(ge=8, le=512)

@@ -11,7 +11,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -22,12 +28,35 @@ class _Record(BaseModel):
 
 
 class Scores(_Record):
-    """The global model on the consortium's common test set."""
+    """The global model on the consortium's common test set: the classify track's accuracy,
+    macro-F1 and loss, or the generative track's exact match (diagnosis cards), token-F1
+    (the other cards) and perplexity of the reference answers."""
 
-    accuracy: float
-    macro_f1: float
-    loss: float
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    loss: float | None = None
+    exact_match: float | None = None
+    token_f1: float | None = None
+    perplexity: float | None = None
     num_examples: int
+
+    @model_serializer(mode="wrap")
+    def _own_track_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """A record names only its own track's scores (no nulls for the other track's)."""
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+    def describe(self) -> str:
+        """The scores in one phrase, for progress lines."""
+        if self.accuracy is not None:
+            return f"test accuracy {100 * self.accuracy:.1f}% (macro-F1 {self.macro_f1:.3f})"
+        parts = (
+            [f"exact match {100 * self.exact_match:.1f}%"] if self.exact_match is not None else []
+        )
+        if self.token_f1 is not None:
+            parts.append(f"token-F1 {self.token_f1:.3f}")
+        if self.perplexity is not None:
+            parts.append(f"perplexity {self.perplexity:.2f}")
+        return "test " + ", ".join(parts)
 
 
 class Traffic(_Record):

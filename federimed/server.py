@@ -37,8 +37,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from federimed.data.records import load_examples
+from federimed.data.records import load_examples, load_flashcards
+from federimed.decoder import build_generator, load_generator_tokenizer
 from federimed.features import with_features
+from federimed.generative import score_generator
 from federimed.model import (
     build_classifier,
     count_parameters,
@@ -536,6 +538,43 @@ class GlobalModel:
         return save_model(self.model, self.tokenizer, self.out / "final", self.run.model)
 
 
+class GlobalGenerator(GlobalModel):
+    """The generative track's global model: scored on the common test cards each round."""
+
+    def __init__(self, run: RunConfig, out: Path):
+        self.run = run
+        self.out = out
+        self.model = build_generator(run.generator, run.lora, seed=run.seed)
+        self.tokenizer = load_generator_tokenizer(run.generator)
+        self.device = pick_device()
+        self.test = load_flashcards(Path(run.test_path)) if run.test_path else None
+
+    def score(self, server_round: int) -> dict[str, float] | None:
+        if self.test is None:
+            return None
+        metrics = score_generator(self.model, self.tokenizer, self.test, self.run, self.device)
+        log.info(
+            "round %d: test exact match %.3f, token-F1 %.3f, perplexity %.2f",
+            server_round,
+            metrics.get("exact_match", math.nan),
+            metrics.get("token_f1", math.nan),
+            metrics["perplexity"],
+        )
+        return metrics
+
+    def save_final(self) -> Path:
+        """The adapter and its tokenizer (``final/adapter``): what `peft` loads on the base
+        model its config names (the run's ``generator``), a few MB instead of the model."""
+        final = self.out / "final"
+        self.model.save_pretrained(final / "adapter")
+        self.tokenizer.save_pretrained(final / "adapter")
+        return final
+
+
+def global_model_for(run: RunConfig, out: Path) -> GlobalModel:
+    return GlobalGenerator(run, out) if run.track == "generative" else GlobalModel(run, out)
+
+
 class ServerRun:
     """One run at the consortium: rounds through the strategy, the record written as they end.
 
@@ -562,7 +601,7 @@ class ServerRun:
                 )
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / RUN_CONFIG_FILE).write_text(json.dumps(run.to_flower(), indent=2))
-        self.global_model = GlobalModel(run, self.out)
+        self.global_model = global_model_for(run, self.out)
         self.offset = 0
         if self.resumed is not None:
             rounds, _ = self.resumed

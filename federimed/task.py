@@ -28,7 +28,7 @@ from federimed.model import (
 from federimed.policy import SitePolicy, clip_update
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
-from federimed.training import encode, evaluate, pick_device, step_reporter, train
+from federimed.training import Encoded, encode, evaluate, pick_device, step_reporter, train
 
 # A child of Flower's logger, so lines land in the SuperNode log next to Flower's own.
 log = logging.getLogger("flwr.federimed.client")
@@ -90,9 +90,7 @@ def train_round(
     device = pick_device(runtime)
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
-    if policy is not None:
-        cases = min(len(data.train), run.batch_size * run.local_steps)
-        policy.check_floors(run.batch_size, run.local_steps, cases)
+    check_floors(policy, run, len(data.train))
     model, tokenizer, global_state = _global_model(run, global_wire)
     encoded = encode(data.train, tokenizer, labels, run.max_length)
     validation = data.validation and encode(data.validation, tokenizer, labels, run.max_length)
@@ -109,26 +107,58 @@ def train_round(
         # Scoring on training cases would flatter the model; the server averages the metric
         # keys every hospital reported, so this hospital's missing ones cost nobody a round.
         log.info("%s: no validation.jsonl, the incoming model is not scored here", node.hospital)
+    seen = f"validation accuracy {_pct(metrics.get('val_accuracy'))}"
+    metrics |= local_training(run, node, server_round, proximal_mu, model, encoded, device, seen)
+    metrics["compute_seconds"] = time.perf_counter() - loaded
+    return outgoing(model, global_state, policy, node), metrics
+
+
+def check_floors(policy: SitePolicy | None, run: RunConfig, examples: int) -> None:
+    """Refuse, before any model is loaded, a task below the hospital's floors."""
+    if policy is not None:
+        cases = min(examples, run.batch_size * run.local_steps)
+        policy.check_floors(run.batch_size, run.local_steps, cases)
+
+
+def local_training(
+    run: RunConfig,
+    node: NodeIdentity,
+    server_round: int,
+    proximal_mu: float,
+    model: torch.nn.Module,
+    data: Encoded,
+    device: torch.device,
+    seen: str,
+) -> dict[str, float]:
+    """The round's local steps, logged (``seen``: how the incoming model did here)."""
     settings = run.train_settings(
         seed=_round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
     )
     log.info(
-        "%s round %d: global model validation accuracy %s; training %d steps on %d cases (%s)",
+        "%s round %d: global model %s; training %d steps on %d examples (%s)",
         node.hospital,
         server_round,
-        _pct(metrics.get("val_accuracy")),
+        seen,
         settings.steps,
-        len(encoded),
+        len(data),
         device,
     )
     report = step_reporter(settings.steps, partial(_log_step, node.hospital), times=4)
-    metrics |= train(model, encoded, settings, device, on_step=report)
-    metrics["compute_seconds"] = time.perf_counter() - loaded
+    return train(model, data, settings, device, on_step=report)
+
+
+def outgoing(
+    model: torch.nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    policy: SitePolicy | None,
+    node: NodeIdentity,
+) -> dict[str, torch.Tensor]:
+    """What leaves: the exchanged state, clipped to the site's bound, in the wire format."""
     state = exchanged_state(model)
     if policy is not None and policy.max_update_norm is not None:
         state, norm = clip_update(global_state, state, policy.max_update_norm)
         log.info("%s update norm %.4f (site bound %g)", node.hospital, norm, policy.max_update_norm)
-    return to_wire(state), metrics
+    return to_wire(state)
 
 
 def _with_features(model, data, device, run: RunConfig, runtime: RuntimeSettings):

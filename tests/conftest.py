@@ -67,11 +67,15 @@ def tiny_gpt2(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
-    """Three synthetic hospitals and the common test set, as `federimed data synth` writes."""
+    """Three synthetic hospitals and the common test set, as `federimed data synth` writes,
+    with each hospital's flashcards beside its cases (the generative track)."""
+    from federimed.data.flashcards import from_cases, write_flashcards
     from federimed.data.synth import SynthConfig, generate, write_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    write_dataset(generate(SynthConfig(hospitals=3, seed=1, cases_per_hospital=200)), out)
+    dataset = generate(SynthConfig(hospitals=3, seed=1, cases_per_hospital=200))
+    write_dataset(dataset, out)
+    write_flashcards(from_cases(dataset, test_cases_per_condition=1), out)
     return out
 
 
@@ -82,11 +86,40 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def plant_marker(folder: Path, marker: str) -> None:
-    """Append a unique string to every training and validation case of one hospital."""
-    for split in ("train.jsonl", "validation.jsonl"):
+    """Append a unique string to every training and validation case of one hospital, and to
+    both sides of every flashcard it has."""
+    fields = {"train.jsonl": ("text",), "validation.jsonl": ("text",),
+              "flashcards.jsonl": ("input", "output"),
+              "flashcards-validation.jsonl": ("input", "output")}  # fmt: skip
+    for split, marked in fields.items():
         path = folder / split
+        if not path.is_file():
+            continue
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        write_jsonl(path, [{**row, "text": f"{row['text']} {marker}"} for row in rows])
+        write_jsonl(path, [row | {k: f"{row[k]} {marker}" for k in marked} for row in rows])
+
+
+def client_train_reply(run_config: dict, hospital_folder: Path, arrays):
+    """Call the real ClientApp train function as Flower would, with a real Message."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import client_app.client_app as client
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7,
+        message_type="train",
+    )
+    context = Context(
+        run_id=1,
+        node_id=7,
+        state=RecordDict(),
+        run_config=run_config,
+        node_config={"hospital": "hospital-1", "data-path": str(hospital_folder)},
+    )
+    return client.train(msg, context)
 
 
 def make_run(**overrides):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_run
+from conftest import client_train_reply, make_run, plant_marker
 
 from federimed.data.conditions import BY_CODE
 from federimed.data.flashcards import KNOWLEDGE, from_cases, write_flashcards
@@ -13,16 +13,18 @@ from federimed.data.records import DIAGNOSIS_KIND, Flashcard, load_flashcards
 from federimed.data.synth import SynthConfig, generate
 from federimed.decoder import (
     IGNORE,
+    ask,
     build_generator,
     encode_cards,
     generate_answers,
+    load_answerer,
     load_generator_tokenizer,
     normalize,
     prompt_ids,
     score_answers,
     token_f1,
 )
-from federimed.model import exchanged_state, from_wire, to_wire
+from federimed.model import WIRE_ARRAY, exchanged_state, from_wire, to_wire
 from federimed.training import TrainSettings, train
 
 CARDS = [
@@ -133,3 +135,105 @@ def test_scores_normalise_like_squad_and_split_unseen_conditions():
     assert scores["exact_match"] == 1.0
     assert scores["unseen_exact_match"] == 1.0 and "unseen_token_f1" not in scores
     assert 0 < scores["token_f1"] < 1 and scores["num_examples"] == 2
+
+
+def test_a_generative_reply_is_the_adapter_only_and_carries_no_card_text(
+    tiny_gpt2, consortium, tmp_path, monkeypatch
+):
+    """The ClientApp on the generative track: a marker planted in every question and answer
+    of the hospital's cards is nowhere in what it sends."""
+    import json
+
+    from flwr.app import ArrayRecord
+
+    from federimed.policy import approve
+
+    marker = "OKAPI-MARKER-91d2"
+    write_flashcards(from_cases(consortium), tmp_path / "data")
+    hospital = tmp_path / "data" / "hospital-1"
+    plant_marker(hospital, marker)
+    policy = tmp_path / "site" / "policy.yaml"
+    approve(policy, "0" * 64, site="hospital-1")
+    monkeypatch.setenv("FEDERIMED_SITE_POLICY", str(policy))
+    run = make_run(track="generative", generator=tiny_gpt2, local_steps=2, max_length=96)
+    model = build_generator(tiny_gpt2, run.lora, seed=run.seed)
+    initial = ArrayRecord(to_wire(exchanged_state(model)))
+
+    reply = client_train_reply(run.to_flower(), hospital, initial)
+    arrays = reply.content["arrays"]
+    assert list(arrays.keys()) == [WIRE_ARRAY]
+    assert all("lora_" in name for name in from_wire(model, arrays.to_torch_state_dict()))
+    assert arrays[WIRE_ARRAY].numpy().size == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    assert marker.encode() not in arrays[WIRE_ARRAY].data
+    scalars = json.dumps({k: dict(v) for k, v in reply.content.items() if k != "arrays"})
+    assert marker not in scalars
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == {
+        "val_loss", "train_loss", "num_examples", "startup_seconds", "load_seconds",
+        "compute_seconds",
+    }  # fmt: skip
+    assert metrics["num_examples"] == len(load_flashcards(hospital / "flashcards.jsonl"))
+
+
+def test_the_server_scores_a_generative_round_and_saves_an_adapter_peft_loads(
+    tiny_gpt2, consortium, tmp_path
+):
+    from flwr.app import ArrayRecord
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from federimed.runrecord import Scores
+    from federimed.server import GlobalGenerator, ServerRun
+
+    write_flashcards(from_cases(consortium, test_cases_per_condition=1), tmp_path / "data")
+    run = make_run(
+        track="generative",
+        generator=tiny_gpt2,
+        max_length=96,
+        max_new_tokens=4,
+        test_path=str(tmp_path / "data" / "test-flashcards.jsonl"),
+        output_dir=str(tmp_path / "flower"),
+    )
+    server = ServerRun(run, 3)
+    model = server.global_model
+    assert isinstance(model, GlobalGenerator)
+    sent = exchanged_state(model.model)
+    model.load(1, ArrayRecord(to_wire(sent)))
+    scores = Scores(**model.score(1))
+    assert scores.exact_match == 0.0 and 0 <= scores.token_f1 < 0.5  # an untrained tiny model
+    assert scores.perplexity > 1000 and scores.accuracy is None
+    assert scores.num_examples == len(load_flashcards(tmp_path / "data" / "test-flashcards.jsonl"))
+    assert scores.describe().startswith("test exact match 0.0%, token-F1")
+    assert set(scores.model_dump()) == {"exact_match", "token_f1", "perplexity", "num_examples"}
+
+    final = model.save_final()
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_gpt2), final / "adapter"
+    )
+    assert all(torch.equal(exchanged_state(loaded)[k], sent[k]) for k in sent)
+
+
+def test_ask_prints_the_answer_and_names_a_folder_that_is_no_generative_model(
+    tiny_gpt2, tiny_model, tmp_path, capsys
+):
+    from federimed.cli import main
+    from federimed.model import build_classifier
+
+    model = build_generator(tiny_gpt2, make_run().lora)
+    model.save_pretrained(tmp_path / "final" / "adapter")
+    load_generator_tokenizer(tiny_gpt2).save_pretrained(tmp_path / "final" / "adapter")
+    question = "What is the key investigation in gout?"
+    assert main(["ask", "--model", str(tmp_path / "final"), "--max-new-tokens", "3", question]) == 0
+    printed = capsys.readouterr().out
+    expected = ask(*load_answerer(tmp_path / "final"), question, max_new_tokens=3)
+    assert printed.strip() == expected and expected  # streamed, then the same text in full
+
+    assert main(["ask", "--model", str(tmp_path), question]) == 2
+    assert "not a generative model folder" in capsys.readouterr().err
+    build_classifier(tiny_model, ["A", "B"], make_run().lora).save_pretrained(tmp_path / "enc")
+    assert main(["ask", "--model", str(tmp_path / "enc"), question]) == 2
+    assert "not a causal LM's" in capsys.readouterr().err
+    assert main(["ask", "--model", str(tmp_path / "final"), "  "]) == 2
+    assert "the question is empty" in capsys.readouterr().err

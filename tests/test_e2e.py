@@ -514,6 +514,46 @@ def test_a_run_below_a_hospital_floor_is_refused_naming_the_rule(federation, tin
     assert "batch-size=2" in _runner_log(running, "hospital-2")
 
 
+def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(federation, tiny_gpt2):
+    """The generative track on the same deployment (TLS, node authentication, each hospital's
+    runner and policy): a tiny GPT-2 with the real BPE, two rounds.  The adapter comes back
+    and `peft` loads it; the marker planted in every question and answer of hospital-1's
+    flashcards reaches neither the server nor the SuperLink's state."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from federimed.model import exchanged_state
+
+    running, _, data = federation
+    run_config = (
+        f'track="generative" generator="{tiny_gpt2}" max-length=96 max-new-tokens=4 '
+        f"local-steps=2 batch-size=4 num-server-rounds=2 min-nodes=3 audit-messages=true "
+        f'test-path="{data / "test-flashcards.jsonl"}"'
+    )
+    run_id = _submit(running, "--run-config", run_config)
+    run_out = running.workdir / "flower" / str(run_id)
+    running.wait_for_run(run_id, timeout=600, done=(run_out / "summary.json").exists)
+    rounds, summary = read_rounds(run_out), read_summary(run_out)
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(r.participants == HOSPITALS and not r.errors for r in rounds)
+    assert all("val_loss" in r.train["hospital-1"] for r in rounds)
+    assert summary.final_test.perplexity > 1 and summary.final_test.exact_match is not None
+    assert summary.final_test.accuracy is None
+    assert summary.update_bytes == 4 * summary.trainable_parameters  # the adapter, float32
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    adapter = PeftModel.from_pretrained(base, run_out / "final" / "adapter")
+    state = exchanged_state(adapter)
+    assert state and all("lora_" in name for name in state)
+
+    replies = sorted((run_out / "audit").glob("*.bin"))
+    assert len(replies) == 2 * len(HOSPITALS)
+    for path in replies:
+        assert MARKER.encode() not in path.read_bytes(), path
+    with sqlite3.connect(running.workdir / "state" / "superlink.db") as db:
+        assert MARKER not in "\n".join(db.iterdump())
+
+
 def test_every_reply_of_a_full_run_is_in_each_hospitals_verified_ledger(federation, finished_run):
     running, _, _ = federation
     run_id, _, _ = finished_run

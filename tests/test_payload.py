@@ -8,9 +8,8 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import make_run, plant_marker
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import client_train_reply, make_run, plant_marker
+from flwr.app import ArrayRecord
 
 from federimed.model import (
     WIRE_ARRAY,
@@ -48,31 +47,11 @@ def _set_policy(path, **changes) -> None:
     path.write_text(yaml.safe_dump(data))
 
 
-def _client_reply(run_config: dict, hospital_folder, arrays: ArrayRecord) -> Message:
-    """Call the real ClientApp train function as Flower would, with a real Message."""
-    import client_app.client_app as client
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    msg = Message(
-        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=7,
-        message_type="train",
-    )
-    context = Context(
-        run_id=1,
-        node_id=7,
-        state=RecordDict(),
-        run_config=run_config,
-        node_config={"hospital": "hospital-1", "data-path": str(hospital_folder)},
-    )
-    return client.train(msg, context)
-
-
 def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked_hospital):
     run = make_run(model=tiny_model, local_steps=2, max_length=64)
     model = build_classifier(tiny_model, run.label_list, run.lora)
     initial = ArrayRecord(to_wire(exchanged_state(model)))
-    reply = _client_reply(run.to_flower(), marked_hospital, initial)
+    reply = client_train_reply(run.to_flower(), marked_hospital, initial)
     arrays = reply.content["arrays"]
     assert list(arrays.keys()) == [WIRE_ARRAY]  # one array: one object per hop (model.to_wire)
     names = list(from_wire(model, arrays.to_torch_state_dict()))
@@ -137,7 +116,7 @@ def test_client_app_refuses_a_run_below_the_site_floors(tiny_model, marked_hospi
         to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
     )
     with pytest.raises(SiteRefusal, match=r"batch-size=16 is below .* floors\.batch_size=32"):
-        _client_reply(run.to_flower(), marked_hospital, initial)
+        client_train_reply(run.to_flower(), marked_hospital, initial)
 
 
 def test_client_app_clips_its_update_to_the_site_bound(tiny_model, marked_hospital, site_policy):
@@ -146,7 +125,7 @@ def test_client_app_clips_its_update_to_the_site_bound(tiny_model, marked_hospit
     initial = ArrayRecord(
         to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
     )
-    reply = _client_reply(run.to_flower(), marked_hospital, initial)
+    reply = client_train_reply(run.to_flower(), marked_hospital, initial)
     sent = reply.content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
     received = initial.to_torch_state_dict()[WIRE_ARRAY]
     norm = torch.linalg.vector_norm(sent - received)

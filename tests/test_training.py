@@ -141,7 +141,9 @@ def test_run_config_errors_name_the_key():
         RunConfig.from_flower({**complete, "local-steps": 0})
     with pytest.raises(ValueError, match=r"strategy.*fedavg"):
         RunConfig.from_flower({**complete, "strategy": "fedwhatever"})
-    with pytest.raises(ValueError, match=r"no-such-key.*allowed keys: model"):
+    with pytest.raises(ValueError, match=r"track.*'classify' or 'generative'"):
+        RunConfig.from_flower({**complete, "track": "translate"})
+    with pytest.raises(ValueError, match=r"no-such-key.*allowed keys: track, generator, .*model"):
         RunConfig.from_flower({**complete, "no-such-key": 1})
     missing = dict(complete)
     del missing["seed"]

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from federimed.data.conditions import BY_CODE, Condition
-from federimed.data.records import DIAGNOSIS_KIND, Flashcard
+from federimed.data.records import (
+    DIAGNOSIS_KIND,
+    FLASHCARDS_TRAIN,
+    FLASHCARDS_VALIDATION,
+    Flashcard,
+)
 from federimed.data.synth import SynthDataset
 
 # MedAlpaca's own instruction for its flashcards.
@@ -42,8 +47,6 @@ KNOWLEDGE: dict[str, tuple[str, Callable[[Condition], str]]] = {
         lambda c: BY_CODE[c.mimics[0]].name,
     ),
 }
-TRAIN_FILE = "flashcards.jsonl"
-VALIDATION_FILE = "flashcards-validation.jsonl"
 TEST_FILE = "test-flashcards.jsonl"
 
 
@@ -112,8 +115,8 @@ def write_flashcards(cards: FlashcardDataset, out: Path) -> None:
     out = Path(out)
     for h in cards.hospitals:
         (out / h.name).mkdir(parents=True, exist_ok=True)
-        _write(out / h.name / TRAIN_FILE, h.train)
-        _write(out / h.name / VALIDATION_FILE, h.validation)
+        _write(out / h.name / FLASHCARDS_TRAIN, h.train)
+        _write(out / h.name / FLASHCARDS_VALIDATION, h.validation)
     _write(out / TEST_FILE, cards.test)
     manifest = {
         "test": len(cards.test),

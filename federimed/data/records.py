@@ -477,6 +477,21 @@ def load_flashcards(path: Path) -> list[Flashcard]:
     return cards
 
 
+# A hospital's flashcards for the generative track, beside its cases in the same folder.
+FLASHCARDS_TRAIN = "flashcards.jsonl"
+FLASHCARDS_VALIDATION = "flashcards-validation.jsonl"
+
+
+def load_hospital_cards(folder: Path) -> tuple[list[Flashcard], list[Flashcard]]:
+    """(train, validation) flashcards of a hospital's data volume; validation is optional."""
+    folder = Path(folder)
+    train = folder / FLASHCARDS_TRAIN
+    if not train.is_file():
+        raise DataError([Problem(folder, None, f"no {FLASHCARDS_TRAIN} (the generative track)")])
+    validation = folder / FLASHCARDS_VALIDATION
+    return load_flashcards(train), load_flashcards(validation) if validation.is_file() else []
+
+
 @dataclass(frozen=True)
 class Federation:
     """The data a comparison is about: each hospital's folder and the common test set."""

@@ -1,0 +1,100 @@
+"""The generative track's round at a hospital, and how its models are scored.
+
+The same round as the encoder's (:mod:`federimed.task`): score the incoming model on the
+hospital's own validation cards, train it on its flashcards, send the adapter in the wire
+format, clipped to the site's bound.  A model is scored on test cards by exact match of the
+diagnosis, token-F1 of the free-text answers and the perplexity of the reference answers
+(:class:`federimed.server.GlobalGenerator` does it each round at the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+
+from federimed.data.records import Flashcard, load_hospital_cards
+from federimed.decoder import (
+    answer_loss,
+    build_generator,
+    encode_cards,
+    generate_answers,
+    load_generator_tokenizer,
+    score_answers,
+)
+from federimed.model import from_wire, load_exchanged_state
+from federimed.policy import SitePolicy
+from federimed.runconfig import RunConfig
+from federimed.settings import RuntimeSettings
+from federimed.task import NodeIdentity, check_floors, local_training, outgoing
+from federimed.training import pick_device
+
+log = logging.getLogger("flwr.federimed.client")
+
+
+def global_generator(run: RunConfig, wire: Mapping[str, torch.Tensor]):
+    """The model the server sent, its tokenizer, and the received state by name."""
+    model = build_generator(run.generator, run.lora, seed=run.seed)
+    global_state = from_wire(model, wire)
+    load_exchanged_state(model, global_state)
+    return model, load_generator_tokenizer(run.generator), global_state
+
+
+def train_round(
+    run: RunConfig,
+    node: NodeIdentity,
+    global_wire: Mapping[str, torch.Tensor],
+    server_round: int,
+    proximal_mu: float = 0.0,
+    runtime: RuntimeSettings | None = None,
+    policy: SitePolicy | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """:func:`federimed.task.train_round` for flashcards: ``val_loss`` is the incoming model's
+    loss per answer token on the hospital's validation cards."""
+    started = time.perf_counter()
+    device = pick_device(runtime or RuntimeSettings())
+    cards, validation_cards = load_hospital_cards(node.data_path)
+    check_floors(policy, run, len(cards))
+    model, tokenizer, global_state = global_generator(run, global_wire)
+    data = encode_cards(cards, tokenizer, run.max_length)
+    validation = validation_cards and encode_cards(validation_cards, tokenizer, run.max_length)
+    loaded = time.perf_counter()
+    metrics = {"load_seconds": loaded - started}
+    if validation:
+        metrics["val_loss"] = answer_loss(model, validation, device)
+    seen = f"validation loss per answer token {metrics.get('val_loss', float('nan')):.3f}"
+    metrics |= local_training(run, node, server_round, proximal_mu, model, data, device, seen)
+    metrics["compute_seconds"] = time.perf_counter() - loaded
+    return outgoing(model, global_state, policy, node), metrics
+
+
+def evaluate_round(
+    run: RunConfig,
+    node: NodeIdentity,
+    global_wire: Mapping[str, torch.Tensor],
+    runtime: RuntimeSettings | None = None,
+) -> dict[str, float]:
+    """The global model on this hospital's validation cards (training cards without them)."""
+    cards, validation_cards = load_hospital_cards(node.data_path)
+    model, tokenizer, _ = global_generator(run, global_wire)
+    device = pick_device(runtime or RuntimeSettings())
+    data = encode_cards(validation_cards or cards, tokenizer, run.max_length)
+    return {"loss": answer_loss(model, data, device), "num_examples": float(len(data))}
+
+
+def score_generator(
+    model: torch.nn.Module,
+    tokenizer,
+    cards: list[Flashcard],
+    run: RunConfig,
+    device: torch.device,
+    unseen: set[str] | None = None,
+) -> dict[str, float]:
+    """Greedy answers scored (exact match, token-F1) and the answers' perplexity."""
+    answers = generate_answers(model, tokenizer, cards, device, run.max_new_tokens, run.max_length)
+    metrics = score_answers(cards, answers, unseen)
+    loss = answer_loss(model, encode_cards(cards, tokenizer, run.max_length), device)
+    return metrics | {"perplexity": math.exp(min(loss, 50.0))}
