@@ -404,9 +404,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         app_dir=args.app,
         netns=args.netns,
         run_flags={
+            "track": args.track,
             "num-server-rounds": args.rounds,
             "local-steps": args.local_steps,
-            "model": args.model,
+            # --model names the track's model: the encoder, or the generative track's LM
+            ("generator" if args.track == "generative" else "model"): args.model,
             "strategy": args.strategy,
             "seed": args.seed,
         },
@@ -495,7 +497,7 @@ def _netns_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from federimed.runconfig import STRATEGIES
+    from federimed.runconfig import STRATEGIES, TRACKS
 
     parser = argparse.ArgumentParser(
         prog="federimed",
@@ -522,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cases-per-hospital", type=_positive_int, default=300)
     synth.add_argument(
         "--track",
-        choices=("classify", "generative"),
+        choices=TRACKS,
         default="classify",
         help="generative: also each hospital's flashcards (its cases as case -> diagnosis "
         "cards, what it knows about the conditions it has seen) and test-flashcards.jsonl",
@@ -657,7 +659,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Run-config shortcuts: unset means the app's default (`federimed config show`).
     demo.add_argument("--rounds", type=_positive_int, help="run config num-server-rounds")
     demo.add_argument("--local-steps", type=_positive_int, help="run config local-steps")
-    demo.add_argument("--model", help="run config model: 'minilm', a HF id or a local folder")
+    demo.add_argument(
+        "--track",
+        choices=TRACKS,
+        help="run config track: classify (the encoder) or generative (a causal LM answering "
+        "flashcards); default: the app's",
+    )
+    demo.add_argument(
+        "--model",
+        help="the track's model: run config model ('minilm', a HF id or a local folder) or, "
+        "for --track generative, generator ('smollm2', 'gpt2', a HF id or a local folder)",
+    )
     demo.add_argument("--strategy", choices=STRATEGIES, help="run config strategy")
     demo.add_argument("--seed", type=int, help="run config seed (also seeds the synthetic data)")
     _run_config_args(demo)

@@ -14,8 +14,22 @@ from pathlib import Path
 
 import torch
 
-from federimed.data.records import Example, Federation, load_examples, load_hospital
+from federimed.data.records import (
+    Example,
+    Federation,
+    load_examples,
+    load_flashcards,
+    load_hospital,
+    load_hospital_cards,
+)
+from federimed.decoder import (
+    build_generator,
+    encode_cards,
+    load_generator_tokenizer,
+    score_answers,
+)
 from federimed.features import keeps_frozen_layers, with_features
+from federimed.generative import answers_and_perplexity
 from federimed.metrics import classification_metrics
 from federimed.model import build_classifier, load_tokenizer
 from federimed.runconfig import RunConfig
@@ -49,9 +63,53 @@ def score(
     }
 
 
-class Comparison:
-    """Holds the tokenized data (and the frozen layers' output for it) once; trains and scores
-    each baseline."""
+class Baselines:
+    """What both tracks' comparisons share: each hospital's training data (``encoded``), and
+    training a fresh model with the federation's code and budget, then scoring it."""
+
+    run: RunConfig
+    progress: Progress
+    encoded: dict[str, Encoded]
+    steps_per_hospital: int
+
+    def _fresh_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _score(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """hospital -> the model's scores on the common test set and on what it never saw."""
+        raise NotImplementedError
+
+    def _train_and_score(self, name: str, data: Encoded, steps: int) -> tuple[dict, float]:
+        started = time.monotonic()
+        model = self._fresh_model()
+        settings = self.run.train_settings(steps=steps, seed=self.run.seed)
+
+        def emit(step: int, total: int, loss: float) -> None:
+            self.progress(f"  {name}: step {step}/{total} loss {loss:.3f}")
+
+        report = step_reporter(steps, emit, times=5)
+        train(model, data, settings, pick_device(), on_step=report)
+        return self._score(model), time.monotonic() - started
+
+    def local_only(self) -> tuple[dict[str, dict[str, float]], float]:
+        """Each hospital alone, scored on the common test set and on what it never saw."""
+        results, seconds = {}, 0.0
+        for name, data in self.encoded.items():
+            scores, spent = self._train_and_score(f"local {name}", data, self.steps_per_hospital)
+            results[name] = scores[name]
+            seconds += spent
+        return results, seconds
+
+    def centralized(self) -> tuple[dict[str, dict[str, float]], float]:
+        """All records pooled: the upper bound no hospital could legally build."""
+        pooled = Encoded.concat(list(self.encoded.values()))
+        steps = self.steps_per_hospital * len(self.encoded)
+        return self._train_and_score("centralized", pooled, steps)
+
+
+class Comparison(Baselines):
+    """The classify track's: holds the tokenized data (and the frozen layers' output for it)
+    once; trains and scores each baseline."""
 
     def __init__(
         self,
@@ -89,32 +147,8 @@ class Comparison:
         encoded = encode(cases, self.tokenizer, self.labels, self.run.max_length)
         return with_features(self._frozen, encoded, pick_device(), self.run.model, cache)
 
-    def _train_and_score(self, name: str, data: Encoded, steps: int) -> tuple[dict, float]:
-        started = time.monotonic()
-        model = self._fresh_model()
-        settings = self.run.train_settings(steps=steps, seed=self.run.seed)
-
-        def emit(step: int, total: int, loss: float) -> None:
-            self.progress(f"  {name}: step {step}/{total} loss {loss:.3f}")
-
-        report = step_reporter(steps, emit, times=5)
-        train(model, data, settings, pick_device(), on_step=report)
-        return score(model, self.test, self.labels, self.unseen), time.monotonic() - started
-
-    def local_only(self) -> tuple[dict[str, dict[str, float]], float]:
-        """Each hospital alone, scored on the common test set and on what it never saw."""
-        results, seconds = {}, 0.0
-        for name, data in self.encoded.items():
-            scores, spent = self._train_and_score(f"local {name}", data, self.steps_per_hospital)
-            results[name] = scores[name]
-            seconds += spent
-        return results, seconds
-
-    def centralized(self) -> tuple[dict[str, dict[str, float]], float]:
-        """All records pooled: the upper bound no hospital could legally build."""
-        pooled = Encoded.concat(list(self.encoded.values()))
-        steps = self.steps_per_hospital * len(self.train_sets)
-        return self._train_and_score("centralized", pooled, steps)
+    def _score(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        return score(model, self.test, self.labels, self.unseen)
 
     def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """The saved global model as users get it (adapter merged).  Its frozen layers are
@@ -126,3 +160,43 @@ class Comparison:
         ):
             test = dataclasses.replace(test, features=None, frozen_layers=0)
         return score(model, test, self.labels, self.unseen)
+
+
+class GenerativeComparison(Baselines):
+    """The generative track's: each hospital's flashcards and the common test cards; a model
+    answers every test card once, and each hospital reads its scores off those answers:
+    overall, and on the conditions it has no card about."""
+
+    def __init__(self, federation: Federation, run: RunConfig, progress: Progress = print):
+        self.run = run
+        self.progress = progress
+        self.tokenizer = load_generator_tokenizer(run.generator)
+        self.train_sets = {
+            name: load_hospital_cards(path)[0] for name, path in federation.hospitals.items()
+        }
+        self.test = load_flashcards(federation.test_path)
+        codes = {card.code for card in self.test if card.code}
+        self.unseen = {
+            name: sorted(codes - {card.code for card in cards})
+            for name, cards in self.train_sets.items()
+        }
+        self.encoded = {
+            name: encode_cards(cards, self.tokenizer, run.max_length)
+            for name, cards in self.train_sets.items()
+        }
+        self.steps_per_hospital = run.num_server_rounds * run.local_steps
+
+    def _fresh_model(self) -> torch.nn.Module:
+        return build_generator(self.run.generator, self.run.lora, seed=self.run.seed)
+
+    def _score(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        answers, perplexity = answers_and_perplexity(
+            model, self.tokenizer, self.test, self.run, pick_device()
+        )
+        return {
+            name: score_answers(self.test, answers, set(unseen)) | {"perplexity": perplexity}
+            for name, unseen in self.unseen.items()
+        }
+
+    def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        return self._score(model)

@@ -1,7 +1,8 @@
 """The effective run configuration as the CLI sees it, and where each value came from.
 
 Three layers, later ones winning: ``default`` (the app's ``[tool.flwr.app.config]``, the only
-place defaults are written), ``env`` (``FEDERIMED_RUN_<KEY>``, e.g.
+place defaults are written, with ``track`` on top: its track's own starting values,
+``[tool.federimed.track-defaults.<track>]``), ``env`` (``FEDERIMED_RUN_<KEY>``, e.g.
 ``FEDERIMED_RUN_NUM_SERVER_ROUNDS=2``, or several in ``FEDERIMED_RUN_CONFIG='k=v ...'``, which
 the single-key variables override) and ``flag`` (``--run-config 'key=value ...'`` and the
 named flags such as ``--rounds``).  A local federation adds a ``deployment`` layer between
@@ -46,15 +47,24 @@ def find_app_dir(explicit: Path | None = None) -> Path:
     )
 
 
+def _pyproject(app_dir: Path) -> dict[str, Any]:
+    with (app_dir / "pyproject.toml").open("rb") as handle:
+        return tomllib.load(handle)
+
+
 def app_defaults(app_dir: Path) -> dict[str, Any]:
     """``[tool.flwr.app.config]`` of the app: the run configuration's defaults."""
-    pyproject = app_dir / "pyproject.toml"
-    with pyproject.open("rb") as handle:
-        table = tomllib.load(handle)
     try:
-        return dict(table["tool"]["flwr"]["app"]["config"])
+        return dict(_pyproject(app_dir)["tool"]["flwr"]["app"]["config"])
     except KeyError:
-        raise RunConfigError(f"{pyproject}: no [tool.flwr.app.config] table") from None
+        raise RunConfigError(f"{app_dir / 'pyproject.toml'}: no [tool.flwr.app.config]") from None
+
+
+def track_defaults(app_dir: Path, track: str) -> dict[str, Any]:
+    """``[tool.federimed.track-defaults.<track>]``: where a track starts from other than the
+    app's defaults (the generative track's causal LM wants other sizes than the encoder)."""
+    tables = _pyproject(app_dir).get("tool", {}).get("federimed", {}).get("track-defaults", {})
+    return dict(tables.get(track, {}))
 
 
 def parse_pairs(text: str, where: str = "--run-config") -> dict[str, Any]:
@@ -136,14 +146,17 @@ def resolve(
 ) -> EffectiveConfig:
     """Defaults, then what the deployment decides (e.g. the local federation's test set),
     then env, then flags (``flags`` and the ``--run-config`` text); validated."""
-    values = app_defaults(find_app_dir(app_dir))
+    app_dir = find_app_dir(app_dir)
+    values = app_defaults(app_dir)
     sources = dict.fromkeys(values, "default")
-    layers = (
+    layers = [
         ("deployment", dict(deployment or {})),
         ("env", env_overrides(os.environ if environ is None else environ)),
         ("flag", parse_pairs(run_config)),
         ("flag", {k: v for k, v in (flags or {}).items() if v is not None}),
-    )
+    ]
+    track = next((layer["track"] for _, layer in reversed(layers) if "track" in layer), None)
+    layers.insert(0, ("track", track_defaults(app_dir, track or values.get("track", ""))))
     for source, layer in layers:
         values.update(layer)
         sources.update(dict.fromkeys(layer, source))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from federimed.config import find_app_dir, resolve
+from federimed.config import EffectiveConfig, find_app_dir, resolve
 from federimed.data.records import Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy.flower import COMPLETED
@@ -55,13 +55,34 @@ class DemoOptions:
     run_config: str = ""
 
 
-def _synthesize(options: DemoOptions, data: Path, seed: int, say) -> Federation:
+def _synthesize(options: DemoOptions, data: Path, run: RunConfig, say) -> Federation:
     config = SynthConfig(
-        hospitals=options.hospitals, seed=seed, cases_per_hospital=options.cases_per_hospital
+        hospitals=options.hospitals, seed=run.seed, cases_per_hospital=options.cases_per_hospital
     )
-    write_dataset(generate(config), data)
+    dataset = generate(config)
+    write_dataset(dataset, data)
+    if run.track == "generative":
+        from federimed.data.flashcards import from_cases, write_flashcards
+
+        write_flashcards(from_cases(dataset), data)
     say(f"synthetic data for {options.hospitals} hospitals in {data}")
-    return Federation.from_folder(data)
+    return Federation.from_folder(data, run.track)
+
+
+def _effective(options: DemoOptions, hospitals: int, data: Path) -> EffectiveConfig:
+    """The run configuration, with the local federation's choices, the test set among them
+    (which file depends on the track, which the configuration decides)."""
+
+    def resolved(test_path: Path | None) -> EffectiveConfig:
+        deployment = deployment_overrides(options.out, hospitals, test_path)
+        return resolve(
+            app_dir=options.app_dir,
+            run_config=options.run_config,
+            flags=options.run_flags,
+            deployment=deployment,
+        )
+
+    return resolved(data / Federation.test_file(resolved(None).run.track))
 
 
 def round_line(record: RoundRecord, total: int) -> str:
@@ -162,20 +183,14 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     options = dataclasses.replace(options, out=out)
     out.mkdir(parents=True, exist_ok=True)
     # The user's data, or synthetic data in a known layout, made below with the run's seed.
-    federation = Federation.from_folder(options.data) if options.data else None
     data = (options.data or out / "data").resolve()
-    effective = resolve(
-        app_dir=options.app_dir,
-        run_config=options.run_config,
-        flags=options.run_flags,
-        deployment=deployment_overrides(
-            out,
-            len(federation.hospitals) if federation else options.hospitals,
-            data / "test.jsonl",
-        ),
-    )
+    hospitals = len(Federation.hospital_folders(data)) if options.data else options.hospitals
+    effective = _effective(options, hospitals, data)
     run = effective.run
-    federation = federation or _synthesize(options, data, run.seed, say)
+    if options.data:
+        federation = Federation.from_folder(data, run.track)
+    else:
+        federation = _synthesize(options, data, run, say)
     t0 = time.monotonic()
     result = run_federation(options, federation, run, effective.overrides, say)
     seconds = {"federated": time.monotonic() - t0}
@@ -185,13 +200,11 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
 
     say("scoring the global model and training the baselines (same code, same budget)")
     imports.join()
-    from federimed.compare import Comparison
-    from federimed.model import load_for_inference, quiet_libraries
+    from federimed.model import quiet_libraries
     from federimed.report import write_report
 
     quiet_libraries()
-    comparison = Comparison(federation, run, progress=say, feature_caches=result.feature_caches)
-    model, _ = load_for_inference(model_dir)
+    comparison, model = _comparison(federation, run, result, model_dir, say)
     results = {"federated": comparison.federated(model)}
     if options.baselines:
         results["local"], seconds["local"] = comparison.local_only()
@@ -202,6 +215,20 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     say(summary_table(report))
     say(f"report: {paths[-1]}  model: {model_dir}")
     return report
+
+
+def _comparison(federation: Federation, run: RunConfig, result: FederatedResult, model_dir, say):
+    """The track's baselines, and the federated model as a user loads it from ``model_dir``."""
+    if run.track == "generative":
+        from federimed.compare import GenerativeComparison
+        from federimed.decoder import load_answerer
+
+        return GenerativeComparison(federation, run, progress=say), load_answerer(model_dir)[0]
+    from federimed.compare import Comparison
+    from federimed.model import load_for_inference
+
+    comparison = Comparison(federation, run, progress=say, feature_caches=result.feature_caches)
+    return comparison, load_for_inference(model_dir)[0]
 
 
 def build_report(
@@ -231,7 +258,8 @@ def build_report(
             "rounds": run.num_server_rounds,
             "local_steps": run.local_steps,
             "batch_size": run.batch_size,
-            "model": run.model,
+            "track": run.track,
+            "model": run.generator if run.track == "generative" else run.model,
             "strategy": run.strategy,
             "seed": run.seed,
             "test_cases": len(comparison.test),
@@ -259,14 +287,17 @@ def build_report(
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    from federimed.report import methods_in
+    from federimed.report import measures, methods_in
 
-    rows = ["", f"{'hospital':<12} {'method':<12} {'accuracy':>9} {'macro-F1':>9} {'unseen':>8}"]
+    shown = measures(report)
+    first, second = shown.headline.replace("_", " "), shown.second_name
+    rows = ["", f"{'hospital':<12} {'method':<12} {first:>11} {second:>9} {'unseen':>8}"]
     for name, hospital in report["hospitals"].items():
         for method in methods_in(report):
             m = hospital[method]
             rows.append(
-                f"{name:<12} {method:<12} {m['accuracy']:>9.3f} {m['macro_f1']:>9.3f} "
-                f"{m.get('unseen_accuracy', float('nan')):>8.3f}"
+                f"{name:<12} {method:<12} {m.get(shown.headline, float('nan')):>11.3f} "
+                f"{m.get(shown.second, float('nan')):>9.3f} "
+                f"{m.get(shown.unseen, float('nan')):>8.3f}"
             )
     return "\n".join(rows)

@@ -85,16 +85,18 @@ def evaluate_round(
     return {"loss": answer_loss(model, data, device), "num_examples": float(len(data))}
 
 
-def score_generator(
-    model: torch.nn.Module,
-    tokenizer,
-    cards: list[Flashcard],
-    run: RunConfig,
-    device: torch.device,
-    unseen: set[str] | None = None,
-) -> dict[str, float]:
-    """Greedy answers scored (exact match, token-F1) and the answers' perplexity."""
+def answers_and_perplexity(
+    model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
+) -> tuple[list[str], float]:
+    """Greedy answers to ``cards`` and the perplexity of their reference answers."""
     answers = generate_answers(model, tokenizer, cards, device, run.max_new_tokens, run.max_length)
-    metrics = score_answers(cards, answers, unseen)
     loss = answer_loss(model, encode_cards(cards, tokenizer, run.max_length), device)
-    return metrics | {"perplexity": math.exp(min(loss, 50.0))}
+    return answers, math.exp(min(loss, 50.0))
+
+
+def score_generator(
+    model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
+) -> dict[str, float]:
+    """Exact match, token-F1 and perplexity on ``cards``."""
+    answers, perplexity = answers_and_perplexity(model, tokenizer, cards, run, device)
+    return score_answers(cards, answers) | {"perplexity": perplexity}

@@ -82,6 +82,22 @@ def test_the_deployment_layer_sits_between_defaults_and_env():
     assert flagged.run.min_nodes == 1
 
 
+def test_the_generative_track_starts_from_its_own_values_which_env_and_flags_override():
+    from federimed.config import resolve, track_defaults
+
+    generative = track_defaults(find_app_dir(), "generative")
+    assert generative["batch-size"] < 16 and generative["max-length"] > 128
+    table = resolve(flags={"track": "generative"}, environ={}).as_table()
+    for key, value in generative.items():
+        assert table[key] == {"value": value, "source": "track"}
+    env = {"FEDERIMED_RUN_TRACK": '"generative"', "FEDERIMED_RUN_BATCH_SIZE": "2"}
+    table = resolve(environ=env).as_table()
+    assert table["batch-size"] == {"value": 2, "source": "env"}
+    assert table["max-length"]["source"] == "track"
+    table = resolve(environ={}).as_table()  # the classify track: its defaults, nothing else
+    assert {entry["source"] for entry in table.values()} == {"default"}
+
+
 def test_debug_shows_the_traceback(capsys):
     assert main(["--debug", "config", "show", "--run-config", "rounds=3"]) == 2
     assert "Traceback" in capsys.readouterr().err

@@ -155,7 +155,7 @@ def test_a_generative_reply_is_the_adapter_only_and_carries_no_card_text(
     policy = tmp_path / "site" / "policy.yaml"
     approve(policy, "0" * 64, site="hospital-1")
     monkeypatch.setenv("FEDERIMED_SITE_POLICY", str(policy))
-    run = make_run(track="generative", generator=tiny_gpt2, local_steps=2, max_length=96)
+    run = make_run(track="generative", generator=tiny_gpt2, local_steps=4, max_length=96)
     model = build_generator(tiny_gpt2, run.lora, seed=run.seed)
     initial = ArrayRecord(to_wire(exchanged_state(model)))
 

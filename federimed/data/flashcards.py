@@ -21,6 +21,7 @@ from federimed.data.records import (
     DIAGNOSIS_KIND,
     FLASHCARDS_TRAIN,
     FLASHCARDS_VALIDATION,
+    TEST_FLASHCARDS,
     Flashcard,
 )
 from federimed.data.synth import SynthDataset
@@ -47,7 +48,6 @@ KNOWLEDGE: dict[str, tuple[str, Callable[[Condition], str]]] = {
         lambda c: BY_CODE[c.mimics[0]].name,
     ),
 }
-TEST_FILE = "test-flashcards.jsonl"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def write_flashcards(cards: FlashcardDataset, out: Path) -> None:
         (out / h.name).mkdir(parents=True, exist_ok=True)
         _write(out / h.name / FLASHCARDS_TRAIN, h.train)
         _write(out / h.name / FLASHCARDS_VALIDATION, h.validation)
-    _write(out / TEST_FILE, cards.test)
+    _write(out / TEST_FLASHCARDS, cards.test)
     manifest = {
         "test": len(cards.test),
         "hospitals": [

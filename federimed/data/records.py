@@ -477,9 +477,11 @@ def load_flashcards(path: Path) -> list[Flashcard]:
     return cards
 
 
-# A hospital's flashcards for the generative track, beside its cases in the same folder.
+# A hospital's flashcards for the generative track, beside its cases in the same folder; the
+# common test cards beside the common test cases.
 FLASHCARDS_TRAIN = "flashcards.jsonl"
 FLASHCARDS_VALIDATION = "flashcards-validation.jsonl"
+TEST_FLASHCARDS = "test-flashcards.jsonl"
 
 
 def load_hospital_cards(folder: Path) -> tuple[list[Flashcard], list[Flashcard]]:
@@ -499,13 +501,24 @@ class Federation:
     hospitals: dict[str, Path]
     test_path: Path
 
-    @classmethod
-    def from_folder(cls, root: Path) -> Federation:
-        """A `federimed data synth` layout: root/hospital-*/ and root/test.jsonl."""
+    @staticmethod
+    def test_file(track: str) -> str:
+        """The common test set's file name in a data folder, for the run's track."""
+        return TEST_FLASHCARDS if track == "generative" else "test.jsonl"
+
+    @staticmethod
+    def hospital_folders(root: Path) -> list[Path]:
         folders = sorted(p for p in Path(root).glob("hospital-*") if p.is_dir())
         if not folders:
             raise FileNotFoundError(f"{root}: no hospital-* folders")
-        test_path = Path(root) / "test.jsonl"
+        return folders
+
+    @classmethod
+    def from_folder(cls, root: Path, track: str = "classify") -> Federation:
+        """A `federimed data synth` layout: root/hospital-*/ and the common test set,
+        root/test.jsonl (or, for the generative track, root/test-flashcards.jsonl)."""
+        folders = cls.hospital_folders(root)
+        test_path = Path(root) / cls.test_file(track)
         if not test_path.is_file():
             raise FileNotFoundError(f"{test_path}: the common test set is missing")
         return cls({p.name: p for p in folders}, test_path)
