@@ -542,7 +542,8 @@ def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(federati
     assert all("val_loss" in r.train["hospital-1"] for r in rounds)
     assert summary.final_test.perplexity > 1 and summary.final_test.exact_match is not None
     assert summary.final_test.accuracy is None
-    assert summary.update_bytes == 4 * summary.trainable_parameters  # the adapter, float32
+    adapter_bytes = 4 * summary.trainable_parameters  # the adapter in float32, one array
+    assert adapter_bytes <= summary.update_bytes < adapter_bytes + 1024  # + the array's header
 
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     adapter = PeftModel.from_pretrained(base, run_out / "final" / "adapter")
