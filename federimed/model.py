@@ -104,7 +104,7 @@ def build_classifier(model: str, labels: list[str], lora: LoraSettings, seed: in
         lora_dropout=lora.dropout,
         target_modules=_lora_targets(base),
         modules_to_save=_head_modules(base),
-        layers_to_transform=_top_layers(base, lora.layers),
+        layers_to_transform=top_layers(base, lora.layers),
     )
     return get_peft_model(base, config)
 
@@ -124,7 +124,7 @@ def _without_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def _top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
+def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
     """The indices of the top ``count`` layers (None: all).  Everything below them stays
     frozen and is computed once per case (federimed.features): the adapters in the top layers
     of a small encoder learn the task as well as adapters everywhere, at a fraction of the

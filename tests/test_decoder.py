@@ -8,7 +8,7 @@ import torch
 from conftest import client_train_reply, make_run, plant_marker
 
 from federimed.data.conditions import BY_CODE
-from federimed.data.flashcards import KNOWLEDGE, from_cases, write_flashcards
+from federimed.data.flashcards import KNOWLEDGE, from_cases, knowledge_cards, write_flashcards
 from federimed.data.records import DIAGNOSIS_KIND, Flashcard, load_flashcards
 from federimed.data.synth import SynthConfig, generate
 from federimed.decoder import (
@@ -51,7 +51,10 @@ def test_each_hospital_has_cards_only_for_conditions_it_has_seen(consortium):
     assert test_codes == set(consortium.labels)  # the unseen conditions are tested too
     per_condition = [c.code for c in cards.test if c.kind == DIAGNOSIS_KIND]
     assert max(per_condition.count(code) for code in test_codes) == 2
-    mimic = next(c for c in cards.test if c.kind == "mimic" and c.code == "I21")
+    knowledge = [c for c in cards.test if c.kind != DIAGNOSIS_KIND]
+    assert sorted(c.code for c in knowledge) == sorted(consortium.labels)  # one per condition
+    assert {c.kind for c in knowledge} == set(KNOWLEDGE)  # every kind, in turn
+    mimic = next(c for c in knowledge_cards(["I21"]) if c.kind == "mimic")
     assert mimic.answer == BY_CODE[BY_CODE["I21"].mimics[0]].name
 
 
@@ -237,3 +240,16 @@ def test_ask_prints_the_answer_and_names_a_folder_that_is_no_generative_model(
     assert "not a causal LM's" in capsys.readouterr().err
     assert main(["ask", "--model", str(tmp_path / "final"), "  "]) == 2
     assert "the question is empty" in capsys.readouterr().err
+
+
+def test_the_answer_loss_computed_at_answer_positions_only_equals_the_full_one(tiny_gpt2):
+    from federimed.decoder import answer_loss
+
+    model = build_generator(tiny_gpt2, make_run().lora)
+    data = encode_cards(CARDS, load_generator_tokenizer(tiny_gpt2), max_length=64)
+    with torch.no_grad():
+        logits = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
+    full = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), data.labels[:, 1:], ignore_index=IGNORE
+    )
+    assert answer_loss(model, data, torch.device("cpu")) == pytest.approx(float(full), rel=1e-5)
