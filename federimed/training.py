@@ -58,14 +58,28 @@ class Encoded:
                 [torch.nn.functional.pad(p.features, (0, 0, 0, width - p.features.shape[1]))
                  for p in parts]
             )  # fmt: skip
+        width = max(p.input_ids.shape[1] for p in parts)  # a causal LM's splits differ
+
+        def widest(tensors: Sequence[torch.Tensor], fill: int) -> torch.Tensor:
+            padded = [
+                torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+                if t.dim() == 2 else t
+                for t in tensors
+            ]  # fmt: skip
+            return torch.cat(padded)
+
         return cls(
-            torch.cat([p.input_ids for p in parts]),
-            torch.cat([p.attention_mask for p in parts]),
-            torch.cat([p.labels for p in parts]),
+            widest([p.input_ids for p in parts], 0),  # masked out: any token id
+            widest([p.attention_mask for p in parts], 0),
+            widest([p.labels for p in parts], IGNORE_INDEX),
             features,
             layers.pop() if features is not None else 0,
         )
 
+
+# The label of a token no loss is computed on (a prompt's or padding): torch's cross-entropy
+# ignore_index and transformers' default.
+IGNORE_INDEX = -100
 
 # Mixed precision on GPUs, unless FEDERIMED_PRECISION=fp32; set for the process by pick_device,
 # as torch's own thread count is.

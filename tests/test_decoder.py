@@ -253,3 +253,32 @@ def test_the_answer_loss_computed_at_answer_positions_only_equals_the_full_one(t
         logits[:, :-1].transpose(1, 2), data.labels[:, 1:], ignore_index=IGNORE
     )
     assert answer_loss(model, data, torch.device("cpu")) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_hospitals_cards_pool_for_the_centralized_baseline_whatever_their_lengths(tiny_gpt2):
+    from federimed.training import Encoded
+
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    short, long = encode_cards(CARDS[:1], tokenizer, 64), encode_cards(CARDS, tokenizer, 64)
+    assert short.input_ids.shape[1] < long.input_ids.shape[1]
+    pooled = Encoded.concat([short, long])
+    assert pooled.input_ids.shape == (3, long.input_ids.shape[1])
+    assert torch.equal(
+        pooled.labels[0][pooled.labels[0] != IGNORE], short.labels[0][short.labels[0] != IGNORE]
+    )
+    assert int(pooled.attention_mask[0].sum()) == int(short.attention_mask[0].sum())
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_gpt2):
+    """FEDERIMED_GRADIENT_CHECKPOINTING trades compute for memory, never the result."""
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    data = encode_cards(CARDS, tokenizer, max_length=64)
+    trained = []
+    for checkpointing in (False, True):
+        model = build_generator(tiny_gpt2, make_run().lora, seed=0, checkpointing=checkpointing)
+        settings = TrainSettings(steps=3, batch_size=2, learning_rate=0.02, seed=0)
+        train(model, data, settings, torch.device("cpu"))
+        trained.append(exchanged_state(model))
+    plain, recomputed = trained
+    assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
+    assert any(plain[k].abs().sum() > 0 for k in plain if "lora_B" in k)  # it did train
