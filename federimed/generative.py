@@ -25,7 +25,7 @@ from federimed.decoder import (
     load_generator_tokenizer,
     score_answers,
 )
-from federimed.model import from_wire, load_exchanged_state
+from federimed.model import receive
 from federimed.policy import SitePolicy
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
@@ -41,9 +41,7 @@ def global_generator(
     """The model the server sent, its tokenizer, and the received state by name."""
     checkpointing = (runtime or RuntimeSettings()).gradient_checkpointing
     model = build_generator(run.generator, run.lora, seed=run.seed, checkpointing=checkpointing)
-    global_state = from_wire(model, wire)
-    load_exchanged_state(model, global_state)
-    return model, load_generator_tokenizer(run.generator), global_state
+    return model, load_generator_tokenizer(run.generator), receive(model, wire)
 
 
 def train_round(

@@ -197,6 +197,13 @@ def from_wire(model: PeftModel, wire: Mapping[str, torch.Tensor]) -> OrderedDict
     )
 
 
+def receive(model: PeftModel, wire: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Load the state that arrived in the wire format into ``model``; it, by name."""
+    state = from_wire(model, wire)
+    load_exchanged_state(model, state)
+    return state
+
+
 def count_parameters(model: PeftModel) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -45,9 +45,8 @@ from federimed.model import (
     build_classifier,
     count_parameters,
     exchanged_state,
-    from_wire,
-    load_exchanged_state,
     load_tokenizer,
+    receive,
     save_model,
     to_wire,
 )
@@ -517,7 +516,7 @@ class GlobalModel:
 
     def load(self, server_round: int, arrays: ArrayRecord) -> None:
         """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
-        load_exchanged_state(self.model, from_wire(self.model, arrays.to_torch_state_dict()))
+        receive(self.model, arrays.to_torch_state_dict())
         if server_round > 0:
             self.model.save_pretrained(checkpoint_dir(self.out, server_round))
 

@@ -20,9 +20,8 @@ from federimed.features import first_adapted_layer, with_features
 from federimed.model import (
     build_classifier,
     exchanged_state,
-    from_wire,
-    load_exchanged_state,
     load_tokenizer,
+    receive,
     to_wire,
 )
 from federimed.policy import SitePolicy, clip_update
@@ -61,9 +60,7 @@ def _global_model(run: RunConfig, wire: Mapping[str, torch.Tensor]):
     """The model the server sent: the seeded base with its adapter and head loaded; also the
     received state by name (the reference an update is clipped against)."""
     model = build_classifier(run.model, run.label_list, run.lora, seed=run.seed)
-    global_state = from_wire(model, wire)
-    load_exchanged_state(model, global_state)
-    return model, load_tokenizer(run.model), global_state
+    return model, load_tokenizer(run.model), receive(model, wire)
 
 
 def train_round(
