@@ -7,8 +7,10 @@
 #   /init/certs-gateway     ca.crt gateway.crt gateway.key       (the fleet gateway only)
 #   /init/certs-public      ca.crt nodes/hospital-K.pub   (ServerApp runner, enroll, submit)
 #   /init/certs-hospital-K  ca.crt node.key node.key.pub  (that hospital's SuperNode only)
-#   /init/data-hospital-K   train.jsonl validation.jsonl labels.json (that hospital only)
-#   /init/data-server       test.jsonl labels.json manifest.json     (ServerApp runner)
+#   /init/data-hospital-K   train.jsonl validation.jsonl flashcards.jsonl
+#                           flashcards-validation.jsonl labels.json  (that hospital only)
+#   /init/data-server       test.jsonl test-flashcards.jsonl labels.json manifest.json
+#                                                                    (ServerApp runner)
 #   /init/runtime-consortium  superexec.secret: the Runtime API secret of the SuperLink, shared
 #                             with the ServerApp runner only
 #   /init/runtime-hospital-K  superexec.secret: the secret of SuperNode K's Runtime API, shared
@@ -28,7 +30,7 @@ for name in ${INIT_SANS:-}; do set -- "$@" --san "$name"; done
 federimed certs --out /init/pki --hospitals "$N" "$@"
 if [ ! -s /init/synth/manifest.json ]; then
     # shellcheck disable=SC2086
-    federimed data synth --hospitals "$N" --out /init/synth ${SYNTH_ARGS:-}
+    federimed data synth --track generative --hospitals "$N" --out /init/synth ${SYNTH_ARGS:-}
 else
     echo "init: synthetic data already present, kept"
 fi
@@ -83,7 +85,7 @@ while [ "$k" -le "$N" ]; do
     fi
     k=$((k + 1))
 done
-for f in test.jsonl labels.json manifest.json; do
+for f in test.jsonl test-flashcards.jsonl labels.json manifest.json; do
     if [ -f "/init/synth/$f" ]; then put 0644 "/init/synth/$f" "/init/data-server/$f"; fi
 done
 for d in /init/*; do chown -R "$UID_GID" "$d"; done

@@ -9,11 +9,12 @@ bounds only, never a default: a key missing here is a key missing from the app's
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from federimed.data.records import labels_from_config
+from federimed.data.records import Federation, labels_from_config
 
 if TYPE_CHECKING:  # torch stays out of the CLI, which the SuperLink/SuperNode images run
     from federimed.model import LoraSettings
@@ -93,6 +94,18 @@ class RunConfig(BaseModel):
     @property
     def label_list(self) -> list[str]:
         return labels_from_config(self.labels)
+
+    @property
+    def test_set(self) -> Path | None:
+        """The common test set the server scores on, or None without one.
+
+        ``test-path`` may name the file or the folder holding it; a folder resolves to the
+        track's file in it (``test.jsonl`` or ``test-flashcards.jsonl``), so that one
+        deployment setting (compose, Kubernetes) serves both tracks."""
+        if not self.test_path:
+            return None
+        path = Path(self.test_path)
+        return path / Federation.test_file(self.track) if path.is_dir() else path
 
     @property
     def lora(self) -> LoraSettings:

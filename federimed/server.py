@@ -508,8 +508,8 @@ class GlobalModel:
         self.tokenizer = load_tokenizer(run.model)
         self.device = pick_device()
         self.test = None
-        if run.test_path:
-            examples = load_examples(Path(run.test_path), self.labels)
+        if run.test_set:
+            examples = load_examples(run.test_set, self.labels)
             test = encode(examples, self.tokenizer, self.labels, run.max_length)
             # Once per run: each round's scoring then runs only the adapted layers.
             self.test = with_features(self.model, test, self.device, run.model)
@@ -546,7 +546,7 @@ class GlobalGenerator(GlobalModel):
         self.model = build_generator(run.generator, run.lora, seed=run.seed)
         self.tokenizer = load_generator_tokenizer(run.generator)
         self.device = pick_device()
-        self.test = load_flashcards(Path(run.test_path)) if run.test_path else None
+        self.test = load_flashcards(run.test_set) if run.test_set else None
 
     def score(self, server_round: int) -> dict[str, float] | None:
         if self.test is None:

@@ -98,6 +98,20 @@ def test_the_generative_track_starts_from_its_own_values_which_env_and_flags_ove
     assert {entry["source"] for entry in table.values()} == {"default"}
 
 
+def test_a_test_path_folder_holds_each_tracks_test_set(tmp_path):
+    """compose and Kubernetes pass the folder (`test-path="/data"`); the track picks the file."""
+    from federimed.config import resolve
+
+    folder = f'test-path="{tmp_path}"'
+    assert resolve(run_config=folder, environ={}).run.test_set == tmp_path / "test.jsonl"
+    generative = resolve(run_config=f'{folder} track="generative"', environ={}).run
+    assert generative.test_set == tmp_path / "test-flashcards.jsonl"
+    named = tmp_path / "cards.jsonl"
+    run = resolve(run_config=f'test-path="{named}" track="generative"', environ={}).run
+    assert run.test_set == named
+    assert resolve(run_config='test-path=""', environ={}).run.test_set is None
+
+
 def test_debug_shows_the_traceback(capsys):
     assert main(["--debug", "config", "show", "--run-config", "rounds=3"]) == 2
     assert "Traceback" in capsys.readouterr().err

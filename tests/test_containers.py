@@ -9,7 +9,8 @@ and the model on the `runs` volume, that each hospital's egress ledger verifies,
 deployment keeps its promises (non-root, networks, secrets, the Control API out of the
 hospitals' reach). Last, on the same stack: a hospital's SuperNode SIGKILLed (`docker compose
 kill`) in the middle of a second run is dropped from that round and the run completes with the
-other two; started again (`docker compose start`), it takes part in the next run.
+other two; started again (`docker compose start`), it takes part in the next run; and a
+generative-track run with the real SmolLM2 that the image carries.
 Everything is torn down afterwards; images and the layer cache stay for the next run.
 
     tests/containers/run.sh          # = make test-containers; needs root (dockerd, apt-get)
@@ -854,3 +855,43 @@ def test_restarted_hospital_rejoins_the_next_run(stack, tmp_path):
     assert rounds[0]["participants"] == list(HOSPITALS), detail
     assert rounds[0]["dropped"] == [] and rounds[0]["errors"] == {}, detail
     assert summary["status"] == "completed", summary
+
+
+# Short answers and sequences: the real SmolLM2 on one thread per process, three hospitals and
+# the server's scoring of the 64 test cards sharing the machine.
+GENERATIVE_RUN = (
+    'track="generative" num-server-rounds=1 local-steps=4 batch-size=4 max-length=64 '
+    "max-new-tokens=4"
+)
+
+
+def test_the_generative_track_runs_in_the_containers(stack, tmp_path):
+    """The image carries SmolLM2-135M-Instruct converted at build time, init wrote every
+    hospital's flashcards, and compose's `test-path="/data"` resolves to the test cards: a
+    generative run completes with all three hospitals and only the adapter crossing."""
+    started = time.monotonic()
+    submission = Submission.start(stack, GENERATIVE_RUN, ARTIFACTS / "submit-generative.log")
+    try:
+        run_id = submission.run_id()
+        submission.finish()
+    finally:
+        if submission.proc.poll() is None:
+            submission.proc.kill()
+    stack.timings["generative_s"] = time.monotonic() - started
+    (ARTIFACTS / "timings.json").write_text(json.dumps(stack.timings, indent=2))
+    converted = stack.engine.docker(
+        "run", "--rm", "--entrypoint", "sh", f"federimed/superexec:{IMAGE_TAG}", "-c",
+        "ls $FEDERIMED_MODEL_CACHE/models/smollm2-135m-instruct",
+    ).stdout.split()  # fmt: skip
+    assert "model.safetensors" in converted and "tokenizer.json" in converted, converted
+
+    rounds, summary = _run_record(stack, run_id, tmp_path / "run", "generative")
+    detail = json.dumps(rounds, indent=1)
+    assert [r["round"] for r in rounds] == [1], detail
+    assert rounds[0]["participants"] == list(HOSPITALS) and not rounds[0]["errors"], detail
+    assert all("val_loss" in rounds[0]["train"][h] for h in HOSPITALS), detail
+    final = summary["final_test"]
+    assert final["perplexity"] > 1 and "exact_match" in final and "accuracy" not in final, final
+    adapter_bytes = 4 * summary["trainable_parameters"]  # SmolLM2's LoRA in float32, one array
+    assert summary["trainable_parameters"] == 460_800, summary
+    assert adapter_bytes <= summary["update_bytes"] < adapter_bytes + 1024, summary
