@@ -98,6 +98,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         )
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
+        work.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache (an image's) from its users
         try:
             work.rename(target)
         except OSError:  # another process finished first: its copy is the same
