@@ -98,7 +98,11 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         )
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
-        work.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache (an image's) from its users
+        # mkdtemp's 0700 and the weights' 0600 would hide a shared cache (an image's) from
+        # the users it is for.
+        work.chmod(0o755)
+        for path in work.iterdir():
+            path.chmod(0o644)
         try:
             work.rename(target)
         except OSError:  # another process finished first: its copy is the same

@@ -45,6 +45,7 @@ def test_smollm2_loads_offline_with_its_chat_template_and_learns_a_fixed_batch(
     folder = resolve_generator("smollm2", say=print)  # converted on first use, then cached
     assert folder == str(tmp_path / "models" / "smollm2-135m-instruct")
     assert Path(folder).stat().st_mode & 0o777 == 0o755  # readable by an image's runners
+    assert {path.stat().st_mode & 0o777 for path in Path(folder).iterdir()} == {0o644}
     tokenizer = load_generator_tokenizer("smollm2")
     assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
