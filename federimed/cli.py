@@ -419,20 +419,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
     from federimed.data.records import default_labels
-    from federimed.model import load_for_inference, quiet_libraries
+    from federimed.model import load_for_inference, quiet_libraries, top_diagnoses
 
     quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
-    batch = tokenizer([args.text], truncation=True, max_length=512, return_tensors="pt")
-    with torch.no_grad():
-        proba = torch.softmax(model(**batch).logits[0], dim=-1)
     names = default_labels()
-    top = torch.topk(proba, k=min(args.top_k, proba.numel()))
-    for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-        code = model.config.id2label[index]
+    for code, p in top_diagnoses(model, tokenizer, args.text, args.top_k):
         print(f"{p:6.1%}  {code:<6} {names.get(code, '')}")
     return 0
 
@@ -451,6 +444,33 @@ def cmd_ask(args: argparse.Namespace) -> int:
     ask(model, tokenizer, args.question, args.max_new_tokens,
         on_text=lambda text: print(text, end="", flush=True))  # fmt: skip
     print()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from federimed.settings import ServeSettings
+    from federimed.webapp.app import ServeLimits, load_app
+    from federimed.webapp.served import ModelFolderError
+
+    flags = {"model": args.model, "runs": args.runs, "host": args.host, "port": args.port}
+    settings = ServeSettings(**{key: value for key, value in flags.items() if value is not None})
+    if settings.model is None and settings.runs is None:
+        raise UserError("serve: give --model DIR (the model to query), --runs DIR, or both")
+    if settings.runs is not None and not settings.runs.is_dir():
+        raise UserError(f"--runs {settings.runs}: no such folder")
+    limits = ServeLimits(max_chars=settings.max_chars, max_new_tokens=settings.max_new_tokens)
+    try:
+        app = load_app(settings.model, settings.runs, limits)
+    except ModelFolderError as error:
+        raise UserError(str(error)) from None
+    print(
+        f"FederiMed web app on http://{settings.host}:{settings.port}/ "
+        f"(model: {settings.model or 'none'}, runs: {settings.runs or 'none'})",
+        flush=True,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
 
 
@@ -688,6 +708,22 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=_positive_int, default=64)
     ask.add_argument("question")
     ask.set_defaults(func=cmd_ask)
+
+    serve = sub.add_parser(
+        "serve",
+        help="the web app: clinicians query the model, operators follow the runs",
+        description="One web application: / (the clinician page: a case's top 5 diagnoses, or a "
+        "generative model's answer as it is written, beside the model's provenance), /runs "
+        "(the operator dashboard, following live runs through their per-round record), the "
+        "JSON API (/api/predict, /api/ask, /api/runs, /healthz; its docs at /docs) and "
+        "Prometheus metrics (/metrics). Case text is never logged or stored. Every option "
+        "is also a FEDERIMED_SERVE_* variable (flags win).",
+    )
+    serve.add_argument("--model", type=Path, help="a run's final/ folder or the demo's model/")
+    serve.add_argument("--runs", type=Path, help="folder of run records, e.g. runs/ (read-only)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -793,6 +829,7 @@ def _settings_problems(error: ValidationError) -> str:
         "SuperNodeSettings": "FEDERIMED_NODE_",
         "SuperExecSettings": "FEDERIMED_SUPEREXEC_",
         "GatewaySettings": "FEDERIMED_GATEWAY_",
+        "ServeSettings": "FEDERIMED_SERVE_",
     }.get(error.title, "FEDERIMED_")
     return "\n".join(
         f"  {prefix}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"

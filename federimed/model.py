@@ -246,6 +246,20 @@ def _merged_copy(model: PeftModel) -> torch.nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
+@torch.no_grad()
+def top_diagnoses(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, k: int
+) -> list[tuple[str, float]]:
+    """The ``k`` most probable labels for one case text, as (code, probability)."""
+    batch = tokenizer([text], truncation=True, max_length=512, return_tensors="pt")
+    proba = torch.softmax(model(**batch).logits[0].float(), dim=-1)
+    top = torch.topk(proba, k=min(k, proba.numel()))
+    return [
+        (model.config.id2label[index], p)
+        for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+    ]
+
+
 def load_for_inference(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a saved FederiMed model: a merged folder, or an adapter folder plus its base."""
     path = Path(path)

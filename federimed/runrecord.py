@@ -8,6 +8,7 @@ never the logs.  One key style throughout: snake_case.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,7 @@ from pydantic import (
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
+PROVENANCE_FILE = "provenance.json"
 
 
 class _Record(BaseModel):
@@ -141,3 +143,49 @@ def read_summary(out: Path) -> RunSummary | None:
         return RunSummary.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, ValidationError) as error:
         raise ValueError(f"{path}: not a run summary: {error}") from None
+
+
+class Provenance(_Record):
+    """Where a saved model comes from, kept in its folder (a copied model keeps it): what the
+    web app shows beside the model's answers."""
+
+    run_id: int
+    finished: str  # UTC, ISO 8601
+    status: Literal["completed", "deadline"]
+    track: str
+    base_model: str
+    rounds_completed: int
+    hospitals: dict[str, int]  # hospital -> examples in its last aggregated update
+    final_test: Scores | None
+
+
+def write_provenance(folder: Path, summary: RunSummary, rounds: list[RoundRecord]) -> Path:
+    config = summary.run_config
+    track = str(config.get("track", "classify"))
+    hospitals: dict[str, int] = {}
+    for record in rounds:
+        for name in record.participants:
+            hospitals[name] = int(record.train.get(name, {}).get("num_examples", 0))
+    provenance = Provenance(
+        run_id=summary.run_id,
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        status=summary.status,
+        track=track,
+        base_model=str(config["generator" if track == "generative" else "model"]),
+        rounds_completed=summary.rounds_completed,
+        hospitals=dict(sorted(hospitals.items())),
+        final_test=summary.final_test,
+    )
+    path = folder / PROVENANCE_FILE
+    path.write_text(provenance.model_dump_json(indent=2), encoding="utf-8")
+    return path
+
+
+def read_provenance(folder: Path) -> Provenance | None:
+    path = folder / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Provenance.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as error:
+        raise ValueError(f"{path}: not a model provenance record: {error}") from None

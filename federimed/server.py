@@ -58,6 +58,7 @@ from federimed.runrecord import (
     Traffic,
     append_round,
     read_rounds,
+    write_provenance,
     write_summary,
 )
 from federimed.training import encode, evaluate, pick_device
@@ -690,4 +691,5 @@ class ServerRun:
             wall_seconds=time.monotonic() - started,
         )
         write_summary(self.out, summary)
+        write_provenance(final, summary, read_rounds(self.out))
         return summary

@@ -169,3 +169,24 @@ class RuntimeSettings(BaseSettings):
         "cases is kept between rounds (derived from the records: protect it like them); "
         "unset: recomputed in every round.",
     )
+
+
+class ServeSettings(BaseSettings):
+    """`federimed serve`: the clinician page, the JSON API and the operator dashboard."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDERIMED_SERVE_", extra="forbid")
+
+    model: Path | None = Field(
+        None, description="The model to query: a run's final/ folder or the demo's model/."
+    )
+    runs: Path | None = Field(
+        None, description="Folder with run records (rounds.jsonl, summary.json), read-only."
+    )
+    host: Host = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
+    port: int = Field(8080, ge=1, le=65535, description="HTTP port.")
+    max_chars: int = Field(
+        4000, ge=1, le=100_000, description="Longest case text or question accepted."
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=1024, description="Longest answer a generative model writes."
+    )

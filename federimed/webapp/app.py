@@ -1,0 +1,173 @@
+"""The FastAPI application: clinician page, JSON API, operator dashboard, metrics.
+
+Case text and questions are never logged or stored: request logging is uvicorn's access log
+(method and path only) and no handler writes either anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from federimed.webapp.chart import round_chart
+from federimed.webapp.metrics import WebMetrics
+from federimed.webapp.runs import RunIndex
+from federimed.webapp.served import ServedModel
+
+PACKAGE = files("federimed.webapp")
+BANNER = (
+    "Research prototype, trained on synthetic data: not for clinical use. Every suggestion "
+    "needs a clinician's judgement."
+)
+
+
+class ServeLimits(BaseModel):
+    max_chars: int
+    max_new_tokens: int
+
+
+class CaseText(BaseModel):
+    text: str = Field(description="The case description (free text).")
+
+
+class Question(BaseModel):
+    question: str = Field(description="A medical question, answered by a generative model.")
+
+
+def _checked(text: str, field: str, limits: ServeLimits) -> str:
+    text = text.strip()
+    if not text:
+        raise HTTPException(422, f"{field}: empty; type or paste some text")
+    if len(text) > limits.max_chars:
+        raise HTTPException(
+            413, f"{field}: {len(text)} characters, over the limit of {limits.max_chars}"
+        )
+    return text
+
+
+def create_app(model: ServedModel | None, runs: RunIndex, limits: ServeLimits) -> FastAPI:
+    app = FastAPI(
+        title="FederiMed",
+        description="Query the federated model; follow the federation's runs.",
+        version="0.1.0",
+    )
+    templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
+    app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
+    metrics = WebMetrics(runs)
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    @app.middleware("http")
+    async def json_only(request: Request, call_next):
+        """The API's POST bodies are JSON: anything else is refused before it is read."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and kind != "application/json":
+            detail = f"content type {kind or '(none)'}: send application/json"
+            return JSONResponse({"detail": detail}, status_code=415)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        """A wrong body or content type: named, without echoing the text back."""
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+            for e in error.errors()
+        ]
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+    def need(kind: str) -> ServedModel:
+        if model is None:
+            raise HTTPException(404, "no model is served here (start with --model DIR)")
+        if model.kind != kind:
+            other = "/api/ask" if model.kind == "generative" else "/api/predict"
+            raise HTTPException(409, f"this is a {model.kind} model: use {other}")
+        return model
+
+    def model_info() -> dict[str, Any] | None:
+        return model.describe() if model else None
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": model.kind if model else None}
+
+    @app.post("/api/predict")
+    def predict(body: CaseText) -> dict[str, Any]:
+        """The 5 most probable diagnoses for a case (classifier models)."""
+        served = need("classify")
+        text = _checked(body.text, "text", limits)
+        predictions = served.predict(text, k=5)
+        return {"predictions": [p.__dict__ for p in predictions], "model": model_info()}
+
+    @app.post("/api/ask")
+    def ask(body: Question) -> StreamingResponse:
+        """The answer of a generative model, streamed as plain text while it is generated."""
+        served = need("generative")
+        question = _checked(body.question, "question", limits)
+        stream = served.answer_stream(question, limits.max_new_tokens)
+        return StreamingResponse(stream, media_type="text/plain; charset=utf-8")
+
+    @app.get("/api/model")
+    def about_model() -> dict[str, Any]:
+        if model is None:
+            raise HTTPException(404, "no model is served here (start with --model DIR)")
+        return model.describe()
+
+    @app.get("/api/runs")
+    def list_runs() -> list[dict[str, Any]]:
+        return [run.to_json(detail=False) for run in runs.runs()]
+
+    @app.get("/api/runs/{run_id}")
+    def one_run(run_id: str) -> dict[str, Any]:
+        run = runs.get(run_id)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id} under the runs folder")
+        return run.to_json()
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def clinician(request: Request) -> HTMLResponse:
+        context = {"model": model_info(), "banner": BANNER, "limits": limits}
+        return templates.TemplateResponse(request, "index.html", context)
+
+    @app.get("/runs", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard(request: Request) -> HTMLResponse:
+        context = {"runs": runs.runs(), "root": runs.root, "banner": BANNER}
+        return templates.TemplateResponse(request, "runs.html", context)
+
+    @app.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
+    def run_page(request: Request, run_id: str) -> HTMLResponse:
+        run = runs.get(run_id)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id} under the runs folder")
+        context = {"run": run, "chart": round_chart(run), "banner": BANNER}
+        return templates.TemplateResponse(request, "run.html", context)
+
+    return app
+
+
+def load_app(model_dir: Path | None, runs_dir: Path | None, limits: ServeLimits) -> FastAPI:
+    """What `federimed serve` runs: the model loaded once, before the first request."""
+    model = ServedModel.load(model_dir) if model_dir else None
+    return create_app(model, RunIndex(runs_dir), limits)

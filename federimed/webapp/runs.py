@@ -1,0 +1,135 @@
+"""The runs folder as the operator dashboard and the metrics see it: read-only, per request.
+
+A run is a folder the ServerApp made (``run_config.json`` from its start, ``rounds.jsonl`` a
+line per round, ``summary.json`` at its end); the dashboard follows a live run by reading the
+same per-round record, never logs.  A demo's ``report.json`` above a run adds the federated vs
+local-only vs centralized comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from federimed.report import METHODS, Measures, measures
+from federimed.runrecord import RoundRecord, RunSummary, read_rounds, read_summary
+
+RUN_MARKER = "run_config.json"  # written by the ServerApp when a run starts
+MAX_DEPTH = 4  # runs/<demo>/flower/<run id>/: deep enough for every layout FederiMed writes
+
+
+@dataclass
+class Run:
+    id: str
+    folder: Path
+    config: dict[str, Any]
+    rounds: list[RoundRecord]
+    summary: RunSummary | None
+    report: dict[str, Any] | None
+
+    @property
+    def state(self) -> str:
+        """ "completed" or "deadline" from the summary; "in progress" without one (a run that
+        died also has none: its record stops at its last round)."""
+        return self.summary.status if self.summary else "in progress"
+
+    @property
+    def track(self) -> str:
+        return str(self.config.get("track", "classify"))
+
+    @property
+    def measure(self) -> tuple[str, str]:
+        """The headline test metric of this run's track: (key, name)."""
+        shown = measures({"setup": {"track": self.track}})
+        return shown.headline, shown.headline_name
+
+    def headline(self) -> list[tuple[int, float | None]]:
+        """(round, headline test score) per round, None where the round was not scored."""
+        key, _ = self.measure
+        return [(r.round, getattr(r.test, key, None) if r.test else None) for r in self.rounds]
+
+    def comparison(self) -> dict[str, Any] | None:
+        """Per hospital, each method's headline and unseen-condition score (the demo's report)."""
+        if not self.report:
+            return None
+        shown: Measures = measures(self.report)
+        rows = {}
+        for hospital, entry in self.report["hospitals"].items():
+            rows[hospital] = {
+                method: {
+                    "score": entry[method].get(shown.headline),
+                    "unseen": entry[method].get(shown.unseen),
+                }
+                for method in METHODS
+                if method in entry
+            }
+        return {"measure": shown.headline_name, "hospitals": rows}
+
+    def to_json(self, detail: bool = True) -> dict[str, Any]:
+        key, name = self.measure
+        last = self.rounds[-1] if self.rounds else None
+        about: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state,
+            "track": self.track,
+            "rounds_planned": self.config.get("num-server-rounds"),
+            "rounds_completed": len(self.rounds),
+            "measure": {"key": key, "name": name},
+            "latest_test": last.test.model_dump() if last and last.test else None,
+            "modified": self.folder.stat().st_mtime,
+        }
+        if detail:
+            about["config"] = self.config
+            about["rounds"] = [r.model_dump() for r in self.rounds]
+            about["summary"] = self.summary.model_dump() if self.summary else None
+            about["comparison"] = self.comparison()
+        return about
+
+
+class RunIndex:
+    """Finds runs under one folder; every call reads the files again (they change live)."""
+
+    def __init__(self, root: Path | None):
+        self.root = Path(root) if root else None
+
+    def folders(self) -> dict[str, Path]:
+        """Run id -> folder, newest last (a copied run with the same id: the newer one)."""
+        if self.root is None or not self.root.is_dir():
+            return {}
+        found = [
+            marker.parent
+            for depth in range(1, MAX_DEPTH + 1)
+            for marker in self.root.glob("/".join(["*"] * depth) + "/" + RUN_MARKER)
+        ]
+        if (self.root / RUN_MARKER).is_file():
+            found.append(self.root)
+        found.sort(key=lambda folder: (folder / RUN_MARKER).stat().st_mtime)
+        return {folder.name: folder for folder in found}
+
+    def runs(self) -> list[Run]:
+        """Newest first."""
+        return [self._load(run_id, folder) for run_id, folder in reversed(self.folders().items())]
+
+    def get(self, run_id: str) -> Run | None:
+        folder = self.folders().get(run_id)
+        return self._load(run_id, folder) if folder else None
+
+    def _load(self, run_id: str, folder: Path) -> Run:
+        config = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))
+        return Run(run_id, folder, config, read_rounds(folder), read_summary(folder),
+                   self._report(run_id, folder))  # fmt: skip
+
+    def _report(self, run_id: str, folder: Path) -> dict[str, Any] | None:
+        """The demo's report.json about this run, in the run's folder or one above it (up to
+        the runs folder itself)."""
+        for parent in [folder, *folder.parents]:
+            path = parent / "report.json"
+            if path.is_file():
+                report = json.loads(path.read_text(encoding="utf-8"))
+                if str(report.get("flower_run_id")) == run_id:
+                    return report
+            if self.root is None or parent == self.root:
+                break
+        return None

@@ -1,0 +1,119 @@
+// FederiMed web app: the clinician page's two forms and the live run page. No framework, no
+// CDN: this file is all the script there is.
+"use strict";
+
+function showError(message) {
+  const box = document.getElementById("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function problem(response) {
+  try {
+    const body = await response.json();
+    return body.detail || response.statusText;
+  } catch (_) {
+    return response.statusText;
+  }
+}
+
+function prediction(item) {
+  const li = document.createElement("li");
+  li.className = "prediction";
+  const head = document.createElement("div");
+  head.className = "prediction-head";
+  const label = document.createElement("span");
+  const code = document.createElement("span");
+  code.className = "code";
+  code.textContent = item.code;
+  label.append(code, item.name);
+  const percent = document.createElement("span");
+  percent.className = "probability";
+  percent.textContent = (100 * item.probability).toFixed(1) + "%";
+  head.append(label, percent);
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  const fill = document.createElement("span");
+  fill.style.width = (100 * item.probability).toFixed(1) + "%";
+  bar.append(fill);
+  li.append(head, bar);
+  return li;
+}
+
+function post(url, body) {
+  return fetch(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+}
+
+const predictForm = document.getElementById("predict");
+if (predictForm) {
+  predictForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const button = predictForm.querySelector("button");
+    const list = document.getElementById("predictions");
+    showError("");
+    list.replaceChildren();
+    button.disabled = true;
+    try {
+      const response = await post("/api/predict", { text: predictForm.text.value });
+      if (!response.ok) return showError(await problem(response));
+      const body = await response.json();
+      list.replaceChildren(...body.predictions.map(prediction));
+    } catch (error) {
+      showError("The web app did not answer: " + error);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+const askForm = document.getElementById("ask");
+if (askForm) {
+  askForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const button = askForm.querySelector("button");
+    const answer = document.getElementById("answer");
+    showError("");
+    answer.textContent = "";
+    answer.dataset.done = "false";
+    button.disabled = true;
+    try {
+      const response = await post("/api/ask", { question: askForm.question.value });
+      if (!response.ok) return showError(await problem(response));
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        answer.textContent += decoder.decode(value, { stream: true });
+      }
+    } catch (error) {
+      showError("The web app did not answer: " + error);
+    } finally {
+      answer.dataset.done = "true";
+      button.disabled = false;
+    }
+  });
+}
+
+// A run in progress: reload the page when its record has a new round or the run ends.
+const runState = document.getElementById("run-state");
+if (runState && runState.dataset.state === "in progress") {
+  const seen = Number(runState.dataset.rounds);
+  const timer = setInterval(async () => {
+    try {
+      const response = await fetch("/api/runs/" + runState.dataset.run);
+      if (!response.ok) return;
+      const run = await response.json();
+      if (run.rounds_completed !== seen || run.state !== "in progress") {
+        clearInterval(timer);
+        location.reload();
+      }
+    } catch (_) {
+      // the web app restarting: try again at the next tick
+    }
+  }, 2000);
+}
