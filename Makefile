@@ -18,7 +18,12 @@ PYTEST := $(BIN)/python -m pytest
 # (federimed.deploy.flower.flower_env) and in the images, not here.
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-e2e test-containers test-k8s lint install clean
+# A real browser and a real Prometheus for the web app's end-to-end tests: Debian packages,
+# installed with apt-get (as root, or through sudo) when missing.
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-fast test-e2e test-containers test-k8s lint install clean serve system-tools
 
 install: $(VENV)/.installed
 
@@ -40,15 +45,27 @@ $(VENV_K8S)/.installed: requirements-k8s.txt
 demo: install
 	$(BIN)/federimed demo --out runs/demo
 
+# The web app on the demo's model and runs: http://127.0.0.1:8080/ (and /runs).
+serve: install
+	$(BIN)/federimed serve --model runs/demo/model --runs runs/demo
+
+system-tools: $(SYSTEM_TOOLS)
+
+$(SYSTEM_TOOLS) &:
+	@echo "installing Debian's chromium and prometheus for the web app's tests (apt-get)"
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium prometheus
+
 # Everything: unit, real-MiniLM, end-to-end Flower, Kubernetes and container tests.
-test: install $(VENV_K8S)/.installed
+test: install $(VENV_K8S)/.installed $(SYSTEM_TOOLS)
 	$(PYTEST) -q
 
 # The quick loop while coding: no real training runs, no processes, no engines.
 test-fast: install
 	$(PYTEST) -q -m "not slow and not e2e and not containers and not k8s"
 
-test-e2e: install
+test-e2e: install $(SYSTEM_TOOLS)
 	$(PYTEST) -q -m e2e
 
 test-containers: install

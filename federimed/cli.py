@@ -452,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from federimed.settings import ServeSettings
     from federimed.webapp.app import ServeLimits, load_app
-    from federimed.webapp.served import ModelFolderError
+    from federimed.webapp.served import LATEST, ModelFolderError
 
     flags = {"model": args.model, "runs": args.runs, "host": args.host, "port": args.port}
     settings = ServeSettings(**{key: value for key, value in flags.items() if value is not None})
@@ -460,6 +460,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError("serve: give --model DIR (the model to query), --runs DIR, or both")
     if settings.runs is not None and not settings.runs.is_dir():
         raise UserError(f"--runs {settings.runs}: no such folder")
+    if str(settings.model) == LATEST and settings.runs is None:
+        raise UserError("--model latest needs --runs DIR: the runs it takes the newest model from")
     limits = ServeLimits(max_chars=settings.max_chars, max_new_tokens=settings.max_new_tokens)
     try:
         app = load_app(settings.model, settings.runs, limits)
@@ -719,7 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Prometheus metrics (/metrics). Case text is never logged or stored. Every option "
         "is also a FEDERIMED_SERVE_* variable (flags win).",
     )
-    serve.add_argument("--model", type=Path, help="a run's final/ folder or the demo's model/")
+    serve.add_argument(
+        "--model",
+        type=Path,
+        help="a run's final/ folder or the demo's model/; 'latest': the newest completed run's "
+        "model under --runs, followed as new runs complete",
+    )
     serve.add_argument("--runs", type=Path, help="folder of run records, e.g. runs/ (read-only)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8080)")

@@ -177,7 +177,9 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDERIMED_SERVE_", extra="forbid")
 
     model: Path | None = Field(
-        None, description="The model to query: a run's final/ folder or the demo's model/."
+        None,
+        description="The model to query: a run's final/ folder, the demo's model/, or "
+        "'latest' (the newest completed run's under RUNS, followed as runs complete).",
     )
     runs: Path | None = Field(
         None, description="Folder with run records (rounds.jsonl, summary.json), read-only."

@@ -11,7 +11,10 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -41,6 +44,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 MARKER = f"MARKER-{uuid.uuid4().hex}"
 ROUNDS = 3
+# Screenshots of the web app's pages (test artifacts; the README's come from here).
+WEB_ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "webapp-test"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # The app's own default, changed in a copy of the app: the run must use it unasked.
 CHANGED_DEFAULT = ("local-steps", 15, 10)
 
@@ -600,3 +606,135 @@ def test_down_mid_run_stops_every_process(federation, tiny_model, capsys):
     capsys.readouterr()
     assert main(["status", "--out", str(running.workdir)]) == 2
     assert "no federation here" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the web app
+
+
+def _get(url: str, timeout: float = 10) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return reply.read().decode()
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()}"
+        try:
+            _get(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} not up after {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def web(federation, finished_run, tmp_path_factory):
+    """`federimed serve` on the full run's final model and the federation's run records."""
+    running, _, _ = federation
+    _, _, run_out = finished_run
+    port = free_port()
+    log = tmp_path_factory.mktemp("web") / "serve.log"
+    argv = [sys.executable, "-m", "federimed.cli", "serve", "--model", str(run_out / "final"),
+            "--runs", str(running.workdir / "flower"), "--port", str(port)]  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(f"{url}/healthz", process, log)
+        yield url, log
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_clinician_gets_diagnoses_from_the_federated_model_in_a_real_browser(web, finished_run):
+    """Chromium opens /, a case is typed and submitted, the real model's top 5 appear with
+    their bars; the run's page shows one chart point per round.  Screenshots are kept."""
+    from playwright.sync_api import sync_playwright
+
+    url, log = web
+    run_id, _, _ = finished_run
+    case = "72F sudden tearing chest pain radiating to back, BP 190/100 R arm, 150/80 L arm"
+    WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(url + "/")
+            assert "not for clinical use" in page.inner_text(".banner")
+            assert str(run_id) in page.inner_text(".provenance")
+            page.fill("#text", case)
+            page.click("#predict button")
+            page.wait_for_selector(".prediction", timeout=60_000)
+            rows = page.locator(".prediction")
+            assert rows.count() == 5
+            shown = [rows.nth(i).inner_text() for i in range(5)]
+            page.screenshot(path=str(WEB_ARTIFACTS / "clinician.png"), full_page=True)
+            page.goto(f"{url}/runs/{run_id}")
+            assert page.locator("svg.chart circle.point").count() == ROUNDS
+            assert "completed" in page.inner_text("#run-state")
+            page.screenshot(path=str(WEB_ARTIFACTS / "run.png"), full_page=True)
+        finally:
+            browser.close()
+    api = json.loads(_api_predict(url, case))
+    top = api["predictions"][0]
+    assert top["code"] in shown[0] and f"{100 * top['probability']:.1f}%" in shown[0]
+    assert case not in log.read_text()  # the access log names paths, never case text
+
+
+def _api_predict(url: str, text: str) -> str:
+    request = urllib.request.Request(
+        f"{url}/api/predict",
+        data=json.dumps({"text": text}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return reply.read().decode()
+
+
+def test_a_real_prometheus_scrapes_the_federations_metrics(web, finished_run, tmp_path):
+    """Debian's Prometheus scrapes the web app's /metrics (the consortium's series, read from
+    the run records) and answers queries for them over its HTTP API."""
+    url, _ = web
+    run_id, _, _ = finished_run
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: consortium\n    static_configs: [{{targets: ['{url[7:]}']}}]\n"
+    )
+    port = free_port()
+    argv = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api/v1/query?query="
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/-/ready", process, log)
+
+        def query(expression: str) -> list[dict]:
+            reply = json.loads(_get(api + urllib.parse.quote(expression)))
+            assert reply["status"] == "success", reply
+            return reply["data"]["result"]
+
+        deadline = time.monotonic() + 60
+        while not query(f'federimed_rounds_completed_total{{run="{run_id}"}}'):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert query(f'federimed_rounds_completed_total{{run="{run_id}"}}')[0]["value"][1] == str(
+            ROUNDS
+        )
+        received = query(f'federimed_bytes_received_total{{run="{run_id}"}}')
+        assert sorted(r["metric"]["hospital"] for r in received) == HOSPITALS
+        assert all(float(r["value"][1]) > 0 for r in received)
+        accuracy = query(f'federimed_test_accuracy{{run="{run_id}"}}')
+        assert 0 < float(accuracy[0]["value"][1]) <= 1
+        assert query(f'federimed_round_participants{{run="{run_id}"}}')[0]["value"][1] == "3"
+        assert query('up{job="consortium"}')[0]["value"][1] == "1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

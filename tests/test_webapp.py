@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from conftest import make_run
@@ -153,6 +154,8 @@ def test_a_folder_that_is_no_federimed_model_is_refused_at_start(tmp_path, tiny_
     assert "not a FederiMed model folder" in capsys.readouterr().err
     assert main(["serve"]) == 2
     assert "give --model DIR" in capsys.readouterr().err
+    assert main(["serve", "--model", "latest"]) == 2
+    assert "--model latest needs --runs DIR" in capsys.readouterr().err
     assert main(["serve", "--runs", str(tmp_path / "nothing")]) == 2
     assert "no such folder" in capsys.readouterr().err
 
@@ -187,8 +190,9 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
     server = ServerRun(
         make_run(model=tiny_model, num_server_rounds=3, output_dir=str(tmp_path)), 21
     )
-    client = TestClient(load_app(None, tmp_path, LIMITS))
+    client = TestClient(load_app(Path("latest"), tmp_path, LIMITS))  # the newest run's model
     assert client.get("/api/runs/21").json()["state"] == "in progress"
+    assert client.get("/api/model").status_code == 404 and "No model yet" in client.get("/").text
     append_round(server.out, a_round(1, dropped=True))
     run = client.get("/api/runs/21").json()
     assert run["rounds_completed"] == 1 and run["rounds"][0]["dropped"] == ["hospital-3"]
@@ -206,6 +210,8 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
     assert page.count('class="point"') == 3 and 'data-value="0.6000"' in page
     assert "(this page follows the run" not in page
     assert "21" in client.get("/runs").text
+    assert client.get("/api/model").json()["run_id"] == 21  # loaded once the run completed
+    assert client.post("/api/predict", json={"text": CASE}).json()["model"]["run_id"] == 21
 
 
 def test_the_demo_report_adds_the_comparison(classifier_run, client):

@@ -22,9 +22,10 @@ from pydantic import BaseModel, Field
 from federimed.webapp.chart import round_chart
 from federimed.webapp.metrics import WebMetrics
 from federimed.webapp.runs import RunIndex
-from federimed.webapp.served import ServedModel
+from federimed.webapp.served import ModelSource, ServedModel
 
 PACKAGE = files("federimed.webapp")
+NO_MODEL = "no model is served here yet (--model DIR, or --model latest once a run completed)"
 BANNER = (
     "Research prototype, trained on synthetic data: not for clinical use. Every suggestion "
     "needs a clinician's judgement."
@@ -55,7 +56,7 @@ def _checked(text: str, field: str, limits: ServeLimits) -> str:
     return text
 
 
-def create_app(model: ServedModel | None, runs: RunIndex, limits: ServeLimits) -> FastAPI:
+def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> FastAPI:
     app = FastAPI(
         title="FederiMed",
         description="Query the federated model; follow the federation's runs.",
@@ -95,18 +96,21 @@ def create_app(model: ServedModel | None, runs: RunIndex, limits: ServeLimits) -
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
     def need(kind: str) -> ServedModel:
+        model = models.current()
         if model is None:
-            raise HTTPException(404, "no model is served here (start with --model DIR)")
+            raise HTTPException(404, NO_MODEL)
         if model.kind != kind:
             other = "/api/ask" if model.kind == "generative" else "/api/predict"
             raise HTTPException(409, f"this is a {model.kind} model: use {other}")
         return model
 
     def model_info() -> dict[str, Any] | None:
+        model = models.current()
         return model.describe() if model else None
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
+        model = models.current()
         return {"status": "ok", "model": model.kind if model else None}
 
     @app.post("/api/predict")
@@ -115,7 +119,7 @@ def create_app(model: ServedModel | None, runs: RunIndex, limits: ServeLimits) -
         served = need("classify")
         text = _checked(body.text, "text", limits)
         predictions = served.predict(text, k=5)
-        return {"predictions": [p.__dict__ for p in predictions], "model": model_info()}
+        return {"predictions": [p.__dict__ for p in predictions], "model": served.describe()}
 
     @app.post("/api/ask")
     def ask(body: Question) -> StreamingResponse:
@@ -127,9 +131,10 @@ def create_app(model: ServedModel | None, runs: RunIndex, limits: ServeLimits) -
 
     @app.get("/api/model")
     def about_model() -> dict[str, Any]:
-        if model is None:
-            raise HTTPException(404, "no model is served here (start with --model DIR)")
-        return model.describe()
+        about = model_info()
+        if about is None:
+            raise HTTPException(404, NO_MODEL)
+        return about
 
     @app.get("/api/runs")
     def list_runs() -> list[dict[str, Any]]:
@@ -148,7 +153,12 @@ def create_app(model: ServedModel | None, runs: RunIndex, limits: ServeLimits) -
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def clinician(request: Request) -> HTMLResponse:
-        context = {"model": model_info(), "banner": BANNER, "limits": limits}
+        context = {
+            "model": model_info(),
+            "follow": models.follow,
+            "banner": BANNER,
+            "limits": limits,
+        }
         return templates.TemplateResponse(request, "index.html", context)
 
     @app.get("/runs", response_class=HTMLResponse, include_in_schema=False)
@@ -168,6 +178,6 @@ def create_app(model: ServedModel | None, runs: RunIndex, limits: ServeLimits) -
 
 
 def load_app(model_dir: Path | None, runs_dir: Path | None, limits: ServeLimits) -> FastAPI:
-    """What `federimed serve` runs: the model loaded once, before the first request."""
-    model = ServedModel.load(model_dir) if model_dir else None
-    return create_app(model, RunIndex(runs_dir), limits)
+    """What `federimed serve` runs: a named model is loaded before the first request."""
+    runs = RunIndex(runs_dir)
+    return create_app(ModelSource(model_dir, runs), runs, limits)

@@ -12,7 +12,8 @@ LEFT, RIGHT, TOP, BOTTOM = 48, 16, 16, 36
 
 
 def round_chart(run: Run) -> Markup:
-    """The headline test score per round (0-100%) with each round's participant count."""
+    """The headline test score per round (0-100%); under each round, how many hospitals
+    took part."""
     key, name = run.measure
     points = [(rnd, value) for rnd, value in run.headline() if value is not None]
     planned = max([int(run.config.get("num-server-rounds") or 0), *(r for r, _ in points), 1])
@@ -45,7 +46,7 @@ def round_chart(run: Run) -> Markup:
         )
         parts.append(
             f'<text class="who" x="{x(record.round):.1f}" y="{HEIGHT - 4}" '
-            f'text-anchor="middle">{len(record.participants)}H</text>'
+            f'text-anchor="middle">{len(record.participants)} sites</text>'
         )
     if points:
         path = " ".join(f"{x(r):.1f},{y(v):.1f}" for r, v in points)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from federimed.runrecord import Provenance, read_provenance
+from federimed.webapp.runs import RunIndex
 
 Kind = Literal["classify", "generative"]
 
@@ -123,3 +124,35 @@ class ServedModel:
         if self.provenance is not None:
             about |= self.provenance.model_dump(mode="json")
         return about
+
+
+LATEST = "latest"  # --model latest: the newest completed run's model under --runs
+
+
+class ModelSource:
+    """The model requests are answered with: one folder loaded at start, or (``latest``) the
+    newest completed run's ``final/`` under the runs folder, loaded when it appears, so that
+    a deployment's web app serves each new global model without a restart."""
+
+    def __init__(self, folder: Path | None, runs: RunIndex):
+        self.runs = runs
+        self.follow = folder is not None and str(folder) == LATEST
+        self.served = ServedModel.load(folder) if folder and not self.follow else None
+        self._loading = threading.Lock()
+
+    def current(self) -> ServedModel | None:
+        if not self.follow:
+            return self.served
+        newest = next(
+            (
+                run.folder / "final"
+                for run in self.runs.runs()
+                if run.summary is not None and (run.folder / "final").is_dir()
+            ),
+            None,
+        )
+        if newest is not None and (self.served is None or self.served.folder != newest):
+            with self._loading:
+                if self.served is None or self.served.folder != newest:
+                    self.served = ServedModel.load(newest)
+        return self.served
