@@ -60,6 +60,7 @@ LONG_RUNNING = (
     "superlink",
     "fleet-gateway",
     "serverapp",
+    "webapp",
     *(f"supernode-{h}" for h in HOSPITALS),
     *(f"clientapp-{h}" for h in HOSPITALS),
 )
@@ -105,6 +106,7 @@ class Stack:
     env: dict[str, str]
     port: int
     gateway_port: int
+    webapp_port: int
     timings: dict[str, float] = field(default_factory=dict)
     logs: str = ""
     submit_exit: int | None = None
@@ -160,6 +162,9 @@ def stack(engine):
     gateway_port = _free_port()
     while gateway_port == port:
         gateway_port = _free_port()
+    webapp_port = _free_port()
+    while webapp_port in (port, gateway_port):
+        webapp_port = _free_port()
     env.update(
         {
             "FEDERIMED_BASE_IMAGE": base_tag,
@@ -168,9 +173,10 @@ def stack(engine):
             "FEDERIMED_TORCH_THREADS": "1",
             "FEDERIMED_SUPERLINK_PUBLISH": f"127.0.0.1:{port}",
             "FEDERIMED_GATEWAY_PUBLISH": f"127.0.0.1:{gateway_port}",
+            "FEDERIMED_WEBAPP_PUBLISH": f"127.0.0.1:{webapp_port}",
         }
     )
-    stack = Stack(engine, env, port, gateway_port)
+    stack = Stack(engine, env, port, gateway_port, webapp_port)
     stack.compose("down", "-v", "--remove-orphans", check=False, timeout=180)
 
     started = time.monotonic()
@@ -308,6 +314,44 @@ def test_model_and_run_record_land_on_runs_volume(stack, tmp_path):
     assert (adapters[0].parent / "adapter_config.json").is_file()
     for k in range(1, ROUNDS + 1):
         assert (run_dir / "checkpoints" / f"round-{k}").is_dir()
+
+
+def _http(url: str, body: dict | None = None) -> str:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read().decode()
+
+
+def test_the_web_app_serves_the_newest_model_and_the_run_records(stack, tmp_path):
+    """compose's webapp, on the consortium network with the runs volume read-only: its model
+    is the demo run's (the newest completed), its dashboard and /metrics read the record."""
+    assert stack.networks("webapp") == {"consortium"}
+    assert _mounts(stack, "webapp") == {"/runs": ("runs", False)}
+    base = f"http://127.0.0.1:{stack.webapp_port}"
+    _until(lambda: _reachable(base + "/healthz"), 120, lambda: _tail(stack))
+    stack.compose("cp", "serverapp:/runs/.", str(tmp_path))
+    (summary,) = tmp_path.glob("*/summary.json")
+    run_id = json.loads(summary.read_text())["run_id"]
+    model = json.loads(_http(base + "/api/model"))
+    assert model["run_id"] == run_id and model["kind"] == "classify", model
+    assert sorted(model["hospitals"]) == list(HOSPITALS), model
+    case = "72F sudden tearing chest pain radiating to back, BP 190/100 R arm, 150/80 L arm"
+    predictions = json.loads(_http(base + "/api/predict", {"text": case}))["predictions"]
+    assert len(predictions) == 5 and all(p["code"] and p["name"] for p in predictions)
+    runs = json.loads(_http(base + "/api/runs"))
+    assert [(r["id"], r["state"]) for r in runs] == [(str(run_id), "completed")], runs
+    metrics = _http(base + "/metrics")
+    assert f'federimed_rounds_completed_total{{run="{run_id}"}} {float(ROUNDS)}' in metrics
+    assert case not in "".join(_logs(stack).splitlines()[-200:])  # never logged
+
+
+def _reachable(url: str) -> bool:
+    try:
+        _http(url)
+        return True
+    except OSError:
+        return False
 
 
 def _https(url: str, ca: Path, method: str = "GET") -> tuple[int, str]:

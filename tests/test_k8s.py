@@ -37,6 +37,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from federimed import settings
+from federimed.decoder import CACHE_ENV
 from federimed.deploy.flower import HARDENED_ENV
 from federimed.policy import POLICY_ENV, approve, load_policy
 
@@ -67,6 +68,7 @@ IMAGES = {
     "supernode": "federimed/supernode:0.1.0",
     "serverapp": "federimed/superexec:0.1.0",
     "clientapp": "federimed/superexec:0.1.0",
+    "webapp": "federimed/superexec:0.1.0",
 }
 COMMANDS = {
     "superlink": ["superlink"],
@@ -74,23 +76,31 @@ COMMANDS = {
     "supernode": ["supernode"],
     "serverapp": ["superexec"],
     "clientapp": ["superexec"],
+    "webapp": ["serve"],
 }
 # Set by every image (the local processes get HARDENED_ENV from federimed.deploy.flower), and
 # nowhere else; the images also keep the model hub offline.
 FIXED_ENV = {**HARDENED_ENV, "HF_HUB_OFFLINE": "1"}
 # docker/Dockerfile targets that run a component (images are named after their target), and
 # the settings of that component.
+SERVE = ":serve"  # a component's stage, when its container runs `federimed serve`
 MODELS = {
     "superlink": (settings.SuperLinkSettings,),
     "gateway": (settings.GatewaySettings,),
     "supernode": (settings.SuperNodeSettings,),
-    "superexec": (settings.SuperExecSettings, settings.RuntimeSettings),
+    "superexec": (settings.SuperExecSettings, settings.RuntimeSettings, settings.ServeSettings),
+    # the same image running the web app (`federimed serve`), not an app runner
+    f"superexec{SERVE}": (settings.ServeSettings, settings.RuntimeSettings),
 }
 # FEDERIMED_* variables a component reads that are no field of its settings models, each with
 # its check: the hospital's site policy is read by the ClientApp runner and the app it starts
-# (federimed/policy.py), from a file the deployment mounts.
+# (federimed/policy.py), from a file the deployment mounts; the converted generative models'
+# cache (federimed/decoder.py), which the app image fills at build time.
 EXTRA_VARIABLES = {
-    "superexec": {POLICY_ENV: lambda value: Path(value).is_absolute()},
+    "superexec": {
+        POLICY_ENV: lambda value: Path(value).is_absolute(),
+        CACHE_ENV: lambda value: Path(value).is_absolute(),
+    },
 }
 DNS_PORT = 53
 # Pod labels (app.kubernetes.io/name) of the roles the policies talk about.
@@ -325,6 +335,8 @@ def dockerfile_env() -> dict[str, dict[str, str]]:
                 env[words[0]] = " ".join(words[1:])
             else:
                 env.update(word.split("=", 1) for word in words)
+    for stage in MODELS:  # a command's pseudo-stage has its image's environment
+        stages.setdefault(stage, stages.get(stage.removesuffix(SERVE), {}))
     return stages
 
 
@@ -373,13 +385,15 @@ def components(rendered):
         for doc in workloads(item["docs"]):
             (c,) = pod_spec(doc)["containers"]
             where = f"k8s {name}: {doc['metadata']['namespace']}/{doc['metadata']['name']}"
-            yield where, image_stage(c["image"]), env_of(doc, item["docs"])
+            serves = SERVE if c.get("args") == ["serve"] else ""
+            yield where, image_stage(c["image"]) + serves, env_of(doc, item["docs"])
     for variant, services in compose_variants().items():
         for name, service in services.items():
             if "entrypoint" not in service:
                 target = (service.get("build") or {}).get("target")
                 stage = target or image_stage(compose_value(service["image"]))
-                yield f"{variant}: {name}", stage, compose_env(service)
+                serves = SERVE if service.get("command") == ["serve"] else ""
+                yield f"{variant}: {name}", stage + serves, compose_env(service)
 
 
 def setting_field(stage: str, key: str):
@@ -553,7 +567,7 @@ def test_settings_are_valid_for_the_cli(rendered, monkeypatch):
     its container runs (federimed/settings.py), and with the image's ENV every value parses."""
     images = dockerfile_env()
     for where, stage, env in components(rendered):
-        extra = EXTRA_VARIABLES.get(stage, {})
+        extra = EXTRA_VARIABLES.get(stage.removesuffix(SERVE), {})
         known = {
             (m.model_config["env_prefix"] + field).upper()
             for m in MODELS[stage]
