@@ -476,6 +476,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from federimed.deploy.site_exporter import serve
+    from federimed.settings import ExporterSettings
+
+    flags = {"ledger": args.ledger, "host": args.host, "port": args.port}
+    settings = ExporterSettings(**{key: value for key, value in flags.items() if value is not None})
+    where = f"http://{settings.host}:{settings.port}/metrics"
+    print(f"exporting {settings.ledger} on {where}", flush=True)
+    serve(settings.ledger, settings.host, settings.port)
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -731,6 +743,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
     serve.set_defaults(func=cmd_serve)
+
+    exporter = sub.add_parser(
+        "exporter",
+        help="a hospital's Prometheus metrics, read from its egress ledger",
+        description="Serves /metrics for one hospital: replies that left by kind, bytes sent, "
+        "training steps and examples behind them, the last training loss, tasks refused by "
+        "code, and whether the ledger's hash chain verifies. It reads the ledger at each "
+        "scrape and nothing else. Every option is also a FEDERIMED_EXPORTER_* variable.",
+    )
+    exporter.add_argument("--ledger", type=Path, help="the hospital's egress-ledger.jsonl")
+    exporter.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    exporter.add_argument("--port", type=int, help="HTTP port (default 9401)")
+    exporter.set_defaults(func=cmd_exporter)
     return parser
 
 
@@ -837,6 +862,7 @@ def _settings_problems(error: ValidationError) -> str:
         "SuperExecSettings": "FEDERIMED_SUPEREXEC_",
         "GatewaySettings": "FEDERIMED_GATEWAY_",
         "ServeSettings": "FEDERIMED_SERVE_",
+        "ExporterSettings": "FEDERIMED_EXPORTER_",
     }.get(error.title, "FEDERIMED_")
     return "\n".join(
         f"  {prefix}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"

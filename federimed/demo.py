@@ -214,6 +214,7 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     paths = write_report(report, out)
     say(summary_table(report))
     say(f"report: {paths[-1]}  model: {model_dir}")
+    say(f"web app: federimed serve --model {model_dir} --runs {out}  (then http://127.0.0.1:8080/)")
     return report
 
 

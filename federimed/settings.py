@@ -192,3 +192,13 @@ class ServeSettings(BaseSettings):
     max_new_tokens: int = Field(
         64, ge=1, le=1024, description="Longest answer a generative model writes."
     )
+
+
+class ExporterSettings(BaseSettings):
+    """`federimed exporter`: a hospital's Prometheus metrics, read from its egress ledger."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDERIMED_EXPORTER_", extra="forbid")
+
+    ledger: Path = Field(..., description="The hospital's egress ledger (read-only).")
+    host: Host = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
+    port: int = Field(9401, ge=1, le=65535, description="HTTP port of /metrics.")

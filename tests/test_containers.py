@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -939,3 +940,46 @@ def test_the_generative_track_runs_in_the_containers(stack, tmp_path):
     adapter_bytes = 4 * summary["trainable_parameters"]  # SmolLM2's LoRA in float32, one array
     assert summary["trainable_parameters"] == 460_800, summary
     assert adapter_bytes <= summary["update_bytes"] < adapter_bytes + 1024, summary
+
+
+MONITORING = ("prometheus", *(f"exporter-hospital-{k}" for k in (1, 2, 3)))
+
+
+def test_the_monitoring_profile_scrapes_the_web_app_and_every_hospital(stack):
+    """`--profile monitoring`: Debian's Prometheus (its own image) scrapes the web app and each
+    hospital's exporter (its egress ledger, read-only, on its own network)."""
+    port = _free_port()
+    env = dict(stack.env, FEDERIMED_PROMETHEUS_PUBLISH=f"127.0.0.1:{port}")
+    argv = ["docker", "compose", "-p", PROJECT, *COMPOSE_FILES, "--profile", "monitoring"]
+    up = _run(
+        [*argv, "up", "-d", "--build", *MONITORING], env=env, timeout=BUILD_TIMEOUT, check=False
+    )
+    assert up.returncode == 0, up.stdout[-6000:]
+    try:
+        for k in (1, 2, 3):
+            mounts = _mounts(stack, f"exporter-hospital-{k}")
+            assert mounts == {"/ledger": (f"ledger-hospital-{k}", False)}, mounts
+            assert stack.networks(f"exporter-hospital-{k}") == {f"hospital-{k}"}
+        api = f"http://127.0.0.1:{port}/api/v1/query?query="
+
+        def query(expression: str) -> list[dict]:
+            try:
+                reply = json.loads(_http(api + urllib.parse.quote(expression)))
+            except OSError:
+                return []
+            return reply["data"]["result"] if reply.get("status") == "success" else []
+
+        up_targets = _until(
+            lambda: len([r for r in query("up == 1")]) == 4 and query("up == 1"),
+            180,
+            lambda: f"targets: {query('up')}\n{_tail(stack)}",
+        )
+        assert sorted(r["metric"]["job"] for r in up_targets) == ["consortium", *["hospitals"] * 3]
+        sites = _until(
+            lambda: query('federimed_site_replies_total{kind="train"}'), 60, lambda: query("up")
+        )
+        assert sorted(r["metric"]["site"] for r in sites) == list(HOSPITALS)
+        assert all(float(r["value"][1]) > 0 for r in sites)
+        assert query("federimed_rounds_completed_total"), "the web app's series"
+    finally:
+        _run([*argv, "rm", "-s", "-f", *MONITORING], env=env, timeout=300, check=False)

@@ -8,6 +8,7 @@ cannot show that federating helps. Everything else is what a hospital deployment
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -44,8 +45,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 MARKER = f"MARKER-{uuid.uuid4().hex}"
 ROUNDS = 3
+REPO = Path(__file__).resolve().parents[1]
 # Screenshots of the web app's pages (test artifacts; the README's come from here).
-WEB_ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "webapp-test"
+WEB_ARTIFACTS = REPO / "runs" / "webapp-test"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # The app's own default, changed in a copy of the app: the run must use it unasked.
 CHANGED_DEFAULT = ("local-steps", 15, 10)
@@ -695,16 +697,29 @@ def _api_predict(url: str, text: str) -> str:
         return reply.read().decode()
 
 
-def test_a_real_prometheus_scrapes_the_federations_metrics(web, finished_run, tmp_path):
+def test_a_real_prometheus_scrapes_the_federations_metrics(federation, web, finished_run, tmp_path):
     """Debian's Prometheus scrapes the web app's /metrics (the consortium's series, read from
-    the run records) and answers queries for them over its HTTP API."""
+    the run records) and hospital-1's exporter (its series, read from its egress ledger), and
+    answers queries for both over its HTTP API."""
+    running, _, _ = federation
     url, _ = web
     run_id, _, _ = finished_run
+    ledger_path = Path(running.state.site_policies["hospital-1"]).parent / "egress-ledger.jsonl"
+    steps = [e.get("steps") for _, e in entries(ledger_path) if e["run_id"] == run_id]
+    assert steps.count(CHANGED_DEFAULT[2]) == ROUNDS  # its train replies; evaluate: None
+    exporter_port = free_port()
+    exporter_log = tmp_path / "exporter.log"
+    argv = [sys.executable, "-m", "federimed.cli", "exporter", "--ledger", str(ledger_path),
+            "--port", str(exporter_port)]  # fmt: skip
+    with exporter_log.open("w") as out:
+        exporter = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s}\n"
         "scrape_configs:\n"
         f"  - job_name: consortium\n    static_configs: [{{targets: ['{url[7:]}']}}]\n"
+        f"  - job_name: hospital-1\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{exporter_port}']}}]\n"
     )
     port = free_port()
     argv = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -735,6 +750,41 @@ def test_a_real_prometheus_scrapes_the_federations_metrics(web, finished_run, tm
         assert 0 < float(accuracy[0]["value"][1]) <= 1
         assert query(f'federimed_round_participants{{run="{run_id}"}}')[0]["value"][1] == "3"
         assert query('up{job="consortium"}')[0]["value"][1] == "1"
+        while not query('federimed_site_steps_total{site="hospital-1"}'):
+            assert time.monotonic() < deadline + 60, exporter_log.read_text()
+            time.sleep(1)
+        all_steps = sum(e.get("steps") or 0 for _, e in entries(ledger_path) if not e["error"])
+        got = query('federimed_site_steps_total{site="hospital-1"}')[0]["value"][1]
+        assert float(got) == all_steps >= ROUNDS * CHANGED_DEFAULT[2]
+        assert query('federimed_site_ledger_valid{site="hospital-1"}')[0]["value"][1] == "1"
+        sent = query('federimed_site_bytes_sent_total{site="hospital-1"}')[0]["value"][1]
+        assert float(sent) > 0
+        # the shipped dashboard: every query evaluates, and names only series that exist
+        exported = _series_names(_get(url + "/metrics") + _get(f"http://127.0.0.1:{exporter_port}"))
+        for expression in _dashboard_queries():
+            query(expression)  # asserts "success": it parses and evaluates
+            names = set(re.findall(r"federimed_[a-z0-9_]+", expression))
+            assert names <= exported, (expression, sorted(names - exported))
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        for started in (process, exporter):
+            started.terminate()
+            started.wait(timeout=30)
+
+
+def _series_names(exposition: str) -> set[str]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name for f in text_string_to_metric_families(exposition) for s in f.samples}
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_the_monitoring_profiles_scrape_config_is_valid():
+    checked = subprocess.run(
+        ["promtool", "check", "config", str(REPO / "monitoring" / "prometheus.yml")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr

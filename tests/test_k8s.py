@@ -83,14 +83,17 @@ COMMANDS = {
 FIXED_ENV = {**HARDENED_ENV, "HF_HUB_OFFLINE": "1"}
 # docker/Dockerfile targets that run a component (images are named after their target), and
 # the settings of that component.
-SERVE = ":serve"  # a component's stage, when its container runs `federimed serve`
+# A component's stage when its container runs another command of its image's CLI: "IMAGE:CMD".
+SIDE_COMMANDS = ("serve", "exporter")
 MODELS = {
     "superlink": (settings.SuperLinkSettings,),
     "gateway": (settings.GatewaySettings,),
     "supernode": (settings.SuperNodeSettings,),
     "superexec": (settings.SuperExecSettings, settings.RuntimeSettings, settings.ServeSettings),
-    # the same image running the web app (`federimed serve`), not an app runner
-    f"superexec{SERVE}": (settings.ServeSettings, settings.RuntimeSettings),
+    # the same images running the web app and a hospital's exporter (monitoring profile)
+    "superexec:serve": (settings.ServeSettings, settings.RuntimeSettings),
+    "supernode:exporter": (settings.ExporterSettings,),
+    "prometheus": (),  # compose's monitoring profile: Prometheus itself, no FEDERIMED_* setting
 }
 # FEDERIMED_* variables a component reads that are no field of its settings models, each with
 # its check: the hospital's site policy is read by the ClientApp runner and the app it starts
@@ -336,7 +339,7 @@ def dockerfile_env() -> dict[str, dict[str, str]]:
             else:
                 env.update(word.split("=", 1) for word in words)
     for stage in MODELS:  # a command's pseudo-stage has its image's environment
-        stages.setdefault(stage, stages.get(stage.removesuffix(SERVE), {}))
+        stages.setdefault(stage, stages.get(stage.split(":")[0], {}))
     return stages
 
 
@@ -385,15 +388,20 @@ def components(rendered):
         for doc in workloads(item["docs"]):
             (c,) = pod_spec(doc)["containers"]
             where = f"k8s {name}: {doc['metadata']['namespace']}/{doc['metadata']['name']}"
-            serves = SERVE if c.get("args") == ["serve"] else ""
-            yield where, image_stage(c["image"]) + serves, env_of(doc, item["docs"])
+            stage = image_stage(c["image"]) + _side_command(c.get("args"))
+            yield where, stage, env_of(doc, item["docs"])
     for variant, services in compose_variants().items():
         for name, service in services.items():
             if "entrypoint" not in service:
                 target = (service.get("build") or {}).get("target")
                 stage = target or image_stage(compose_value(service["image"]))
-                serves = SERVE if service.get("command") == ["serve"] else ""
-                yield f"{variant}: {name}", stage + serves, compose_env(service)
+                stage += _side_command(service.get("command"))
+                yield f"{variant}: {name}", stage, compose_env(service)
+
+
+def _side_command(argv) -> str:
+    """":serve" for a container that runs `federimed serve` (etc.), "" for its image's own."""
+    return f":{argv[0]}" if argv and len(argv) == 1 and argv[0] in SIDE_COMMANDS else ""
 
 
 def setting_field(stage: str, key: str):
@@ -567,14 +575,17 @@ def test_settings_are_valid_for_the_cli(rendered, monkeypatch):
     its container runs (federimed/settings.py), and with the image's ENV every value parses."""
     images = dockerfile_env()
     for where, stage, env in components(rendered):
-        extra = EXTRA_VARIABLES.get(stage.removesuffix(SERVE), {})
+        extra = EXTRA_VARIABLES.get(stage.split(":")[0], {})
         known = {
             (m.model_config["env_prefix"] + field).upper()
             for m in MODELS[stage]
             for field in m.model_fields
         } | set(extra)
         image = f"docker/Dockerfile {stage}"
-        for source, names in ((where, set(env)), (image, set(images[stage]))):
+        checks = [(where, set(env))]
+        if ":" not in stage:  # a side command's image is checked under the image's own stage
+            checks.append((image, set(images[stage])))
+        for source, names in checks:
             ours = {k for k in names if k.startswith("FEDERIMED_")}
             assert ours <= known, f"{source}: unknown settings {sorted(ours - known)}"
         for model in MODELS[stage]:
@@ -613,7 +624,7 @@ def test_deployments_set_only_what_differs(rendered):
 
 def test_fixed_environment_is_in_the_images_only():
     images = dockerfile_env()
-    for stage in MODELS:
+    for stage in (stage for stage, models in MODELS.items() if models):  # FederiMed's own
         wrong = {k: images[stage].get(k) for k, v in FIXED_ENV.items() if images[stage].get(k) != v}
         assert not wrong, f"docker/Dockerfile target {stage}: want {FIXED_ENV}, has {wrong}"
     files = [ROOT / "compose.yaml", *(ROOT / f for f in COMPOSE_OVERRIDES), *K8S.rglob("*.yaml")]

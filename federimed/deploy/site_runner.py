@@ -154,7 +154,17 @@ class SiteGuard:
             "arrays_sha256": ledger.arrays_digest(arrays) if arrays else None,
             "metrics": metrics,
             "bytes": sum(len(data) for _, data in arrays),
+            "steps": _local_steps(message, context),
         }
+
+
+def _local_steps(message: Message, context: Any) -> int | None:
+    """The training steps behind a training reply that leaves: the run's ``local-steps``
+    (the hospital's floors held the app to it), for the hospital's exporter."""
+    if message.has_error() or message.metadata.message_type != "train" or context is None:
+        return None
+    steps = context.run_config.get("local-steps")
+    return int(steps) if isinstance(steps, int) else None
 
 
 def _server_round(message: Message) -> int | None:
