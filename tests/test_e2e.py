@@ -679,6 +679,8 @@ def test_a_clinician_gets_diagnoses_from_the_federated_model_in_a_real_browser(w
             assert page.locator("svg.chart circle.point").count() == ROUNDS
             assert "completed" in page.inner_text("#run-state")
             page.screenshot(path=str(WEB_ARTIFACTS / "run.png"), full_page=True)
+            page.goto(f"{url}/docs")  # the API docs, with the browser offline from any CDN
+            assert "POST /api/predict" in page.inner_text("main")
         finally:
             browser.close()
     api = json.loads(_api_predict(url, case))

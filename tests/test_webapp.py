@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,15 @@ def test_metrics_export_the_consortium_and_the_web_apps_own_series(client):
     ok = (("method", "POST"), ("route", "/api/predict"), ("status", "200"))
     assert samples[("federimed_http_requests_total", ok)] >= 1
     assert samples[("federimed_http_request_seconds_count", (("route", "/api/predict"),))] >= 1
+
+
+def test_the_api_docs_are_served_locally(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/predict", "/api/ask", "/api/runs", "/api/runs/{run_id}", "/healthz"):
+        assert path in spec["paths"] and path in page.text
+    assert "The 5 most probable diagnoses" in page.text
+    links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert links and all(not link.startswith("http") or "//testserver/" in link for link in links)
+    assert "cdn" not in page.text.lower()

@@ -57,10 +57,13 @@ def _checked(text: str, field: str, limits: ServeLimits) -> str:
 
 
 def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> FastAPI:
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: ours is rendered here.
     app = FastAPI(
         title="FederiMed",
         description="Query the federated model; follow the federation's runs.",
         version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
     )
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
@@ -110,6 +113,7 @@ def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> Fast
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
+        """Up, and which kind of model it serves (null: none yet)."""
         model = models.current()
         return {"status": "ok", "model": model.kind if model else None}
 
@@ -131,6 +135,7 @@ def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> Fast
 
     @app.get("/api/model")
     def about_model() -> dict[str, Any]:
+        """The served model's kind and provenance (run, date, hospitals, rounds, test score)."""
         about = model_info()
         if about is None:
             raise HTTPException(404, NO_MODEL)
@@ -138,10 +143,12 @@ def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> Fast
 
     @app.get("/api/runs")
     def list_runs() -> list[dict[str, Any]]:
+        """Every run under the runs folder, newest first, with its state and latest score."""
         return [run.to_json(detail=False) for run in runs.runs()]
 
     @app.get("/api/runs/{run_id}")
     def one_run(run_id: str) -> dict[str, Any]:
+        """One run: its config, every round's record, its summary and the demo's comparison."""
         run = runs.get(run_id)
         if run is None:
             raise HTTPException(404, f"no run {run_id} under the runs folder")
@@ -150,6 +157,12 @@ def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> Fast
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_docs(request: Request) -> HTMLResponse:
+        """The OpenAPI description as a page, with no script and no CDN."""
+        context = {"spec": app.openapi(), "banner": BANNER}
+        return templates.TemplateResponse(request, "docs.html", context)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def clinician(request: Request) -> HTMLResponse:
