@@ -454,8 +454,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from federimed.webapp.app import ServeLimits, load_app
     from federimed.webapp.served import LATEST, ModelFolderError
 
-    flags = {"model": args.model, "runs": args.runs, "host": args.host, "port": args.port}
-    settings = ServeSettings(**{key: value for key, value in flags.items() if value is not None})
+    settings = _with_flags(ServeSettings, args, "model", "runs", "host", "port")
     if settings.model is None and settings.runs is None:
         raise UserError("serve: give --model DIR (the model to query), --runs DIR, or both")
     if settings.runs is not None and not settings.runs.is_dir():
@@ -480,12 +479,17 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     from federimed.deploy.site_exporter import serve
     from federimed.settings import ExporterSettings
 
-    flags = {"ledger": args.ledger, "host": args.host, "port": args.port}
-    settings = ExporterSettings(**{key: value for key, value in flags.items() if value is not None})
+    settings = _with_flags(ExporterSettings, args, "ledger", "host", "port")
     where = f"http://{settings.host}:{settings.port}/metrics"
     print(f"exporting {settings.ledger} on {where}", flush=True)
     serve(settings.ledger, settings.host, settings.port)
     return 0
+
+
+def _with_flags(model, args: argparse.Namespace, *names: str):
+    """A component's settings: its FEDERIMED_* variables, overridden by the flags given."""
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return model(**given)
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -740,8 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model under --runs, followed as new runs complete",
     )
     serve.add_argument("--runs", type=Path, help="folder of run records, e.g. runs/ (read-only)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    _listen_args(serve, 8080)
     serve.set_defaults(func=cmd_serve)
 
     exporter = sub.add_parser(
@@ -753,10 +756,14 @@ def build_parser() -> argparse.ArgumentParser:
         "scrape and nothing else. Every option is also a FEDERIMED_EXPORTER_* variable.",
     )
     exporter.add_argument("--ledger", type=Path, help="the hospital's egress-ledger.jsonl")
-    exporter.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    exporter.add_argument("--port", type=int, help="HTTP port (default 9401)")
+    _listen_args(exporter, 9401)
     exporter.set_defaults(func=cmd_exporter)
     return parser
+
+
+def _listen_args(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help=f"HTTP port (default {port})")
 
 
 class UserError(Exception):

@@ -812,6 +812,22 @@ def _follow_log(
         follow.wait()
 
 
+def _completed_run(stack: Stack, run_config: str, name: str) -> str:
+    """Submit a run and wait until it has completed (it must); its time goes into the
+    timings as ``<name>_s``, its log into ARTIFACTS. The run's id."""
+    started = time.monotonic()
+    submission = Submission.start(stack, run_config, ARTIFACTS / f"submit-{name}.log")
+    try:
+        run_id = submission.run_id()
+        submission.finish()
+    finally:
+        if submission.proc.poll() is None:
+            submission.proc.kill()
+    stack.timings[f"{name}_s"] = time.monotonic() - started
+    (ARTIFACTS / "timings.json").write_text(json.dumps(stack.timings, indent=2))
+    return run_id
+
+
 def _run_record(stack: Stack, run_id: str, dest: Path, name: str) -> tuple[list[dict], dict]:
     """rounds.jsonl and summary.json of a run, from the `runs` volume (also kept in ARTIFACTS)."""
     dest.mkdir()
@@ -882,18 +898,9 @@ def test_killed_hospital_is_dropped_and_the_run_completes_without_it(stack, tmp_
 def test_restarted_hospital_rejoins_the_next_run(stack, tmp_path):
     """`docker compose start` the killed SuperNode: once the SuperLink counts it online again,
     the next run's round includes it (its ClientApp runner reconnects by itself)."""
-    started = time.monotonic()
     stack.compose("start", f"supernode-{KILLED}")
     _wait_for_online(stack, len(HOSPITALS))
-    submission = Submission.start(stack, REJOIN_RUN, ARTIFACTS / "submit-rejoin.log")
-    try:
-        run_id = submission.run_id()
-        submission.finish()
-    finally:
-        if submission.proc.poll() is None:
-            submission.proc.kill()
-    stack.timings["rejoin_s"] = time.monotonic() - started
-    (ARTIFACTS / "timings.json").write_text(json.dumps(stack.timings, indent=2))
+    run_id = _completed_run(stack, REJOIN_RUN, "rejoin")
     rounds, summary = _run_record(stack, run_id, tmp_path / "run", "rejoin")
     detail = json.dumps(rounds, indent=1)
     assert [r["round"] for r in rounds] == [1], detail
@@ -914,16 +921,7 @@ def test_the_generative_track_runs_in_the_containers(stack, tmp_path):
     """The image carries SmolLM2-135M-Instruct converted at build time, init wrote every
     hospital's flashcards, and compose's `test-path="/data"` resolves to the test cards: a
     generative run completes with all three hospitals and only the adapter crossing."""
-    started = time.monotonic()
-    submission = Submission.start(stack, GENERATIVE_RUN, ARTIFACTS / "submit-generative.log")
-    try:
-        run_id = submission.run_id()
-        submission.finish()
-    finally:
-        if submission.proc.poll() is None:
-            submission.proc.kill()
-    stack.timings["generative_s"] = time.monotonic() - started
-    (ARTIFACTS / "timings.json").write_text(json.dumps(stack.timings, indent=2))
+    run_id = _completed_run(stack, GENERATIVE_RUN, "generative")
     converted = stack.engine.docker(
         "run", "--rm", "--entrypoint", "sh", f"federimed/superexec:{IMAGE_TAG}", "-c",
         "ls $FEDERIMED_MODEL_CACHE/models/smollm2-135m-instruct",

@@ -400,7 +400,7 @@ def components(rendered):
 
 
 def _side_command(argv) -> str:
-    """":serve" for a container that runs `federimed serve` (etc.), "" for its image's own."""
+    """ ":serve" for a container that runs `federimed serve` (etc.), "" for its image's own."""
     return f":{argv[0]}" if argv and len(argv) == 1 and argv[0] in SIDE_COMMANDS else ""
 
 

@@ -72,27 +72,17 @@ class LedgerCollector(Collector):
         for code, count in sorted(codes.items()):
             refused.add_metric([site, code], count)
         yield refused
-        yield _one(
-            CounterMetricFamily,
-            "federimed_site_bytes_sent",
-            "Array bytes that left",
-            site,
-            sum(int(e.get("bytes") or 0) for e in sent),
-        )
-        yield _one(
-            CounterMetricFamily,
-            "federimed_site_steps",
-            "Local training steps behind the updates that left",
-            site,
-            sum(int(e.get("steps") or 0) for e in trains),
-        )
-        yield _one(
-            CounterMetricFamily,
-            "federimed_site_examples_used",
-            "Examples behind the updates that left (num_examples, summed over updates)",
-            site,
-            sum(float(e.get("metrics", {}).get("num_examples", 0)) for e in trains),
-        )
+        totals = (
+            ("federimed_site_bytes_sent", "Array bytes that left",
+             sum(int(e.get("bytes") or 0) for e in sent)),
+            ("federimed_site_steps", "Local training steps behind the updates that left",
+             sum(int(e.get("steps") or 0) for e in trains)),
+            ("federimed_site_examples_used", "Examples behind the updates that left "
+             "(num_examples, summed over updates)",
+             sum(float(e.get("metrics", {}).get("num_examples", 0)) for e in trains)),
+        )  # fmt: skip
+        for name, doc, total in totals:
+            yield _one(CounterMetricFamily, name, doc, site, total)
         losses = [
             e["metrics"]["train_loss"] for e in trains if "train_loss" in e.get("metrics", {})
         ]
