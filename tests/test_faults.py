@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -66,6 +67,30 @@ def _wait_for_rounds(running: RunningFederation, run_id: int, count: int, timeou
     return read_rounds(run_out)
 
 
+def _kill_once_its_update_is_sent(
+    running: RunningFederation, hospital: str, run_id: int, timeout: float = 300
+) -> None:
+    """SIGKILL the hospital's SuperNode the moment it logs its round-1 update as sent.
+
+    Its update is then at the SuperLink (round 1 has all three), and round 2's task, which
+    it would pull through this same process, never reaches it: round 2 waits for it until
+    the SuperLink answers for the dead node.  Waiting for round 1's record instead raced
+    with round 2, which starts while the server scores round 1: the node was sometimes
+    killed halfway through sending its round-2 update (a different error, in CI)."""
+    record = _record(running, "supernode", hospital)
+    log = Path(record.log)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        run_part = text[text.find(f"[RUN {run_id}]") :] if f"[RUN {run_id}]" in text else ""
+        _, sending, after = run_part.partition("Sending: train message")
+        if sending and "Sent successfully" in after:
+            psutil.Process(record.pid).kill()
+            return
+        assert time.monotonic() < deadline, f"{hospital} sent no round-1 update:\n{text[-3000:]}"
+        time.sleep(0.05)
+
+
 def _finish(running: RunningFederation, run_id: int, timeout: float = 600):
     run_out = running.workdir / "flower" / str(run_id)
     status = running.wait_for_run(run_id, timeout, done=(run_out / "summary.json").exists)
@@ -90,8 +115,7 @@ def test_a_hospital_killed_mid_run_costs_a_round_not_the_run_and_rejoins(federat
     """
     running, data = federation
     run_id = _submit(running, "--run-config", _run_config(tiny_model, data, rounds=2))
-    _wait_for_rounds(running, run_id, 1)
-    psutil.Process(_record(running, "supernode", "hospital-2").pid).kill()
+    _kill_once_its_update_is_sent(running, "hospital-2", run_id)
     _wait_for_rounds(running, run_id, 2)  # that round went on without it
     # The hospital's host comes back: its SuperNode and its ClientApp runner, as `up` started them.
     running.restart("supernode", "hospital-2")

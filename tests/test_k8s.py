@@ -37,9 +37,9 @@ import yaml
 from pydantic import TypeAdapter
 
 from federimed import settings
-from federimed.decoder import CACHE_ENV
 from federimed.deploy.flower import HARDENED_ENV
 from federimed.policy import POLICY_ENV, approve, load_policy
+from federimed.smollm2 import CACHE_ENV
 
 pytestmark = pytest.mark.k8s
 
