@@ -212,6 +212,11 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
     assert "(this page follows the run" not in page
     assert "21" in client.get("/runs").text
     assert client.get("/api/model").json()["run_id"] == 21  # loaded once the run completed
+    broken = ServerRun(make_run(model=tiny_model, output_dir=str(tmp_path)), 22)  # newer
+    append_round(broken.out, a_round(1))
+    finish(broken, 1)
+    (broken.out / "final" / "model.safetensors").write_bytes(b"not weights")
+    assert client.get("/api/model").json()["run_id"] == 21  # the last good one goes on
     assert client.post("/api/predict", json={"text": CASE}).json()["model"]["run_id"] == 21
 
 

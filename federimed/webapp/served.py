@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from federimed.runrecord import Provenance, read_provenance
 from federimed.webapp.runs import RunIndex
 
 Kind = Literal["classify", "generative"]
+log = logging.getLogger("federimed.serve")
 
 
 class ModelFolderError(ValueError):
@@ -138,6 +140,7 @@ class ModelSource:
         self.runs = runs
         self.follow = folder is not None and str(folder) == LATEST
         self.served = ServedModel.load(folder) if folder and not self.follow else None
+        self.refused: dict[Path, str] = {}  # newest models that would not load, and why
         self._loading = threading.Lock()
 
     def current(self) -> ServedModel | None:
@@ -151,8 +154,20 @@ class ModelSource:
             ),
             None,
         )
-        if newest is not None and (self.served is None or self.served.folder != newest):
+        if newest is None or newest in self.refused:
+            return self.served
+        if self.served is None or self.served.folder != newest:
             with self._loading:
                 if self.served is None or self.served.folder != newest:
-                    self.served = ServedModel.load(newest)
+                    self._load(newest)
         return self.served
+
+    def _load(self, folder: Path) -> None:
+        """A model that does not load is refused once, with the reason in the log; the
+        previous one (if any) goes on answering."""
+        try:
+            self.served = ServedModel.load(folder)
+            log.info("serving %s", folder)
+        except Exception as error:  # corrupt weights raise library-specific errors
+            self.refused[folder] = str(error)
+            log.error("not serving %s: %s", folder, error)
