@@ -56,7 +56,9 @@ LOCAL_STEPS = int(os.environ.get("FEDERIMED_TEST_LOCAL_STEPS", "3"))
 BUILD_TIMEOUT = 25 * 60
 RUN_TIMEOUT = 15 * 60
 ARTIFACTS = Path(os.environ.get("FEDERIMED_TEST_ARTIFACTS", REPO / "runs" / "containers-test"))
-COMPOSE_FILES = ("-f", "compose.yaml", "-f", "compose.cpu.yaml")
+# With the monitoring profile: its services are built, listed, inspected and removed with the
+# rest (`up` starts only the services named).
+COMPOSE_FILES = ("-f", "compose.yaml", "-f", "compose.cpu.yaml", "--profile", "monitoring")
 LONG_RUNNING = (
     "superlink",
     "fleet-gateway",
@@ -108,6 +110,7 @@ class Stack:
     port: int
     gateway_port: int
     webapp_port: int
+    prometheus_port: int
     timings: dict[str, float] = field(default_factory=dict)
     logs: str = ""
     submit_exit: int | None = None
@@ -159,13 +162,10 @@ def stack(engine):
     base_tag = base.stdout.strip().splitlines()[-1]
     env = dict(engine.env)
     env.update(prepare_build.prepare())
-    port = _free_port()
-    gateway_port = _free_port()
-    while gateway_port == port:
-        gateway_port = _free_port()
-    webapp_port = _free_port()
-    while webapp_port in (port, gateway_port):
-        webapp_port = _free_port()
+    published: set[int] = set()  # SuperLink, gateway, web app, Prometheus: four distinct
+    while len(published) < 4:
+        published.add(_free_port())
+    port, gateway_port, webapp_port, prometheus_port = published
     env.update(
         {
             "FEDERIMED_BASE_IMAGE": base_tag,
@@ -175,9 +175,10 @@ def stack(engine):
             "FEDERIMED_SUPERLINK_PUBLISH": f"127.0.0.1:{port}",
             "FEDERIMED_GATEWAY_PUBLISH": f"127.0.0.1:{gateway_port}",
             "FEDERIMED_WEBAPP_PUBLISH": f"127.0.0.1:{webapp_port}",
+            "FEDERIMED_PROMETHEUS_PUBLISH": f"127.0.0.1:{prometheus_port}",
         }
     )
-    stack = Stack(engine, env, port, gateway_port, webapp_port)
+    stack = Stack(engine, env, port, gateway_port, webapp_port, prometheus_port)
     stack.compose("down", "-v", "--remove-orphans", check=False, timeout=180)
 
     started = time.monotonic()
@@ -946,19 +947,14 @@ MONITORING = ("prometheus", *(f"exporter-hospital-{k}" for k in (1, 2, 3)))
 def test_the_monitoring_profile_scrapes_the_web_app_and_every_hospital(stack):
     """`--profile monitoring`: Debian's Prometheus (its own image) scrapes the web app and each
     hospital's exporter (its egress ledger, read-only, on its own network)."""
-    port = _free_port()
-    env = dict(stack.env, FEDERIMED_PROMETHEUS_PUBLISH=f"127.0.0.1:{port}")
-    argv = ["docker", "compose", "-p", PROJECT, *COMPOSE_FILES, "--profile", "monitoring"]
-    up = _run(
-        [*argv, "up", "-d", "--build", *MONITORING], env=env, timeout=BUILD_TIMEOUT, check=False
-    )
+    up = stack.compose("up", "-d", "--no-build", *MONITORING, timeout=600, check=False)
     assert up.returncode == 0, up.stdout[-6000:]
     try:
         for k in (1, 2, 3):
             mounts = _mounts(stack, f"exporter-hospital-{k}")
             assert mounts == {"/ledger": (f"ledger-hospital-{k}", False)}, mounts
             assert stack.networks(f"exporter-hospital-{k}") == {f"hospital-{k}"}
-        api = f"http://127.0.0.1:{port}/api/v1/query?query="
+        api = f"http://127.0.0.1:{stack.prometheus_port}/api/v1/query?query="
 
         def query(expression: str) -> list[dict]:
             try:
@@ -980,4 +976,4 @@ def test_the_monitoring_profile_scrapes_the_web_app_and_every_hospital(stack):
         assert all(float(r["value"][1]) > 0 for r in sites)
         assert query("federimed_rounds_completed_total"), "the web app's series"
     finally:
-        _run([*argv, "rm", "-s", "-f", *MONITORING], env=env, timeout=300, check=False)
+        stack.compose("rm", "-s", "-f", *MONITORING, timeout=300, check=False)

@@ -392,16 +392,25 @@ def components(rendered):
             yield where, stage, env_of(doc, item["docs"])
     for variant, services in compose_variants().items():
         for name, service in services.items():
-            if "entrypoint" not in service:
+            side = _compose_side_command(service)
+            if "entrypoint" not in service or side:
                 target = (service.get("build") or {}).get("target")
                 stage = target or image_stage(compose_value(service["image"]))
-                stage += _side_command(service.get("command"))
-                yield f"{variant}: {name}", stage, compose_env(service)
+                yield f"{variant}: {name}", stage + side, compose_env(service)
 
 
 def _side_command(argv) -> str:
     """ ":serve" for a container that runs `federimed serve` (etc.), "" for its image's own."""
     return f":{argv[0]}" if argv and len(argv) == 1 and argv[0] in SIDE_COMMANDS else ""
+
+
+def _compose_side_command(service: dict) -> str:
+    """The side command of a compose service: its `command`, or its `entrypoint`
+    ["federimed", CMD] where the image's own entrypoint names another command."""
+    entrypoint = service.get("entrypoint") or []
+    if entrypoint[:1] == ["federimed"]:
+        return _side_command(entrypoint[1:])
+    return _side_command(service.get("command"))
 
 
 def setting_field(stage: str, key: str):
@@ -595,7 +604,7 @@ def test_settings_are_valid_for_the_cli(rendered, monkeypatch):
             assert value is None or check(value), f"{where}: {key}={value!r} is not valid"
     for variant, services in compose_variants().items():
         for name, service in services.items():
-            if "entrypoint" in service:
+            if "entrypoint" in service and not _compose_side_command(service):
                 ours = sorted(k for k in compose_env(service) if k.startswith("FEDERIMED_"))
                 assert not ours, f"{variant}: {name} is a one-shot; it reads no settings: {ours}"
 
