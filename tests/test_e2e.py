@@ -774,9 +774,16 @@ def test_a_real_prometheus_scrapes_the_federations_metrics(federation, web, fini
 
 
 def _series_names(exposition: str) -> set[str]:
+    """Every series name an exposition declares, with or without samples yet (a generative
+    run's scores exist only once there is one)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {s.name for f in text_string_to_metric_families(exposition) for s in f.samples}
+    names = set()
+    for family in text_string_to_metric_families(exposition):
+        names |= {family.name} | {sample.name for sample in family.samples}
+        if family.type == "counter":
+            names.add(family.name + "_total")
+    return names
 
 
 def _dashboard_queries() -> list[str]:
