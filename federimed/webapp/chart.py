@@ -8,7 +8,7 @@ from markupsafe import Markup, escape
 from federimed.webapp.runs import Run
 
 WIDTH, HEIGHT = 560, 240
-LEFT, RIGHT, TOP, BOTTOM = 48, 16, 16, 36
+LEFT, RIGHT, TOP, BOTTOM = 48, 32, 16, 36  # room for the last round's labels
 
 
 def round_chart(run: Run) -> Markup:
