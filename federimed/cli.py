@@ -863,14 +863,10 @@ def _debug(args: argparse.Namespace) -> None:
 
 
 def _settings_problems(error: ValidationError) -> str:
-    prefix = {
-        "SuperLinkSettings": "FEDERIMED_SUPERLINK_",
-        "SuperNodeSettings": "FEDERIMED_NODE_",
-        "SuperExecSettings": "FEDERIMED_SUPEREXEC_",
-        "GatewaySettings": "FEDERIMED_GATEWAY_",
-        "ServeSettings": "FEDERIMED_SERVE_",
-        "ExporterSettings": "FEDERIMED_EXPORTER_",
-    }.get(error.title, "FEDERIMED_")
+    from federimed import settings
+
+    refusing = getattr(settings, error.title, None)  # the settings class, by its name
+    prefix = getattr(refusing, "model_config", {}).get("env_prefix", "FEDERIMED_")
     return "\n".join(
         f"  {prefix}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
         for e in error.errors()

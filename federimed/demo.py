@@ -260,7 +260,7 @@ def build_report(
             "local_steps": run.local_steps,
             "batch_size": run.batch_size,
             "track": run.track,
-            "model": run.generator if run.track == "generative" else run.model,
+            "model": run.base_model,
             "strategy": run.strategy,
             "seed": run.seed,
             "test_cases": len(comparison.test),

@@ -108,6 +108,11 @@ class RunConfig(BaseModel):
         return path / Federation.test_file(self.track) if path.is_dir() else path
 
     @property
+    def base_model(self) -> str:
+        """The pretrained model the run's track fine-tunes: ``generator`` or ``model``."""
+        return self.generator if self.track == "generative" else self.model
+
+    @property
     def lora(self) -> LoraSettings:
         from federimed.model import LoraSettings
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,6 +19,9 @@ from pydantic import (
     ValidationError,
     model_serializer,
 )
+
+if TYPE_CHECKING:
+    from federimed.runconfig import RunConfig
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -159,9 +162,9 @@ class Provenance(_Record):
     final_test: Scores | None
 
 
-def write_provenance(folder: Path, summary: RunSummary, rounds: list[RoundRecord]) -> Path:
-    config = summary.run_config
-    track = str(config.get("track", "classify"))
+def write_provenance(
+    folder: Path, run: RunConfig, summary: RunSummary, rounds: list[RoundRecord]
+) -> Path:
     hospitals: dict[str, int] = {}
     for record in rounds:
         for name in record.participants:
@@ -170,8 +173,8 @@ def write_provenance(folder: Path, summary: RunSummary, rounds: list[RoundRecord
         run_id=summary.run_id,
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         status=summary.status,
-        track=track,
-        base_model=str(config["generator" if track == "generative" else "model"]),
+        track=run.track,
+        base_model=run.base_model,
         rounds_completed=summary.rounds_completed,
         hospitals=dict(sorted(hospitals.items())),
         final_test=summary.final_test,

@@ -691,5 +691,5 @@ class ServerRun:
             wall_seconds=time.monotonic() - started,
         )
         write_summary(self.out, summary)
-        write_provenance(final, summary, read_rounds(self.out))
+        write_provenance(final, self.run, summary, read_rounds(self.out))
         return summary

@@ -62,7 +62,7 @@ def finish(server, rounds: int) -> RunSummary:
         wall_seconds=30.0,
     )  # fmt: skip
     write_summary(server.out, summary)
-    write_provenance(final, summary, read_rounds(server.out))
+    write_provenance(final, server.run, summary, read_rounds(server.out))
     return summary
 
 

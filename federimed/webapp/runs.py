@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federimed.report import METHODS, Measures, measures
+from federimed.report import MEASURES, METHODS, Measures, measures
 from federimed.runrecord import RoundRecord, RunSummary, read_rounds, read_summary
 
 RUN_MARKER = "run_config.json"  # written by the ServerApp when a run starts
@@ -42,7 +42,7 @@ class Run:
     @property
     def measure(self) -> tuple[str, str]:
         """The headline test metric of this run's track: (key, name)."""
-        shown = measures({"setup": {"track": self.track}})
+        shown = MEASURES[self.track]
         return shown.headline, shown.headline_name
 
     def headline(self) -> list[tuple[int, float | None]]:

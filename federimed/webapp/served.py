@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from federimed.runrecord import Provenance, read_provenance
+from federimed.runrecord import SUMMARY_FILE, Provenance, read_provenance
 from federimed.webapp.runs import RunIndex
 
 Kind = Literal["classify", "generative"]
@@ -146,11 +146,12 @@ class ModelSource:
     def current(self) -> ServedModel | None:
         if not self.follow:
             return self.served
+        # On every request: the folders and two stat calls each, no run record read.
         newest = next(
             (
-                run.folder / "final"
-                for run in self.runs.runs()
-                if run.summary is not None and (run.folder / "final").is_dir()
+                folder / "final"
+                for folder in reversed(self.runs.folders().values())
+                if (folder / SUMMARY_FILE).is_file() and (folder / "final").is_dir()
             ),
             None,
         )
