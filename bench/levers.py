@@ -7,10 +7,11 @@ The federation's arithmetic without its processes (FedAvg over the demo's hospit
 training code, batches and seeds as the ClientApp), so that a lever's effect on accuracy and
 on compute is measured alone, on the same data, in minutes.  Per variant one JSON line:
 global test accuracy after each round, accuracy on each hospital's unseen conditions, the
-seconds spent computing the frozen layers once and training, and the update size.  Process
-starts, the network and scoring are the federation's business (bench/demo_time.sh).
-One seed moves the accuracy by several points at this size: compare variants over seeds
-(the run config's ``seed``: model initialisation and every hospital's batches).
+seconds spent computing the frozen layers once and training (with the averaging), and the
+update size.  Process starts, the network and scoring are the federation's business
+(bench/demo_time.sh).  One seed moves the accuracy by several points at this size: compare
+variants over seeds (the run config's ``seed``: model initialisation and every hospital's
+batches).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +29,10 @@ from federimed.config import resolve
 from federimed.data.records import Federation, load_examples, load_hospital
 from federimed.features import with_features
 from federimed.metrics import classification_metrics
-from federimed.model import (
-    build_classifier,
-    exchanged_state,
-    load_exchanged_state,
-    load_tokenizer,
-    quiet_libraries,
-)
-from federimed.task import _round_seed
-from federimed.training import encode, predict_proba, train
+from federimed.model import build_classifier, exchanged_state, load_tokenizer, quiet_libraries
+from federimed.task import round_seed
+from federimed.training import encode, predict_proba
+from federimed.tuning import fedavg_round
 
 # name -> run-config overrides (on top of pyproject.toml's defaults)
 VARIANTS = {
@@ -75,20 +70,16 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
     test = encode(load_examples(federation.test_path, labels), tokenizer, labels, run.max_length)
     test = with_features(model, test, device, run.model)
     frozen_seconds = time.perf_counter() - started
-    state, curve, training = exchanged_state(model), [], 0.0
+    curve, training = [], 0.0
     for server_round in range(1, run.num_server_rounds + 1):
-        total, summed = 0, OrderedDict()
-        for hospital, data in encoded.items():
-            load_exchanged_state(model, state)
-            settings = run.train_settings(seed=_round_seed(run, hospital, server_round))
-            t0 = time.perf_counter()
-            train(model, data, settings, device)
-            training += time.perf_counter() - t0
-            total += len(data)
-            for key, value in exchanged_state(model).items():
-                summed[key] = summed.get(key, 0) + value * len(data)
-        state = OrderedDict((key, value / total) for key, value in summed.items())
-        load_exchanged_state(model, state)
+        t0 = time.perf_counter()
+        fedavg_round(
+            model,
+            encoded,
+            lambda hospital, r=server_round: run.train_settings(seed=round_seed(run, hospital, r)),
+            device,
+        )
+        training += time.perf_counter() - t0
         predicted = predict_proba(model, test, device).argmax(axis=1)
         curve.append(float((predicted == test.labels.numpy()).mean()))
     truth = test.labels.numpy()
@@ -106,7 +97,7 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
         "frozen_layers_seconds": round(frozen_seconds, 1),
         "training_seconds": round(training, 1),
         "steps": run.num_server_rounds * run.local_steps * len(encoded),
-        "update_parameters": sum(v.numel() for v in state.values()),
+        "update_parameters": sum(v.numel() for v in exchanged_state(model).values()),
     }
 
 

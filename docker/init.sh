@@ -9,8 +9,8 @@
 #   /init/certs-hospital-K  ca.crt node.key node.key.pub  (that hospital's SuperNode only)
 #   /init/data-hospital-K   train.jsonl validation.jsonl flashcards.jsonl
 #                           flashcards-validation.jsonl labels.json  (that hospital only)
-#   /init/data-server       test.jsonl test-flashcards.jsonl labels.json manifest.json
-#                                                                    (ServerApp runner)
+#   /init/data-server       test.jsonl test-unseen-style.jsonl test-flashcards.jsonl
+#                           labels.json manifest.json                (ServerApp runner)
 #   /init/runtime-consortium  superexec.secret: the Runtime API secret of the SuperLink, shared
 #                             with the ServerApp runner only
 #   /init/runtime-hospital-K  superexec.secret: the secret of SuperNode K's Runtime API, shared
@@ -85,7 +85,7 @@ while [ "$k" -le "$N" ]; do
     fi
     k=$((k + 1))
 done
-for f in test.jsonl test-flashcards.jsonl labels.json manifest.json; do
+for f in test.jsonl test-unseen-style.jsonl test-flashcards.jsonl labels.json manifest.json; do
     if [ -f "/init/synth/$f" ]; then put 0644 "/init/synth/$f" "/init/data-server/$f"; fi
 done
 for d in /init/*; do chown -R "$UID_GID" "$d"; done

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from federimed.data.records import (
+    UNSEEN_STYLE_TEST,
     Example,
     Federation,
     load_examples,
@@ -30,16 +31,28 @@ from federimed.decoder import (
 )
 from federimed.features import keeps_frozen_layers, with_features
 from federimed.generative import answers_and_perplexity
-from federimed.metrics import classification_metrics
-from federimed.model import build_classifier, load_tokenizer
+from federimed.metrics import probability_metrics
+from federimed.model import build_classifier, load_exchanged_state, load_tokenizer
 from federimed.runconfig import RunConfig
+from federimed.task import round_seed
 from federimed.training import (
     Encoded,
+    TrainSettings,
     encode,
     pick_device,
     predict_proba,
     step_reporter,
     train,
+)
+from federimed.tuning import (
+    Advance,
+    Tuned,
+    TuningPlan,
+    Validate,
+    early_stopped,
+    fedavg_round,
+    pooled_validation,
+    validation_key,
 )
 
 Progress = Callable[[str], None]
@@ -51,14 +64,29 @@ def unseen_labels(train: list[Example], labels: list[str]) -> list[str]:
 
 
 def score(
-    model: torch.nn.Module, test: Encoded, labels: list[str], unseen: dict[str, list[str]]
+    model: torch.nn.Module,
+    test: Encoded,
+    labels: list[str],
+    unseen: dict[str, list[str]],
+    unseen_style: Encoded | None = None,
 ) -> dict[str, dict[str, float]]:
-    """One pass over the test set; per hospital: accuracy, macro-F1, accuracy on its unseen."""
-    predicted = predict_proba(model, test, pick_device()).argmax(axis=1)
+    """One pass over the test set; per hospital: accuracy, top-3, calibration, macro-F1,
+    accuracy on its unseen conditions; and on the notes in a style no hospital writes."""
+    device = pick_device()
+    proba = predict_proba(model, test, device)
     truth = test.labels.numpy()
     index = {label: i for i, label in enumerate(labels)}
+    style = {}
+    if unseen_style is not None:
+        other = probability_metrics(
+            unseen_style.labels.numpy(), predict_proba(model, unseen_style, device)
+        )
+        style = {
+            "unseen_style_accuracy": other["accuracy"],
+            "unseen_style_top3_accuracy": other["top3_accuracy"],
+        }
     return {
-        hospital: classification_metrics(truth, predicted, {index[c] for c in codes} or None)
+        hospital: probability_metrics(truth, proba, {index[c] for c in codes} or None) | style
         for hospital, codes in unseen.items()
     }
 
@@ -124,10 +152,10 @@ class Comparison(Baselines):
         self.labels = run.label_list
         self.progress = progress
         self.tokenizer = load_tokenizer(run.model)
-        self.train_sets = {
-            name: load_hospital(path, self.labels).train
-            for name, path in federation.hospitals.items()
+        splits = {
+            name: load_hospital(path, self.labels) for name, path in federation.hospitals.items()
         }
+        self.train_sets = {name: split.train for name, split in splits.items()}
         self.unseen = {
             name: unseen_labels(cases, self.labels) for name, cases in self.train_sets.items()
         }
@@ -137,7 +165,16 @@ class Comparison(Baselines):
         self.encoded = {
             name: self._encode(cases, caches.get(name)) for name, cases in self.train_sets.items()
         }
+        self.validation = {
+            name: self._encode(split.validation, caches.get(name))
+            for name, split in splits.items()
+            if split.validation
+        }
         self.test = self._encode(load_examples(federation.test_path, self.labels))
+        style_path = federation.test_path.parent / UNSEEN_STYLE_TEST
+        self.unseen_style = (
+            self._encode(load_examples(style_path, self.labels)) if style_path.is_file() else None
+        )
         self.steps_per_hospital = run.num_server_rounds * run.local_steps
 
     def _fresh_model(self) -> torch.nn.Module:
@@ -148,18 +185,107 @@ class Comparison(Baselines):
         return with_features(self._frozen, encoded, pick_device(), self.run.model, cache)
 
     def _score(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        return score(model, self.test, self.labels, self.unseen)
+        return score(model, self.test, self.labels, self.unseen, self.unseen_style)
 
     def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """The saved global model as users get it (adapter merged).  Its frozen layers are
         scored from the test set's features when its weights there are the base model's (as
         they are when only the top layers were adapted); otherwise every layer is computed."""
-        test = self.test
+        test, style = self.test, self.unseen_style
         if test.features is not None and not keeps_frozen_layers(
             model, self._frozen, test.frozen_layers
         ):
             test = dataclasses.replace(test, features=None, frozen_layers=0)
-        return score(model, test, self.labels, self.unseen)
+            style = style and dataclasses.replace(style, features=None, frozen_layers=0)
+        return score(model, test, self.labels, self.unseen, style)
+
+    # ---- tuned: each method's learning rate and length picked on its own validation data ----
+
+    def _tuned(self, name: str, advance: Advance, validate: Validate, plan: TuningPlan):
+        self.progress(
+            f"  {name}: learning rates {', '.join(map(str, plan.learning_rates))}, "
+            f"checked every {plan.check_every}, at most {plan.cap}"
+        )
+        state, found = early_stopped(self._fresh_model, advance, validate, plan)
+        model = self._fresh_model()
+        load_exchanged_state(model, state)
+        self.progress(
+            f"  {name}: learning rate {found.learning_rate}, best at {found.best_at} of "
+            f"{found.ran}{' (capped)' if found.capped else ''}, validation accuracy "
+            f"{found.validation_accuracy:.3f}"
+        )
+        return self._score(model), found
+
+    def _steps(self, data: Encoded, seed_of: Callable[[int], int]) -> Advance:
+        def advance(model: torch.nn.Module, rate: float, check: int) -> None:
+            settings = self.run.train_settings(seed=seed_of(check), learning_rate=rate)
+            train(model, data, settings, pick_device())
+
+        return advance
+
+    def _validates(self, data: Encoded) -> Validate:
+        return lambda model: validation_key(model, data, pick_device())
+
+    @property
+    def untunable(self) -> list[str]:
+        """Hospitals without validation data, on which nothing can be tuned."""
+        return [name for name in self.encoded if name not in self.validation]
+
+    def tuned_local(self) -> tuple[dict[str, dict[str, float]], dict[str, Tuned]]:
+        """Each hospital alone, tuned on its own validation data; checked every ``local-steps``
+        steps (each stretch on the batches it would train in that round of the federation)."""
+        results, found = {}, {}
+        plan = TuningPlan.around(
+            self.run.learning_rate, self.run.local_steps, self.steps_per_hospital
+        )
+        for name, data in self.encoded.items():
+            seeds = lambda check, name=name: round_seed(self.run, name, check)  # noqa: E731
+            scores, found[name] = self._tuned(
+                f"local {name} (tuned)",
+                self._steps(data, seeds),
+                self._validates(self.validation[name]),
+                plan,
+            )
+            results[name] = scores[name]
+        return results, found
+
+    def tuned_centralized(self) -> tuple[dict[str, dict[str, float]], Tuned]:
+        """The pooled data, tuned on the pooled validation data; checked every round's worth of
+        the federation's steps (``local-steps`` x hospitals)."""
+        pooled = Encoded.concat(list(self.encoded.values()))
+        validation = Encoded.concat(list(self.validation.values()))
+        every = self.run.local_steps * len(self.encoded)
+        plan = TuningPlan.around(self.run.learning_rate, every, every * self.run.num_server_rounds)
+        seeds = lambda check: self.run.seed * 1_000_003 + check  # noqa: E731
+        return self._tuned(
+            "centralized (tuned)", self._steps(pooled, seeds), self._validates(validation), plan
+        )
+
+    def tuned_federated(self) -> tuple[dict[str, dict[str, float]], Tuned]:
+        """FedAvg in one process (the ClientApps' arithmetic, batches and seeds), tuned on the
+        hospitals' validation scores averaged as the federation sees them; checked every round.
+        At the run's own learning rate its first ``num-server-rounds`` rounds are the real run's."""
+        plan = TuningPlan.around(self.run.learning_rate, 1, self.run.num_server_rounds)
+
+        def validate(model: torch.nn.Module) -> tuple[float, float]:
+            return pooled_validation(model, self.validation, pick_device())
+
+        return self._tuned("federated (tuned, in one process)", self._fedavg_round, validate, plan)
+
+    def _fedavg_round(self, model: torch.nn.Module, rate: float, server_round: int) -> None:
+        def settings(name: str) -> TrainSettings:
+            seed = round_seed(self.run, name, server_round)
+            return self.run.train_settings(seed=seed, learning_rate=rate)
+
+        fedavg_round(model, self.encoded, settings, pick_device())
+
+    def federated_in_process(self) -> dict[str, dict[str, float]]:
+        """The federation's equal-budget model computed in one process (what benchmarks over
+        many seeds use instead of starting a federation per seed)."""
+        model = self._fresh_model()
+        for server_round in range(1, self.run.num_server_rounds + 1):
+            self._fedavg_round(model, self.run.learning_rate, server_round)
+        return self._score(model)
 
 
 class GenerativeComparison(Baselines):

@@ -48,6 +48,7 @@ class DemoOptions:
     certs: Path = Path("certs")
     cases_per_hospital: int = 300
     baselines: bool = True
+    tuned: bool = True  # the baselines again, each tuned on its own validation data
     timeout: float = 1800
     app_dir: Path | None = None
     netns: str = "auto"  # "auto": own network namespace per hospital where the machine allows
@@ -206,11 +207,16 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     quiet_libraries()
     comparison, model = _comparison(federation, run, result, model_dir, say)
     results = {"federated": comparison.federated(model)}
+    tuning = None
     if options.baselines:
         results["local"], seconds["local"] = comparison.local_only()
         results["centralized"], seconds["centralized"] = comparison.centralized()
+        if options.tuned:
+            tuning = tune_baselines(comparison, results, seconds, say)
     seconds["total"] = time.monotonic() - started
     report = build_report(run, result, comparison, results, seconds)
+    if tuning:
+        report["tuning"] = tuning
     paths = write_report(report, out)
     say(summary_table(report))
     say(f"report: {paths[-1]}  model: {model_dir}")
@@ -230,6 +236,37 @@ def _comparison(federation: Federation, run: RunConfig, result: FederatedResult,
 
     comparison = Comparison(federation, run, progress=say, feature_caches=result.feature_caches)
     return comparison, load_for_inference(model_dir)[0]
+
+
+def tune_baselines(comparison, results: dict, seconds: dict, say) -> dict[str, Any] | None:
+    """Each method again, its learning rate and length picked on its own validation data
+    (:mod:`federimed.tuning`): the scores go into ``results``, how they were found is returned
+    for the report.  Only the classify track; hospitals without validation data skip it."""
+    from federimed.compare import Comparison
+    from federimed.tuning import CAP_FACTOR, GRID_FACTORS, PATIENCE
+
+    if not isinstance(comparison, Comparison):
+        say("tuned baselines: the classify track's only; skipped")
+        return None
+    if comparison.untunable:
+        say(f"tuned baselines skipped: no validation data at {', '.join(comparison.untunable)}")
+        return None
+    say("tuning each method on its own validation data (learning rate, early stopping)")
+    started = time.monotonic()
+    results["federated_tuned"], federated = comparison.tuned_federated()
+    results["local_tuned"], local = comparison.tuned_local()
+    results["centralized_tuned"], centralized = comparison.tuned_centralized()
+    seconds["tuned"] = time.monotonic() - started
+    return {
+        "grid_factors": list(GRID_FACTORS),
+        "patience": PATIENCE,
+        "cap_factor": CAP_FACTOR,
+        "methods": {
+            "federated": federated.as_dict(),
+            "local": {name: found.as_dict() for name, found in local.items()},
+            "centralized": centralized.as_dict(),
+        },
+    }
 
 
 def build_report(

@@ -13,7 +13,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-METHODS = ("federated", "local", "centralized")
+# Equal budget (the federation's steps) first, then each method tuned on its own validation data.
+METHODS = (
+    "federated", "local", "centralized",
+    "federated_tuned", "local_tuned", "centralized_tuned",
+)  # fmt: skip
+TUNED = {"federated_tuned": "federated", "local_tuned": "local", "centralized_tuned": "centralized"}
+
+
+def method_name(method: str) -> str:
+    return f"{TUNED[method]} (tuned)" if method in TUNED else method
 
 
 @dataclass(frozen=True)
@@ -28,16 +37,30 @@ class Measures:
     validation: str  # what each hospital reports of the incoming model, per round
     validation_name: str
     fractions: bool  # the validation measure is a fraction (0-1)
+    # every score the report's per-method table shows: (key, column name)
+    columns: tuple[tuple[str, str], ...] = ()
+    unseen_style: str | None = None  # the headline on notes in a style no hospital writes
 
 
 MEASURES = {
     "classify": Measures(
         "accuracy", "test accuracy", "macro_f1", "macro-F1", "unseen_accuracy",
         "val_accuracy", "accuracy", fractions=True,
+        columns=(
+            ("accuracy", "top-1"), ("top3_accuracy", "top-3"), ("ece", "ECE"),
+            ("macro_f1", "macro-F1"), ("unseen_accuracy", "top-1 on unseen conditions"),
+            ("unseen_style_accuracy", "top-1 in the unseen style"),
+            ("unseen_style_top3_accuracy", "top-3 in the unseen style"),
+        ),
+        unseen_style="unseen_style_accuracy",
     ),
     "generative": Measures(
         "exact_match", "diagnosis exact match", "token_f1", "token-F1", "unseen_exact_match",
         "val_loss", "loss per answer token", fractions=False,
+        columns=(
+            ("exact_match", "diagnosis exact match"), ("token_f1", "token-F1"),
+            ("unseen_exact_match", "exact match on unseen conditions"),
+        ),
     ),
 }  # fmt: skip
 
@@ -99,6 +122,15 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
             marker="s",
             label="common test set",
         )
+        if shown.unseen_style:
+            styled = [r for r in keys if shown.unseen_style in server[str(r)]]
+            ax.plot(
+                styled,
+                [server[str(r)][shown.unseen_style] for r in styled],
+                "k:",
+                marker="^",
+                label="test notes in a style no hospital writes",
+            )
     ax.set(
         xlabel="rounds of aggregation",
         ylabel=shown.validation_name,
@@ -113,7 +145,7 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
     """Federated vs local vs centralized, per hospital: all conditions and unseen ones."""
     shown = measures(report)
     hospitals = list(report["hospitals"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     methods = methods_in(report)
     width = 0.8 / len(methods)
     for ax, key, title in (
@@ -123,11 +155,13 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
         for i, method in enumerate(methods):
             values = [report["hospitals"][h][method].get(key, float("nan")) for h in hospitals]
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(hospitals))]
-            ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, label=method)
+            ax.bar(
+                xs, [0 if math.isnan(v) else v for v in values], width, label=method_name(method)
+            )
         ax.set_xticks(range(len(hospitals)), hospitals)
         ax.set(title=title, ylim=(0, 1))
     axes[0].set_ylabel(shown.headline_name)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     return _save(fig, out / "comparison.png")
 
 
@@ -137,20 +171,80 @@ def round_overhead(record: dict[str, Any]) -> float | None:
     return record["seconds"] / max(compute) if compute and max(compute) > 0 else None
 
 
-def _round_rows(rounds: dict[str, dict[str, Any]], headline: str) -> list[str]:
+def _round_rows(rounds: dict[str, dict[str, Any]], shown: Measures) -> list[str]:
     """One line per round from the run record: a hospital that was away shows here."""
     rows = []
     for number in sorted(rounds, key=int):
         r = rounds[number]
         rejected = ", ".join(f"{h} ({why})" for h, why in r.get("rejected", {}).items())
-        test = (r.get("test") or {}).get(headline)
+        test = r.get("test") or {}
+        styled = f" | {_fmt(test.get(shown.unseen_style))}" if shown.unseen_style else ""
         overhead = round_overhead(r)
         rows.append(
             f"| {number} | {', '.join(r['participants']) or 'none'} "
-            f"| {', '.join(r['dropped']) or '-'} | {rejected or '-'} | {_fmt(test)} "
+            f"| {', '.join(r['dropped']) or '-'} | {rejected or '-'} "
+            f"| {_fmt(test.get(shown.headline))}{styled} "
             f"| {r['seconds']:.0f} | {'n/a' if overhead is None else f'{overhead:.2f}'} |"
         )
     return rows
+
+
+def _tuning_lines(report: dict[str, Any]) -> list[str]:
+    """How each tuned figure was found (learning rate, steps, whether the cap stopped it), and
+    whether the pooled model is the upper bound it is meant to be."""
+    tuning = report.get("tuning")
+    if not tuning:
+        return []
+    unit = {"federated": "rounds", "local": "steps", "centralized": "steps"}
+    lines = [
+        "## Tuned baselines",
+        "",
+        "Each method's learning rate picked on its own validation data from a small grid "
+        f"({', '.join(map(str, tuning['grid_factors']))} x the run's), trained until "
+        f"{tuning['patience']} validation checks bring no improvement, at most "
+        f"{tuning['cap_factor']} x the equal budget; the checkpoint with the best validation "
+        "accuracy is scored. Local-only: each hospital's own validation data; centralized: the "
+        "pooled validation data; federated: FedAvg computed in one process with the ClientApps' "
+        "code, batches and seeds, on the hospitals' validation scores averaged as the federation "
+        "sees them. Equal budget: "
+        f"{report['setup']['rounds']} rounds x {report['setup']['local_steps']} steps per "
+        "hospital; local-only gets its hospital's steps, centralized the federation's total.",
+        "",
+        "| method | who | learning rate | best at | ran | stopped by | validation accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, found in tuning["methods"].items():
+        entries = found.items() if method == "local" else [("all hospitals", found)]
+        for who, f in entries:
+            lines.append(
+                f"| {method} | {who} | {f['learning_rate']} | {f['best_at']} {unit[method]} "
+                f"| {f['ran']} | {'the cap' if f['capped'] else 'no improvement'} "
+                f"| {_fmt(f['validation_accuracy'])} |"
+            )
+    lines += ["", upper_bound_sentence(report), ""]
+    return lines
+
+
+def upper_bound_sentence(report: dict[str, Any]) -> str:
+    """Whether centralized, tuned, beats federated, tuned, on the common test set (the same
+    figure for every hospital), and by how much."""
+    first = next(iter(report["hospitals"].values()))
+    central = first.get("centralized_tuned", {}).get("accuracy")
+    federated = first.get("federated_tuned", {}).get("accuracy")
+    if central is None or federated is None:
+        return ""
+    gap = 100 * (central - federated)
+    if gap >= 0:
+        return (
+            f"Tuned, the pooled model is the upper bound: top-1 {_fmt(central)} against the "
+            f"federation's {_fmt(federated)} ({gap:.1f} points)."
+        )
+    return (
+        f"Tuned, the federation beats the pooled model by {-gap:.1f} points of top-1 "
+        f"({_fmt(federated)} against {_fmt(central)}). One seed moves these figures by several "
+        "points (docs/results.md has the spread over seeds); where the gap is larger than that, "
+        "averaging hospitals' updates acts as a regulariser on small, skewed data sets."
+    )
 
 
 def write_markdown(report: dict[str, Any], out: Path) -> Path:
@@ -167,19 +261,23 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "",
         "## What each hospital gains",
         "",
-        f"| hospital | train examples | unseen conditions | method | {shown.headline_name} "
-        f"| {shown.second_name} | {shown.headline_name} on unseen |",
-        "|---|---|---|---|---|---|---|",
+        "| hospital | train examples | unseen conditions | method | "
+        + " | ".join(name for _, name in shown.columns)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(shown.columns),
     ]
     for name, hospital in report["hospitals"].items():
         for method in methods_in(report):
             m = hospital[method]
             lines.append(
                 f"| {name} | {hospital['train_cases']} | {len(hospital['unseen_conditions'])} "
-                f"| {method} | {_fmt(m.get(shown.headline))} | {_fmt(m.get(shown.second))} "
-                f"| {_fmt(m.get(shown.unseen))} |"
+                f"| {method_name(method)} | "
+                + " | ".join(_fmt(m.get(key)) for key, _ in shown.columns)
+                + " |"
             )
     lines += [
+        "",
+        *_tuning_lines(report),
         "",
         "![comparison](comparison.png)",
         "",
@@ -190,10 +288,11 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "Overhead is the round's wall time over the slowest hospital's compute (scoring and "
         "training): what process starts, loading and the network add.",
         "",
-        f"| round | took part | dropped | update rejected | {shown.headline_name} | seconds "
-        "| overhead |",
-        "|---|---|---|---|---|---|---|",
-        *_round_rows(report.get("rounds", {}), shown.headline),
+        f"| round | took part | dropped | update rejected | {shown.headline_name} "
+        + ("| in the unseen style " if shown.unseen_style else "")
+        + "| seconds | overhead |",
+        "|---|---|---|---|---|---|---|" + ("---|" if shown.unseen_style else ""),
+        *_round_rows(report.get("rounds", {}), shown),
         "",
         "## Traffic and time",
         "",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from federimed.data.records import Federation, labels_from_config
+from federimed.data.records import UNSEEN_STYLE_TEST, Federation, labels_from_config
 
 if TYPE_CHECKING:  # torch stays out of the CLI, which the SuperLink/SuperNode images run
     from federimed.model import LoraSettings
@@ -108,6 +108,17 @@ class RunConfig(BaseModel):
         return path / Federation.test_file(self.track) if path.is_dir() else path
 
     @property
+    def unseen_style_test_set(self) -> Path | None:
+        """The classify track's second test set, when it sits beside the first: notes written
+        in a style no hospital writes in (``federimed data synth`` holds one style out), so a
+        model that learned the templates rather than the medicine shows it, round by round."""
+        test = self.test_set
+        if test is None or self.track == "generative":
+            return None
+        path = test.parent / UNSEEN_STYLE_TEST
+        return path if path.is_file() else None
+
+    @property
     def base_model(self) -> str:
         """The pretrained model the run's track fine-tunes: ``generator`` or ``model``."""
         return self.generator if self.track == "generative" else self.model
@@ -125,14 +136,18 @@ class RunConfig(BaseModel):
         )
 
     def train_settings(
-        self, steps: int | None = None, seed: int = 0, proximal_mu: float = 0.0
+        self,
+        steps: int | None = None,
+        seed: int = 0,
+        proximal_mu: float = 0.0,
+        learning_rate: float | None = None,
     ) -> TrainSettings:
         from federimed.training import TrainSettings
 
         return TrainSettings(
             steps=steps or self.local_steps,
             batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
+            learning_rate=learning_rate or self.learning_rate,
             proximal_mu=proximal_mu,
             seed=seed,
         )

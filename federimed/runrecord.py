@@ -39,7 +39,12 @@ class Scores(_Record):
 
     accuracy: float | None = None
     macro_f1: float | None = None
+    top3_accuracy: float | None = None
+    ece: float | None = None  # expected calibration error of the top prediction
     loss: float | None = None
+    # the same model on notes in a style no hospital writes in (leave-one-style-out)
+    unseen_style_accuracy: float | None = None
+    unseen_style_top3_accuracy: float | None = None
     exact_match: float | None = None
     token_f1: float | None = None
     perplexity: float | None = None
@@ -53,7 +58,10 @@ class Scores(_Record):
     def describe(self) -> str:
         """The scores in one phrase, for progress lines."""
         if self.accuracy is not None:
-            return f"test accuracy {100 * self.accuracy:.1f}% (macro-F1 {self.macro_f1:.3f})"
+            text = f"test accuracy {100 * self.accuracy:.1f}% (macro-F1 {self.macro_f1:.3f})"
+            if self.unseen_style_accuracy is not None:
+                text += f", {100 * self.unseen_style_accuracy:.1f}% in a style no hospital writes"
+            return text
         parts = (
             [f"exact match {100 * self.exact_match:.1f}%"] if self.exact_match is not None else []
         )

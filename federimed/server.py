@@ -61,7 +61,7 @@ from federimed.runrecord import (
     write_provenance,
     write_summary,
 )
-from federimed.training import encode, evaluate, pick_device
+from federimed.training import Encoded, encode, evaluate, pick_device
 
 log = logging.getLogger("flwr.federimed.server")
 
@@ -508,12 +508,17 @@ class GlobalModel:
         self.model = build_classifier(run.model, self.labels, run.lora, seed=run.seed)
         self.tokenizer = load_tokenizer(run.model)
         self.device = pick_device()
-        self.test = None
-        if run.test_set:
-            examples = load_examples(run.test_set, self.labels)
-            test = encode(examples, self.tokenizer, self.labels, run.max_length)
-            # Once per run: each round's scoring then runs only the adapted layers.
-            self.test = with_features(self.model, test, self.device, run.model)
+        self.test = self._encoded(run.test_set)
+        self.unseen_style = self._encoded(run.unseen_style_test_set)
+
+    def _encoded(self, path: Path | None) -> Encoded | None:
+        """A test set with the frozen layers' output computed once per run: each round's
+        scoring then runs only the adapted layers."""
+        if path is None:
+            return None
+        examples = load_examples(path, self.labels)
+        test = encode(examples, self.tokenizer, self.labels, self.run.max_length)
+        return with_features(self.model, test, self.device, self.run.model)
 
     def load(self, server_round: int, arrays: ArrayRecord) -> None:
         """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
@@ -526,11 +531,17 @@ class GlobalModel:
         if self.test is None:
             return None
         metrics = evaluate(self.model, self.test, self.device)
+        if self.unseen_style is not None:
+            other = evaluate(self.model, self.unseen_style, self.device)
+            metrics["unseen_style_accuracy"] = other["accuracy"]
+            metrics["unseen_style_top3_accuracy"] = other["top3_accuracy"]
         log.info(
-            "round %d: test accuracy %.3f, macro-F1 %.3f",
+            "round %d: test accuracy %.3f (top-3 %.3f), macro-F1 %.3f, unseen style %s",
             server_round,
             metrics["accuracy"],
+            metrics["top3_accuracy"],
             metrics["macro_f1"],
+            metrics.get("unseen_style_accuracy", "n/a"),
         )
         return metrics
 

@@ -51,7 +51,7 @@ class NodeIdentity:
         return cls(str(node_config["hospital"]), Path(str(node_config["data-path"])))
 
 
-def _round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
+def round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
     """Different batches each round and hospital, identical on a re-run."""
     return run.seed * 1_000_003 + server_round * 1009 + sum(hospital.encode())
 
@@ -129,7 +129,7 @@ def local_training(
 ) -> dict[str, float]:
     """The round's local steps, logged (``seen``: how the incoming model did here)."""
     settings = run.train_settings(
-        seed=_round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
+        seed=round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
     )
     log.info(
         "%s round %d: global model %s; training %d steps on %d examples (%s)",

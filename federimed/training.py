@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from federimed.data.records import Example
 from federimed.features import Replay, replaying
-from federimed.metrics import classification_metrics
+from federimed.metrics import probability_metrics
 from federimed.settings import RuntimeSettings
 
 
@@ -269,11 +269,12 @@ def evaluate(
     device: torch.device,
     unseen: set[int] | None = None,
 ) -> dict[str, float]:
-    """Accuracy, macro-F1 and loss; accuracy on ``unseen`` label indices when given."""
+    """Accuracy, macro-F1, top-3 accuracy, calibration error and loss; accuracy on ``unseen``
+    label indices when given."""
     proba = predict_proba(model, data, device)
     truth = data.labels.numpy()
     loss = float(-np.mean(np.log(proba[np.arange(len(truth)), truth] + 1e-12)))
-    metrics = classification_metrics(truth, proba.argmax(axis=1), unseen=unseen)
+    metrics = probability_metrics(truth, proba, unseen=unseen)
     metrics["loss"] = loss if math.isfinite(loss) else float("nan")
     metrics["num_examples"] = len(truth)
     return metrics

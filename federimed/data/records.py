@@ -482,6 +482,8 @@ def load_flashcards(path: Path) -> list[Flashcard]:
 FLASHCARDS_TRAIN = "flashcards.jsonl"
 FLASHCARDS_VALIDATION = "flashcards-validation.jsonl"
 TEST_FLASHCARDS = "test-flashcards.jsonl"
+UNSEEN_STYLE_TEST = "test-unseen-style.jsonl"  # the common test set's notes in a style no
+# hospital writes (see docs/data.md)
 
 
 def load_hospital_cards(folder: Path) -> tuple[list[Flashcard], list[Flashcard]]:

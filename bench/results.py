@@ -1,0 +1,151 @@
+"""The headline numbers over several seeds: federated vs local-only vs centralized, at the
+equal budget and tuned, on the common test set and on notes in a style no hospital writes.
+
+    .venv/bin/python bench/results.py [--seeds 0 1 2] [--out runs/bench-results]
+        [--table docs/results.md]
+
+Per seed: the demo's synthetic consortium drawn with that seed (so the held-out style, the
+label skew and the unseen conditions change too), the demo's run configuration with that seed,
+and every method of `federimed demo`'s report computed in one process.  The federation's
+equal-budget model is FedAvg with the ClientApps' code, batches and seeds (what the real
+federation computes, without starting one per seed).  One JSON line per seed goes to
+``--out``/results.jsonl; the table of means and spreads is written to ``--table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from federimed.compare import Comparison
+from federimed.config import resolve
+from federimed.data.records import Federation
+from federimed.data.synth import SynthConfig, generate, write_dataset
+from federimed.model import quiet_libraries
+from federimed.report import METHODS, method_name
+
+SCORES = (
+    ("accuracy", "top-1"),
+    ("top3_accuracy", "top-3"),
+    ("ece", "ECE"),
+    ("unseen_accuracy", "top-1, unseen conditions"),
+    ("unseen_style_accuracy", "top-1, unseen style"),
+    ("unseen_style_top3_accuracy", "top-3, unseen style"),
+)
+
+
+def mean_over_hospitals(per_hospital: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each score averaged over hospitals (the common test set's scores are the same at every
+    hospital for a shared model; a hospital's unseen conditions and local model are its own)."""
+    keys = {key for scores in per_hospital.values() for key in scores}
+    return {
+        key: statistics.fmean(s[key] for s in per_hospital.values() if key in s) for key in keys
+    }
+
+
+def run_seed(seed: int, out: Path, say) -> dict:
+    data = out / f"seed-{seed}" / "data"
+    dataset = generate(SynthConfig(hospitals=3, seed=seed))
+    write_dataset(dataset, data)
+    run = resolve(flags={"seed": seed}, environ={}).run
+    started = time.monotonic()
+    comparison = Comparison(Federation.from_folder(data), run, progress=say)
+    results = {
+        "federated": comparison.federated_in_process(),
+        "local": comparison.local_only()[0],
+        "centralized": comparison.centralized()[0],
+    }
+    results["federated_tuned"], federated = comparison.tuned_federated()
+    results["local_tuned"], local = comparison.tuned_local()
+    results["centralized_tuned"], centralized = comparison.tuned_centralized()
+    return {
+        "seed": seed,
+        "held_out_style": dataset.held_out_style,
+        "scores": {method: mean_over_hospitals(results[method]) for method in METHODS},
+        "tuning": {
+            "federated": federated.as_dict(),
+            "local": {name: found.as_dict() for name, found in local.items()},
+            "centralized": centralized.as_dict(),
+        },
+        "seconds": round(time.monotonic() - started),
+    }
+
+
+def _cell(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {spread:.1f}"
+
+
+def table(lines: list[dict]) -> str:
+    seeds = ", ".join(str(line["seed"]) for line in lines)
+    styles = ", ".join(f"{line['seed']}: {line['held_out_style']}" for line in lines)
+    rows = [
+        "# Results over seeds",
+        "",
+        f"Written by `bench/results.py` (seeds {seeds}; held-out style per seed: {styles}). "
+        "Mean ± standard deviation over seeds, in percent; each seed draws its own consortium "
+        "(label skew, unseen conditions, held-out style) and its own model initialisation and "
+        "batches. Scores of a hospital's own model (local-only) and on a hospital's unseen "
+        "conditions are averaged over its hospitals first. ECE: expected calibration error "
+        "(lower is better).",
+        "",
+        "| method | " + " | ".join(name for _, name in SCORES) + " |",
+        "|---|" + "---|" * len(SCORES),
+    ]
+    for method in METHODS:
+        cells = [_cell([line["scores"][method][key] for line in lines]) for key, _ in SCORES]
+        rows.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
+    rows += [
+        "",
+        "Budgets the tuned models used (steps per hospital for local-only, total steps for "
+        "centralized, rounds for federated; the equal budget is 4 rounds x 15 steps):",
+        "",
+        "| seed | federated: rate, best round | centralized: rate, best step | local-only: "
+        "rate, best step per hospital |",
+        "|---|---|---|---|",
+    ]
+    for line in lines:
+        tuning = line["tuning"]
+        local = "; ".join(f"{f['learning_rate']}, {f['best_at']}" for f in tuning["local"].values())
+        rows.append(
+            f"| {line['seed']} | {tuning['federated']['learning_rate']}, "
+            f"{tuning['federated']['best_at']} | {tuning['centralized']['learning_rate']}, "
+            f"{tuning['centralized']['best_at']} | {local} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-results"))
+    parser.add_argument("--table", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:7.0f} s] {text}", flush=True)
+
+    lines = []
+    for seed in args.seeds:
+        line = run_seed(seed, args.out, say)
+        say(json.dumps(line["scores"]["federated"]))
+        with (args.out / "results.jsonl").open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        lines.append(line)
+    args.table.write_text(table(lines))
+    say(f"table: {args.table}")
+
+
+if __name__ == "__main__":
+    main()
