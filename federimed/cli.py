@@ -62,6 +62,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         alpha=args.alpha,
         cases_per_hospital=args.cases_per_hospital,
+        held_out_style=args.held_out_style,
     )
     dataset = generate(config)
     write_dataset(dataset, args.out)
@@ -72,6 +73,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
             f"({', '.join(hospital.unseen)})"
         )
     print(f"test: {len(dataset.test)} cases over {len(dataset.labels)} conditions -> {args.out}")
+    print(f"test-unseen-style: {len(dataset.unseen_style_test)} cases written in the held-out "
+          f"style {dataset.held_out_style!r}, which no hospital writes in")  # fmt: skip
     if args.track == "generative":
         from federimed.data.flashcards import from_cases, write_flashcards
 
@@ -401,6 +404,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         certs=args.certs,
         cases_per_hospital=args.cases_per_hospital,
         baselines=not args.no_baselines,
+        tuned=not args.no_tuned,
         app_dir=args.app,
         netns=args.netns,
         run_flags={
@@ -560,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dirichlet label skew: smaller = more different hospitals",
     )
     synth.add_argument("--cases-per-hospital", type=_positive_int, default=300)
+    from federimed.data.synth import STYLES
+
+    synth.add_argument(
+        "--held-out-style",
+        choices=STYLES,
+        help="the writing style no hospital uses, for test-unseen-style.jsonl "
+        "(default: chosen by the seed)",
+    )
     synth.add_argument(
         "--track",
         choices=TRACKS,
@@ -692,7 +704,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", type=Path, help="your own data folder (hospital-*/, test.jsonl)")
     demo.add_argument("--certs", type=Path, default=Path("certs"))
     demo.add_argument("--cases-per-hospital", type=_positive_int, default=300)
-    demo.add_argument("--no-baselines", action="store_true")
+    demo.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="federated only: no local-only or centralized models to compare against",
+    )
+    demo.add_argument(
+        "--no-tuned",
+        action="store_true",
+        help="only the equal-budget baselines, not each method again with its learning rate and "
+        "length picked on its own validation data (minutes of CPU)",
+    )
     _netns_arg(demo)
     # Run-config shortcuts: unset means the app's default (`federimed config show`).
     demo.add_argument("--rounds", type=_positive_int, help="run config num-server-rounds")

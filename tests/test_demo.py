@@ -8,6 +8,7 @@ import pytest
 from conftest import processes_using, small_demo_args
 
 from federimed.cli import main
+from federimed.report import METHODS
 from federimed.report import round_overhead as report_overhead
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -22,18 +23,29 @@ def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_mod
     assert report["flower_run_id"] > 0
     assert sorted(report["hospitals"]) == ["hospital-1", "hospital-2"]
     for hospital in report["hospitals"].values():
-        for method in ("federated", "local", "centralized"):
-            assert 0.0 <= hospital[method]["accuracy"] <= 1.0
-            assert "macro_f1" in hospital[method]
+        for method in METHODS:  # the equal-budget figures, and each method tuned
+            scores = hospital[method]
+            assert 0.0 <= scores["accuracy"] <= scores["top3_accuracy"] <= 1.0
+            assert 0.0 <= scores["ece"] <= 1.0
+            assert "macro_f1" in scores and "unseen_style_accuracy" in scores
         assert hospital["unseen_conditions"]
         assert "unseen_accuracy" in hospital["local"]
         assert sorted(hospital["bytes_per_round"]) == ["1", "2"]
     assert sorted(report["rounds"]) == ["1", "2"]
-    assert set(report["wall_seconds"]) >= {"federated", "local", "centralized", "total"}
+    # the leave-one-style-out figure, per round, from the server's second test set
+    assert all("unseen_style_accuracy" in r["test"] for r in report["rounds"].values())
+    tuning = report["tuning"]["methods"]
+    assert sorted(tuning["local"]) == ["hospital-1", "hospital-2"]
+    for found in (tuning["federated"], tuning["centralized"], *tuning["local"].values()):
+        assert str(found["learning_rate"]) in found["trials"]
+        assert 0 < found["best_at"] <= found["ran"]
+    assert tuning["federated"]["ran"] <= 2 * 2  # the cap: twice the equal budget's 2 rounds
+    assert set(report["wall_seconds"]) >= {"federated", "local", "centralized", "tuned", "total"}
     for name in ("report.md", "comparison.png", "accuracy_per_round.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "model" / "config.json").is_file()
     markdown = (out / "report.md").read_text()
+    assert "## Tuned baselines" in markdown and "| federated (tuned) |" in markdown
     assert "| 1 | hospital-1, hospital-2 | - | - |" in markdown  # who took part, per round
     first = report["rounds"]["1"]
     assert all(m["compute_seconds"] > 0 for m in first["train"].values())

@@ -230,6 +230,7 @@ def test_the_demo_report_adds_the_comparison(classifier_run, client):
                 "federated": {"accuracy": 0.75, "unseen_accuracy": 0.5},
                 "local": {"accuracy": 0.5, "unseen_accuracy": 0.0},
                 "centralized": {"accuracy": 0.8, "unseen_accuracy": 0.6},
+                "centralized_tuned": {"accuracy": 0.85, "unseen_accuracy": 0.7},
             }
         },
     }
@@ -238,7 +239,11 @@ def test_the_demo_report_adds_the_comparison(classifier_run, client):
         comparison = client.get("/api/runs/11").json()["comparison"]
         assert comparison["measure"] == "test accuracy"
         assert comparison["hospitals"]["hospital-1"]["local"] == {"score": 0.5, "unseen": 0.0}
-        assert "75.0%" in client.get("/runs/11").text
+        assert [name for _, name in comparison["methods"]] == [
+            "federated", "local", "centralized", "centralized (tuned)",
+        ]  # fmt: skip
+        page = client.get("/runs/11").text
+        assert "75.0%" in page and "Centralized (tuned)" in page and "85.0%" in page
     finally:
         (root / "report.json").unlink()
 

@@ -106,6 +106,25 @@ PANELS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
+class Atypical:
+    """How a condition presents atypically in one patient context.
+
+    ``context`` is one of elderly, diabetic, pregnant, immunosuppressed; ``complaints`` are what
+    such a patient comes with instead of the textbook complaint; findings containing one of the
+    ``hide`` words are not part of this picture (blunted, absent or not reported); ``afebrile``:
+    the fever is blunted, the temperature stays normal; ``normal_labs``: results this picture
+    leaves normal; ``history``: the background that makes the context, when only some fit.
+    """
+
+    context: str
+    complaints: tuple[str, ...]
+    hide: tuple[str, ...] = ()
+    afebrile: bool = False
+    normal_labs: tuple[str, ...] = ()
+    history: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Incidental:
     """Background history or a medication irrelevant to the diagnosis (noise for the model)."""
 
@@ -1628,3 +1647,273 @@ BY_CODE: dict[str, Condition] = {c.code: c for c in CONDITIONS}
 def label_names() -> dict[str, str]:
     """Code -> name in catalogue order, the label set every other module agrees on."""
     return {c.code: c.name for c in CONDITIONS}
+
+
+# Atypical presentations that are recognised in practice, per condition and patient context.  A
+# condition without an entry (pneumothorax, migraine, anaphylaxis, ectopic pregnancy) presents
+# typically in the generator, apart from the usual non-classic complaints.
+_GENERALLY_UNWELL = "feeling generally unwell"
+ATYPICAL_PRESENTATIONS: dict[str, tuple[Atypical, ...]] = {
+    "I21": (
+        Atypical(
+            "elderly",
+            ("shortness of breath", "collapse", "new confusion", _GENERALLY_UNWELL),
+            hide=("pain",),
+        ),
+        Atypical(
+            "diabetic",
+            ("shortness of breath", "nausea and fatigue", _GENERALLY_UNWELL),
+            hide=("pain",),
+        ),
+    ),
+    "I48": (
+        Atypical(
+            "elderly",
+            ("fall at home", "dizziness", "fatigue", "new confusion"),
+            hide=("palpitations", "fluttering", "irregular heartbeat"),
+        ),
+    ),
+    "I50": (
+        Atypical(
+            "elderly",
+            ("fatigue", "new confusion", "reduced mobility", "fall at home"),
+            hide=("orthopnoea", "paroxysmal", "pillows"),
+        ),
+    ),
+    "I26": (
+        Atypical(
+            "elderly",
+            ("collapse", "new confusion", "shortness of breath", _GENERALLY_UNWELL),
+            hide=("pleuritic", "inspiration"),
+        ),
+        Atypical(
+            "pregnant",
+            ("shortness of breath", "breathlessness on exertion", "palpitations"),
+            hide=("pleuritic", "inspiration", "haemoptysis"),
+        ),
+    ),
+    "I80": (
+        Atypical(
+            "pregnant",
+            ("leg tightness", "unilateral leg swelling", "calf pain on walking"),
+            hide=("redness", "warmth"),
+        ),
+    ),
+    "I63": (Atypical("elderly", ("fall at home", "new confusion", "found on the floor")),),
+    "J18": (
+        Atypical(
+            "elderly",
+            ("new confusion", "fall at home", "off legs", _GENERALLY_UNWELL),
+            hide=("fever", "rigors", "sweats"),
+            afebrile=True,
+        ),
+        Atypical(
+            "immunosuppressed",
+            (_GENERALLY_UNWELL, "fatigue", "shortness of breath"),
+            hide=("fever", "rigors"),
+            afebrile=True,
+        ),
+    ),
+    "J45": (Atypical("pregnant", ("shortness of breath", "chest tightness", "night-time cough")),),
+    "J44.1": (
+        Atypical("elderly", ("new confusion", "drowsiness", "fall at home", _GENERALLY_UNWELL)),
+    ),
+    "K35": (
+        Atypical(
+            "pregnant",
+            ("right-sided abdominal pain", "right flank pain", "vomiting"),
+            hide=("iliac fossa", "McBurney", "psoas", "CT"),
+        ),
+        Atypical(
+            "immunosuppressed",
+            ("abdominal pain", _GENERALLY_UNWELL, "lower abdominal pain"),
+            hide=("fever", "rebound", "guarding"),
+            afebrile=True,
+        ),
+    ),
+    "K81": (
+        Atypical(
+            "elderly",
+            (_GENERALLY_UNWELL, "new confusion", "vomiting", "epigastric pain"),
+            hide=("fever", "Murphy"),
+            afebrile=True,
+        ),
+        Atypical("diabetic", (_GENERALLY_UNWELL, "epigastric pain", "vomiting"), hide=("Murphy",)),
+    ),
+    "K85": (
+        Atypical(
+            "elderly",
+            ("vomiting", _GENERALLY_UNWELL, "new confusion", "collapse"),
+            hide=("back",),
+        ),
+    ),
+    "A09": (
+        Atypical(
+            "elderly",
+            ("fall at home", "new confusion", "off legs", _GENERALLY_UNWELL),
+            hide=("fever",),
+            afebrile=True,
+        ),
+        Atypical(
+            "immunosuppressed",
+            ("watery diarrhoea", _GENERALLY_UNWELL, "fatigue"),
+            hide=("fever",),
+            afebrile=True,
+        ),
+    ),
+    "N39.0": (
+        Atypical(
+            "elderly",
+            ("new confusion", "fall at home", "off legs", _GENERALLY_UNWELL),
+            hide=("dysuria", "burning", "frequency", "urgency", "fever"),
+            afebrile=True,
+        ),
+        Atypical(
+            "diabetic",
+            (_GENERALLY_UNWELL, "loin pain and fever", "fatigue"),
+            hide=("dysuria", "burning"),
+        ),
+        Atypical(
+            "pregnant",
+            ("loin pain and fever", "suprapubic pain", _GENERALLY_UNWELL),
+            hide=("dysuria", "burning"),
+        ),
+        Atypical(
+            "immunosuppressed",
+            (_GENERALLY_UNWELL, "fatigue", "new confusion"),
+            hide=("dysuria", "burning", "fever"),
+            afebrile=True,
+        ),
+    ),
+    "N20": (
+        Atypical(
+            "pregnant",
+            ("abdominal pain", "colicky flank pain", "severe loin pain"),
+            hide=("CT",),
+        ),
+    ),
+    "E10.1": (
+        Atypical(
+            "pregnant",
+            ("vomiting and abdominal pain", _GENERALLY_UNWELL, "drowsiness"),
+            hide=("polyuria", "polydipsia", "thirst"),
+        ),
+    ),
+    "L03": (
+        Atypical("elderly", ("new confusion", "off legs", _GENERALLY_UNWELL), hide=("rigors",)),
+        Atypical(
+            "diabetic",
+            ("hot swollen foot", "red swollen leg"),
+            hide=("pain", "rigors"),
+        ),
+        Atypical(
+            "immunosuppressed",
+            ("red swollen leg", _GENERALLY_UNWELL),
+            hide=("fever", "rigors"),
+            afebrile=True,
+        ),
+    ),
+    "M10": (
+        Atypical(
+            "elderly",
+            ("swollen ankle", "hot swollen knee", "acute joint pain", "off legs"),
+            hide=("big toe", "first MTP", "bedsheet"),
+        ),
+    ),
+    "I71.0": (
+        Atypical(
+            "elderly",
+            ("sudden collapse", "new confusion", "sudden left arm weakness"),
+            hide=("pain", "tearing"),
+        ),
+    ),
+    "I60": (
+        Atypical(
+            "elderly",
+            ("new confusion", "collapse", "drowsiness", "fall at home"),
+            hide=("thunderclap", "worst", "maximal"),
+        ),
+    ),
+    "G00": (
+        Atypical(
+            "elderly",
+            ("new confusion", "drowsiness", _GENERALLY_UNWELL),
+            hide=("neck stiffness", "Kernig", "Brudzinski", "fever", "rigors"),
+            afebrile=True,
+        ),
+        Atypical(
+            "immunosuppressed",
+            ("new confusion", "headache and fever", "drowsiness"),
+            hide=("neck stiffness", "Kernig", "Brudzinski"),
+        ),
+    ),
+    "A41": (
+        Atypical(
+            "elderly",
+            ("fall at home", "new confusion", "off legs", _GENERALLY_UNWELL),
+            hide=("rigors", "fever"),
+            afebrile=True,
+        ),
+        Atypical(
+            "immunosuppressed",
+            (_GENERALLY_UNWELL, "fatigue", "new confusion"),
+            hide=("rigors", "fever"),
+            afebrile=True,
+        ),
+        Atypical("diabetic", (_GENERALLY_UNWELL, "new confusion", "collapse"), hide=("rigors",)),
+    ),
+    "E27.2": (
+        Atypical(
+            "elderly",
+            ("new confusion", "fall at home", _GENERALLY_UNWELL, "fatigue"),
+            hide=("salt",),
+        ),
+        # Adrenal suppression by long-term steroids: no pigmentation, potassium stays normal.
+        Atypical(
+            "immunosuppressed",
+            ("vomiting and collapse", "severe weakness", "fatigue"),
+            hide=("pigment", "Addison", "salt", "stopped", "hypopituitarism", "peaked"),
+            normal_labs=("potassium",),
+            history=(
+                "rheumatoid arthritis on long-term prednisolone",
+                "COPD on long-term prednisolone",
+            ),
+        ),
+    ),
+    "G61.0": (Atypical("elderly", ("off legs", "difficulty walking", "fall at home")),),
+    "M31.6": (
+        Atypical(
+            "elderly",
+            (_GENERALLY_UNWELL, "fatigue", "weight loss"),
+            hide=("headache", "jaw", "visual", "vision", "scalp", "optic"),
+        ),
+    ),
+    "E05.5": (
+        Atypical(
+            "pregnant",
+            ("vomiting", "palpitations", "agitation and sweating"),
+            hide=("amiodarone", "contrast", "thyroidectomy"),
+        ),
+    ),
+    "G70.0": (
+        Atypical(
+            "elderly",
+            ("difficulty swallowing", "weak voice", _GENERALLY_UNWELL),
+            hide=("double vision", "drooping", "ptosis"),
+        ),
+    ),
+    "M72.6": (
+        Atypical(
+            "diabetic",
+            ("rapidly spreading redness", "leg pain and fever", _GENERALLY_UNWELL),
+            hide=("proportion", "severe"),
+        ),
+        Atypical(
+            "immunosuppressed",
+            (_GENERALLY_UNWELL, "rapidly spreading redness"),
+            hide=("fever", "rigors"),
+            afebrile=True,
+        ),
+        Atypical("elderly", ("new confusion", _GENERALLY_UNWELL, "off legs")),
+    ),
+}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federimed.report import MEASURES, METHODS, Measures, measures
+from federimed.report import MEASURES, METHODS, Measures, measures, method_name
 from federimed.runrecord import RoundRecord, RunSummary, read_rounds, read_summary
 
 RUN_MARKER = "run_config.json"  # written by the ServerApp when a run starts
@@ -65,7 +65,12 @@ class Run:
                 for method in METHODS
                 if method in entry
             }
-        return {"measure": shown.headline_name, "hospitals": rows}
+        present = [m for m in METHODS if any(m in methods for methods in rows.values())]
+        return {
+            "measure": shown.headline_name,
+            "methods": [(method, method_name(method)) for method in present],
+            "hospitals": rows,
+        }
 
     def to_json(self, detail: bool = True) -> dict[str, Any]:
         key, name = self.measure
