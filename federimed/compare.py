@@ -264,7 +264,9 @@ class Comparison(Baselines):
     def tuned_federated(self) -> tuple[dict[str, dict[str, float]], Tuned]:
         """FedAvg in one process (the ClientApps' arithmetic, batches and seeds), tuned on the
         hospitals' validation scores averaged as the federation sees them; checked every round.
-        At the run's own learning rate its first ``num-server-rounds`` rounds are the real run's."""
+        At the run's own learning rate its first ``num-server-rounds`` rounds compute what the
+        real run computes, up to floating-point summation order (seed 0: 61.9% against the real
+        run's 62.2% top-1, one test case apart)."""
         plan = TuningPlan.around(self.run.learning_rate, 1, self.run.num_server_rounds)
 
         def validate(model: torch.nn.Module) -> tuple[float, float]:

@@ -325,16 +325,16 @@ def build_report(
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    from federimed.report import measures, methods_in
+    from federimed.report import measures, method_name, methods_in
 
     shown = measures(report)
     first, second = shown.headline.replace("_", " "), shown.second_name
-    rows = ["", f"{'hospital':<12} {'method':<12} {first:>11} {second:>9} {'unseen':>8}"]
+    rows = ["", f"{'hospital':<12} {'method':<20} {first:>11} {second:>9} {'unseen':>8}"]
     for name, hospital in report["hospitals"].items():
         for method in methods_in(report):
-            m = hospital[method]
+            m, label = hospital[method], method_name(method)
             rows.append(
-                f"{name:<12} {method:<12} {m.get(shown.headline, float('nan')):>11.3f} "
+                f"{name:<12} {label:<20} {m.get(shown.headline, float('nan')):>11.3f} "
                 f"{m.get(shown.second, float('nan')):>9.3f} "
                 f"{m.get(shown.unseen, float('nan')):>8.3f}"
             )
