@@ -1520,86 +1520,52 @@ def _temperature(temp: float, pen: _Pen, suffix: str) -> str:
     return f"{temp:.1f}{suffix}"
 
 
+# format -> (separator, temperature suffix, (observation, template) in the order written);
+# "{air}" is " RA" / " on air" / "" as the writer has it, "{ra}" "RA" or "".
+_VITALS_LAYOUTS: dict[str, tuple[str, str, tuple[tuple[str, str], ...]]] = {
+    "abbr": (" ", "C", (("hr", "HR {}"), ("bp", "BP {}"), ("rr", "RR {}"),
+                        ("spo2", "SpO2 {}%{air}"), ("temp", "T {}"))),
+    "compact": (" ", "", (("hr", "P{}"), ("bp", "BP{}"), ("rr", "RR{}"), ("spo2", "sats{}%{ra}"),
+                          ("temp", "T{}"))),
+    "words": (", ", "C", (("hr", "heart rate {}"), ("bp", "blood pressure {}"),
+                          ("rr", "respiratory rate {}"), ("spo2", "oxygen saturation {}% on air"),
+                          ("temp", "temperature {}"))),
+    "mixed": (", ", "", (("hr", "pulse {}"), ("bp", "BP {}"), ("rr", "RR {}"),
+                         ("spo2", "sats {}%{air}"), ("temp", "temp {}"))),
+    "equals": (" ", "", (("hr", "HR={}"), ("bp", "BP={}"), ("rr", "RR={}"), ("spo2", "SpO2={}%"),
+                         ("temp", "T={}"))),
+    "units": (", ", "°C", (("hr", "HR {} bpm"), ("bp", "BP {} mmHg"), ("rr", "RR {}/min"),
+                           ("spo2", "SpO2 {}% on room air"), ("temp", "T {}"))),
+    "tpr": (" ", "", (("temp", "T {}"), ("hr", "P {}"), ("rr", "R {}"), ("bp", "BP {}"),
+                      ("spo2", "sats {}%"))),
+    "colon": (" | ", "", (("hr", "HR: {}"), ("bp", "BP: {}"), ("rr", "RR: {}"),
+                          ("spo2", "SpO2: {}%"), ("temp", "T: {}"))),
+    "prose": (", ", "C", (("hr", "pulse of {}"), ("bp", "blood pressure of {}"),
+                          ("rr", "respiratory rate of {}"), ("spo2", "saturations of {}% on air"),
+                          ("temp", "temperature of {}"))),
+}  # fmt: skip
+
+
 def _format_vitals(v: dict[str, float], pen: _Pen, form: str) -> tuple[str, str]:
     """The observations in one of VITALS_FORMATS, and the format actually used."""
-    has = set(v)
-    if form == "slash" and not {"hr", "rr", "spo2", "temp"} <= has:
+    if form == "slash" and not {"hr", "rr", "spo2", "temp"} <= set(v):
         form = "compact"
-    bp = f"{v['sbp']}/{v['dbp']}"
-    hr, rr, spo2 = v.get("hr"), v.get("rr"), v.get("spo2")
-    temp = v.get("temp")
     air = pen.rng.choice(("RA", "on air", "")) if form != "words" else "on air"
-    parts: list[str] = []
-
-    def add(ok: object, text: str) -> None:
-        if ok is not None:
-            parts.append(text)
-
     if form == "slash":
-        return f"obs {hr}/{bp}/{rr}/{spo2}%RA/{_temperature(temp or 0, pen, '')}", form
-    if form == "abbr":
-        add(hr, f"HR {hr}")
-        parts.append(f"BP {bp}")
-        add(rr, f"RR {rr}")
-        add(spo2, f"SpO2 {spo2}%{' ' + air if air else ''}")
-        add(temp, f"T {_temperature(temp or 0, pen, 'C')}")
-        sep = " " if pen.style.join != "prose" else ", "
-    elif form == "compact":
-        add(hr, f"P{hr}")
-        parts.append(f"BP{bp}")
-        add(rr, f"RR{rr}")
-        add(spo2, f"sats{spo2}%{'RA' if air == 'RA' else ''}")
-        add(temp, f"T{_temperature(temp or 0, pen, '')}")
-        sep = " "
-    elif form == "words":
-        add(hr, f"heart rate {hr}")
-        parts.append(f"blood pressure {bp}")
-        add(rr, f"respiratory rate {rr}")
-        add(spo2, f"oxygen saturation {spo2}% on air")
-        add(temp, f"temperature {_temperature(temp or 0, pen, 'C')}")
+        temp = _temperature(v.get("temp") or 0, pen, "")
+        return f"obs {v['hr']}/{v['sbp']}/{v['dbp']}/{v['rr']}/{v['spo2']}%RA/{temp}", form
+    sep, suffix, layout = _VITALS_LAYOUTS[form]
+    if form == "abbr" and pen.style.join == "prose":
         sep = ", "
-    elif form == "mixed":
-        add(hr, f"pulse {hr}")
-        parts.append(f"BP {bp}")
-        add(rr, f"RR {rr}")
-        add(spo2, f"sats {spo2}%{' ' + air if air else ''}")
-        add(temp, f"temp {_temperature(temp or 0, pen, '')}")
-        sep = ", "
-    elif form == "equals":
-        add(hr, f"HR={hr}")
-        parts.append(f"BP={bp}")
-        add(rr, f"RR={rr}")
-        add(spo2, f"SpO2={spo2}%")
-        add(temp, f"T={_temperature(temp or 0, pen, '')}")
-        sep = " "
-    elif form == "units":
-        add(hr, f"HR {hr} bpm")
-        parts.append(f"BP {bp} mmHg")
-        add(rr, f"RR {rr}/min")
-        add(spo2, f"SpO2 {spo2}% on room air")
-        add(temp, f"T {_temperature(temp or 0, pen, '°C')}")
-        sep = ", "
-    elif form == "tpr":
-        add(temp, f"T {_temperature(temp or 0, pen, '')}")
-        add(hr, f"P {hr}")
-        add(rr, f"R {rr}")
-        parts.append(f"BP {bp}")
-        add(spo2, f"sats {spo2}%")
-        sep = " "
-    elif form == "colon":
-        add(hr, f"HR: {hr}")
-        parts.append(f"BP: {bp}")
-        add(rr, f"RR: {rr}")
-        add(spo2, f"SpO2: {spo2}%")
-        add(temp, f"T: {_temperature(temp or 0, pen, '')}")
-        sep = " | "
-    else:  # prose
-        add(hr, f"pulse of {hr}")
-        parts.append(f"blood pressure of {bp}")
-        add(rr, f"respiratory rate of {rr}")
-        add(spo2, f"saturations of {spo2}% on air")
-        add(temp, f"temperature of {_temperature(temp or 0, pen, 'C')}")
-        sep = ", "
+    values = {key: v.get(key) for key in ("hr", "rr", "spo2")} | {"bp": f"{v['sbp']}/{v['dbp']}"}
+    if "temp" in v:
+        values["temp"] = _temperature(v["temp"], pen, suffix)
+    fills = {"air": f" {air}" if air else "", "ra": "RA" if air == "RA" else ""}
+    parts = [
+        template.format(values[key], **fills)
+        for key, template in layout
+        if values.get(key) is not None
+    ]
     return sep.join(parts), form
 
 
