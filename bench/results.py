@@ -9,7 +9,8 @@ label skew and the unseen conditions change too), the demo's run configuration w
 and every method of `federimed demo`'s report computed in one process.  The federation's
 equal-budget model is FedAvg with the ClientApps' code, batches and seeds (what the real
 federation computes, without starting one per seed).  One JSON line per seed goes to
-``--out``/results.jsonl; the table of means and spreads is written to ``--table``.
+``--out``/results.jsonl; the table of means and spreads is written to ``--table``
+(``--table-only``: from the lines already recorded).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def _cell(values: list[float]) -> str:
 
 
 def table(lines: list[dict]) -> str:
+    run = resolve(environ={}).run  # the seeds' runs differ from it only in their seed
+    budget = f"{run.num_server_rounds} rounds x {run.local_steps} steps per hospital"
     seeds = ", ".join(str(line["seed"]) for line in lines)
     styles = ", ".join(f"{line['seed']}: {line['held_out_style']}" for line in lines)
     rows = [
@@ -104,7 +107,7 @@ def table(lines: list[dict]) -> str:
     rows += [
         "",
         "Budgets the tuned models used (steps per hospital for local-only, total steps for "
-        "centralized, rounds for federated; the equal budget is 4 rounds x 15 steps):",
+        f"centralized, rounds for federated; the equal budget is {budget}):",
         "",
         "| seed | federated: rate, best round | centralized: rate, best step | local-only: "
         "rate, best step per hospital |",
@@ -127,7 +130,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-results"))
     parser.add_argument("--table", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="only write the table again from the lines already in --out/results.jsonl",
+    )
     args = parser.parse_args()
+    if args.table_only:
+        recorded = (args.out / "results.jsonl").read_text().splitlines()
+        args.table.write_text(table([json.loads(line) for line in recorded]))
+        return
     quiet_libraries()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
