@@ -44,6 +44,7 @@ def a_round(number: int, dropped: bool = False) -> RoundRecord:
                for i, h in enumerate(took_part)},
         evaluate={},
         test=Scores(accuracy=0.2 * number, macro_f1=0.1 * number, loss=2.0 / number,
+                    top3_accuracy=0.3 * number, unseen_style_accuracy=0.15 * number,
                     num_examples=64),
         traffic={h: Traffic(bytes_down=1000, bytes_up=900 if h in took_part else 0)
                  for h in HOSPITALS},
@@ -265,6 +266,8 @@ def test_metrics_export_the_consortium_and_the_web_apps_own_series(client):
     assert samples[("federimed_round_duration_seconds", run)] == 12.0
     assert samples[("federimed_test_accuracy", run)] == pytest.approx(0.4)
     assert samples[("federimed_test_loss", run)] == pytest.approx(1.0)
+    assert samples[("federimed_test_top3_accuracy", run)] == pytest.approx(0.6)
+    assert samples[("federimed_test_unseen_style_accuracy", run)] == pytest.approx(0.3)
     assert samples[("federimed_updates_rejected_total", run)] == 0
     for hospital, received in (("hospital-1", 1800), ("hospital-3", 900)):
         key = ("federimed_bytes_received_total", (("hospital", hospital), ("run", "11")))

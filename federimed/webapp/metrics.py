@@ -18,7 +18,11 @@ from prometheus_client.registry import Collector
 from federimed.webapp.runs import Run, RunIndex
 
 # The test scores a round can carry, both tracks (runrecord.Scores).
-SCORES = ("accuracy", "macro_f1", "loss", "exact_match", "token_f1", "perplexity")
+SCORES = (
+    "accuracy", "top3_accuracy", "ece", "macro_f1", "loss",
+    "unseen_style_accuracy", "unseen_style_top3_accuracy",
+    "exact_match", "token_f1", "perplexity",
+)  # fmt: skip
 
 
 class ConsortiumCollector(Collector):
