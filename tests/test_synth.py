@@ -836,3 +836,14 @@ def test_smallest_valid_hospitals_still_get_two_cases_per_seen_condition() -> No
     config = SynthConfig(cases_per_hospital=87, validation_fraction=0.0)
     for h in generate(config).hospitals:
         assert min(_train_counts(h).values()) >= 2
+
+
+def test_a_misspelt_format_or_section_in_a_style_table_fails_at_once() -> None:
+    from dataclasses import replace
+
+    from federimed.data.synth import _STYLES
+
+    with pytest.raises(ValueError, match=r"unknown vitals format.*'abbrev'"):
+        replace(_STYLES["ed"], vitals=("abbr", "abbrev"))
+    with pytest.raises(ValueError, match=r"unknown section.*'histroy'"):
+        replace(_STYLES["ed"], layouts=(("opening", "histroy"),))

@@ -217,7 +217,9 @@ LAB_FORMATS = (
     "arrow",  # Hb: 102 ↓
     "prose",  # Hb of 102 g/L
 )
-NEGATION_FORMS = ("no", "denies", "nil", "not", "without", "-ve", "neg", "negative for")
+NEGATION_FORMS = (
+    "no", "denies", "denied", "nil", "not", "without", "-ve", "neg", "negative for",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,19 @@ class _Style:
     plan: float  # chance of an impression or differential
     layouts: tuple[tuple[str, ...], ...]
     templates: dict[str, tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        """A misspelt format or section in the tables below fails at import, not as a note
+        silently written without it."""
+        named = {name for layout in self.layouts for name in layout if not name.startswith("@")}
+        for kind, used, known in (
+            ("vitals format", self.vitals, VITALS_FORMATS),
+            ("lab format", self.labs, LAB_FORMATS),
+            ("negation form", self.negations, NEGATION_FORMS),
+            ("section", named | set(self.templates), SECTIONS),
+        ):
+            if unknown := sorted(set(used) - set(known)):
+                raise ValueError(f"unknown {kind}(s) {unknown}; known: {', '.join(known)}")
 
 
 _NO_CAPS: dict[str, int] = {}
