@@ -61,18 +61,13 @@ def run_seed(seed: int, out: Path, say) -> dict:
         "local": comparison.local_only()[0],
         "centralized": comparison.centralized()[0],
     }
-    results["federated_tuned"], federated = comparison.tuned_federated()
-    results["local_tuned"], local = comparison.tuned_local()
-    results["centralized_tuned"], centralized = comparison.tuned_centralized()
+    scores, found = comparison.tuned()
+    results |= scores
     return {
         "seed": seed,
         "held_out_style": dataset.held_out_style,
         "scores": {method: mean_over_hospitals(results[method]) for method in METHODS},
-        "tuning": {
-            "federated": federated.as_dict(),
-            "local": {name: found.as_dict() for name, found in local.items()},
-            "centralized": centralized.as_dict(),
-        },
+        "tuning": found,
         "seconds": round(time.monotonic() - started),
     }
 

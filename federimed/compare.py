@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
+from functools import cached_property, partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -165,10 +167,9 @@ class Comparison(Baselines):
         self.encoded = {
             name: self._encode(cases, caches.get(name)) for name, cases in self.train_sets.items()
         }
-        self.validation = {
-            name: self._encode(split.validation, caches.get(name))
-            for name, split in splits.items()
-            if split.validation
+        self._caches = caches
+        self._validation_cases = {
+            name: split.validation for name, split in splits.items() if split.validation
         }
         self.test = self._encode(load_examples(federation.test_path, self.labels))
         style_path = federation.test_path.parent / UNSEEN_STYLE_TEST
@@ -229,7 +230,33 @@ class Comparison(Baselines):
     @property
     def untunable(self) -> list[str]:
         """Hospitals without validation data, on which nothing can be tuned."""
-        return [name for name in self.encoded if name not in self.validation]
+        return [name for name in self.encoded if name not in self._validation_cases]
+
+    @cached_property
+    def validation(self) -> dict[str, Encoded]:
+        """Each hospital's validation data, encoded when tuning first needs it."""
+        return {
+            name: self._encode(cases, self._caches.get(name))
+            for name, cases in self._validation_cases.items()
+        }
+
+    def tuned(self) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
+        """Every method tuned: its scores per hospital under the report's method names
+        (``federated_tuned`` ...), and how each was found (the report's ``tuning.methods``)."""
+        federated_scores, federated = self.tuned_federated()
+        local_scores, local = self.tuned_local()
+        centralized_scores, centralized = self.tuned_centralized()
+        scores = {
+            "federated_tuned": federated_scores,
+            "local_tuned": local_scores,
+            "centralized_tuned": centralized_scores,
+        }
+        found = {
+            "federated": federated.as_dict(),
+            "local": {name: trial.as_dict() for name, trial in local.items()},
+            "centralized": centralized.as_dict(),
+        }
+        return scores, found
 
     def tuned_local(self) -> tuple[dict[str, dict[str, float]], dict[str, Tuned]]:
         """Each hospital alone, tuned on its own validation data; checked every ``local-steps``
@@ -239,10 +266,9 @@ class Comparison(Baselines):
             self.run.learning_rate, self.run.local_steps, self.steps_per_hospital
         )
         for name, data in self.encoded.items():
-            seeds = lambda check, name=name: round_seed(self.run, name, check)  # noqa: E731
             scores, found[name] = self._tuned(
                 f"local {name} (tuned)",
-                self._steps(data, seeds),
+                self._steps(data, partial(round_seed, self.run, name)),
                 self._validates(self.validation[name]),
                 plan,
             )
@@ -256,7 +282,10 @@ class Comparison(Baselines):
         validation = Encoded.concat(list(self.validation.values()))
         every = self.run.local_steps * len(self.encoded)
         plan = TuningPlan.around(self.run.learning_rate, every, every * self.run.num_server_rounds)
-        seeds = lambda check: self.run.seed * 1_000_003 + check  # noqa: E731
+
+        def seeds(check: int) -> int:
+            return self.run.seed * 1_000_003 + check
+
         return self._tuned(
             "centralized (tuned)", self._steps(pooled, seeds), self._validates(validation), plan
         )

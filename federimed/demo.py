@@ -253,19 +253,14 @@ def tune_baselines(comparison, results: dict, seconds: dict, say) -> dict[str, A
         return None
     say("tuning each method on its own validation data (learning rate, early stopping)")
     started = time.monotonic()
-    results["federated_tuned"], federated = comparison.tuned_federated()
-    results["local_tuned"], local = comparison.tuned_local()
-    results["centralized_tuned"], centralized = comparison.tuned_centralized()
+    scores, found = comparison.tuned()
+    results |= scores
     seconds["tuned"] = time.monotonic() - started
     return {
         "grid_factors": list(GRID_FACTORS),
         "patience": PATIENCE,
         "cap_factor": CAP_FACTOR,
-        "methods": {
-            "federated": federated.as_dict(),
-            "local": {name: found.as_dict() for name, found in local.items()},
-            "centralized": centralized.as_dict(),
-        },
+        "methods": found,
     }
 
 

@@ -114,23 +114,15 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{hospital} (validation)")
     server = report.get("server_evaluation", {})
     if server and shown.fractions:  # the test set's headline is on the validation's scale
-        keys = sorted(int(r) for r in server)
-        ax.plot(
-            keys,
-            [server[str(r)][shown.headline] for r in keys],
-            "k--",
-            marker="s",
-            label="common test set",
-        )
-        if shown.unseen_style:
-            styled = [r for r in keys if shown.unseen_style in server[str(r)]]
-            ax.plot(
-                styled,
-                [server[str(r)][shown.unseen_style] for r in styled],
-                "k:",
-                marker="^",
-                label="test notes in a style no hospital writes",
-            )
+        for key, line, marker, label in (
+            (shown.headline, "k--", "s", "common test set"),
+            (shown.unseen_style, "k:", "^", "test notes in a style no hospital writes"),
+        ):
+            scored = sorted(int(r) for r, scores in server.items() if key in scores)
+            if scored:
+                ax.plot(
+                    scored, [server[str(r)][key] for r in scored], line, marker=marker, label=label
+                )
     ax.set(
         xlabel="rounds of aggregation",
         ylabel=shown.validation_name,

@@ -13,6 +13,7 @@ hospital batches and seeds as the real ClientApps, without starting a federation
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -61,15 +62,7 @@ class Tuned:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {
-            "learning_rate": self.learning_rate,
-            "best_at": self.best_at,
-            "ran": self.ran,
-            "capped": self.capped,
-            "validation_accuracy": self.validation_accuracy,
-            "trials": self.trials,
-            "seconds": round(self.seconds, 1),
-        }
+        return dataclasses.asdict(self) | {"seconds": round(self.seconds, 1)}
 
 
 Advance = Callable[[torch.nn.Module, float, int], None]  # (model, learning rate, check index)
@@ -79,33 +72,39 @@ Validate = Callable[[torch.nn.Module], tuple[float, float]]  # higher is better
 def early_stopped(
     fresh: Callable[[], torch.nn.Module], advance: Advance, validate: Validate, plan: TuningPlan
 ) -> tuple[OrderedDict[str, torch.Tensor], Tuned]:
-    """Every learning rate of ``plan``: a fresh model advanced ``check_every`` at a time and
-    validated after each, until ``patience`` checks bring no improvement or the cap; returns
-    the best checkpoint over all trials (its exchanged weights) and how it was found."""
+    """Every learning rate of ``plan``, each on a fresh model; returns the best checkpoint over
+    all trials (its exchanged weights; the first trial wins a tie) and how it was found."""
     started = time.monotonic()
-    best_state, best_key, chosen, trials = None, None, None, {}
+    best, trials = None, {}
     for rate in plan.learning_rates:
-        model = fresh()
-        trial_key, trial_at, done, since = None, 0, 0, 0
-        for check in range(1, plan.cap // plan.check_every + 1):
-            advance(model, rate, check)
-            done = check * plan.check_every
-            key = validate(model)
-            if trial_key is None or key > trial_key:
-                trial_key, trial_at, since = key, done, 0
-                if best_key is None or key > best_key:
-                    best_key, best_state = key, exchanged_state(model)
-                    chosen = Tuned(rate, done, done, False, key[0])
-            else:
-                since += 1
-                if since >= plan.patience:
-                    break
-        trials[str(rate)] = trial_key[0]
-        if chosen.learning_rate == rate:
-            chosen.ran, chosen.capped = done, since < plan.patience
-            chosen.best_at = trial_at
+        key, state, found = _trial(fresh(), rate, advance, validate, plan)
+        trials[str(rate)] = key[0]
+        if best is None or key > best[0]:
+            best = key, state, found
+    _, state, chosen = best
     chosen.trials, chosen.seconds = trials, time.monotonic() - started
-    return best_state, chosen
+    return state, chosen
+
+
+def _trial(
+    model: torch.nn.Module, rate: float, advance: Advance, validate: Validate, plan: TuningPlan
+) -> tuple[tuple[float, float], OrderedDict[str, torch.Tensor], Tuned]:
+    """One learning rate: ``model`` advanced ``check_every`` at a time and validated after
+    each, until ``patience`` checks bring no improvement or the cap; its best validation key,
+    the weights there, and where that was."""
+    best_key, best_state, best_at, done, since = None, None, 0, 0, 0
+    for check in range(1, plan.cap // plan.check_every + 1):
+        advance(model, rate, check)
+        done = check * plan.check_every
+        key = validate(model)
+        if best_key is None or key > best_key:
+            best_key, best_state, best_at, since = key, exchanged_state(model), done, 0
+        else:
+            since += 1
+            if since >= plan.patience:
+                break
+    capped = since < plan.patience
+    return best_key, best_state, Tuned(rate, best_at, done, capped, best_key[0])
 
 
 def validation_key(model: torch.nn.Module, data: Encoded, device: torch.device):
