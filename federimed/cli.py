@@ -458,7 +458,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from federimed.webapp.app import ServeLimits, load_app
     from federimed.webapp.served import LATEST, ModelFolderError
 
-    settings = _with_flags(ServeSettings, args, "model", "runs", "host", "port")
+    settings = _with_flags(
+        ServeSettings, args, "model", "runs", "host", "port", "max_chars", "max_new_tokens"
+    )
     if settings.model is None and settings.runs is None:
         raise UserError("serve: give --model DIR (the model to query), --runs DIR, or both")
     if settings.runs is not None and not settings.runs.is_dir():
@@ -766,6 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model under --runs, followed as new runs complete",
     )
     serve.add_argument("--runs", type=Path, help="folder of run records, e.g. runs/ (read-only)")
+    serve.add_argument(
+        "--max-chars", type=_positive_int, help="longest case text or question (default 4000)"
+    )
+    serve.add_argument(
+        "--max-new-tokens", type=_positive_int, help="longest generated answer (default 64)"
+    )
     _listen_args(serve, 8080)
     serve.set_defaults(func=cmd_serve)
 

@@ -56,6 +56,18 @@ class SiteRefusal(Exception):
         super().__init__(f"{reason} [refused by {site}, code {code}]")
 
 
+# How a refusal's text ends ("... [refused by hospital-2, code APP_NOT_APPROVED]", or
+# "... [code TASK_FAILED]" when the runner has no reason of its own): what reads the ledger
+# back (the hospital's exporter) finds the code by it.
+_CODE_AT_END = re.compile(r"\bcode ([A-Z0-9_]+)\]\s*$")
+
+
+def refusal_code(reason: str) -> str:
+    """The code a refusal's text ends with; ``OTHER`` for a text that names none."""
+    found = _CODE_AT_END.search(reason)
+    return found.group(1) if found else "OTHER"
+
+
 class Floors(BaseModel):
     """Lower bounds on what one update is built from: small ones reveal single cases.
 

@@ -3,6 +3,9 @@ template, the loss on the answer only, greedy answers and their scores (tiny GPT
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import client_train_reply, make_run, plant_marker
@@ -282,3 +285,19 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_gpt2):
     plain, recomputed = trained
     assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
     assert any(plain[k].abs().sum() > 0 for k in plain if "lora_B" in k)  # it did train
+
+
+def test_the_prepared_gpu_check_times_the_decoder_on_the_cpu(tiny_gpt2):
+    """bench/gpu_check.py is run on a machine with a GPU, rarely: its decoder part must not rot
+    here (the CPU timing, on the tiny GPT-2)."""
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).parents[1] / "bench" / "gpu_check.py"
+    )
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    timings, failures = gpu_check.decoder_checks(tiny_gpt2, steps=8, cpu_only=True)
+    assert failures == []
+    (cpu,) = timings
+    assert cpu["device"] == "cpu" and cpu["steps"] == 2
+    assert cpu["train_tokens_per_second"] > 0 and cpu["answer_tokens_per_second"] > 0
+    assert cpu["gpu_memory_peak_mib"] == 0.0

@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from federimed import ledger
 from federimed.cli import main
-from federimed.deploy.site_exporter import refusal_code, registry_for
+from federimed.deploy.site_exporter import registry_for
+from federimed.policy import SiteRefusal, refusal_code
 
 SITE = "hospital-2"
 
@@ -37,9 +38,9 @@ def test_the_ledger_becomes_the_hospitals_series(tmp_path):
     ledger.append(path, _entry(loss=2.0))
     ledger.append(path, _entry(loss=0.5, examples=130))
     ledger.append(path, _entry(kind="evaluate", steps=None, nbytes=0))
-    refusal = "this app bundle is not approved by the site [code POLICY_APP_NOT_APPROVED]"
-    ledger.append(path, _entry(error=refusal))
-    ledger.append(path, _entry(error="the ClientApp failed (ValueError)"))
+    refusal = SiteRefusal(SITE, "APP_NOT_APPROVED", f"app bundle abc is not approved by {SITE}")
+    ledger.append(path, _entry(error=str(refusal)))
+    ledger.append(path, _entry(error="an error the runner did not write"))
     got = scrape(path)
     site = (("site", SITE),)
     assert got[("federimed_site_ledger_valid", site)] == 1
@@ -49,7 +50,7 @@ def test_the_ledger_becomes_the_hospitals_series(tmp_path):
     assert got[("federimed_site_steps_total", site)] == 30
     assert got[("federimed_site_examples_used_total", site)] == 250
     assert got[("federimed_site_training_loss", site)] == 0.5
-    code = (("code", "POLICY_APP_NOT_APPROVED"), *site)
+    code = (("code", "APP_NOT_APPROVED"), *site)
     assert got[("federimed_site_refused_total", code)] == 1
     assert got[("federimed_site_refused_total", (("code", "OTHER"), *site))] == 1
 
@@ -73,8 +74,13 @@ def test_no_ledger_yet_is_a_valid_empty_one(tmp_path):
 
 
 def test_refusal_codes_and_a_missing_ledger_setting(capsys, monkeypatch):
-    assert refusal_code("x [code TOO_FEW_EXAMPLES]") == "TOO_FEW_EXAMPLES"
+    """The codes as the runner writes them: a site's refusal, and a failure it has no reason
+    for (site_runner.SiteGuard.push)."""
+    floor = SiteRefusal(SITE, "POLICY_FLOOR", "batch-size=2 is below the floor [sic]")
+    assert refusal_code(str(floor)) == "POLICY_FLOOR"
+    assert refusal_code("the task failed at the hospital [code TASK_FAILED]") == "TASK_FAILED"
     assert refusal_code("no code here") == "OTHER"
+    assert refusal_code("a reason quoting [code X] in its middle") == "OTHER"
     monkeypatch.delenv("FEDERIMED_EXPORTER_LEDGER", raising=False)
     assert main(["exporter"]) == 2
     assert "FEDERIMED_EXPORTER_LEDGER: Field required" in capsys.readouterr().err

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,10 @@ def test_a_generative_model_streams_its_answer(tiny_gpt2, tmp_path):
     assert streamed.strip()  # a random tiny model still writes something
     assert client.post("/api/predict", json={"text": CASE}).status_code == 409
     assert client.post("/api/ask", json={"question": " "}).status_code == 422
+    too_long = client.post("/api/ask", json={"question": "why " * 60})
+    assert too_long.status_code == 413 and "over the limit of 200" in too_long.json()["detail"]
+    plain = client.post("/api/ask", content=question, headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and question not in plain.text
     assert "Ask a medical question" in client.get("/").text
 
 
@@ -201,7 +207,13 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
     page = client.get("/runs/21").text
     assert 'data-state="in progress"' in page and page.count('class="point"') == 1
     assert "Node Unavailable" in page
-    append_round(server.out, a_round(2))
+    quiet = time.time() - (600 + 300 + 1)  # round-timeout and the grace: its ServerApp died?
+    for name in ("run_config.json", "rounds.jsonl"):
+        os.utime(server.out / name, (quiet, quiet))
+    assert client.get("/api/runs/21").json()["state"] == "stalled"
+    assert "may have stopped" in client.get("/runs/21").text
+    append_round(server.out, a_round(2))  # it was only slow
+    assert client.get("/api/runs/21").json()["state"] == "in progress"
     append_round(server.out, a_round(3))
     finish(server, 3)
     listed = client.get("/api/runs").json()
@@ -253,6 +265,7 @@ def test_metrics_export_the_consortium_and_the_web_apps_own_series(client):
     from prometheus_client.parser import text_string_to_metric_families
 
     client.post("/api/predict", json={"text": CASE})
+    client.post("/api/predict", content=CASE, headers={"content-type": "text/plain"})
     text = client.get("/metrics").text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -269,6 +282,8 @@ def test_metrics_export_the_consortium_and_the_web_apps_own_series(client):
     assert samples[("federimed_test_top3_accuracy", run)] == pytest.approx(0.6)
     assert samples[("federimed_test_unseen_style_accuracy", run)] == pytest.approx(0.3)
     assert samples[("federimed_updates_rejected_total", run)] == 0
+    dropped = ("federimed_hospital_dropped_total", (("hospital", "hospital-3"), ("run", "11")))
+    assert samples[dropped] == 1  # round 1's, though round 2 is the one a gauge shows
     for hospital, received in (("hospital-1", 1800), ("hospital-3", 900)):
         key = ("federimed_bytes_received_total", (("hospital", hospital), ("run", "11")))
         assert samples[key] == received
@@ -276,6 +291,8 @@ def test_metrics_export_the_consortium_and_the_web_apps_own_series(client):
     assert samples[info] == 1
     ok = (("method", "POST"), ("route", "/api/predict"), ("status", "200"))
     assert samples[("federimed_http_requests_total", ok)] >= 1
+    refused = (("method", "POST"), ("route", "/api/predict"), ("status", "415"))
+    assert samples[("federimed_http_requests_total", refused)] >= 1  # refused before routing
     assert samples[("federimed_http_request_seconds_count", (("route", "/api/predict"),))] >= 1
 
 

@@ -9,7 +9,6 @@ and it needs no access to the data, the model or the network beyond its own port
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,14 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from federimed.ledger import LedgerError, entries
-
-# A refusal's reason ends with its code: "... [code POLICY_APP_NOT_APPROVED]".
-CODE = re.compile(r"\[code ([A-Z0-9_]+)\]")
-
-
-def refusal_code(reason: str) -> str:
-    found = CODE.search(reason)
-    return found.group(1) if found else "OTHER"
+from federimed.policy import refusal_code
 
 
 class LedgerCollector(Collector):

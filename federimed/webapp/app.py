@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.routing import Match
 
 from federimed.webapp.chart import round_chart
 from federimed.webapp.metrics import WebMetrics
@@ -56,6 +57,15 @@ def _checked(text: str, field: str, limits: ServeLimits) -> str:
     return text
 
 
+def _route_path(app: FastAPI, scope: dict[str, Any]) -> str:
+    """The route's template (/api/runs/{run_id}), never the raw path: a label per distinct URL
+    would grow without bound.  A request refused before routing is matched here."""
+    route = scope.get("route") or next(
+        (r for r in app.router.routes if r.matches(scope)[0] == Match.FULL), None
+    )
+    return getattr(route, "path", "unmatched")
+
+
 def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> FastAPI:
     # FastAPI's own /docs and /redoc load their scripts from a CDN: ours is rendered here.
     app = FastAPI(
@@ -71,16 +81,6 @@ def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> Fast
     app.state.metrics = metrics
 
     @app.middleware("http")
-    async def count(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
-
-    @app.middleware("http")
     async def json_only(request: Request, call_next):
         """The API's POST bodies are JSON: anything else is refused before it is read."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -88,6 +88,16 @@ def create_app(models: ModelSource, runs: RunIndex, limits: ServeLimits) -> Fast
             detail = f"content type {kind or '(none)'}: send application/json"
             return JSONResponse({"detail": detail}, status_code=415)
         return await call_next(request)
+
+    # Added last, so outermost: it also counts what json_only refuses before routing.
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        path = _route_path(app, request.scope)
+        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -9,6 +9,7 @@ nothing, and no process has to outlive its run.
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -63,6 +64,13 @@ class ConsortiumCollector(Collector):
             [((r.id,), len(r.rounds[-1].dropped)) for r in last],
         )
         yield _counter(
+            "federimed_hospital_dropped",
+            "Rounds in which the hospital was sampled and sent no update in time (every "
+            "round counted, however often Prometheus scrapes)",
+            ["run", "hospital"],
+            list(_dropped(runs)),
+        )
+        yield _counter(
             "federimed_updates_rejected",
             "Updates that arrived and were not aggregated (the server's checks)",
             ["run"],
@@ -90,6 +98,12 @@ def _bytes_received(runs: list[Run]) -> Iterator[tuple[tuple[str, ...], float]]:
             for hospital, traffic in record.traffic.items():
                 totals[hospital] = totals.get(hospital, 0) + traffic.bytes_up
         yield from (((run.id, hospital), total) for hospital, total in sorted(totals.items()))
+
+
+def _dropped(runs: list[Run]) -> Iterator[tuple[tuple[str, ...], float]]:
+    for run in runs:
+        counts = Tally(hospital for record in run.rounds for hospital in record.dropped)
+        yield from (((run.id, hospital), n) for hospital, n in sorted(counts.items()))
 
 
 def _latest(runs: list[Run], score: str) -> Iterator[tuple[tuple[str, ...], float]]:

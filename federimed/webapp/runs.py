@@ -9,14 +9,19 @@ local-only vs centralized comparison.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from federimed.report import MEASURES, METHODS, Measures, measures, method_name
-from federimed.runrecord import RoundRecord, RunSummary, read_rounds, read_summary
+from federimed.runrecord import ROUNDS_FILE, RoundRecord, RunSummary, read_rounds, read_summary
 
 RUN_MARKER = "run_config.json"  # written by the ServerApp when a run starts
+IN_PROGRESS, STALLED = "in progress", "stalled"
+DEFAULT_ROUND_TIMEOUT = 600.0  # the app's, for a record that does not name its own
+# Beyond the round's reply timeout: aggregating, scoring and checkpointing the round.
+STALL_GRACE = 300.0
 MAX_DEPTH = 4  # runs/<demo>/flower/<run id>/: deep enough for every layout FederiMed writes
 
 
@@ -29,11 +34,19 @@ class Run:
     summary: RunSummary | None
     report: dict[str, Any] | None
 
+    last_written: float = 0.0  # when the ServerApp last wrote the record (epoch seconds)
+
     @property
     def state(self) -> str:
-        """ "completed" or "deadline" from the summary; "in progress" without one (a run that
-        died also has none: its record stops at its last round)."""
-        return self.summary.status if self.summary else "in progress"
+        """ "completed" or "deadline" from the summary. Without one, "in progress" while its
+        record keeps growing, "stalled" when no round was written for longer than a round may
+        take: a run whose ServerApp died has no summary either (a stalled run that writes
+        again is in progress again)."""
+        if self.summary:
+            return self.summary.status
+        quiet = time.time() - self.last_written
+        limit = float(self.config.get("round-timeout", DEFAULT_ROUND_TIMEOUT)) + STALL_GRACE
+        return STALLED if quiet > limit else IN_PROGRESS
 
     @property
     def track(self) -> str:
@@ -123,8 +136,10 @@ class RunIndex:
 
     def _load(self, run_id: str, folder: Path) -> Run:
         config = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))
+        written = [p.stat().st_mtime for p in (folder / RUN_MARKER, folder / ROUNDS_FILE)
+                   if p.is_file()]  # fmt: skip
         return Run(run_id, folder, config, read_rounds(folder), read_summary(folder),
-                   self._report(run_id, folder))  # fmt: skip
+                   self._report(run_id, folder), max(written))  # fmt: skip
 
     def _report(self, run_id: str, folder: Path) -> dict[str, Any] | None:
         """The demo's report.json about this run, in the run's folder or one above it (up to

@@ -99,16 +99,18 @@ if (askForm) {
   });
 }
 
-// A run in progress: reload the page when its record has a new round or the run ends.
+// A run in progress (or stalled, which may write again): reload the page when its record has
+// a new round or its state changes.
 const runState = document.getElementById("run-state");
-if (runState && runState.dataset.state === "in progress") {
+const following = ["in progress", "stalled"];
+if (runState && following.includes(runState.dataset.state)) {
   const seen = Number(runState.dataset.rounds);
   const timer = setInterval(async () => {
     try {
       const response = await fetch("/api/runs/" + runState.dataset.run);
       if (!response.ok) return;
       const run = await response.json();
-      if (run.rounds_completed !== seen || run.state !== "in progress") {
+      if (run.rounds_completed !== seen || run.state !== runState.dataset.state) {
         clearInterval(timer);
         location.reload();
       }
