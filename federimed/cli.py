@@ -88,31 +88,54 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
-    from federimed.data.records import SPLITS, SUFFIXES, Columns, check_file
+    from federimed.data.records import FLASHCARD_STEMS, SPLITS, SUFFIXES
 
     path: Path = args.path
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.stem in SPLITS)
+        cases = [f for f in path.rglob("*") if f.suffix in SUFFIXES and f.stem in SPLITS]
+        cards = [f for f in path.rglob("*")
+                 if f.suffix in (".jsonl", ".json") and f.stem in FLASHCARD_STEMS]  # fmt: skip
     elif path.exists():
-        files = [path]
+        flashcards = args.flashcards or path.stem in FLASHCARD_STEMS
+        cases, cards = ([], [path]) if flashcards else ([path], [])
     else:
         raise UserError(f"{path}: no such file or folder")
-    if not files:
-        raise UserError(f"{path}: no train/validation/test .jsonl/.csv/.parquet files")
+    if not cases and not cards:
+        raise UserError(
+            f"{path}: no train/validation/test .jsonl/.csv/.parquet files and no flashcards"
+            ".jsonl/.json (the generative track's)"
+        )
+    failed = 0
+    for file, (count, problems) in [
+        *((f, _check_cases(f, args)) for f in sorted(cases)),
+        *((f, _check_cards(f)) for f in sorted(cards)),
+    ]:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        status = "OK" if not problems else f"{len(problems)} problem(s)"
+        print(f"{file}: {count}, {status}")
+        failed += bool(problems)
+    return 1 if failed else 0
+
+
+def _check_cases(file: Path, args: argparse.Namespace) -> tuple[str, list]:
     from federimed.config import resolve
+    from federimed.data.records import Columns, check_file
 
     # The same label set training uses: the run config's `labels` (env and flags included).
     labels = resolve(app_dir=args.app, run_config=args.run_config or "").run.label_list
     columns = Columns(text=args.text_column, label=args.label_column, id=args.id_column)
-    failed = 0
-    for file in files:
-        examples, problems = check_file(file, labels, columns)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        status = "OK" if not problems else f"{len(problems)} problem(s)"
-        print(f"{file}: {len(examples)} valid rows, {status}")
-        failed += bool(problems)
-    return 1 if failed else 0
+    examples, problems = check_file(file, labels, columns)
+    return f"{len(examples)} valid rows", problems
+
+
+def _check_cards(file: Path) -> tuple[str, list]:
+    from federimed.data.records import DataError, load_flashcards
+
+    try:
+        return f"{len(load_flashcards(file))} valid flashcards", []
+    except DataError as error:
+        return "0 valid flashcards", error.problems
 
 
 # --- deployment -----------------------------------------------------------------------------
@@ -591,6 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--text-column", default="text")
     validate.add_argument("--label-column", default="label")
     validate.add_argument("--id-column", default="id")
+    validate.add_argument(
+        "--flashcards",
+        action="store_true",
+        help="the file is flashcards (MedAlpaca's format, JSON lines or a JSON list); files "
+        "named flashcards*.jsonl/.json are recognised without it",
+    )
     validate.set_defaults(func=cmd_data_validate)
 
     config = sub.add_parser("config", help="the run configuration").add_subparsers(

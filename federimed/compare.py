@@ -32,7 +32,7 @@ from federimed.decoder import (
     score_answers,
 )
 from federimed.features import keeps_frozen_layers, with_features
-from federimed.generative import answers_and_perplexity
+from federimed.generative import answers_and_losses
 from federimed.metrics import probability_metrics
 from federimed.model import build_classifier, load_exchanged_state, load_tokenizer
 from federimed.runconfig import RunConfig
@@ -347,11 +347,11 @@ class GenerativeComparison(Baselines):
         return build_generator(self.run.generator, self.run.lora, seed=self.run.seed)
 
     def _score(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        answers, perplexity = answers_and_perplexity(
+        answers, losses = answers_and_losses(
             model, self.tokenizer, self.test, self.run, pick_device()
         )
         return {
-            name: score_answers(self.test, answers, set(unseen)) | {"perplexity": perplexity}
+            name: score_answers(self.test, answers, set(unseen), losses)
             for name, unseen in self.unseen.items()
         }
 

@@ -8,6 +8,8 @@ Prompts go through the model's own chat template; answers are decoded greedily u
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import string
 from collections import Counter
@@ -19,8 +21,9 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from federimed.data.records import DIAGNOSIS_KIND, Flashcard
+from federimed.data.records import DIAGNOSIS_KIND, INSTRUCTION, Flashcard
 from federimed.model import LoraSettings, top_layers
+from federimed.runrecord import read_provenance
 from federimed.smollm2 import GeneratorError, resolve_generator
 from federimed.training import IGNORE_INDEX, Encoded, autocast, batch_tensors
 
@@ -122,11 +125,15 @@ def _plain(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 @torch.no_grad()
-def answer_loss(model: torch.nn.Module, data: Encoded, device: torch.device) -> float:
-    """Mean loss per answer token over all cards (its exp is the answers' perplexity: how
-    surprised the model is by the reference answers; lower is better)."""
+def answer_token_losses(
+    model: torch.nn.Module, data: Encoded, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per card: the summed loss over its answer tokens, and how many answer tokens it has
+    (so that any subset of cards, such as those about one hospital's unseen conditions, has
+    its own perplexity)."""
     model.to(device).eval()
-    total, tokens = 0.0, 0
+    sums = np.zeros(len(data), dtype=np.float64)
+    counts = np.zeros(len(data), dtype=np.int64)
     for start in range(0, len(data), 16):
         rows = np.arange(start, min(start + 16, len(data)))
         batch = batch_tensors(data, rows, device, with_features=False)
@@ -138,11 +145,23 @@ def answer_loss(model: torch.nn.Module, data: Encoded, device: torch.device) -> 
             logits = model(**inputs, logits_to_keep=predicting).logits
         targets = batch["labels"][:, predicting + 1]
         losses = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
+            logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
         )
-        total += float(losses)
-        tokens += int((targets != IGNORE).sum())
-    return total / max(tokens, 1)
+        sums[rows] = losses.sum(dim=1).double().cpu().numpy()
+        counts[rows] = (targets != IGNORE).sum(dim=1).cpu().numpy()
+    return sums, counts
+
+
+def answer_loss(model: torch.nn.Module, data: Encoded, device: torch.device) -> float:
+    """Mean loss per answer token over all cards (its exp is the answers' perplexity: how
+    surprised the model is by the reference answers; lower is better)."""
+    sums, counts = answer_token_losses(model, data, device)
+    return float(sums.sum() / max(int(counts.sum()), 1))
+
+
+def perplexity(sums: np.ndarray, counts: np.ndarray) -> float:
+    """exp of the mean loss per answer token (capped: an untrained model's can overflow)."""
+    return math.exp(min(float(sums.sum()) / max(int(counts.sum()), 1), 50.0))
 
 
 @torch.no_grad()
@@ -199,16 +218,26 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def score_answers(
-    cards: Sequence[Flashcard], answers: Sequence[str], unseen: set[str] | None = None
+    cards: Sequence[Flashcard],
+    answers: Sequence[str],
+    unseen: set[str] | None = None,
+    losses: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Exact match on diagnosis cards, token-F1 on the others; the same on the cards about
+    """Exact match on diagnosis cards, token-F1 on the others, and with ``losses`` (per card,
+    :func:`answer_token_losses`) the reference answers' perplexity; the same on the cards about
     ``unseen`` conditions (those a hospital never trained on) when given."""
     metrics = _scores(cards, answers)
+    if losses is not None:
+        metrics["perplexity"] = perplexity(*losses)
     if unseen:
-        pairs = [(c, a) for c, a in zip(cards, answers, strict=True) if c.code in unseen]
-        if pairs:
-            picked, replies = zip(*pairs, strict=True)
-            metrics |= {f"unseen_{k}": v for k, v in _scores(picked, replies).items()}
+        picked = np.array([card.code in unseen for card in cards], dtype=bool)
+        if picked.any():
+            about = [c for c, keep in zip(cards, picked, strict=True) if keep]
+            replies = [a for a, keep in zip(answers, picked, strict=True) if keep]
+            found = _scores(about, replies)
+            if losses is not None:
+                found["perplexity"] = perplexity(losses[0][picked], losses[1][picked])
+            metrics |= {f"unseen_{k}": v for k, v in found.items()}
     return metrics
 
 
@@ -227,23 +256,52 @@ def _scores(cards: Sequence[Flashcard], answers: Sequence[str]) -> dict[str, flo
 def load_answerer(folder: Path) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """A run's generative model (``final/`` or its ``adapter/``): the base model its adapter
     names, with the adapter on it, and the tokenizer saved beside it."""
-    import json
-
     folder = Path(folder)
     adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise GeneratorError(f"{folder}: not a generative model folder (no {config_file.name})")
-    config = json.loads(config_file.read_text())
-    if config.get("task_type") != TaskType.CAUSAL_LM.value:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GeneratorError(f"{config_file}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("task_type") != TaskType.CAUSAL_LM.value:
         raise GeneratorError(f"{folder}: an adapter, but not a causal LM's (`federimed predict`?)")
-    base = config["base_model_name_or_path"]
+    base = _base_model(adapter, config, config_file)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except OSError as error:
         raise GeneratorError(f"{folder}: its base model {base} cannot be loaded: {error}") from None
-    tokenizer = load_generator_tokenizer(str(adapter))
-    return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
+    try:
+        tokenizer = load_generator_tokenizer(str(adapter))
+        return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
+    except (OSError, ValueError) as error:
+        what = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        raise GeneratorError(
+            f"{adapter}: its adapter or tokenizer does not load ({what})"
+        ) from None
+
+
+def _base_model(adapter: Path, config: dict, config_file: Path) -> str:
+    """The folder or hub id of the adapter's base model. peft records the path it was trained
+    on, which is another machine's (or a container's) cache when the model was trained
+    elsewhere: then the run's provenance names the generator, resolved here."""
+    base = config.get("base_model_name_or_path")
+    if (
+        isinstance(base, str)
+        and base
+        and not (Path(base).is_absolute() and not Path(base).exists())
+    ):
+        return base
+    for folder in (adapter, adapter.parent):
+        if provenance := read_provenance(folder):
+            return resolve_generator(provenance.base_model)
+    if isinstance(base, str) and base:
+        raise GeneratorError(
+            f"{config_file}: its base model {base} is not on this machine, and no "
+            "provenance.json beside it names the generator"
+        )
+    raise GeneratorError(f"{config_file}: names no base model (base_model_name_or_path)")
 
 
 @torch.no_grad()
@@ -254,11 +312,15 @@ def ask(
     max_new_tokens: int,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """The greedy answer to ``question``; ``on_text`` receives it piece by piece as it is
-    generated (a terminal prints it as it comes)."""
+    """The greedy answer to ``question``, prompted as the model was trained (MedAlpaca's
+    instruction, through its chat template); a long question is cut to fit the model's context.
+    ``on_text`` receives the answer piece by piece as it is generated (a terminal prints it as
+    it comes)."""
     from transformers import TextStreamer
 
-    ids = torch.tensor([prompt_ids(tokenizer, question)])
+    context = getattr(model.config, "max_position_embeddings", 0) or 2048
+    limit = max(8, context - max_new_tokens)
+    ids = torch.tensor([prompt_ids(tokenizer, question, INSTRUCTION, limit)])
     streamer = None
     if on_text is not None:
 

@@ -10,15 +10,16 @@ diagnosis, token-F1 of the free-text answers and the perplexity of the reference
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from federimed.data.records import Flashcard, load_hospital_cards
 from federimed.decoder import (
     answer_loss,
+    answer_token_losses,
     build_generator,
     encode_cards,
     generate_answers,
@@ -87,18 +88,18 @@ def evaluate_round(
     return {"loss": answer_loss(model, data, device), "num_examples": float(len(data))}
 
 
-def answers_and_perplexity(
+def answers_and_losses(
     model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
-) -> tuple[list[str], float]:
-    """Greedy answers to ``cards`` and the perplexity of their reference answers."""
+) -> tuple[list[str], tuple[np.ndarray, np.ndarray]]:
+    """Greedy answers to ``cards``, and each reference answer's summed loss and token count."""
     answers = generate_answers(model, tokenizer, cards, device, run.max_new_tokens, run.max_length)
-    loss = answer_loss(model, encode_cards(cards, tokenizer, run.max_length), device)
-    return answers, math.exp(min(loss, 50.0))
+    data = encode_cards(cards, tokenizer, run.max_length)
+    return answers, answer_token_losses(model, data, device)
 
 
 def score_generator(
     model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
 ) -> dict[str, float]:
     """Exact match, token-F1 and perplexity on ``cards``."""
-    answers, perplexity = answers_and_perplexity(model, tokenizer, cards, run, device)
-    return score_answers(cards, answers) | {"perplexity": perplexity}
+    answers, losses = answers_and_losses(model, tokenizer, cards, run, device)
+    return score_answers(cards, answers, losses=losses)

@@ -59,7 +59,10 @@ MEASURES = {
         "val_loss", "loss per answer token", fractions=False,
         columns=(
             ("exact_match", "diagnosis exact match"), ("token_f1", "token-F1"),
+            ("perplexity", "perplexity"),
             ("unseen_exact_match", "exact match on unseen conditions"),
+            ("unseen_token_f1", "token-F1 on unseen conditions"),
+            ("unseen_perplexity", "perplexity on unseen conditions"),
         ),
     ),
 }  # fmt: skip
@@ -75,10 +78,21 @@ def methods_in(report: dict[str, Any]) -> list[str]:
     return [method for method in METHODS if method in first]
 
 
+# Scores that are not fractions: shown as numbers, not percentages.
+NOT_FRACTIONS = {"perplexity", "unseen_perplexity"}
+
+
 def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{100 * value:.1f}%"
+
+
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    if key in NOT_FRACTIONS and value is not None and not math.isnan(value):
+        return f"{value:.1f}"
+    return _fmt(value)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -264,7 +278,7 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
             lines.append(
                 f"| {name} | {hospital['train_cases']} | {len(hospital['unseen_conditions'])} "
                 f"| {method_name(method)} | "
-                + " | ".join(_fmt(m.get(key)) for key, _ in shown.columns)
+                + " | ".join(_cell(m, key) for key, _ in shown.columns)
                 + " |"
             )
     lines += [
@@ -290,7 +304,8 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "",
         f"Each round a hospital downloads and uploads {report['update_bytes']:,} bytes of "
         f"weights ({sent}, {report['trainable_parameters']:,} of "
-        f"{report['total_parameters']:,} parameters); no text leaves a hospital.",
+        f"{report['total_parameters']:,} parameters; the whole model in float32 would be "
+        f"{4 * report['total_parameters']:,} bytes); no text leaves a hospital.",
         "",
         "| phase | seconds |",
         "|---|---|",

@@ -4,8 +4,10 @@ template, the loss on the answer only, greedy answers and their scores (tiny GPT
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import client_train_reply, make_run, plant_marker
@@ -57,6 +59,8 @@ def test_each_hospital_has_cards_only_for_conditions_it_has_seen(consortium):
     knowledge = [c for c in cards.test if c.kind != DIAGNOSIS_KIND]
     assert sorted(c.code for c in knowledge) == sorted(consortium.labels)  # one per condition
     assert {c.kind for c in knowledge} == set(KNOWLEDGE)  # every kind, in turn
+    trained = {c.question for h in cards.hospitals for c in h.train + h.validation}
+    assert not trained & {c.question for c in cards.test}  # no test question seen in training
     mimic = next(c for c in knowledge_cards(["I21"]) if c.kind == "mimic")
     assert mimic.answer == BY_CODE[BY_CODE["I21"].mimics[0]].name
 
@@ -141,6 +145,22 @@ def test_scores_normalise_like_squad_and_split_unseen_conditions():
     assert scores["exact_match"] == 1.0
     assert scores["unseen_exact_match"] == 1.0 and "unseen_token_f1" not in scores
     assert 0 < scores["token_f1"] < 1 and scores["num_examples"] == 2
+    # per card: summed loss over its answer tokens, and their count
+    losses = (np.array([2.0, 3.0]), np.array([2, 1]))
+    scored = score_answers(CARDS, ["x", "y"], {"I21"}, losses)
+    assert scored["perplexity"] == pytest.approx(math.exp(5.0 / 3))
+    assert scored["unseen_perplexity"] == pytest.approx(math.exp(3.0))  # the I21 card's only
+
+
+def test_per_card_answer_losses_add_up_to_the_answer_loss(tiny_gpt2):
+    from federimed.decoder import answer_loss, answer_token_losses
+
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    model = build_generator(tiny_gpt2, make_run().lora)
+    data = encode_cards(CARDS * 9, tokenizer, 64)  # over one batch of 16
+    sums, counts = answer_token_losses(model, data, torch.device("cpu"))
+    assert len(sums) == 18 and (counts > 0).all()
+    assert sums.sum() / counts.sum() == pytest.approx(answer_loss(model, data, torch.device("cpu")))
 
 
 def test_a_generative_reply_is_the_adapter_only_and_carries_no_card_text(
@@ -244,6 +264,61 @@ def test_ask_prints_the_answer_and_names_a_folder_that_is_no_generative_model(
     assert main(["ask", "--model", str(tmp_path / "final"), "  "]) == 2
     assert "the question is empty" in capsys.readouterr().err
 
+    long_question = "Which findings matter here? " * 300  # beyond the model's 512 positions
+    assert main(["ask", "--model", str(tmp_path / "final"), "--max-new-tokens", "3",
+                 long_question]) == 0  # fmt: skip
+    capsys.readouterr()
+    config_file = tmp_path / "final" / "adapter" / "adapter_config.json"
+    config_file.write_text("{not json")
+    assert main(["ask", "--model", str(tmp_path / "final"), question]) == 2
+    assert f"{config_file}: not valid JSON" in capsys.readouterr().err
+
+
+def test_ask_prompts_as_the_model_was_trained(tiny_gpt2):
+    """With the cards' instruction: SmolLM2's template otherwise puts its own system prompt
+    ("You are a helpful AI assistant named SmolLM") where training had MedAlpaca's."""
+    from federimed.data.records import INSTRUCTION
+
+    model = build_generator(tiny_gpt2, make_run().lora)
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    question = "What is the key investigation in gout?"
+    trained = prompt_ids(tokenizer, question, INSTRUCTION)
+    seen = []
+    original = model.generate
+
+    def generate(**kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return original(**kwargs)
+
+    model.generate = generate
+    ask(model, tokenizer, question, max_new_tokens=2)
+    assert seen == [trained]
+
+
+def test_a_model_trained_elsewhere_finds_its_base_model_through_its_provenance(tiny_gpt2, tmp_path):
+    """peft records the trainer's own path of the base model (a container's cache): on another
+    machine the run's provenance names the generator instead."""
+    import json
+
+    from federimed.decoder import GeneratorError
+
+    adapter = tmp_path / "final" / "adapter"
+    build_generator(tiny_gpt2, make_run().lora).save_pretrained(adapter)
+    load_generator_tokenizer(tiny_gpt2).save_pretrained(adapter)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "/opt/federimed/elsewhere/smollm2"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(GeneratorError, match=r"not on this machine, and no provenance\.json"):
+        load_answerer(tmp_path / "final")
+    (tmp_path / "final" / "provenance.json").write_text(json.dumps({
+        "run_id": 5, "finished": "2026-11-30T00:00:00+00:00", "status": "completed",
+        "track": "generative", "base_model": tiny_gpt2, "rounds_completed": 1,
+        "hospitals": {}, "final_test": None,
+    }))  # fmt: skip
+    model, _ = load_answerer(tmp_path / "final")
+    assert model.get_base_model().config.n_layer == 2
+
 
 def test_the_answer_loss_computed_at_answer_positions_only_equals_the_full_one(tiny_gpt2):
     from federimed.decoder import answer_loss
@@ -301,3 +376,34 @@ def test_the_prepared_gpu_check_times_the_decoder_on_the_cpu(tiny_gpt2):
     assert cpu["device"] == "cpu" and cpu["steps"] == 2
     assert cpu["train_tokens_per_second"] > 0 and cpu["answer_tokens_per_second"] > 0
     assert cpu["gpu_memory_peak_mib"] == 0.0
+
+
+def test_data_validate_checks_flashcards_and_a_hospital_takes_medalpacas_json_list(
+    consortium, tmp_path, capsys
+):
+    """MedAlpaca ships its flashcards as one JSON list: saved as a hospital's flashcards.json
+    it trains as is; `federimed data validate` names each bad card's line and field."""
+    import json
+
+    from federimed.cli import main
+    from federimed.data.records import load_hospital_cards
+
+    cards = from_cases(consortium)
+    write_flashcards(cards, tmp_path / "data")
+    assert main(["data", "validate", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(cards.test)} valid flashcards, OK" in out
+    assert out.count("valid flashcards, OK") == 1 + 2 * len(cards.hospitals)
+
+    hospital = tmp_path / "medalpaca"
+    hospital.mkdir()
+    medalpaca = [{"input": "What causes gout?", "output": "Urate crystals",
+                  "instruction": "Answer this question truthfully"}] * 3  # fmt: skip
+    (hospital / "flashcards.json").write_text(json.dumps(medalpaca, indent=2))
+    train, validation = load_hospital_cards(hospital)
+    assert [c.answer for c in train] == ["Urate crystals"] * 3 and validation == []
+
+    mine = tmp_path / "my-cards.jsonl"
+    mine.write_text('{"input": "q", "output": "a"}\n{"input": "q", "output": ""}\n')
+    assert main(["data", "validate", "--flashcards", str(mine)]) == 1
+    assert f"{mine}:2: missing or empty 'output'" in capsys.readouterr().err

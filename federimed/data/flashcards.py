@@ -21,13 +21,12 @@ from federimed.data.records import (
     DIAGNOSIS_KIND,
     FLASHCARDS_TRAIN,
     FLASHCARDS_VALIDATION,
+    INSTRUCTION,
     TEST_FLASHCARDS,
     Flashcard,
 )
 from federimed.data.synth import SynthDataset
 
-# MedAlpaca's own instruction for its flashcards.
-INSTRUCTION = "Answer this question truthfully"
 DIAGNOSIS_QUESTION = "What is the most likely diagnosis for this patient?\n\n{case}"
 # kind -> (question, answer drawn from the catalogue)
 KNOWLEDGE: dict[str, tuple[str, Callable[[Condition], str]]] = {
@@ -47,6 +46,14 @@ KNOWLEDGE: dict[str, tuple[str, Callable[[Condition], str]]] = {
         "Which condition is {name} most often confused with?",
         lambda c: BY_CODE[c.mimics[0]].name,
     ),
+}
+# The test set asks for the same facts in words no training card uses: a model that only
+# learnt a question's wording by heart does not score.
+TEST_WORDING: dict[str, str] = {
+    "investigation": "In a patient with {name}, which investigation result is most telling?",
+    "risk-factors": "Who is most at risk of developing {name}?",
+    "hallmark": "Which clinical feature is most typical of {name}?",
+    "mimic": "What is {name} most commonly mistaken for?",
 }
 
 
@@ -70,13 +77,15 @@ def diagnosis_card(case: dict) -> Flashcard:
     return Flashcard(question, BY_CODE[code].name, INSTRUCTION, DIAGNOSIS_KIND, code)
 
 
-def knowledge_cards(codes: Iterable[str]) -> list[Flashcard]:
+def knowledge_cards(codes: Iterable[str], held_out: bool = False) -> list[Flashcard]:
+    """What is known of each condition, one card per kind; ``held_out``: in the test set's
+    wording."""
     cards = []
     for code in codes:
         condition = BY_CODE[code]
         for kind, (question, answer) in KNOWLEDGE.items():
             if reply := answer(condition):  # a bank the catalogue leaves empty: no card
-                text = question.format(name=condition.name)
+                text = (TEST_WORDING[kind] if held_out else question).format(name=condition.name)
                 cards.append(Flashcard(text, reply, INSTRUCTION, kind, code))
     return cards
 
@@ -100,7 +109,7 @@ def from_cases(dataset: SynthDataset, test_cases_per_condition: int = 1) -> Flas
             test.append(diagnosis_card(case))
     kinds = list(KNOWLEDGE)
     for i, code in enumerate(dataset.labels):
-        cards = knowledge_cards([code])
+        cards = knowledge_cards([code], held_out=True)
         test.append(next((c for c in cards if c.kind == kinds[i % len(kinds)]), cards[0]))
     return FlashcardDataset(hospitals, test)
 

@@ -376,6 +376,8 @@ def labels_from_config(value: str) -> list[str]:
 
 # A flashcard's ``kind`` for case -> diagnosis cards, scored by exact match (the others: token-F1).
 DIAGNOSIS_KIND = "diagnosis"
+# MedAlpaca's flashcards carry this instruction; FederiMed's synthetic cards and `ask` use it too.
+INSTRUCTION = "Answer this question truthfully"
 
 
 @dataclass(frozen=True)
@@ -486,14 +488,26 @@ UNSEEN_STYLE_TEST = "test-unseen-style.jsonl"  # the common test set's notes in 
 # hospital writes (see docs/data.md)
 
 
+FLASHCARD_STEMS = ("flashcards", "flashcards-validation", "test-flashcards")
+
+
+def _cards_file(folder: Path, jsonl_name: str) -> Path | None:
+    """``flashcards.jsonl``, or MedAlpaca's own JSON list saved as ``flashcards.json``."""
+    for path in (folder / jsonl_name, (folder / jsonl_name).with_suffix(".json")):
+        if path.is_file():
+            return path
+    return None
+
+
 def load_hospital_cards(folder: Path) -> tuple[list[Flashcard], list[Flashcard]]:
     """(train, validation) flashcards of a hospital's data volume; validation is optional."""
     folder = Path(folder)
-    train = folder / FLASHCARDS_TRAIN
-    if not train.is_file():
-        raise DataError([Problem(folder, None, f"no {FLASHCARDS_TRAIN} (the generative track)")])
-    validation = folder / FLASHCARDS_VALIDATION
-    return load_flashcards(train), load_flashcards(validation) if validation.is_file() else []
+    train = _cards_file(folder, FLASHCARDS_TRAIN)
+    if train is None:
+        message = f"no {FLASHCARDS_TRAIN} or flashcards.json (the generative track)"
+        raise DataError([Problem(folder, None, message)])
+    validation = _cards_file(folder, FLASHCARDS_VALIDATION)
+    return load_flashcards(train), load_flashcards(validation) if validation else []
 
 
 @dataclass(frozen=True)
