@@ -2,7 +2,7 @@
 # Wall time of the main job at its default size, phase by phase (from report.json), and the
 # same in reference steps (bench/reference_step.py, timed just before and just after the demo
 # on this machine), the figure that compares machines of different speed:
-#   bash bench/demo_time.sh [extra `federimed demo` flags]
+#   bash bench/demo_time.sh [extra `federimed demo` flags, e.g. --track generative]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/bench-demo
@@ -32,8 +32,11 @@ for number, r in report["rounds"].items():
           f"overhead {r['seconds'] / slowest:.2f}; start-up "
           + ", ".join(f"{m['startup_seconds']:.1f}" for m in train) + " s; load "
           + ", ".join(f"{m['load_seconds']:.1f}" for m in train) + " s")
+generative = report["setup"].get("track") == "generative"
+headline, unseen = ("exact_match", "unseen_exact_match") if generative else (
+    "accuracy", "unseen_accuracy")
 for name, h in report["hospitals"].items():
-    print(name, {m: round(h[m]["accuracy"], 3) for m in ("federated", "local", "centralized")},
-          "unseen", {m: round(h[m].get("unseen_accuracy", float("nan")), 3)
-                     for m in ("federated", "local", "centralized")})
+    methods = [m for m in ("federated", "local", "centralized") if m in h]
+    print(name, headline, {m: round(h[m].get(headline, float("nan")), 3) for m in methods},
+          "unseen", {m: round(h[m].get(unseen, float("nan")), 3) for m in methods})
 PY

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import shutil
 import threading
 import time
@@ -176,6 +177,32 @@ def _import_in_background(modules: tuple[str, ...]) -> threading.Thread:
     return thread
 
 
+def check_pretrained(run: RunConfig) -> None:
+    """The track's pretrained model is here, before anything starts: a wrong ``--model``
+    would otherwise fail in every hospital's first round, a minute or more later."""
+    if run.track == "generative":
+        from federimed.smollm2 import resolve_generator
+
+        name = resolve_generator(run.generator)  # SmolLM2: converted once, here
+    else:
+        from federimed.model import resolve_model  # torch: a second or two before the start
+
+        name = resolve_model(run.model)
+    folder = Path(name).expanduser()
+    if folder.exists() or name.startswith((".", "/", "~")):
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"--model {run.base_model}: {folder} is not a model folder (no "
+                             "config.json)")  # fmt: skip
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ValueError(
+                f"--model {run.base_model}: no such folder, and not in the Hugging Face cache "
+                "(offline, as hospitals are; HF_HUB_OFFLINE=0 lets it download)"
+            )
+
+
 def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     started = time.monotonic()
     say = say or clock_printer(started)
@@ -188,6 +215,7 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     hospitals = len(Federation.hospital_folders(data)) if options.data else options.hospitals
     effective = _effective(options, hospitals, data)
     run = effective.run
+    check_pretrained(run)
     if options.data:
         federation = Federation.from_folder(data, run.track)
     else:

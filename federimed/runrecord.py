@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -25,11 +25,15 @@ if TYPE_CHECKING:
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
+FAILURE_FILE = "failure.json"  # instead of the summary, when the ServerApp gave the run up
 PROVENANCE_FILE = "provenance.json"
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_R = TypeVar("_R", bound=_Record)
 
 
 class Scores(_Record):
@@ -138,22 +142,46 @@ def read_rounds(out: Path) -> list[RoundRecord]:
     return records
 
 
-def write_summary(out: Path, summary: RunSummary) -> Path:
-    path = out / SUMMARY_FILE
+def _write_whole(path: Path, record: _Record) -> Path:
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(summary.model_dump_json(indent=2), encoding="utf-8")
-    temporary.replace(path)  # readers see a whole summary or none
+    temporary.write_text(record.model_dump_json(indent=2), encoding="utf-8")
+    temporary.replace(path)  # readers see a whole record or none
     return path
 
 
-def read_summary(out: Path) -> RunSummary | None:
-    path = out / SUMMARY_FILE
+def _read_whole(path: Path, kind: type[_R], what: str) -> _R | None:
     if not path.is_file():
         return None
     try:
-        return RunSummary.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        return kind.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, ValidationError) as error:
-        raise ValueError(f"{path}: not a run summary: {error}") from None
+        raise ValueError(f"{path}: not a {what}: {error}") from None
+
+
+def write_summary(out: Path, summary: RunSummary) -> Path:
+    return _write_whole(out / SUMMARY_FILE, summary)
+
+
+def read_summary(out: Path) -> RunSummary | None:
+    return _read_whole(out / SUMMARY_FILE, RunSummary, "run summary")
+
+
+class RunFailure(_Record):
+    """Why the ServerApp gave a run up (every hospital refused, a round failed): what the
+    dashboard shows instead of leaving the run "in progress".  The reasons carry no record
+    content (hospitals send codes and rules, never data)."""
+
+    run_id: int
+    reason: str
+    rounds_completed: int
+
+
+def write_failure(out: Path, failure: RunFailure) -> Path:
+    return _write_whole(out / FAILURE_FILE, failure)
+
+
+def read_failure(out: Path) -> RunFailure | None:
+    return _read_whole(out / FAILURE_FILE, RunFailure, "run failure record")
 
 
 class Provenance(_Record):
@@ -187,16 +215,8 @@ def write_provenance(
         hospitals=dict(sorted(hospitals.items())),
         final_test=summary.final_test,
     )
-    path = folder / PROVENANCE_FILE
-    path.write_text(provenance.model_dump_json(indent=2), encoding="utf-8")
-    return path
+    return _write_whole(folder / PROVENANCE_FILE, provenance)
 
 
 def read_provenance(folder: Path) -> Provenance | None:
-    path = folder / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Provenance.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValidationError as error:
-        raise ValueError(f"{path}: not a model provenance record: {error}") from None
+    return _read_whole(folder / PROVENANCE_FILE, Provenance, "model provenance record")

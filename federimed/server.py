@@ -53,11 +53,13 @@ from federimed.model import (
 from federimed.runconfig import RunConfig
 from federimed.runrecord import (
     RoundRecord,
+    RunFailure,
     RunSummary,
     Scores,
     Traffic,
     append_round,
     read_rounds,
+    write_failure,
     write_provenance,
     write_summary,
 )
@@ -680,6 +682,12 @@ class ServerRun:
                 self.run.run_deadline,
                 max(self.scores, default=0),
             )
+        except Exception as error:
+            self._scorer.shutdown(wait=True)  # the rounds already done, recorded
+            done = len(read_rounds(self.out))
+            write_failure(self.out, RunFailure(run_id=self.run_id, reason=str(error),
+                                               rounds_completed=done))  # fmt: skip
+            raise
         finally:
             self._scorer.shutdown(wait=True)  # the last round's score, even when a round failed
         self.wait_for_scoring()

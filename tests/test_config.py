@@ -162,3 +162,13 @@ def test_the_cli_and_the_run_config_need_no_ml_stack():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_demo_refuses_a_model_it_cannot_find_before_starting_anything(tmp_path, capsys):
+    """Before the federation starts, not in every hospital's first round."""
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model is not a model folder (no config.json)" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--model", "someone/not-cached-here"]) == 2
+    assert "not in the Hugging Face cache" in capsys.readouterr().err
+    assert not (out / "flower").exists() and not (out / "logs").exists()

@@ -59,6 +59,24 @@ def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_mod
     assert "submitted Flower run" in printed and "federated" in printed
     assert report["network"]["mode"] in ("loopback", "network namespaces")
     assert processes_using(tmp_path) == []  # nothing left running
+    _the_dashboard_shows_the_demos_comparison(out, report)
+
+
+def _the_dashboard_shows_the_demos_comparison(out, report) -> None:
+    """`make serve` after a demo: the run's page has the real report's comparison table."""
+    from fastapi.testclient import TestClient
+
+    from federimed.webapp.app import ServeLimits, load_app
+
+    client = TestClient(load_app(out / "model", out, ServeLimits(max_chars=400, max_new_tokens=4)))
+    run = client.get(f"/api/runs/{report['flower_run_id']}").json()
+    assert run["state"] == "completed" and run["comparison"]
+    federated = run["comparison"]["hospitals"]["hospital-1"]["federated"]
+    assert federated["score"] == report["hospitals"]["hospital-1"]["federated"]["accuracy"]
+    page = client.get(f"/runs/{report['flower_run_id']}").text
+    assert "local (tuned)" in page and "centralized" in page
+    predicted = client.post("/api/predict", json={"text": "crushing chest pain, ST elevation"})
+    assert predicted.status_code == 200 and len(predicted.json()["predictions"]) == 5
 
 
 def test_demo_failure_names_the_problem_and_leaves_nothing_behind(tmp_path, capsys):

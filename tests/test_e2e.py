@@ -7,6 +7,7 @@ cannot show that federating helps. Everything else is what a hospital deployment
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -17,6 +18,8 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -364,6 +367,7 @@ def train(msg, context):
 """
 PROBE_SERVER = """
 import json
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -501,8 +505,9 @@ def test_only_bundles_a_hospital_approved_run_on_its_data(federation, probe_app,
     assert not any(PLANTED in (e["error"] or "") for _, e in entries(ledger))
 
 
-def test_a_run_below_a_hospital_floor_is_refused_naming_the_rule(federation, tiny_model):
-    running, _, _ = federation
+def _submit_below_the_floor(running, tiny_model: str) -> tuple[int, dict]:
+    """A run every hospital refuses (batch-size 2 under the sites' floor of 4): its id and
+    final status, once the server has given up on it."""
     run_config = (
         f'model="{tiny_model}" max-length=32 batch-size=2 local-steps=2 num-server-rounds=2 '
         "min-nodes=3"
@@ -513,16 +518,23 @@ def test_a_run_below_a_hospital_floor_is_refused_naming_the_rule(federation, tin
     def refused() -> bool:
         return log.exists() and "no hospital trained" in log.read_text(errors="replace")
 
-    status = running.wait_for_run(run_id, timeout=300, done=refused)
+    return run_id, running.wait_for_run(run_id, timeout=300, done=refused)
+
+
+def test_a_run_below_a_hospital_floor_is_refused_naming_the_rule(federation, tiny_model):
+    running, _, _ = federation
+    run_id, status = _submit_below_the_floor(running, tiny_model)
     assert status["status"] == "finished:failed"
-    text = log.read_text(errors="replace")
+    text = (running.workdir / "logs" / f"run-{run_id}.log").read_text(errors="replace")
     for hospital in HOSPITALS:
         assert f"refused by {hospital}, code POLICY_FLOOR" in text
     assert "batch-size=2 is below the site policy's floor floors.batch_size=4" in text
     assert "batch-size=2" in _runner_log(running, "hospital-2")
 
 
-def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(federation, tiny_gpt2):
+def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(
+    federation, tiny_gpt2, tmp_path
+):
     """The generative track on the same deployment (TLS, node authentication, each hospital's
     runner and policy): a tiny GPT-2 with the real BPE, two rounds.  The adapter comes back
     and `peft` loads it; the marker planted in every question and answer of hospital-1's
@@ -564,6 +576,40 @@ def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(federati
         assert MARKER.encode() not in path.read_bytes(), path
     with sqlite3.connect(running.workdir / "state" / "superlink.db") as db:
         assert MARKER not in "\n".join(db.iterdump())
+    _a_clinician_asks_the_generative_model_in_a_real_browser(running, run_out, tmp_path)
+
+
+def _a_clinician_asks_the_generative_model_in_a_real_browser(running, run_out, tmp_path):
+    """The web app on the run's adapter: Chromium asks a question and the answer streams into
+    the page; it is the answer the JSON API gives."""
+    from playwright.sync_api import sync_playwright
+
+    question = "What is the key investigation finding in Addison's disease?"
+    log = tmp_path / "serve.log"
+    WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with _serving(run_out / "final", running.workdir / "flower", log) as url:
+        with sync_playwright() as playwright:
+            browser = _chromium(playwright)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 800})
+                page.goto(url + "/")
+                assert "Ask a medical question" in page.inner_text("main")
+                page.fill("#question", question)
+                page.click("#ask button")
+                page.wait_for_selector('#answer[data-done="true"]', timeout=60_000)
+                shown = page.inner_text("#answer").strip()
+                assert shown and not page.is_visible("#error")
+                page.screenshot(path=str(WEB_ARTIFACTS / "ask.png"), full_page=True)
+            finally:
+                browser.close()
+        request = urllib.request.Request(
+            f"{url}/api/ask",
+            data=json.dumps({"question": question}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert shown == reply.read().decode().strip()  # greedy: the same answer
+    assert question not in log.read_text()
 
 
 def test_every_reply_of_a_full_run_is_in_each_hospitals_verified_ledger(federation, finished_run):
@@ -630,24 +676,35 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: floa
     raise AssertionError(f"{url} not up after {timeout} s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def web(federation, finished_run, tmp_path_factory):
-    """`federimed serve` on the full run's final model and the federation's run records."""
-    running, _, _ = federation
-    _, _, run_out = finished_run
+@contextlib.contextmanager
+def _serving(model: Path, runs: Path, log: Path) -> Iterator[str]:
+    """`federimed serve` in its own process, as an operator starts it: its URL while it runs."""
     port = free_port()
-    log = tmp_path_factory.mktemp("web") / "serve.log"
-    argv = [sys.executable, "-m", "federimed.cli", "serve", "--model", str(run_out / "final"),
-            "--runs", str(running.workdir / "flower"), "--port", str(port)]  # fmt: skip
+    argv = [sys.executable, "-m", "federimed.cli", "serve", "--model", str(model),
+            "--runs", str(runs), "--port", str(port)]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(f"{url}/healthz", process, log)
-        yield url, log
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def web(federation, finished_run, tmp_path_factory):
+    """`federimed serve` on the full run's final model and the federation's run records."""
+    running, _, _ = federation
+    _, _, run_out = finished_run
+    log = tmp_path_factory.mktemp("web") / "serve.log"
+    with _serving(run_out / "final", running.workdir / "flower", log) as url:
+        yield url, log
+
+
+def _chromium(playwright):
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
 
 
 def test_a_clinician_gets_diagnoses_from_the_federated_model_in_a_real_browser(web, finished_run):
@@ -660,9 +717,7 @@ def test_a_clinician_gets_diagnoses_from_the_federated_model_in_a_real_browser(w
     case = "72F sudden tearing chest pain radiating to back, BP 190/100 R arm, 150/80 L arm"
     WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-        )
+        browser = _chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
             page.goto(url + "/")
@@ -675,6 +730,11 @@ def test_a_clinician_gets_diagnoses_from_the_federated_model_in_a_real_browser(w
             assert rows.count() == 5
             shown = [rows.nth(i).inner_text() for i in range(5)]
             page.screenshot(path=str(WEB_ARTIFACTS / "clinician.png"), full_page=True)
+            page.goto(f"{url}/runs")  # the dashboard: every run of the federation, its state
+            listed = page.locator(f'a[href="/runs/{run_id}"]')
+            assert listed.count() >= 1
+            assert "completed" in page.locator("tr", has=listed.first).inner_text()
+            page.screenshot(path=str(WEB_ARTIFACTS / "runs.png"), full_page=True)
             page.goto(f"{url}/runs/{run_id}")
             assert page.locator("svg.chart circle.point").count() == ROUNDS
             assert "completed" in page.inner_text("#run-state")
@@ -699,7 +759,9 @@ def _api_predict(url: str, text: str) -> str:
         return reply.read().decode()
 
 
-def test_a_real_prometheus_scrapes_the_federations_metrics(federation, web, finished_run, tmp_path):
+def test_a_real_prometheus_scrapes_the_federations_metrics(
+    federation, web, finished_run, tiny_model, tmp_path
+):
     """Debian's Prometheus scrapes the web app's /metrics (the consortium's series, read from
     the run records) and hospital-1's exporter (its series, read from its egress ledger), and
     answers queries for both over its HTTP API."""
@@ -709,6 +771,15 @@ def test_a_real_prometheus_scrapes_the_federations_metrics(federation, web, fini
     ledger_path = Path(running.state.site_policies["hospital-1"]).parent / "egress-ledger.jsonl"
     steps = [e.get("steps") for _, e in entries(ledger_path) if e["run_id"] == run_id]
     assert steps.count(CHANGED_DEFAULT[2]) == ROUNDS  # its train replies; evaluate: None
+    if not any("code POLICY_FLOOR]" in (e["error"] or "") for _, e in entries(ledger_path)):
+        _submit_below_the_floor(running, tiny_model)  # this test run alone: a refusal to count
+    refusals = Counter(
+        code
+        for _, e in entries(ledger_path)
+        for code in ("POLICY_FLOOR", "APP_NOT_APPROVED")
+        if f"code {code}]" in (e["error"] or "")
+    )
+    _api_predict(url, "58M crushing central chest pain, ST elevation V1-V4")
     exporter_port = free_port()
     exporter_log = tmp_path / "exporter.log"
     argv = [sys.executable, "-m", "federimed.cli", "exporter", "--ledger", str(ledger_path),
@@ -751,6 +822,17 @@ def test_a_real_prometheus_scrapes_the_federations_metrics(federation, web, fini
         accuracy = query(f'federimed_test_accuracy{{run="{run_id}"}}')
         assert 0 < float(accuracy[0]["value"][1]) <= 1
         assert query(f'federimed_round_participants{{run="{run_id}"}}')[0]["value"][1] == "3"
+        assert query(f'federimed_round_dropped{{run="{run_id}"}}')[0]["value"][1] == "0"
+        assert (
+            float(query(f'federimed_round_duration_seconds{{run="{run_id}"}}')[0]["value"][1]) > 0
+        )
+        assert float(query(f'federimed_test_loss{{run="{run_id}"}}')[0]["value"][1]) > 0
+        rejected = query(f'federimed_updates_rejected_total{{run="{run_id}"}}')
+        assert rejected[0]["value"][1] == "0"
+        ok = 'route="/api/predict",method="POST",status="200"'
+        assert float(query(f"federimed_http_requests_total{{{ok}}}")[0]["value"][1]) >= 1
+        timed = query('federimed_http_request_seconds_count{route="/api/predict"}')
+        assert float(timed[0]["value"][1]) >= 1
         assert query('up{job="consortium"}')[0]["value"][1] == "1"
         while not query('federimed_site_steps_total{site="hospital-1"}'):
             assert time.monotonic() < deadline + 60, exporter_log.read_text()
@@ -761,6 +843,18 @@ def test_a_real_prometheus_scrapes_the_federations_metrics(federation, web, fini
         assert query('federimed_site_ledger_valid{site="hospital-1"}')[0]["value"][1] == "1"
         sent = query('federimed_site_bytes_sent_total{site="hospital-1"}')[0]["value"][1]
         assert float(sent) > 0
+        site = '{site="hospital-1"}'
+        assert float(query(f"federimed_site_training_loss{site}")[0]["value"][1]) > 0
+        assert float(query(f"federimed_site_examples_used_total{site}")[0]["value"][1]) > 0
+        trained = query('federimed_site_replies_total{site="hospital-1",kind="train"}')
+        assert float(trained[0]["value"][1]) >= ROUNDS
+        # each refusal under its own code, as the runner wrote it in the ledger
+        counted = {
+            r["metric"]["code"]: int(float(r["value"][1]))
+            for r in query(f"federimed_site_refused_total{site}")
+        }
+        assert refusals["POLICY_FLOOR"] >= 1
+        assert {code: counted.get(code, 0) for code in refusals} == dict(refusals)
         # the shipped dashboard: every query evaluates, and names only series that exist
         exported = _series_names(_get(url + "/metrics") + _get(f"http://127.0.0.1:{exporter_port}"))
         for expression in _dashboard_queries():

@@ -278,6 +278,24 @@ def test_a_run_that_never_gets_enough_hospitals_ends_at_its_deadline(tmp_path, t
     assert json.loads((tmp_path / "7" / RUN_CONFIG_FILE).read_text())["run-deadline"] == 2
 
 
+def test_a_run_the_serverapp_gives_up_records_why(tmp_path, tiny_model):
+    """Not left "in progress" on the dashboard: failure.json says why, the error goes on."""
+    from federimed.runrecord import read_failure
+    from federimed.server import ServerRun
+
+    class Refusing(_Grid):
+        def get_node_ids(self):
+            raise RuntimeError("round 1: no hospital trained (hospital-1: below the floor)")
+
+    run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="no hospital trained"):
+        ServerRun(run, 8).start(Refusing())
+    failure = read_failure(tmp_path / "8")
+    assert failure.reason == "round 1: no hospital trained (hospital-1: below the floor)"
+    assert failure.run_id == 8 and failure.rounds_completed == 0
+    assert not (tmp_path / "8" / "summary.json").exists()
+
+
 def test_round_one_is_timed_from_the_end_of_round_zero(tmp_path, tiny_model, monkeypatch):
     """The server's start is not round 1's time, and neither is the initial model's scoring,
     which runs beside round 1."""

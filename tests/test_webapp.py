@@ -18,11 +18,13 @@ from fastapi.testclient import TestClient
 from federimed.cli import main
 from federimed.runrecord import (
     RoundRecord,
+    RunFailure,
     RunSummary,
     Scores,
     Traffic,
     append_round,
     read_rounds,
+    write_failure,
     write_provenance,
     write_summary,
 )
@@ -231,6 +233,17 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
     (broken.out / "final" / "model.safetensors").write_bytes(b"not weights")
     assert client.get("/api/model").json()["run_id"] == 21  # the last good one goes on
     assert client.post("/api/predict", json={"text": CASE}).json()["model"]["run_id"] == 21
+    given_up = ServerRun(make_run(model=tiny_model, output_dir=str(tmp_path)), 20)
+    write_failure(
+        given_up.out,
+        RunFailure(
+            run_id=20,
+            reason="round 1: no hospital trained (hospital-2: POLICY_FLOOR)",
+            rounds_completed=0,
+        ),
+    )
+    assert client.get("/api/runs/20").json()["state"] == "failed"
+    assert "hospital-2: POLICY_FLOOR" in client.get("/runs/20").text
 
 
 def test_the_demo_report_adds_the_comparison(classifier_run, client):

@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from federimed.report import MEASURES, METHODS, Measures, measures, method_name
-from federimed.runrecord import ROUNDS_FILE, RoundRecord, RunSummary, read_rounds, read_summary
+from federimed.runrecord import (
+    ROUNDS_FILE,
+    RoundRecord,
+    RunFailure,
+    RunSummary,
+    read_failure,
+    read_rounds,
+    read_summary,
+)
 
 RUN_MARKER = "run_config.json"  # written by the ServerApp when a run starts
-IN_PROGRESS, STALLED = "in progress", "stalled"
+IN_PROGRESS, STALLED, FAILED = "in progress", "stalled", "failed"
 DEFAULT_ROUND_TIMEOUT = 600.0  # the app's, for a record that does not name its own
 # Beyond the round's reply timeout: aggregating, scoring and checkpointing the round.
 STALL_GRACE = 300.0
@@ -35,15 +43,19 @@ class Run:
     report: dict[str, Any] | None
 
     last_written: float = 0.0  # when the ServerApp last wrote the record (epoch seconds)
+    failure: RunFailure | None = None  # why the ServerApp gave the run up
 
     @property
     def state(self) -> str:
-        """ "completed" or "deadline" from the summary. Without one, "in progress" while its
-        record keeps growing, "stalled" when no round was written for longer than a round may
-        take: a run whose ServerApp died has no summary either (a stalled run that writes
-        again is in progress again)."""
+        """ "completed" or "deadline" from the summary; "failed" when the ServerApp gave the
+        run up (its reason is on the run's page). Otherwise "in progress" while its record
+        keeps growing, "stalled" when no round was written for longer than a round may take:
+        a ServerApp that was killed writes neither (a stalled run that writes again is in
+        progress again)."""
         if self.summary:
             return self.summary.status
+        if self.failure:
+            return FAILED
         quiet = time.time() - self.last_written
         limit = float(self.config.get("round-timeout", DEFAULT_ROUND_TIMEOUT)) + STALL_GRACE
         return STALLED if quiet > limit else IN_PROGRESS
@@ -102,6 +114,7 @@ class Run:
             about["config"] = self.config
             about["rounds"] = [r.model_dump() for r in self.rounds]
             about["summary"] = self.summary.model_dump() if self.summary else None
+            about["failure"] = self.failure.model_dump() if self.failure else None
             about["comparison"] = self.comparison()
         return about
 
@@ -139,7 +152,7 @@ class RunIndex:
         written = [p.stat().st_mtime for p in (folder / RUN_MARKER, folder / ROUNDS_FILE)
                    if p.is_file()]  # fmt: skip
         return Run(run_id, folder, config, read_rounds(folder), read_summary(folder),
-                   self._report(run_id, folder), max(written))  # fmt: skip
+                   self._report(run_id, folder), max(written), read_failure(folder))  # fmt: skip
 
     def _report(self, run_id: str, folder: Path) -> dict[str, Any] | None:
         """The demo's report.json about this run, in the run's folder or one above it (up to

@@ -119,3 +119,8 @@ if (runState && following.includes(runState.dataset.state)) {
     }
   }, 2000);
 }
+
+// The runs list: reloaded while a run on it is in progress.
+if (document.querySelector("table.runs .state.in-progress")) {
+  setTimeout(() => location.reload(), 5000);
+}
