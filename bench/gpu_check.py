@@ -135,7 +135,7 @@ def _synchronize(device: torch.device) -> None:
 
 def decoder_checks(generator: str, steps: int, cpu_only: bool) -> tuple[list[dict], list[str]]:
     """The decoder on the CPU (the CI machines' 2 threads) and, unless ``cpu_only``, the GPU."""
-    timings = [decoder_path(generator, "cpu", steps=max(2, steps // 4))]
+    timings = [decoder_path(generator, "cpu", steps=max(2, steps // 2))]
     if not cpu_only:
         timings += [
             decoder_path(generator, "cuda", "auto", steps),

@@ -173,7 +173,8 @@ def test_a_generative_model_streams_its_answer(tiny_gpt2, tmp_path):
 
     run = make_run(track="generative", generator=tiny_gpt2, output_dir=str(tmp_path))
     server = ServerRun(run, 12)
-    append_round(server.out, a_round(1))
+    generative_scores = Scores(exact_match=0.125, token_f1=0.03, perplexity=19.0, num_examples=64)
+    append_round(server.out, a_round(1).model_copy(update={"test": generative_scores}))
     finish(server, 1)
     final = server.out / "final"
     client = TestClient(load_app(final, tmp_path, LIMITS))
@@ -191,7 +192,9 @@ def test_a_generative_model_streams_its_answer(tiny_gpt2, tmp_path):
     assert too_long.status_code == 413 and "over the limit of 200" in too_long.json()["detail"]
     plain = client.post("/api/ask", content=question, headers={"content-type": "text/plain"})
     assert plain.status_code == 415 and question not in plain.text
-    assert "Ask a medical question" in client.get("/").text
+    page = client.get("/")  # its provenance: the generative track's scores
+    assert "Ask a medical question" in page.text
+    assert "exact match 12.5%, perplexity 19.0" in page.text
 
 
 def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_path):
