@@ -74,7 +74,7 @@ def _the_dashboard_shows_the_demos_comparison(out, report) -> None:
     federated = run["comparison"]["hospitals"]["hospital-1"]["federated"]
     assert federated["score"] == report["hospitals"]["hospital-1"]["federated"]["accuracy"]
     page = client.get(f"/runs/{report['flower_run_id']}").text
-    assert "local (tuned)" in page and "centralized" in page
+    assert "<th>Local (tuned)</th>" in page and "<th>Centralized</th>" in page
     predicted = client.post("/api/predict", json={"text": "crushing chest pain, ST elevation"})
     assert predicted.status_code == 200 and len(predicted.json()["predictions"]) == 5
 
