@@ -21,7 +21,8 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from federimed.model import quiet_libraries, resolve_model
+from federimed.model import quiet_libraries
+from federimed.runconfig import resolve_model
 
 BATCH, TOKENS, LABELS = 16, 128, 32
 

@@ -21,7 +21,7 @@ from federimed.data.records import Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy.flower import COMPLETED
 from federimed.deploy.local import FederationState, LocalFederation, deployment_overrides
-from federimed.runconfig import RunConfig
+from federimed.runconfig import RunConfig, resolve_model
 from federimed.runrecord import (
     SUMMARY_FILE,
     RoundRecord,
@@ -185,8 +185,6 @@ def check_pretrained(run: RunConfig) -> None:
 
         name = resolve_generator(run.generator)  # SmolLM2: converted once, here
     else:
-        from federimed.model import resolve_model  # torch: a second or two before the start
-
         name = resolve_model(run.model)
     folder = Path(name).expanduser()
     if folder.exists() or name.startswith((".", "/", "~")):
@@ -206,16 +204,18 @@ def check_pretrained(run: RunConfig) -> None:
 def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     started = time.monotonic()
     say = say or clock_printer(started)
-    imports = _import_in_background(AFTER_THE_FEDERATION)
     out = options.out.resolve()
     options = dataclasses.replace(options, out=out)
-    out.mkdir(parents=True, exist_ok=True)
     # The user's data, or synthetic data in a known layout, made below with the run's seed.
     data = (options.data or out / "data").resolve()
     hospitals = len(Federation.hospital_folders(data)) if options.data else options.hospitals
     effective = _effective(options, hospitals, data)
     run = effective.run
+    # Before the imports start in the background: converting SmolLM2 imports torch here, and
+    # two threads importing transformers at once can each see it half-imported.
     check_pretrained(run)
+    imports = _import_in_background(AFTER_THE_FEDERATION)
+    out.mkdir(parents=True, exist_ok=True)
     if options.data:
         federation = Federation.from_folder(data, run.track)
     else:

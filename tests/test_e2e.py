@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -582,26 +583,17 @@ def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(
 def _a_clinician_asks_the_generative_model_in_a_real_browser(running, run_out, tmp_path):
     """The web app on the run's adapter: Chromium asks a question and the answer streams into
     the page; it is the answer the JSON API gives."""
-    from playwright.sync_api import sync_playwright
-
     question = "What is the key investigation finding in Addison's disease?"
     log = tmp_path / "serve.log"
-    WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with _serving(run_out / "final", running.workdir / "flower", log) as url:
-        with sync_playwright() as playwright:
-            browser = _chromium(playwright)
-            try:
-                page = browser.new_page(viewport={"width": 1200, "height": 800})
-                page.goto(url + "/")
-                assert "Ask a medical question" in page.inner_text("main")
-                page.fill("#question", question)
-                page.click("#ask button")
-                page.wait_for_selector('#answer[data-done="true"]', timeout=60_000)
-                shown = page.inner_text("#answer").strip()
-                assert shown and not page.is_visible("#error")
-                page.screenshot(path=str(WEB_ARTIFACTS / "ask.png"), full_page=True)
-            finally:
-                browser.close()
+        with _browser_page(url) as page:
+            assert "Ask a medical question" in page.inner_text("main")
+            page.fill("#question", question)
+            page.click("#ask button")
+            page.wait_for_selector('#answer[data-done="true"]', timeout=60_000)
+            shown = page.inner_text("#answer").strip()
+            assert shown and not page.is_visible("#error")
+            page.screenshot(path=str(WEB_ARTIFACTS / "ask.png"), full_page=True)
         request = urllib.request.Request(
             f"{url}/api/ask",
             data=json.dumps({"question": question}).encode(),
@@ -703,46 +695,51 @@ def web(federation, finished_run, tmp_path_factory):
         yield url, log
 
 
-def _chromium(playwright):
-    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+@contextlib.contextmanager
+def _browser_page(url: str) -> Iterator[Any]:
+    """Debian's Chromium (driven by playwright) showing ``url``/; closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(url + "/")
+            yield page
+        finally:
+            browser.close()
 
 
 def test_a_clinician_gets_diagnoses_from_the_federated_model_in_a_real_browser(web, finished_run):
     """Chromium opens /, a case is typed and submitted, the real model's top 5 appear with
     their bars; the run's page shows one chart point per round.  Screenshots are kept."""
-    from playwright.sync_api import sync_playwright
-
     url, log = web
     run_id, _, _ = finished_run
     case = "72F sudden tearing chest pain radiating to back, BP 190/100 R arm, 150/80 L arm"
-    WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = _chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 800})
-            page.goto(url + "/")
-            assert "not for clinical use" in page.inner_text(".banner")
-            assert str(run_id) in page.inner_text(".provenance")
-            page.fill("#text", case)
-            page.click("#predict button")
-            page.wait_for_selector(".prediction", timeout=60_000)
-            rows = page.locator(".prediction")
-            assert rows.count() == 5
-            shown = [rows.nth(i).inner_text() for i in range(5)]
-            page.screenshot(path=str(WEB_ARTIFACTS / "clinician.png"), full_page=True)
-            page.goto(f"{url}/runs")  # the dashboard: every run of the federation, its state
-            listed = page.locator(f'a[href="/runs/{run_id}"]')
-            assert listed.count() >= 1
-            assert "completed" in page.locator("tr", has=listed.first).inner_text()
-            page.screenshot(path=str(WEB_ARTIFACTS / "runs.png"), full_page=True)
-            page.goto(f"{url}/runs/{run_id}")
-            assert page.locator("svg.chart circle.point").count() == ROUNDS
-            assert "completed" in page.inner_text("#run-state")
-            page.screenshot(path=str(WEB_ARTIFACTS / "run.png"), full_page=True)
-            page.goto(f"{url}/docs")  # the API docs, with the browser offline from any CDN
-            assert "POST /api/predict" in page.inner_text("main")
-        finally:
-            browser.close()
+    with _browser_page(url) as page:
+        assert "not for clinical use" in page.inner_text(".banner")
+        assert str(run_id) in page.inner_text(".provenance")
+        page.fill("#text", case)
+        page.click("#predict button")
+        page.wait_for_selector(".prediction", timeout=60_000)
+        rows = page.locator(".prediction")
+        assert rows.count() == 5
+        shown = [rows.nth(i).inner_text() for i in range(5)]
+        page.screenshot(path=str(WEB_ARTIFACTS / "clinician.png"), full_page=True)
+        page.goto(f"{url}/runs")  # the dashboard: every run of the federation, its state
+        listed = page.locator(f'a[href="/runs/{run_id}"]')
+        assert listed.count() >= 1
+        assert "completed" in page.locator("tr", has=listed.first).inner_text()
+        page.screenshot(path=str(WEB_ARTIFACTS / "runs.png"), full_page=True)
+        page.goto(f"{url}/runs/{run_id}")
+        assert page.locator("svg.chart circle.point").count() == ROUNDS
+        assert "completed" in page.inner_text("#run-state")
+        page.screenshot(path=str(WEB_ARTIFACTS / "run.png"), full_page=True)
+        page.goto(f"{url}/docs")  # the API docs, with the browser offline from any CDN
+        assert "POST /api/predict" in page.inner_text("main")
     api = json.loads(_api_predict(url, case))
     top = api["predictions"][0]
     assert top["code"] in shown[0] and f"{100 * top['probability']:.1f}%" in shown[0]
