@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -105,9 +106,10 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
             f"{path}: no train/validation/test .jsonl/.csv/.parquet files and no flashcards"
             ".jsonl/.json (the generative track's)"
         )
+    check_cases = _case_checker(args) if cases else None
     failed = 0
     for file, (count, problems) in [
-        *((f, _check_cases(f, args)) for f in sorted(cases)),
+        *((f, check_cases(f)) for f in sorted(cases)),
         *((f, _check_cards(f)) for f in sorted(cards)),
     ]:
         for problem in problems:
@@ -118,15 +120,20 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _check_cases(file: Path, args: argparse.Namespace) -> tuple[str, list]:
+def _case_checker(args: argparse.Namespace) -> Callable[[Path], tuple[str, list]]:
+    """Checks case files against the label set training uses: the run config's `labels`
+    (env and flags included), resolved once for all files."""
     from federimed.config import resolve
     from federimed.data.records import Columns, check_file
 
-    # The same label set training uses: the run config's `labels` (env and flags included).
     labels = resolve(app_dir=args.app, run_config=args.run_config or "").run.label_list
     columns = Columns(text=args.text_column, label=args.label_column, id=args.id_column)
-    examples, problems = check_file(file, labels, columns)
-    return f"{len(examples)} valid rows", problems
+
+    def check(file: Path) -> tuple[str, list]:
+        examples, problems = check_file(file, labels, columns)
+        return f"{len(examples)} valid rows", problems
+
+    return check
 
 
 def _check_cards(file: Path) -> tuple[str, list]:

@@ -287,18 +287,15 @@ def _base_model(adapter: Path, config: dict, config_file: Path) -> str:
     on, which is another machine's (or a container's) cache when the model was trained
     elsewhere: then the run's provenance names the generator, resolved here."""
     base = config.get("base_model_name_or_path")
-    if (
-        isinstance(base, str)
-        and base
-        and not (Path(base).is_absolute() and not Path(base).exists())
-    ):
-        return base
+    named = base if isinstance(base, str) and base else None
+    if named and (Path(named).exists() or not Path(named).is_absolute()):  # here, or a hub id
+        return named
     for folder in (adapter, adapter.parent):
         if provenance := read_provenance(folder):
             return resolve_generator(provenance.base_model)
-    if isinstance(base, str) and base:
+    if named:
         raise GeneratorError(
-            f"{config_file}: its base model {base} is not on this machine, and no "
+            f"{config_file}: its base model {named} is not on this machine, and no "
             "provenance.json beside it names the generator"
         )
     raise GeneratorError(f"{config_file}: names no base model (base_model_name_or_path)")
