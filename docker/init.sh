@@ -8,20 +8,26 @@
 #   /init/certs-public      ca.crt nodes/hospital-K.pub   (ServerApp runner, enroll, submit)
 #   /init/certs-hospital-K  ca.crt node.key node.key.pub  (that hospital's SuperNode only)
 #   /init/data-hospital-K   train.jsonl validation.jsonl flashcards.jsonl
-#                           flashcards-validation.jsonl labels.json  (that hospital only)
+#                           flashcards-validation.jsonl labels.json  (that hospital only: its
+#                           SuperNode and ClientApp runner, read-only)
 #   /init/data-server       test.jsonl test-unseen-style.jsonl test-flashcards.jsonl
 #                           labels.json manifest.json                (ServerApp runner)
 #   /init/runtime-consortium  superexec.secret: the Runtime API secret of the SuperLink, shared
 #                             with the ServerApp runner only
 #   /init/runtime-hospital-K  superexec.secret: the secret of SuperNode K's Runtime API, shared
-#                             with that hospital's ClientApp runner only
+#                             with that hospital's ClientApp runner only (as the file's group)
 #   /init/policy-hospital-K   policy.yaml: hospital K's site policy (mounted read-only in its
-#                             ClientApp runner), approving the app bundle of this image (/app)
-#   /init/ledger-hospital-K   (empty at first) hospital K's egress ledger, written by its runner
-# Files end up owned by the images' user app (49999); private keys 0600, secrets 0400.
+#                             SuperNode, whose guard applies it), approving the app bundle of
+#                             this image (/app)
+#   /init/ledger-hospital-K   (empty at first) hospital K's egress ledger, written by its
+#                             SuperNode only
+# Files end up owned by the images' user app (49999); private keys 0600, secrets 0400, except a
+# hospital's Runtime API secret: 0440 with the group of the ClientApp runners' user (49998,
+# `clientapp` in docker/Dockerfile), which runs apart from the SuperNode's user.
 set -eu
 N="${HOSPITALS:-3}"
 UID_GID="${APP_UID:-49999}:${APP_GID:-49999}"
+RUNNER_GID="${CLIENTAPP_GID:-49998}"
 
 # INIT_SANS: extra names/IPs the SuperLink and the fleet gateway are reached by
 # (space-separated), besides the built-in localhost, 127.0.0.1, superlink and fleet-gateway.
@@ -89,5 +95,11 @@ for f in test.jsonl test-unseen-style.jsonl test-flashcards.jsonl labels.json ma
     if [ -f "/init/synth/$f" ]; then put 0644 "/init/synth/$f" "/init/data-server/$f"; fi
 done
 for d in /init/*; do chown -R "$UID_GID" "$d"; done
+k=1
+while [ "$k" -le "$N" ]; do
+    s="/init/runtime-hospital-$k/superexec.secret"
+    if [ -f "$s" ]; then chgrp "$RUNNER_GID" "$s" && chmod 0440 "$s"; fi
+    k=$((k + 1))
+done
 chmod 0700 /init/pki
 echo "init: certificates, secrets, site policies and data ready for $N hospitals"

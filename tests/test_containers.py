@@ -7,11 +7,13 @@ and checks that the demo run finished its rounds with all three hospitals (which
 consortium only through the fleet gateway), saved its run record (rounds.jsonl, summary.json)
 and the model on the `runs` volume, that each hospital's egress ledger verifies, and that the
 deployment keeps its promises (non-root, networks, secrets, the Control API out of the
-hospitals' reach). Last, on the same stack: a hospital's SuperNode SIGKILLed (`docker compose
-kill`) in the middle of a second run is dropped from that round and the run completes with the
-other two; started again (`docker compose start`), it takes part in the next run; and a
-generative-track run with the real SmolLM2 that the image carries.
+hospitals' reach; each hospital's guard in its SuperNode, its ClientApp runner another user
+that reaches nothing but its SuperNode). Last, on the same stack: a hospital's SuperNode
+SIGKILLed (`docker compose kill`) in the middle of a second run is dropped from that round and
+the run completes with the other two; started again (`docker compose start`), it takes part in
+the next run; and a generative-track run with the real SmolLM2 that the image carries.
 Everything is torn down afterwards; images and the layer cache stay for the next run.
+The compose_config tests need the compose plugin only (no engine, no build): `-k compose`.
 
     tests/containers/run.sh          # = make test-containers; needs root (dockerd, apt-get)
 
@@ -68,6 +70,12 @@ LONG_RUNNING = (
     *(f"clientapp-{h}" for h in HOSPITALS),
 )
 NODES_ONLINE_TIMEOUT = 300  # SuperNodes connect within seconds; generous for a loaded machine
+# Users: every service runs as the images' `app` (49999), but the ClientApp runners, where the
+# consortium's code runs, as the app image's `clientapp` (49998): apart from the SuperNode, whose
+# guard writes the hospital's egress ledger (issue 27).
+APP_USER = "49999:49999"
+RUNNER_USER = "49998:49998"
+RUNNERS = tuple(f"clientapp-{h}" for h in HOSPITALS)
 KILLED = "hospital-3"  # the hospital whose SuperNode test_killed_hospital_... SIGKILLs
 
 
@@ -247,6 +255,23 @@ def _tail(stack: Stack, n: int = 80) -> str:
 # ------------------------------------------------------------------------------ static checks
 
 
+@pytest.fixture(scope="module")
+def compose_config():
+    """`docker compose ... config` as JSON, for a list of files and profiles: the deployment as
+    Compose itself reads it (merges, anchors, overrides). Needs the compose plugin only, no
+    engine (tests/containers/engine.sh compose installs it where it is missing)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERIMED_")}
+    _run(["bash", str(HELPERS / "engine.sh"), "compose"], env=env, timeout=600)
+
+    def config(*files: str, profiles: tuple[str, ...] = ()) -> dict:
+        args = [a for f in files for a in ("-f", f)]
+        args += [a for p in profiles for a in ("--profile", p)]
+        out = _run(["docker", "compose", *args, "config", "--format", "json"], env=env)
+        return json.loads(out.stdout)
+
+    return config
+
+
 def test_dockerfile_is_hadolint_clean():
     hadolint = _run(["bash", str(HELPERS / "engine.sh"), "hadolint"], timeout=600)
     binary = hadolint.stdout.strip().splitlines()[-1]
@@ -254,11 +279,9 @@ def test_dockerfile_is_hadolint_clean():
     assert result.returncode == 0, result.stdout
 
 
-def test_compose_files_are_valid_and_gpu_only_in_override(engine):
+def test_compose_files_are_valid_and_gpu_only_in_override(compose_config):
     def config(*files):
-        args = [a for f in files for a in ("-f", f)]
-        out = _run(["docker", "compose", *args, "config", "--format", "json"], env=engine.env)
-        return json.loads(out.stdout)["services"]
+        return compose_config(*files)["services"]
 
     base = config("compose.yaml")
     assert not any(s.get("deploy") for s in base.values()), "compose.yaml must start without GPUs"
@@ -275,6 +298,106 @@ def test_compose_files_are_valid_and_gpu_only_in_override(engine):
         # telemetry off comes from the images (docker/Dockerfile), not from compose
         assert "FLWR_TELEMETRY_ENABLED" not in env, name
         assert "FLWR_DISABLE_UPDATE_CHECK" not in env, name
+
+
+def _volumes(service: dict) -> dict[str, tuple[str, bool]]:
+    """target -> (volume name, read-write) of a rendered service's named volumes."""
+    return {
+        v["target"]: (v["source"], not v.get("read_only", False))
+        for v in service.get("volumes", [])
+        if v["type"] == "volume"
+    }
+
+
+def _under(path: str, mount: str) -> bool:
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
+
+
+# Docker's embedded DNS forwards names it does not know to the `dns:` servers from the
+# container's own network namespace (on an internal network: nowhere); without `dns:`, engines
+# before the fix for CVE-2024-29018 forward from the host's namespace where the host's resolver
+# is on loopback. The runners name a server that exists nowhere (compose.yaml).
+UNROUTABLE_DNS = ["240.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "files",
+    [("compose.yaml",), ("compose.yaml", "compose.gpu.yaml"), ("compose.yaml", "compose.cpu.yaml")],
+    ids=["base", "gpu", "cpu"],
+)
+def test_compose_guard_in_the_supernode_and_runner_apart(compose_config, files):
+    """Issue 27, as Compose renders the deployment (with the monitoring profile): each
+    hospital's SuperNode holds the guard (FEDERIMED_SITE_POLICY, the policy read-only, the
+    ledger read-write, the data read-only at the image's data path); the ClientApp runner mounts
+    only the data (read-only) and the Runtime API secret, reads no policy, runs as another user
+    with its own tmpfs home, and sits on its hospital network alone with its SuperNode: an
+    internal network, and no DNS forwarding out."""
+    rendered = compose_config(*files, profiles=("monitoring",))
+    services, networks = rendered["services"], rendered["networks"]
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    data_path = re.search(r"FEDERIMED_NODE_DATA_PATH=(\S+)", dockerfile)[1]
+    init = (REPO / "docker" / "init.sh").read_text()
+    ledger_paths = set(re.findall(r"--ledger (/\S+)", init))
+    assert ledger_paths, "docker/init.sh writes no policy with --ledger"
+    for hospital in HOSPITALS:
+        node, runner = services[f"supernode-{hospital}"], services[f"clientapp-{hospital}"]
+        where = f"{' + '.join(files)}: {hospital}"
+        # the SuperNode: the guard's policy, ledger and data
+        policy = (node.get("environment") or {}).get("FEDERIMED_SITE_POLICY")
+        assert policy and policy.startswith("/"), f"{where}: the SuperNode has no site policy"
+        mounts = _volumes(node)
+        (policy_mount,) = [m for m in mounts if _under(policy, m)]
+        assert mounts[policy_mount] == (f"policy-{hospital}", False), f"{where}: {mounts}"
+        for ledger in ledger_paths:
+            (ledger_mount,) = [m for m in mounts if _under(ledger, m)]
+            assert mounts[ledger_mount] == (f"ledger-{hospital}", True), f"{where}: {mounts}"
+        assert mounts[data_path] == (f"data-{hospital}", False), f"{where}: {mounts}"
+        assert node.get("user") in (None, APP_USER), f"{where}: {node.get('user')}"
+        assert "/home/app:uid=49999,gid=49999,mode=0700" in node["tmpfs"], where
+        # the runner: data and secret only, no policy, another user, its own home
+        assert "FEDERIMED_SITE_POLICY" not in (runner.get("environment") or {}), where
+        assert _volumes(runner) == {
+            data_path: (f"data-{hospital}", False),
+            "/secrets": (f"runtime-{hospital}", False),
+        }, f"{where}: {_volumes(runner)}"
+        assert not [v for v in runner.get("volumes", []) if v["type"] != "volume"], where
+        assert runner["user"] == RUNNER_USER, f"{where}: {runner.get('user')}"
+        uid, gid = RUNNER_USER.split(":")
+        assert f"/home/app:uid={uid},gid={gid},mode=0700" in runner["tmpfs"], runner["tmpfs"]
+        assert runner["read_only"] is True and runner["cap_drop"] == ["ALL"], where
+        # init gives the runner's group read access to the hospital's Runtime API secret
+        assert f"CLIENTAPP_GID:-{gid}" in init, "docker/init.sh: the runners' group"
+        # the runner's only network: its hospital's, internal, shared with its SuperNode alone
+        assert set(runner["networks"]) == {hospital}, f"{where}: {runner['networks']}"
+        assert networks[hospital].get("internal") is True, f"{where}: {networks[hospital]}"
+        members = {
+            name for name, svc in services.items() if hospital in (svc.get("networks") or {})
+        }
+        assert members == {f"supernode-{hospital}", f"clientapp-{hospital}"}, f"{where}: {members}"
+        assert runner.get("dns") == UNROUTABLE_DNS, f"{where}: dns {runner.get('dns')}"
+        assert "network_mode" not in runner and "extra_hosts" not in runner, where
+    # who else mounts a hospital's policy, ledger or data: init (to fill them), the exporter
+    # (its ledger, read-only), nobody else
+    for name, service in services.items():
+        for target, (volume, writable) in _volumes(service).items():
+            if name == "init" or not volume.startswith(("policy-", "ledger-", "data-hospital")):
+                continue
+            hospital = volume.split("-", 1)[1]
+            allowed = {f"supernode-{hospital}"}
+            if volume.startswith("data-"):
+                allowed.add(f"clientapp-{hospital}")
+            if volume.startswith("ledger-"):
+                allowed.add(f"exporter-{hospital}")
+            assert name in allowed, f"{name} mounts {volume} at {target}"
+            if name != f"supernode-{hospital}" or volume.startswith("data-"):
+                assert not writable, f"{name}: {volume} must be read-only"
+    # the monitoring profile keeps to its own internal networks, one per hospital
+    for hospital in HOSPITALS:
+        exporter = services[f"exporter-{hospital}"]
+        assert set(exporter["networks"]) == {f"monitoring-{hospital}"}, exporter["networks"]
+        assert networks[f"monitoring-{hospital}"].get("internal") is True
+        ledger = exporter["environment"]["FEDERIMED_EXPORTER_LEDGER"]
+        assert ledger in ledger_paths, f"{hospital}: the exporter reads {ledger}"
 
 
 # ------------------------------------------------------------------------------ the real run
@@ -385,12 +508,16 @@ def test_services_run_as_non_root_and_are_healthy(stack):
     for service in LONG_RUNNING:
         info = stack.inspect(service)
         assert info["State"]["Running"], f"{service} is not running:\n{_tail(stack)}"
-        assert info["Config"]["User"] == "49999:49999", service
+        user = RUNNER_USER if service in RUNNERS else APP_USER
+        # the ClientApp runners' user comes from compose (`user:`), everyone else's from the image
+        assert info["Config"]["User"] == user, service
         # A bare NAME (compose passing through a variable the shell left unset) sets nothing.
         env = dict(item.split("=", 1) for item in info["Config"]["Env"] if "=" in item)
         assert env.get("FLWR_TELEMETRY_ENABLED") == "0" and env.get("HF_HUB_OFFLINE") == "1", env
-        uid = stack.exec(service, "id", "-u").stdout.strip()
-        assert uid == "49999", f"{service}: uid {uid}"
+        ids = stack.exec(service, "sh", "-c", "echo $(id -u):$(id -g) $(id -G)").stdout.split()
+        assert ids[0] == user and ids[1:] == [user.split(":")[1]], f"{service}: {ids}"
+        if service in RUNNERS:  # the image knows the user (some libraries look its name up)
+            assert stack.exec(service, "id", "-un").stdout.strip() == "clientapp", service
     for service in ("superlink", "fleet-gateway", *(f"supernode-{h}" for h in HOSPITALS)):
         assert stack.inspect(service)["State"]["Health"]["Status"] == "healthy", service
 
@@ -433,6 +560,90 @@ def test_networks_isolate_hospitals(stack):
     assert not _reach(stack, "clientapp-hospital-2", "superlink", 8000)
     assert not _reach(stack, "clientapp-hospital-2", "fleet-gateway", 8443)
     assert not _reach(stack, "serverapp", "supernode-hospital-3", 9094)
+
+
+# From a ClientApp runner: names resolved (getaddrinfo, through Docker's embedded DNS), a DNS
+# query for example.org sent straight to each server given and to the container's gateways,
+# and TCP connections. argv: NAME,... HOST:PORT,... DNS-SERVER,... (any list may be empty)
+EGRESS_PROBE = r"""
+import json, socket, struct, sys
+names, targets, servers = (a.split(",") if a else [] for a in sys.argv[1:4])
+report = {"resolve": {}, "udp53": {}, "tcp": {}}
+for name in names:
+    try:
+        report["resolve"][name] = sorted({i[4][0] for i in socket.getaddrinfo(name, 443)})
+    except OSError as error:
+        report["resolve"][name] = f"failed: {error}"
+query = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+query += b"".join(bytes([len(p)]) + p.encode() for p in "example.org".split(".")) + b"\0"
+query += struct.pack(">HH", 1, 1)
+gateways = []
+with open("/proc/net/route") as routes:
+    for line in routes.read().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] != "00000000":
+            gateways.append(socket.inet_ntoa(struct.pack("<L", int(fields[2], 16))))
+for server in [*servers, *gateways]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        try:
+            sock.sendto(query, (server, 53))
+            report["udp53"][server] = f"answered {len(sock.recv(512))} bytes"
+        except OSError as error:
+            report["udp53"][server] = f"no answer: {error}"
+for target in targets:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        report["tcp"][target] = "open"
+    except OSError as error:
+        report["tcp"][target] = f"closed: {error}"
+print("EGRESS " + json.dumps(report))
+"""
+
+
+def test_the_runner_reaches_its_supernode_and_nothing_else(stack):
+    """Finding 7 of issue 27, in compose: the ClientApp runner (the consortium's code) resolves
+    the names of its hospital network and nothing else (no outside name, not the gateway, not the
+    SuperLink), gets no answer from any DNS server it asks directly, and opens no connection but
+    to its SuperNode's Runtime API."""
+    gateway_ip = stack.ip("fleet-gateway", "consortium")
+    superlink_ip = stack.ip("superlink", "consortium")
+    names = ["supernode-hospital-1", "example.org", "pypi.org", "fleet-gateway", "superlink"]
+    targets = [
+        "supernode-hospital-1:9094",
+        f"{gateway_ip}:8443",
+        f"{superlink_ip}:8000",
+        "8.8.8.8:53",
+        "1.1.1.1:443",
+    ]
+    # DNS servers asked directly: public ones, the hospital network's gateway address (the
+    # host's side of the bridge) and the servers of this host's own resolv.conf
+    network = stack.engine.docker("network", "inspect", f"{PROJECT}_hospital-1").stdout
+    servers = ["8.8.8.8", "1.1.1.1"]
+    servers += [c["Gateway"] for c in json.loads(network)[0]["IPAM"]["Config"] if c.get("Gateway")]
+    resolv = Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
+    servers += re.findall(r"^nameserver\s+([0-9.]+)\s*$", resolv, re.MULTILINE)
+    out = stack.exec(
+        "clientapp-hospital-1",
+        "python",
+        "-c",
+        EGRESS_PROBE,
+        ",".join(names),
+        ",".join(targets),
+        ",".join(servers),
+    ).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("EGRESS ")]
+    assert lines, out
+    report = json.loads(lines[-1].removeprefix("EGRESS "))
+    detail = json.dumps(report, indent=1)
+    assert isinstance(report["resolve"]["supernode-hospital-1"], list), detail
+    for name in names[1:]:
+        assert str(report["resolve"][name]).startswith("failed"), f"{name} resolved: {detail}"
+    assert all(v.startswith("no answer") for v in report["udp53"].values()), detail
+    assert report["tcp"]["supernode-hospital-1:9094"] == "open", detail
+    for target in targets[1:]:
+        assert report["tcp"][target].startswith("closed"), f"{target}: {detail}"
 
 
 # An app runner's first call, unsigned: 401 where the Runtime API demands its secret.
@@ -599,27 +810,42 @@ def test_each_service_sees_only_its_own_secrets_and_data(stack):
         assert "ca.key" not in listing, service
     secrets = {}  # Runtime API secret volume -> sha256 of the secret as each holder sees it
     for hospital in HOSPITALS:
+        # the SuperNode holds the guard: the policy (read-only), the ledger (its only writable
+        # volume) and the data (read-only: it counts the cases for the floors)
         node = _mounts(stack, f"supernode-{hospital}")
         assert node == {
             "/certs": (f"certs-{hospital}", False),
             "/secrets": (f"runtime-{hospital}", False),
-        }, "the SuperNode needs no patient data, policy or ledger"
+            "/policy": (f"policy-{hospital}", False),
+            "/ledger": (f"ledger-{hospital}", True),
+            "/data": (f"data-{hospital}", False),
+        }, node
         files = stack.exec(f"supernode-{hospital}", "ls", "/certs").stdout.split()
         assert sorted(files) == ["ca.crt", "node.key", "node.key.pub"], files
+        # the runner, where the consortium's code runs: the data and the secret, nothing else
         runner = _mounts(stack, f"clientapp-{hospital}")
         assert runner == {
             "/data": (f"data-{hospital}", False),
             "/secrets": (f"runtime-{hospital}", False),
-            "/policy": (f"policy-{hospital}", False),
-            "/ledger": (f"ledger-{hospital}", True),
         }, runner
         others = [h for h in HOSPITALS if h != hospital]
         assert not any(h in str(runner) or h in str(node) for h in others)
-        for path in ("/data/x", "/policy/x", "/policy/policy.yaml"):
-            write = stack.exec(f"clientapp-{hospital}", "touch", path)
-            assert write.returncode != 0, f"{path}: data and policy must be mounted read-only"
+        for service, paths in (
+            (f"supernode-{hospital}", ("/data/x", "/policy/x", "/policy/policy.yaml")),
+            (f"clientapp-{hospital}", ("/data/x", "/data/train.jsonl")),
+        ):
+            for path in paths:
+                write = stack.exec(service, "touch", path)
+                assert write.returncode != 0, f"{service}: {path} must be read-only"
+        # the runner reads its data as its own user; the policy and the ledger are not there
+        read = stack.exec(f"clientapp-{hospital}", "head", "-c", "1", "/data/train.jsonl")
+        assert read.returncode == 0, f"{hospital}: the runner cannot read its data: {read.stdout}"
+        gone = stack.exec(f"clientapp-{hospital}", "ls", "/policy", "/ledger")
+        assert gone.returncode != 0, f"{hospital}: {gone.stdout}"
         for service in (f"supernode-{hospital}", f"clientapp-{hospital}"):
-            secrets.setdefault(f"runtime-{hospital}", set()).add(_secret_digest(stack, service))
+            # owner the SuperNode's user, group the runner's: each reads it, nobody else
+            digest = _secret_digest(stack, service, owner=("49999", "49998", "440"))
+            secrets.setdefault(f"runtime-{hospital}", set()).add(digest)
     superlink = _mounts(stack, "superlink")
     assert superlink["/certs"] == ("certs-superlink", False)
     assert superlink["/secrets"] == ("runtime-consortium", False)
@@ -646,18 +872,18 @@ def test_each_service_sees_only_its_own_secrets_and_data(stack):
         )
 
 
-def _secret_digest(stack: Stack, service: str) -> str:
-    """sha256 of /secrets/superexec.secret in the service, after checking owner and mode."""
+def _secret_digest(stack: Stack, service: str, owner=("49999", "49999", "400")) -> str:
+    """sha256 of /secrets/superexec.secret in the service, after checking its (uid, gid, mode)."""
     out = stack.exec(
         service,
         "sh",
         "-c",
-        "stat -c '%u %a %s' /secrets/superexec.secret && sha256sum /secrets/superexec.secret",
+        "stat -c '%u %g %a %s' /secrets/superexec.secret && sha256sum /secrets/superexec.secret",
     )
     assert out.returncode == 0, f"{service}: {out.stdout}"
     stat, digest = out.stdout.strip().splitlines()
-    uid, mode, size = stat.split()
-    assert (uid, mode) == ("49999", "400") and int(size) >= 32, f"{service}: {stat}"
+    uid, gid, mode, size = stat.split()
+    assert (uid, gid, mode) == owner and int(size) >= 32, f"{service}: {stat}"
     return digest.split()[0]
 
 
@@ -667,7 +893,7 @@ def test_each_hospital_ledger_verifies_and_names_the_approved_app(stack):
     app_hash = stack.exec("serverapp", "federimed", "app", "hash", "/app", check=True)
     app_hash = app_hash.stdout.strip().splitlines()[-1]
     for hospital in HOSPITALS:
-        service = f"clientapp-{hospital}"
+        service = f"supernode-{hospital}"  # the guard, which writes the ledger
         ledger = "/ledger/egress-ledger.jsonl"
         verify = stack.exec(service, "federimed", "ledger", "verify", ledger)
         assert verify.returncode == 0, f"{hospital}: {verify.stdout}"
@@ -953,7 +1179,7 @@ def test_the_monitoring_profile_scrapes_the_web_app_and_every_hospital(stack):
         for k in (1, 2, 3):
             mounts = _mounts(stack, f"exporter-hospital-{k}")
             assert mounts == {"/ledger": (f"ledger-hospital-{k}", False)}, mounts
-            assert stack.networks(f"exporter-hospital-{k}") == {f"hospital-{k}"}
+            assert stack.networks(f"exporter-hospital-{k}") == {f"monitoring-hospital-{k}"}
         api = f"http://127.0.0.1:{stack.prometheus_port}/api/v1/query?query="
 
         def query(expression: str) -> list[dict]:

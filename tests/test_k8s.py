@@ -11,9 +11,12 @@ image and from the settings' defaults (federimed/settings.py).
 Issue 9, "the hospital stays in control", as far as manifests can show it: hospitals are given
 the fleet gateway (Fleet API only), never the SuperLink; the SuperLink admits only the
 consortium's own pods and hospitals may reach only the gateway; every separate app runner and
-the API it connects to hold the same Runtime API secret; and every hospital's ClientApp runner
-runs under the hospital's own site policy, mounted read-only from an object the manifests do
-not carry, with its egress ledger on a writable claim.
+the API it connects to hold the same Runtime API secret. Issue 27, the guard in the hospital's
+own process: every hospital's SuperNode runs the hospital's guard under its own site policy,
+mounted read-only from an object the manifests do not carry, reads the data read-only and
+writes the egress ledger on a claim no other pod mounts; the ClientApp runner, where the
+consortium's code runs, mounts neither policy nor ledger, runs as another user and group, and
+may reach nothing but its SuperNode's port 9094, by address: no DNS.
 
 The tools live in their own venv, .venv-k8s (checkov pins many heavy dependencies):
     python3 -m venv .venv-k8s && .venv-k8s/bin/pip install -r requirements-k8s.txt
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -60,6 +64,10 @@ INSTALL_HINT = (
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 EXPECTED_OVERLAYS = {"consortium", "hospital", "hospital-gpu", "example-three-hospitals"}
 UID = 49999
+# The hospitals' ClientApp runners run the consortium's code: another user and group than the
+# SuperNode (the guard, which writes the ledger). docker/Dockerfile's superexec user `clientapp`.
+RUNNER_UID = 49998
+UIDS = {"clientapp": RUNNER_UID}  # by role; every other pod runs as UID
 # Image names follow compose.yaml / docker/Dockerfile (targets superlink, gateway, supernode,
 # superexec); the tag is the release, pinned (never :latest).
 IMAGES = {
@@ -96,14 +104,13 @@ MODELS = {
     "prometheus": (),  # compose's monitoring profile: Prometheus itself, no FEDERIMED_* setting
 }
 # FEDERIMED_* variables a component reads that are no field of its settings models, each with
-# its check: the hospital's site policy is read by the ClientApp runner and the app it starts
-# (federimed/policy.py), from a file the deployment mounts; the converted generative models'
-# cache (federimed/decoder.py), which the app image fills at build time.
+# its check: the hospital's site policy is read by the guard in the SuperNode (federimed/policy.py,
+# federimed/deploy/guard.py), from a file the deployment mounts, and by nothing in the app
+# runner's image (a runner that sets it is an error); the converted generative models' cache
+# (federimed/decoder.py), which the app image fills at build time.
 EXTRA_VARIABLES = {
-    "superexec": {
-        POLICY_ENV: lambda value: Path(value).is_absolute(),
-        CACHE_ENV: lambda value: Path(value).is_absolute(),
-    },
+    "supernode": {POLICY_ENV: lambda value: Path(value).is_absolute()},
+    "superexec": {CACHE_ENV: lambda value: Path(value).is_absolute()},
 }
 DNS_PORT = 53
 # Pod labels (app.kubernetes.io/name) of the roles the policies talk about.
@@ -194,7 +201,9 @@ def find(docs, kind, name, namespace=None) -> dict:
 
 
 def env_of(doc, docs) -> dict[str, str]:
-    """The container's effective plain env: envFrom ConfigMaps first, then env (wins)."""
+    """The container's effective plain env: envFrom ConfigMaps first, then env (wins), with
+    `$(VAR)` expanded as the kubelet does: from the variables before it and the Service
+    variables of the pod's namespace (service_env). A reference left unexpanded fails here."""
     (container,) = pod_spec(doc)["containers"]
     ns = doc["metadata"].get("namespace")
     env: dict[str, str] = {}
@@ -202,10 +211,62 @@ def env_of(doc, docs) -> dict[str, str]:
         assert "secretRef" not in source, "settings must not come from Secrets via env"
         cm = find(docs, "ConfigMap", source["configMapRef"]["name"], ns)
         env.update({k: str(v) for k, v in cm.get("data", {}).items()})
+    services = service_env(doc, docs)
     for item in container.get("env", []):
         assert "value" in item, f"{item['name']}: only literal values are expected"
-        env[item["name"]] = str(item["value"])
+        value = VAR_REF.sub(lambda m: env.get(m[1], services.get(m[1], m[0])), str(item["value"]))
+        assert not VAR_REF.search(value), (
+            f"{doc['metadata']['name']}: {item['name']}={item['value']!r}: the kubelet would "
+            "leave the reference as it is (no such variable, or no Service links)"
+        )
+        env[item["name"]] = value
     return env
+
+
+VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+# Stand-ins for the ClusterIPs the API server assigns: one per Service of the rendered overlay.
+CLUSTER_IP_BASE = ipaddress.ip_address("10.255.0.1")
+
+
+def service_ip(service, docs) -> str:
+    """The stand-in ClusterIP of a Service: distinct per Service of `docs`."""
+    services = of_kind(docs, "Service")
+    index = next(i for i, svc in enumerate(services) if svc is service)
+    return str(CLUSTER_IP_BASE + index)
+
+
+def service_env(doc, docs) -> dict[str, str]:
+    """The variables the kubelet gives a pod for each Service of its namespace when
+    enableServiceLinks is on (the API's default): NAME_SERVICE_HOST (the ClusterIP, here the
+    stand-in service_ip), NAME_SERVICE_PORT and NAME_SERVICE_PORT_<PORT NAME>."""
+    if pod_spec(doc).get("enableServiceLinks", True) is False:
+        return {}
+    ns = doc["metadata"].get("namespace")
+    env = {}
+    for svc in of_kind(docs, "Service"):
+        if svc["metadata"].get("namespace") != ns or svc["spec"].get("clusterIP") == "None":
+            continue
+        prefix = svc["metadata"]["name"].upper().replace("-", "_")
+        ports = svc["spec"]["ports"]
+        env[f"{prefix}_SERVICE_HOST"] = service_ip(svc, docs)
+        env[f"{prefix}_SERVICE_PORT"] = str(ports[0]["port"])
+        for port in ports:
+            if port.get("name"):
+                name = port["name"].upper().replace("-", "_")
+                env[f"{prefix}_SERVICE_PORT_{name}"] = str(port["port"])
+    return env
+
+
+def service_at(address: str, docs, ns: str) -> tuple[dict, int]:
+    """(the Service, its port) a pod in `ns` reaches at HOST:PORT: a Service name (cluster DNS)
+    or the ClusterIP a Service variable gave it (service_ip)."""
+    host, port = address.rsplit(":", 1)
+    for svc in of_kind(docs, "Service"):
+        if service_ip(svc, docs) == host:
+            return svc, int(port)
+    service = in_cluster_service(host, docs, ns)
+    assert service, f"{address}: no Service of this cluster"
+    return find(docs, "Service", *service), int(port)
 
 
 def role(doc) -> str:
@@ -545,7 +606,8 @@ def test_pod_security(rendered):
         pod_sc = spec.get("securityContext", {})
         assert spec.get("automountServiceAccountToken") is False, where
         assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
-        assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("runAsUser") == UID, where
+        uid = UIDS.get(role(doc), UID) if doc["kind"] != "Job" else UID
+        assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("runAsUser") == uid, where
         assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
         for volume in spec.get("volumes", []):
             assert "hostPath" not in volume, f"{where}: hostPath volume {volume['name']}"
@@ -553,7 +615,7 @@ def test_pod_security(rendered):
             sc = c.get("securityContext", {})
             what = f"{where} container {c['name']}"
             assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, what
-            assert sc.get("runAsUser", pod_sc.get("runAsUser")) == UID, what
+            assert sc.get("runAsUser", pod_sc.get("runAsUser")) == uid, what
             assert sc.get("readOnlyRootFilesystem") is True, what
             assert sc.get("allowPrivilegeEscalation") is False, what
             assert sc.get("privileged", False) is False, what
@@ -724,8 +786,18 @@ def test_hospital_node_and_runner(rendered, monkeypatch):
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
         assert [p["port"] for p in svc["spec"]["ports"]] == [9094]
         rconf = effective(runner, docs, settings.SuperExecSettings, monkeypatch)
-        assert rconf.runtime_api == "supernode:9094"
         assert rconf.ca_cert is None, "the node's app API is plaintext, inside the namespace"
+        # No DNS in the runner's pod: it reaches its SuperNode by the Service's ClusterIP, from
+        # the variable the kubelet sets (Service links on), never by a name.
+        (rc,) = pod_spec(runner)["containers"]
+        (raw,) = [e["value"] for e in rc["env"] if e["name"] == "FEDERIMED_SUPEREXEC_RUNTIME_API"]
+        assert raw == "$(SUPERNODE_SERVICE_HOST):9094", f"{name}/{ns}: {raw}"
+        assert pod_spec(runner).get("enableServiceLinks", True) is True, f"{name}/{ns}"
+        assert service_at(rconf.runtime_api, docs, ns) == (svc, conf.runtime_port)
+        assert target_port(svc, conf.runtime_port, docs) == conf.runtime_port
+        # the kubelet sets a Service's variables only in pods created after it: the rendered
+        # order (what `kubectl apply -k` creates first) puts the Service before the runner
+        assert docs.index(svc) < docs.index(runner), f"{name}/{ns}: Service after the runner"
         # the node key comes from a Secret
         volumes = {v["name"]: v for v in pod_spec(node)["volumes"]}
         (nc,) = pod_spec(node)["containers"]
@@ -735,12 +807,16 @@ def test_hospital_node_and_runner(rendered, monkeypatch):
         key_volume = volumes[mounts[key_dir]["name"]]
         sources = key_volume.get("projected", {}).get("sources", [key_volume])
         assert any("secret" in s for s in sources)
-        # GPU only where asked for, as an extended-resource request + limit
-        (rc,) = pod_spec(runner)["containers"]
+        # GPU only where asked for, as an extended-resource request + limit; the SuperNode,
+        # which shares the runner's node (test_hospital_data_is_read_only), may go there too
         gpus = rc["resources"]["limits"].get("nvidia.com/gpu")
+        (nc,) = pod_spec(node)["containers"]
+        assert "nvidia.com/gpu" not in nc["resources"]["limits"], f"{name}/{ns}"
         if name == "hospital-gpu":
             assert gpus == 1 and rc["resources"]["requests"].get("nvidia.com/gpu") == 1
             assert pod_spec(runner).get("nodeSelector") and pod_spec(runner).get("tolerations")
+            for key in ("nodeSelector", "tolerations"):
+                assert pod_spec(node).get(key) == pod_spec(runner)[key], f"{name}/{ns}: {key}"
             device = effective(runner, docs, settings.RuntimeSettings, monkeypatch).device
             assert device == "cuda"
         else:
@@ -748,17 +824,42 @@ def test_hospital_node_and_runner(rendered, monkeypatch):
 
 
 def test_hospital_data_is_read_only(rendered, monkeypatch):
+    """The hospital's data claim is mounted read-only at the node config's data path in the
+    ClientApp runner (which trains on it) and in the SuperNode (whose guard counts the cases for
+    the floors), and nowhere writable; the two pods share a node, as ReadWriteOnce needs."""
     for name, docs, ns in hospital_cases(rendered):
         node, runner = hospital_parts(docs, ns)
         conf = effective(node, docs, settings.SuperNodeSettings, monkeypatch)
         data_path = conf.data_path.as_posix()
-        volumes = {v["name"]: v for v in pod_spec(runner)["volumes"]}
-        (rc,) = pod_spec(runner)["containers"]
-        (mount,) = [m for m in rc["volumeMounts"] if m["mountPath"] == data_path]
-        assert mount.get("readOnly") is True, f"{name}/{ns}: data mount must be readOnly"
-        claim = volumes[mount["name"]]["persistentVolumeClaim"]
-        assert claim.get("readOnly") is True, f"{name}/{ns}: data volume must be readOnly"
-        find(docs, "PersistentVolumeClaim", claim["claimName"], ns)
+        data_claims = set()
+        for pod in (node, runner):
+            where = f"{name}/{ns}: {pod['metadata']['name']}"
+            volumes = {v["name"]: v for v in pod_spec(pod)["volumes"]}
+            (c,) = pod_spec(pod)["containers"]
+            (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == data_path]
+            assert mount.get("readOnly") is True, f"{where}: data mount must be readOnly"
+            claim = volumes[mount["name"]].get("persistentVolumeClaim")
+            assert claim, f"{where}: {data_path} is not the hospital's data claim"
+            assert claim.get("readOnly") is True, f"{where}: data volume must be readOnly"
+            data_claims.add(claim["claimName"])
+        (data_claim,) = data_claims  # the same claim in both
+        find(docs, "PersistentVolumeClaim", data_claim, ns)
+        # one node for both readers: each requires to be beside pods the other's labels match
+        for pod, other in ((node, runner), (runner, node)):
+            terms = (
+                pod_spec(pod)
+                .get("affinity", {})
+                .get("podAffinity", {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution", [])
+            )
+            assert any(
+                t["topologyKey"] == "kubernetes.io/hostname"
+                and "namespaces" not in t
+                and "namespaceSelector" not in t
+                and selects({"spec": {"podSelector": t["labelSelector"]}}, pod_labels(other))
+                and selects({"spec": {"podSelector": t["labelSelector"]}}, pod_labels(pod))
+                for t in terms
+            ), f"{name}/{ns}: {pod['metadata']['name']} is not kept on its peer's node"
         # every mount of the data claim, in any pod of the hospital, is read-only
         for doc in workloads(docs):
             if doc["metadata"].get("namespace") != ns:
@@ -766,7 +867,7 @@ def test_hospital_data_is_read_only(rendered, monkeypatch):
             claims = {
                 v["name"]
                 for v in pod_spec(doc)["volumes"]
-                if v.get("persistentVolumeClaim", {}).get("claimName") == claim["claimName"]
+                if v.get("persistentVolumeClaim", {}).get("claimName") == data_claim
             }
             for c in containers(doc):
                 for m in c.get("volumeMounts", []):
@@ -840,7 +941,8 @@ def test_runtime_api_secret_on_both_ends(rendered, monkeypatch):
                 continue
             ns = runner["metadata"]["namespace"]
             rconf = effective(runner, docs, settings.SuperExecSettings, monkeypatch)
-            svc = find(docs, "Service", rconf.runtime_api.rsplit(":", 1)[0], ns)
+            svc, _ = service_at(rconf.runtime_api, docs, ns)
+            assert svc["metadata"]["namespace"] == ns, f"{name}/{ns}: another namespace's API"
             peer_role = svc["spec"]["selector"]["app.kubernetes.io/name"]
             peer = find(docs, "Deployment", peer_role, ns)
             model = {
@@ -862,46 +964,96 @@ def test_runtime_api_secret_on_both_ends(rendered, monkeypatch):
 
 
 def test_site_policy_and_ledger(rendered, monkeypatch, tmp_path):
-    """Every hospital's ClientApp runner runs under the hospital's own site policy: mounted
-    read-only from a ConfigMap/Secret the manifests do not carry (the hospital creates it), and
-    the ledger path the docs tell hospitals to write into it lies on a writable claim."""
+    """Every hospital's SuperNode, where the guard runs, reads the hospital's own site policy:
+    mounted read-only from a ConfigMap/Secret the manifests do not carry (the hospital creates
+    it), and the ledger path the docs tell hospitals to write into it lies on a writable claim
+    that no other pod mounts. The ClientApp runner has neither: no policy variable, no policy
+    object, no ledger claim."""
     docs_text = DOCS.read_text()
     ledgers = set(re.findall(r"--ledger[ =](/\S+)", docs_text))
     assert ledgers, "docs/kubernetes.md: no `federimed approve ... --ledger /PATH` example"
     for name, docs, ns in hospital_cases(rendered):
         node, runner = hospital_parts(docs, ns)
         where = f"{name}/{ns}"
-        policy = env_of(runner, docs).get(POLICY_ENV)
+        policy = env_of(node, docs).get(POLICY_ENV)
         assert policy and PurePosixPath(policy).is_absolute(), f"{where}: no {POLICY_ENV}"
-        mount, _ = mount_of(runner, policy)
+        mount, _ = mount_of(node, policy)
         assert mount.get("readOnly") is True, f"{where}: the site policy must be read-only"
-        kind, obj, key = file_source(runner, policy)
+        kind, obj, key = file_source(node, policy)
         assert kind in ("ConfigMap", "Secret"), where
         shipped = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == obj]
         assert not shipped, f"{where}: the site policy is the hospital's, not the manifests'"
         command = f"create {kind.lower()} {obj}" if kind == "ConfigMap" else f"secret generic {obj}"
         assert command in docs_text and f"{key}=" in docs_text, f"{where}: undocumented {obj}"
-        # The ledger: a policy made as the docs say puts it on the runner's writable claim.
+        # The ledger: a policy made as the docs say puts it on the SuperNode's writable claim.
         node_name = effective(node, docs, settings.SuperNodeSettings, monkeypatch).name
+        data_claim = mount_of(node, "/data")[1]["persistentVolumeClaim"]["claimName"]
+        ledger_claims = set()
         for ledger_path in ledgers:
             path = tmp_path / name / ns / "policy.yaml"
             path.unlink(missing_ok=True)
             approve(path, "0" * 64, site=node_name, ledger=ledger_path)
             ledger = load_policy(path).ledger
-            volume = writable_volume(runner, ledger)
+            volume = writable_volume(node, ledger)
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             assert claim, f"{where}: the egress ledger must survive restarts (a claim)"
             find(docs, "PersistentVolumeClaim", claim, ns)
-            data_claim = mount_of(runner, "/data")[1]["persistentVolumeClaim"]["claimName"]
             assert claim != data_claim, f"{where}: the ledger is not the data volume"
-            # written by the runner only: no other pod of the hospital mounts the claim
+            ledger_claims.add(claim)
+            # written by the SuperNode only: no other pod of the hospital mounts the claim
             for doc in workloads(docs):
-                if doc["metadata"]["namespace"] == ns and doc is not runner:
+                if doc["metadata"]["namespace"] == ns and doc is not node:
                     claims = {
                         v.get("persistentVolumeClaim", {}).get("claimName")
                         for v in pod_spec(doc)["volumes"]
                     }
                     assert claim not in claims, f"{where}: {doc['metadata']['name']}"
+        # The runner, where the consortium's code runs: no policy, no ledger; its only claim is
+        # the data, read-only (test_hospital_data_is_read_only).
+        assert POLICY_ENV not in env_of(runner, docs), f"{where}: the runner reads no policy"
+        for volume in pod_spec(runner)["volumes"]:
+            sources = volume.get("projected", {}).get("sources", [volume])
+            for source in sources:
+                ref = source.get("configMap") or source.get("secret") or {}
+                assert (ref.get("name") or ref.get("secretName")) != obj, (
+                    f"{where}: the runner mounts the site policy ({volume['name']})"
+                )
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            assert claim in (None, data_claim), f"{where}: the runner mounts claim {claim}"
+            assert claim not in ledger_claims, where
+        (rc,) = pod_spec(runner)["containers"]
+        mounted = {m["mountPath"] for m in rc["volumeMounts"]}
+        for path in (policy, *ledgers):
+            assert not any(
+                PurePosixPath(path) == PurePosixPath(m)
+                or PurePosixPath(m) in PurePosixPath(path).parents
+                for m in mounted
+                if m != "/"
+            ), f"{where}: the runner has a mount at {path}"
+
+
+def test_the_runner_is_another_user(rendered):
+    """The ClientApp runner runs as another user and group than its SuperNode (pod and
+    container), and its volumes get its own fsGroup: no file the SuperNode writes (the ledger,
+    its home) is the runner's by owner or group."""
+    for name, docs, ns in hospital_cases(rendered):
+        node, runner = hospital_parts(docs, ns)
+        where = f"{name}/{ns}"
+
+        def ids(doc):
+            pod_sc = pod_spec(doc)["securityContext"]
+            (c,) = pod_spec(doc)["containers"]
+            sc = c.get("securityContext", {})
+            user = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            group = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
+            groups = {group, pod_sc.get("fsGroup"), *pod_sc.get("supplementalGroups", [])}
+            return user, groups - {None}
+
+        node_user, node_groups = ids(node)
+        runner_user, runner_groups = ids(runner)
+        assert (node_user, runner_user) == (UID, RUNNER_UID), where
+        assert runner_user not in node_groups | {node_user}, where
+        assert not runner_groups & (node_groups | {node_user}), f"{where}: shared group"
 
 
 def test_no_secret_material_in_manifests(rendered):
@@ -1067,11 +1219,20 @@ def test_hospital_network_policies(rendered, monkeypatch):
                 assert selects({"spec": peer}, runner_labels), where
                 assert not selects({"spec": peer}, node_labels), where
 
-        # ClientApp runner: talks only to its SuperNode (and DNS to find it); admits nothing.
-        for rule in egress_beyond_dns(docs, ns, runner_labels, where):
-            assert rule_ports(rule) == {(9094, "TCP")}, where
-            assert rule.get("to") and all(set(p) == {"podSelector"} for p in rule["to"]), where
-            assert all(selects({"spec": p}, node_labels) for p in rule["to"]), where
+        # ClientApp runner: talks to its SuperNode's runtime port and nothing else, not even
+        # DNS (kube-dns answers outside names: a tunnel out); admits nothing.
+        runtime_port = effective(node, docs, settings.SuperNodeSettings, monkeypatch).runtime_port
+        isolated, egress = rules_for(docs, ns, runner_labels, "egress")
+        assert isolated and egress, f"{where}: the runner cannot reach its SuperNode"
+        for rule in egress:
+            assert rule_ports(rule) == {(runtime_port, "TCP")}, f"{where}: {rule}"
+            assert rule.get("to"), f"{where}: egress to anywhere on {runtime_port}"
+            for peer in rule["to"]:
+                assert not is_dns_peer(peer), f"{where}: the runner may ask DNS"
+                assert set(peer) == {"podSelector"}, f"{where}: only pods of this namespace"
+                assert peer["podSelector"].get("matchLabels"), f"{where}: every pod: {peer}"
+                assert selects({"spec": peer}, node_labels), f"{where}: {peer}"
+                assert not selects({"spec": peer}, runner_labels), f"{where}: {peer}"
         isolated, ingress = rules_for(docs, ns, runner_labels, "ingress")
         assert isolated and not ingress, f"{where}: nothing may connect to the ClientApp runner"
 
