@@ -3,8 +3,10 @@
 The hospital's data folder comes from the SuperNode's node config (``data-path``); the text
 never leaves this process. Replies carry the LoRA adapter (and the encoder's head) and numeric
 metrics only.
-The hospital's site policy (``FEDERIMED_SITE_POLICY``, never the run config) sets the floors a
-training task must meet and the bound on each update's norm; without one, nothing runs.
+The hospital's site policy is not this app's business: the guard in the hospital's SuperNode
+(federimed/deploy/guard.py) admits each task against it before this code runs, and rebuilds
+each reply from its checked parts (one ArrayRecord ``arrays``, one MetricRecord ``metrics``)
+before it leaves, clipped to the hospital's bound.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from pathlib import Path
 from types import ModuleType
 
 import psutil
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from federimed.model import quiet_libraries
-from federimed.policy import policy_from_env
 from federimed.runconfig import RunConfig
 from federimed.task import NodeIdentity
 
@@ -36,16 +37,6 @@ def _process_age() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME) - started
     except (OSError, AttributeError, IndexError, ValueError):
         return time.time() - psutil.Process().create_time()
-
-
-def _identity(msg: Message, context: Context) -> ConfigRecord:
-    """Which hospital answered, for which round: lets the server report per hospital."""
-    return ConfigRecord(
-        {
-            "hospital": str(context.node_config.get("hospital", "")),
-            "server-round": int(msg.content["config"]["server-round"]),
-        }
-    )
 
 
 def _track(run: RunConfig) -> ModuleType:
@@ -71,13 +62,11 @@ def train(msg: Message, context: Context) -> Message:
         msg.content["arrays"].to_torch_state_dict(),
         server_round=int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        policy=policy_from_env(),
     )
     content = RecordDict(
         {
             "arrays": ArrayRecord(state),
             "metrics": MetricRecord(metrics | {"startup_seconds": startup}),
-            "node": _identity(msg, context),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -85,12 +74,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    policy_from_env()  # no usable site policy, no task
     run = RunConfig.from_flower(context.run_config)
     metrics = _track(run).evaluate_round(
         run,
         NodeIdentity.from_node_config(context.node_config),
         msg.content["arrays"].to_torch_state_dict(),
     )
-    content = RecordDict({"metrics": MetricRecord(metrics), "node": _identity(msg, context)})
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

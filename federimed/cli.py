@@ -31,6 +31,7 @@ examples:
   federimed app hash                              # the bundle hash a hospital approves
   federimed approve --policy site.yaml HASH       # approve it in a hospital's site policy
   federimed ledger verify sites/h1/egress-ledger.jsonl  # prove what left a hospital
+  federimed ledger anchor sites/h1/egress-ledger.jsonl  # a value to keep elsewhere
   federimed predict --model runs/demo/model "58M c/o crushing CP, ST elevation..."
 """
 
@@ -261,11 +262,23 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     from federimed.ledger import LedgerError, verify
 
     try:
-        count = verify(args.path)
+        count = verify(args.path, args.anchor)
     except LedgerError as error:
         print(f"ledger does not verify: {error}", file=sys.stderr)
         return 1
-    print(f"{args.path}: {count} entries, hash chain intact")
+    anchored = f", and line {args.anchor.partition(':')[0]} is the anchor's" if args.anchor else ""
+    print(f"{args.path}: {count} entries, hash chain intact{anchored}")
+    return 0
+
+
+def cmd_ledger_anchor(args: argparse.Namespace) -> int:
+    from federimed.ledger import LedgerError, anchor
+
+    try:
+        print(anchor(args.path))
+    except LedgerError as error:
+        print(f"ledger does not verify, so it gets no anchor: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -873,7 +886,24 @@ def _site_parsers(sub: argparse._SubParsersAction) -> None:
         "verify", help="check the hash chain; exit 1 naming the first line that breaks"
     )
     verify.add_argument("path", type=Path)
+    verify.add_argument(
+        "--anchor",
+        metavar="LINES:HASH",
+        help="a value `ledger anchor` printed earlier: the ledger must still end there as then",
+    )
     verify.set_defaults(func=cmd_ledger_verify)
+    anchor = ledger.add_parser(
+        "anchor",
+        help="print LINES:HASH, the chain's head, to keep outside the hospital's volume",
+        description=(
+            "The hash chain shows a changed, dropped or reordered line, but whoever can write "
+            "the file could rewrite it whole and chain it anew.  Keep this short value "
+            "elsewhere (a ticket, a signed mail); `ledger verify --anchor VALUE` later fails on "
+            "any rewrite of the lines it covers."
+        ),
+    )
+    anchor.add_argument("path", type=Path)
+    anchor.set_defaults(func=cmd_ledger_anchor)
 
 
 def _interrupt(signum: int, frame: object) -> None:

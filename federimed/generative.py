@@ -26,11 +26,10 @@ from federimed.decoder import (
     load_generator_tokenizer,
     score_answers,
 )
-from federimed.model import receive
-from federimed.policy import SitePolicy
+from federimed.model import exchanged_state, receive, to_wire
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
-from federimed.task import NodeIdentity, check_floors, local_training, outgoing
+from federimed.task import NodeIdentity, local_training, require_validation
 from federimed.training import pick_device
 
 log = logging.getLogger("flwr.federimed.client")
@@ -52,7 +51,6 @@ def train_round(
     server_round: int,
     proximal_mu: float = 0.0,
     runtime: RuntimeSettings | None = None,
-    policy: SitePolicy | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """:func:`federimed.task.train_round` for flashcards: ``val_loss`` is the incoming model's
     loss per answer token on the hospital's validation cards."""
@@ -60,8 +58,7 @@ def train_round(
     runtime = runtime or RuntimeSettings()
     device = pick_device(runtime)
     cards, validation_cards = load_hospital_cards(node.data_path)
-    check_floors(policy, run, len(cards))
-    model, tokenizer, global_state = global_generator(run, global_wire, runtime)
+    model, tokenizer, _ = global_generator(run, global_wire, runtime)
     data = encode_cards(cards, tokenizer, run.max_length)
     validation = validation_cards and encode_cards(validation_cards, tokenizer, run.max_length)
     loaded = time.perf_counter()
@@ -71,7 +68,7 @@ def train_round(
     seen = f"validation loss per answer token {metrics.get('val_loss', float('nan')):.3f}"
     metrics |= local_training(run, node, server_round, proximal_mu, model, data, device, seen)
     metrics["compute_seconds"] = time.perf_counter() - loaded
-    return outgoing(model, global_state, policy, node), metrics
+    return to_wire(exchanged_state(model)), metrics
 
 
 def evaluate_round(
@@ -80,11 +77,11 @@ def evaluate_round(
     global_wire: Mapping[str, torch.Tensor],
     runtime: RuntimeSettings | None = None,
 ) -> dict[str, float]:
-    """The global model on this hospital's validation cards (training cards without them)."""
-    cards, validation_cards = load_hospital_cards(node.data_path)
+    """The global model on this hospital's validation cards."""
+    _, validation_cards = load_hospital_cards(node.data_path)
     model, tokenizer, _ = global_generator(run, global_wire)
     device = pick_device(runtime or RuntimeSettings())
-    data = encode_cards(validation_cards or cards, tokenizer, run.max_length)
+    data = encode_cards(require_validation(validation_cards, node), tokenizer, run.max_length)
     return {"loss": answer_loss(model, data, device), "num_examples": float(len(data))}
 
 

@@ -1,11 +1,11 @@
 """A hospital's site policy: what may run on its data and what may leave, decided by the hospital.
 
 The file (YAML, ``FEDERIMED_SITE_POLICY``) is the hospital's, mounted read-only into its
-containers; nothing the consortium sends (run config, app code) can loosen it.  Two sides read
-it: the hospital's ClientApp runner (:mod:`federimed.deploy.site_runner`: app approval by hash,
-the metric allow-list, error replies without record content, the egress ledger) and the
-approved app itself (:mod:`client_app.client_app`: floors on what one update may be built from,
-the clip on each update's norm).
+SuperNode's container; nothing the consortium sends (run config, app code) can loosen it.  One
+side reads it: the guard in the hospital's SuperNode (:mod:`federimed.deploy.guard`: app
+approval by hash, task types, floors and caps, the shape of every reply, the metric allow-list,
+the clip on each update's norm, error replies without record content, the egress ledger).  The
+consortium's app never reads it and is never trusted to apply it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-if TYPE_CHECKING:  # torch is only needed where updates are clipped, not by the CLI
-    import torch
 
 POLICY_ENV = "FEDERIMED_SITE_POLICY"
 # A policy is a page of YAML; a bigger file is not one, and is not read into memory.
@@ -105,6 +102,12 @@ class SitePolicy(BaseModel):
         description="L2 clip on each update (new minus received weights)",
     )
     ledger: Path = Field(description="the egress ledger, on the hospital's own volume")
+    max_train_rounds: int | None = Field(
+        None, ge=1, strict=True, description="most training replies one run gets (none: no cap)"
+    )
+    max_evaluations: int | None = Field(
+        None, ge=1, strict=True, description="most evaluation replies one run gets (none: no cap)"
+    )
 
     @field_validator("ledger")
     @classmethod
@@ -256,17 +259,21 @@ def approve(
 
 
 def clip_update(
-    received: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], max_norm: float
-) -> tuple[dict[str, torch.Tensor], float]:
-    """Scale the update (trained minus received) down to ``max_norm`` in L2; (state, norm
-    before clipping)."""
-    deltas = {name: trained[name].float() - received[name].float() for name in trained}
-    norm = math.sqrt(sum(float(delta.pow(2).sum()) for delta in deltas.values()))
+    received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], max_norm: float
+) -> tuple[dict[str, np.ndarray], float]:
+    """Scale the update (trained minus received) down to ``max_norm`` in L2; (arrays, norm
+    before clipping).  The arithmetic is float32, as the arrays travel."""
+    deltas = {
+        name: trained[name].astype(np.float32) - received[name].astype(np.float32)
+        for name in trained
+    }
+    squares = (float(np.square(delta, dtype=np.float64).sum()) for delta in deltas.values())
+    norm = math.sqrt(sum(squares))
     if norm <= max_norm:
         return dict(trained), norm
-    scale = max_norm / norm
+    scale = np.float32(max_norm / norm)
     clipped = {
-        name: (received[name].float() + deltas[name] * scale).to(trained[name].dtype)
+        name: (received[name].astype(np.float32) + deltas[name] * scale).astype(trained[name].dtype)
         for name in trained
     }
     return clipped, norm

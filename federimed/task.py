@@ -24,7 +24,6 @@ from federimed.model import (
     receive,
     to_wire,
 )
-from federimed.policy import SitePolicy, clip_update
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
 from federimed.training import Encoded, encode, evaluate, pick_device, step_reporter, train
@@ -70,7 +69,6 @@ def train_round(
     server_round: int,
     proximal_mu: float = 0.0,
     runtime: RuntimeSettings | None = None,
-    policy: SitePolicy | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Score the incoming global model on local validation, then train it on local data.
 
@@ -78,8 +76,8 @@ def train_round(
 
     Scoring here, in the process that is already up, gives the per-hospital learning curve
     without a second process start per round (a Flower evaluate round costs one).
-    ``policy``, the hospital's: a run below its floors is refused before training, and the
-    update is clipped to its norm bound. The metrics say where the round's time went:
+    (The hospital's floors and its clip on the update are its guard's, at the SuperNode, not
+    this code's.) The metrics say where the round's time went:
     ``load_seconds`` (data, model, tokenization) and ``compute_seconds`` (scoring, training).
     """
     started = time.perf_counter()
@@ -87,8 +85,7 @@ def train_round(
     device = pick_device(runtime)
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
-    check_floors(policy, run, len(data.train))
-    model, tokenizer, global_state = _global_model(run, global_wire)
+    model, tokenizer, _ = _global_model(run, global_wire)
     encoded = encode(data.train, tokenizer, labels, run.max_length)
     validation = data.validation and encode(data.validation, tokenizer, labels, run.max_length)
     loaded = time.perf_counter()
@@ -107,14 +104,7 @@ def train_round(
     seen = f"validation accuracy {_pct(metrics.get('val_accuracy'))}"
     metrics |= local_training(run, node, server_round, proximal_mu, model, encoded, device, seen)
     metrics["compute_seconds"] = time.perf_counter() - loaded
-    return outgoing(model, global_state, policy, node), metrics
-
-
-def check_floors(policy: SitePolicy | None, run: RunConfig, examples: int) -> None:
-    """Refuse, before any model is loaded, a task below the hospital's floors."""
-    if policy is not None:
-        cases = min(examples, run.batch_size * run.local_steps)
-        policy.check_floors(run.batch_size, run.local_steps, cases)
+    return to_wire(exchanged_state(model)), metrics
 
 
 def local_training(
@@ -144,18 +134,12 @@ def local_training(
     return train(model, data, settings, device, on_step=report)
 
 
-def outgoing(
-    model: torch.nn.Module,
-    global_state: Mapping[str, torch.Tensor],
-    policy: SitePolicy | None,
-    node: NodeIdentity,
-) -> dict[str, torch.Tensor]:
-    """What leaves: the exchanged state, clipped to the site's bound, in the wire format."""
-    state = exchanged_state(model)
-    if policy is not None and policy.max_update_norm is not None:
-        state, norm = clip_update(global_state, state, policy.max_update_norm)
-        log.info("%s update norm %.4f (site bound %g)", node.hospital, norm, policy.max_update_norm)
-    return to_wire(state)
+def require_validation(cases: list, node: NodeIdentity) -> list:
+    """Evaluation scores validation cases only: scores on training cases answer questions
+    about them (the hospital's guard refuses such a task before it gets here)."""
+    if not cases:
+        raise ValueError(f"{node.hospital}: no validation cases, so no model is scored here")
+    return cases
 
 
 def _with_features(model, data, device, run: RunConfig, runtime: RuntimeSettings):
@@ -180,9 +164,7 @@ def evaluate_round(
     """The global model on this hospital's own validation cases (they never leave)."""
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
-    cases: list[Example] = data.validation or data.train
-    if not data.validation:
-        log.warning("%s: no validation.jsonl, evaluating on training cases", node.hospital)
+    cases: list[Example] = require_validation(data.validation, node)
     model, tokenizer, _ = _global_model(run, global_wire)
     runtime = runtime or RuntimeSettings()
     device = pick_device(runtime)

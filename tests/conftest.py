@@ -99,12 +99,10 @@ def plant_marker(folder: Path, marker: str) -> None:
         write_jsonl(path, [row | {k: f"{row[k]} {marker}" for k in marked} for row in rows])
 
 
-def client_train_reply(run_config: dict, hospital_folder: Path, arrays):
-    """Call the real ClientApp train function as Flower would, with a real Message."""
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
+def train_task(arrays):
+    """A training message for the hospital, as the SuperNode hands it to the ClientApp."""
+    from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
-
-    import client_app.client_app as client
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     msg = Message(
@@ -112,6 +110,16 @@ def client_train_reply(run_config: dict, hospital_folder: Path, arrays):
         dst_node_id=7,
         message_type="train",
     )
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
+
+
+def client_train_reply(run_config: dict, hospital_folder: Path, arrays, msg=None):
+    """Call the real ClientApp train function as Flower would, with a real Message."""
+    from flwr.app import Context, RecordDict
+
+    import client_app.client_app as client
+
     context = Context(
         run_id=1,
         node_id=7,
@@ -119,7 +127,7 @@ def client_train_reply(run_config: dict, hospital_folder: Path, arrays):
         run_config=run_config,
         node_config={"hospital": "hospital-1", "data-path": str(hospital_folder)},
     )
-    return client.train(msg, context)
+    return client.train(msg or train_task(arrays), context)
 
 
 def make_run(**overrides):

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 from conftest import plant_marker, processes_using
 
 from federimed.cli import main
@@ -345,34 +346,59 @@ def test_submit_stream_exits_nonzero_when_the_run_fails(federation, tmp_path, ca
 # --- what each hospital controls --------------------------------------------------------------
 
 PLANTED = f"PATIENT-{uuid.uuid4().hex[:8]}"
+# A hostile ClientApp: each mode is one way an approved app could try to get a record out.
 PROBE_CLIENT = """
 import os
 from pathlib import Path
 
 # Import-time side effect: proof that this bundle's code ran at a hospital.
-site = Path(os.environ.get("FEDERIMED_SITE_POLICY", "unknown/x")).parent.name
-Path({markers!r}, site).touch()
+Path({markers!r}, f"ran-{{os.getpid()}}").touch()
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
+RECORD = "record {planted} has label J45"
+
+
+def _reply(msg, context):
+    mode = context.run_config["mode"]
+    arrays = msg.content["arrays"]
+    metrics = MetricRecord({{"num_examples": 1, "label_histogram_j45": 42}})
+    content = {{"arrays": arrays, "metrics": metrics}}
+    if mode == "fail":
+        raise ValueError(RECORD)
+    if mode == "config":  # the record's text in a ConfigRecord
+        content["leak"] = ConfigRecord({{"note": RECORD}})
+    if mode == "floats":  # the record's text as numbers under an allowed metric name
+        content["metrics"] = MetricRecord({{"train_loss": [float(b) for b in RECORD.encode()]}})
+    if mode == "names":  # the record's text as an array's name
+        content["arrays"] = ArrayRecord({{RECORD: next(iter(arrays.values()))}})
+    if mode == "patch":  # rebind what an in-process guard would have used, then leak
+        import federimed.ledger, federimed.policy
+        federimed.ledger.append = lambda *a, **k: None
+        federimed.policy.SitePolicy.split_metrics = lambda self, m: (dict(m), [])
+        content["node"] = ConfigRecord({{"hospital": RECORD}})
+    Path({markers!r}, str(context.node_config["hospital"])).touch()
+    return Message(RecordDict(content), reply_to=msg)
 
 
 @app.train()
 def train(msg, context):
-    if context.run_config["mode"] == "fail":
-        raise ValueError("record {planted} has label J45")
-    metrics = MetricRecord({{"num_examples": 1, "label_histogram_j45": 42}})
-    return Message(RecordDict({{"metrics": metrics}}), reply_to=msg)
+    return _reply(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg, context):
+    return _reply(msg, context)
 """
 PROBE_SERVER = """
 import json
-from collections import Counter
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import ServerApp
 
 app = ServerApp()
@@ -385,9 +411,14 @@ def main(grid, context):
         time.sleep(1)
     tasks = [
         Message(
-            RecordDict({{"config": ConfigRecord({{"server-round": 1}})}}),
+            RecordDict(
+                {{
+                    "config": ConfigRecord({{"server-round": 1}}),
+                    "arrays": ArrayRecord({{"w": Array(np.zeros(4, dtype=np.float32))}}),
+                }}
+            ),
             dst_node_id=node,
-            message_type="train",
+            message_type=context.run_config["kind"],
         )
         for node in grid.get_node_ids()
     ]
@@ -396,6 +427,8 @@ def main(grid, context):
         {{
             "error": reply.error.reason if reply.has_error() else None,
             "metrics": None if reply.has_error() else dict(reply.content["metrics"]),
+            "records": [] if reply.has_error() else sorted(reply.content.keys()),
+            "text": "" if reply.has_error() else repr(dict(reply.content.items())),
         }}
         for reply in replies
     ]
@@ -420,14 +453,15 @@ def probe_app(tmp_path_factory):
         '[tool.flwr.app]\npublisher = "federimed-tests"\n'
         '[tool.flwr.app.components]\nserverapp = "probe.server:app"\n'
         'clientapp = "probe.client:app"\n'
-        '[tool.flwr.app.config]\nmode = "ok"\nout = ""\n'
+        '[tool.flwr.app.config]\nmode = "ok"\nout = ""\nkind = "train"\n'
+        "batch-size = 16\nlocal-steps = 15\n"
     )
     return app, markers
 
 
-def _probe(running, app: Path, out: Path, mode: str) -> list[dict]:
+def _probe(running, app: Path, out: Path, mode: str, kind: str = "train") -> list[dict]:
     """One probe run; the replies its ServerApp received."""
-    run_config = f'mode="{mode}" out="{out}"'
+    run_config = f'mode="{mode}" out="{out}" kind="{kind}"'
     run_id = submit_run(running.flwr_home, CONNECTION, app, run_config)
     status = running.wait_for_run(run_id, timeout=300, done=out.exists)
     assert status["status"] == "finished:completed", status
@@ -472,6 +506,20 @@ def test_hospitals_reach_the_fleet_api_and_nothing_else(federation, probe_app, t
     assert _online_count(running) == len(HOSPITALS)
 
 
+def _supernode_log(running, hospital: str) -> str:
+    return (running.workdir / "logs" / f"supernode-{hospital}.log").read_text(errors="replace")
+
+
+def _ledger_path(running, hospital: str) -> Path:
+    return Path(running.state.site_policies[hospital]).parent / "egress-ledger.jsonl"
+
+
+def _ledger_lines(running, hospital: str, digest: str | None = None) -> list[dict]:
+    """The hospital's ledger entries (of the bundle ``digest`` only, if given)."""
+    lines = [entry for _, entry in entries(_ledger_path(running, hospital))]
+    return [e for e in lines if digest is None or e["app_hash"] == digest]
+
+
 def test_only_bundles_a_hospital_approved_run_on_its_data(federation, probe_app, tmp_path):
     running, _, _ = federation
     app, markers = probe_app
@@ -480,8 +528,12 @@ def test_only_bundles_a_hospital_approved_run_on_its_data(federation, probe_app,
     assert len(replies) == len(HOSPITALS)
     for hospital in HOSPITALS:
         assert any(f"is not approved by {hospital}" in (r["error"] or "") for r in replies)
-        log = _runner_log(running, hospital)
+        log = _supernode_log(running, hospital)
         assert f"federimed approve --policy {running.state.site_policies[hospital]} {digest}" in log
+        refusals = [
+            e for _, e in entries(_ledger_path(running, hospital)) if e["app_hash"] == digest
+        ]
+        assert [e["code"] for e in refusals] == ["APP_NOT_APPROVED"]
     assert list(markers.iterdir()) == []  # not a line of the bundle ran anywhere
 
     _approve(running, app, ["hospital-1"])
@@ -492,18 +544,88 @@ def test_only_bundles_a_hospital_approved_run_on_its_data(federation, probe_app,
         "hospital-2",
         "hospital-3",
     ]
-    assert [m.name for m in markers.iterdir()] == ["hospital-1"]
-    # A metric not on hospital-1's allow-list never reached the server.
+    assert {m.name for m in markers.iterdir() if not m.name.startswith("ran-")} == {"hospital-1"}
+    # A metric not on hospital-1's allow-list never reached the server; the guard's own
+    # record names the hospital.
     assert answered["metrics"] == {"num_examples": 1}
+    assert answered["records"] == ["arrays", "metrics", "node"]
 
     replies = _probe(running, app, tmp_path / "failing.json", "fail")
     (failed,) = [r for r in replies if "CLIENTAPP_FAILED" in (r["error"] or "")]
     assert PLANTED not in failed["error"] and "J45" not in failed["error"]
     assert PLANTED in _runner_log(running, "hospital-1")  # the details stay at the hospital
-    ledger = Path(running.state.site_policies["hospital-1"]).parent / "egress-ledger.jsonl"
-    probe_lines = [e for _, e in entries(ledger) if e["app_hash"] == digest]
+    probe_lines = [
+        e for _, e in entries(_ledger_path(running, "hospital-1")) if e["app_hash"] == digest
+    ]
     assert [e["metrics"] for e in probe_lines if not e["error"]] == [{"num_examples": 1}]
-    assert not any(PLANTED in (e["error"] or "") for _, e in entries(ledger))
+    assert not any(
+        PLANTED in json.dumps(e) for _, e in entries(_ledger_path(running, "hospital-1"))
+    )
+
+
+@pytest.mark.parametrize("mode", ["config", "floats", "names", "patch"])
+def test_an_approved_app_gets_no_record_out_whatever_it_tries(
+    federation, probe_app, tmp_path, mode
+):
+    """A planted record in a ConfigRecord, as numbers under an allowed metric, as an array's
+    name, or after rebinding what an in-process guard would use: the hospital's guard (in its
+    SuperNode, another process) refuses the reply, ledgers the refusal with its code, and the
+    text reaches neither the ServerApp nor the SuperLink's state."""
+    running, _, _ = federation
+    app, _ = probe_app
+    digest = _approve(running, app, ["hospital-1"])
+    replies = _probe(running, app, tmp_path / f"{mode}.json", mode)
+    assert not any(PLANTED in json.dumps(reply) for reply in replies)
+    (refused,) = [r for r in replies if "refused by hospital-1" in (r["error"] or "")]
+    assert "code REPLY_NOT_ALLOWED" in refused["error"]
+    codes = [
+        e["code"]
+        for _, e in entries(_ledger_path(running, "hospital-1"))
+        if e["app_hash"] == digest
+    ]
+    assert codes[-1] == "REPLY_NOT_ALLOWED"
+    with sqlite3.connect(running.workdir / "state" / "superlink.db") as db:
+        assert PLANTED not in "\n".join(db.iterdump())
+    for wal in (running.workdir / "state").glob("superlink.db*"):
+        assert PLANTED.encode() not in wal.read_bytes(), wal
+
+
+def test_a_revoked_bundle_never_runs_again(federation, probe_app, tmp_path):
+    """Approved, run, then revoked: the next run of the same bytes is refused before a task
+    exists (each task installs into a fresh folder, so nothing installed earlier is reused)."""
+    running, _, _ = federation
+    app, markers = probe_app
+    digest = _approve(running, app, ["hospital-1"])
+    assert [r for r in _probe(running, app, tmp_path / "before.json", "ok") if not r["error"]]
+    policy = Path(running.state.site_policies["hospital-1"])
+    text = policy.read_text()
+    kept = yaml.safe_load(text)
+    kept["approved_apps"] = [a for a in kept["approved_apps"] if a["sha256"] != digest]
+    policy.write_text(yaml.safe_dump(kept, sort_keys=False))
+    ran_before = set(markers.iterdir())
+    try:
+        replies = _probe(running, app, tmp_path / "after.json", "ok")
+    finally:
+        policy.write_text(text)
+    assert all("APP_NOT_APPROVED" in r["error"] for r in replies)
+    assert set(markers.iterdir()) == ran_before
+
+
+def test_evaluate_needs_validation_data(federation, probe_app, tmp_path):
+    """An evaluation is scored on validation cases only: a hospital without them refuses the
+    task before the app runs (never falls back to its training cases)."""
+    running, _, data = federation
+    app, _ = probe_app
+    _approve(running, app, ["hospital-1"])
+    validation = data / "hospital-1" / "validation.jsonl"
+    aside = validation.with_suffix(".aside")
+    validation.rename(aside)
+    try:
+        replies = _probe(running, app, tmp_path / "evaluate.json", "ok", kind="evaluate")
+    finally:
+        aside.rename(validation)
+    (refused,) = [r for r in replies if "refused by hospital-1" in (r["error"] or "")]
+    assert "code NO_VALIDATION_DATA" in refused["error"]
 
 
 def _submit_below_the_floor(running, tiny_model: str) -> tuple[int, dict]:
@@ -608,7 +730,7 @@ def test_every_reply_of_a_full_run_is_in_each_hospitals_verified_ledger(federati
     running, _, _ = federation
     run_id, _, _ = finished_run
     for hospital in HOSPITALS:
-        path = Path(running.state.site_policies[hospital]).parent / "egress-ledger.jsonl"
+        path = _ledger_path(running, hospital)
         assert main(["ledger", "verify", str(path)]) == 0
         mine = [entry for _, entry in entries(path) if entry["run_id"] == run_id]
         expected = [(r, k) for r in range(1, ROUNDS + 1) for k in ("evaluate", "train")]

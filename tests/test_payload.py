@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import client_train_reply, make_run, plant_marker
+from conftest import client_train_reply, make_run, plant_marker, train_task
 from flwr.app import ArrayRecord
 
 from federimed.model import (
@@ -19,7 +20,7 @@ from federimed.model import (
     from_wire,
     to_wire,
 )
-from federimed.policy import SiteRefusal, approve
+from federimed.policy import approve
 
 MARKER = "ZEBRA-MARKER-7f3c"
 
@@ -32,11 +33,14 @@ def marked_hospital(tmp_path, synth_data):
     return folder
 
 
-@pytest.fixture(autouse=True)
+BUNDLE = b"the approved bundle"
+
+
+@pytest.fixture
 def site_policy(tmp_path, monkeypatch):
-    """The hospital's policy, as its runner hands it to the ClientApp (default floors)."""
+    """The hospital's policy, as its SuperNode's guard reads it (default floors)."""
     path = tmp_path / "site" / "policy.yaml"
-    approve(path, "0" * 64, site="hospital-1")
+    approve(path, hashlib.sha256(BUNDLE).hexdigest(), site="hospital-1")
     monkeypatch.setenv("FEDERIMED_SITE_POLICY", str(path))
     return path
 
@@ -77,7 +81,7 @@ def test_client_reply_holds_only_adapter_and_head_and_no_text(tiny_model, marked
         "compute_seconds",
     }
     assert all(metrics[f"{phase}_seconds"] > 0 for phase in ("startup", "load", "compute"))
-    assert reply.content["node"]["hospital"] == "hospital-1"
+    assert sorted(reply.content.keys()) == ["arrays", "metrics"]  # the guard adds "node"
 
 
 def test_exchanged_state_names_cover_every_trainable_parameter(tiny_model):
@@ -109,25 +113,35 @@ def test_weights_in_another_format_or_size_are_refused_by_name(tiny_model):
         from_wire(model, to_wire(exchanged_state(bigger)))
 
 
-def test_client_app_refuses_a_run_below_the_site_floors(tiny_model, marked_hospital, site_policy):
-    _set_policy(site_policy, floors={"batch_size": 32, "local_steps": 1, "examples_per_update": 1})
-    run = make_run(model=tiny_model, local_steps=2, max_length=64)
-    initial = ArrayRecord(
-        to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
-    )
-    with pytest.raises(SiteRefusal, match=r"batch-size=16 is below .* floors\.batch_size=32"):
-        client_train_reply(run.to_flower(), marked_hospital, initial)
+def test_the_real_apps_update_is_clipped_by_the_guard_not_the_app(
+    tiny_model, marked_hospital, site_policy, monkeypatch
+):
+    """The app trains unclipped; the guard at the hospital's SuperNode bounds what leaves."""
+    from types import SimpleNamespace
 
+    from federimed.deploy.guard import SiteGuard
 
-def test_client_app_clips_its_update_to_the_site_bound(tiny_model, marked_hospital, site_policy):
     _set_policy(site_policy, max_update_norm=0.01)
     run = make_run(model=tiny_model, local_steps=2, max_length=64, learning_rate=0.05)
+    monkeypatch.setattr(
+        "federimed.deploy.guard.get_fused_config_from_fab", lambda fab, r: run.to_flower()
+    )
     initial = ArrayRecord(
         to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
     )
-    reply = client_train_reply(run.to_flower(), marked_hospital, initial)
-    sent = reply.content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
+    task = train_task(initial)
+    guard = SiteGuard("hospital-1", marked_hospital)
+    fab = SimpleNamespace(content=BUNDLE)
+    facts = SimpleNamespace(
+        run_id=1, fab_hash=hashlib.sha256(BUNDLE).hexdigest(), primary_task_type="flwr-serverapp"
+    )
+    assert guard.admit(task, facts, fab) is None
+    guard.received(task)
+    reply = client_train_reply(run.to_flower(), marked_hospital, initial, msg=task)
     received = initial.to_torch_state_dict()[WIRE_ARRAY]
+    trained = reply.content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
+    assert float(torch.linalg.vector_norm(trained - received)) > 0.0101  # the app did not clip
+    sent = guard.screen(reply).content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
     norm = torch.linalg.vector_norm(sent - received)
     assert 0.009 < float(norm) <= 0.0101  # it trained, and no further than the bound
 

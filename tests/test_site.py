@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 from federimed import ledger
 from federimed.cli import main
@@ -117,15 +118,16 @@ def test_metrics_not_on_the_allow_list_are_held_back(tmp_path):
 
 
 def test_clip_bounds_the_update_norm_and_keeps_its_direction():
-    received = {"a": torch.zeros(3), "b": torch.ones(2)}
-    trained = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": torch.tensor([1.0, 5.0])}
+    received = {"a": np.zeros(3, np.float32), "b": np.ones(2, np.float32)}
+    trained = {"a": np.array([3.0, 0, 0], np.float32), "b": np.array([1.0, 5.0], np.float32)}
     clipped, norm = clip_update(received, trained, max_norm=1.0)
     assert norm == pytest.approx(5.0)
-    delta = torch.cat([clipped["a"] - received["a"], clipped["b"] - received["b"]])
-    assert float(delta.norm()) == pytest.approx(1.0)
-    assert torch.allclose(delta, torch.tensor([3.0, 0, 0, 0, 4.0]) / 5)
+    delta = np.concatenate([clipped["a"] - received["a"], clipped["b"] - received["b"]])
+    assert float(np.linalg.norm(delta)) == pytest.approx(1.0)
+    assert np.allclose(delta, np.array([3.0, 0, 0, 0, 4.0]) / 5)
+    assert all(clipped[k].dtype == np.float32 for k in clipped)
     same, _ = clip_update(received, trained, max_norm=10.0)
-    assert all(torch.equal(same[k], trained[k]) for k in trained)
+    assert all(np.array_equal(same[k], trained[k]) for k in trained)
 
 
 # --- the ledger -------------------------------------------------------------------------------
@@ -174,6 +176,42 @@ def test_ledger_show_and_verify_commands(tmp_path, capsys):
     assert main(["ledger", "show", str(path), "--format", "json"]) == 0
     shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [entry["round"] for entry in shown] == [1, 2]
+
+
+def _rechained(path: Path, change) -> None:
+    """What whoever can write the file can do: change a line and chain every line anew."""
+    lines = [json.loads(text) for text in path.read_text().splitlines()]
+    path.unlink()
+    for entry in lines:
+        change(entry)
+        ledger.append(path, {k: v for k, v in entry.items() if k not in ("hash", "prev", "time")})
+
+
+def test_an_anchor_kept_elsewhere_detects_a_wholesale_rewrite(tmp_path, capsys):
+    path = _ledger(tmp_path, lines=3)
+    assert main(["ledger", "anchor", str(path)]) == 0
+    value = capsys.readouterr().out.strip()
+    assert value.startswith("3:") and len(value) == 2 + 64
+    ledger.append(path, {"round": 4})  # the ledger grows after the anchor: still fine
+    assert main(["ledger", "verify", str(path), "--anchor", value]) == 0
+    assert "line 3 is the anchor's" in capsys.readouterr().out
+
+    _rechained(path, lambda entry: entry.update(bytes=0) if entry.get("round") == 2 else None)
+    assert ledger.verify(path) == 4  # the rewritten chain holds together by itself...
+    assert main(["ledger", "verify", str(path), "--anchor", value]) == 1  # ...not against this
+    assert "line 3: its hash is not the anchor's" in capsys.readouterr().err
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(ledger.LedgerError, match="covers 3 lines, the ledger has 2"):
+        ledger.verify(path, value)
+    with pytest.raises(ledger.LedgerError, match="an anchor is LINES:HASH"):
+        ledger.verify(path, "3:nothex")
+
+
+def test_the_ledger_is_private_to_the_guard(tmp_path):
+    path = tmp_path / "new-folder" / "egress-ledger.jsonl"
+    ledger.append(path, {"round": 1})
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
 
 
 # --- the app hash -----------------------------------------------------------------------------
@@ -242,103 +280,288 @@ def test_the_flower_names_the_runner_rebinds_exist():
     assert run_superexec._TASK_POLL_INTERVAL_ENV == "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
     # warm starts replace the module the executor starts processes through
     assert "subprocess.Popen(" in Path(executor.__file__).read_text()
-    original = TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP]
+    # the runner narrows Flower's SuperExec to ClientApps (AutoExecPlugin starts any task type)
+    from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
+
+    original = TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP], AutoExecPlugin.supported_task_types
     try:
         site_runner.use_site_clientapp()
         assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == "federimed-clientapp"
+        assert AutoExecPlugin.supported_task_types == {TaskType.CLIENT_APP}
+        plugin = AutoExecPlugin("127.0.0.1:1", True, None, executor=None)
+        for task_type in set(TaskType) - {TaskType.CLIENT_APP}:
+            task = type("Task", (), {"type": task_type.value, "task_id": 1})()
+            assert plugin._get_supported_task_type(task) is None, task_type
     finally:
-        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = original
+        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP], AutoExecPlugin.supported_task_types = original
+
+
+def test_the_flower_names_the_guard_hooks_exist():
+    """The SuperNode loop's two crossings the guard wraps (federimed/deploy/supernode.py)."""
+    import inspect
+
+    from flwr.supernode import start_client_internal as loop
+
+    pull = inspect.signature(loop._pull_and_store_message).parameters
+    assert {"state", "object_store", "node_config", "receive", "get_run", "get_fab"} <= set(pull)
+    assert {"pull_object", "confirm_message_received"} <= set(pull)
+    assert list(inspect.signature(loop._push_messages).parameters) == [
+        "state",
+        "object_store",
+        "send",
+        "push_object",
+    ]
+    assert callable(loop._insert_message) and loop.RunNotRunningException
+    source = inspect.getsource(loop.start_client_internal)
+    assert "_pull_and_store_message(" in source and "_push_messages(" in source
+
+
+def test_each_task_installs_into_a_fresh_home_and_imports_the_bundles_own_code(monkeypatch):
+    """No folder left by another task (a revoked bundle's) is reused, and the hospital's own
+    federimed is not what the bundle's imports find."""
+    import sys
+
+    homes = {site_runner.fresh_flwr_home() for _ in range(2)}
+    assert len(homes) == 2 and all(not any(Path(h).iterdir()) for h in homes)
+    monkeypatch.setitem(sys.modules, "federimed.fake_module", object())
+    site_runner.forget_hospital_modules()
+    assert not [name for name in sys.modules if name.split(".")[0] == "federimed"]
+    for home in homes:
+        Path(home).rmdir()
+
+
+# --- the guard at the hospital's SuperNode ------------------------------------------------------
+
+APPROVED_FAB = b"approved bundle"
 
 
 @pytest.fixture
-def guard(tmp_path, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
+def guard(tmp_path, monkeypatch, synth_data):
+    from federimed.deploy.guard import SiteGuard
 
-    # What Flower's ClientApp process sets from the task it pulled; Messages need it.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 3, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 11, raising=False)
     path = _policy(
         tmp_path,
-        f"site: hospital-9\nledger: ledger.jsonl\napproved_apps:\n"
-        f"  - sha256: {hashlib.sha256(b'approved bundle').hexdigest()}\n"
+        f"site: hospital-9\nledger: ledger.jsonl\nmax_train_rounds: 2\napproved_apps:\n"
+        f"  - sha256: {hashlib.sha256(APPROVED_FAB).hexdigest()}\n"
         "metrics_allowed: [num_examples]\n",
     )
     monkeypatch.setenv("FEDERIMED_SITE_POLICY", str(path))
-    installed, pushed = [], []
-    monkeypatch.setattr(site_runner, "_install_from_fab", lambda c, **k: installed.append(c))
-    monkeypatch.setattr(site_runner, "_push_message", lambda cl, m, cx: pushed.append(m))
-    return site_runner.SiteGuard.from_env(), installed, pushed, tmp_path / "ledger.jsonl"
+    monkeypatch.setattr("federimed.deploy.guard.get_fused_config_from_fab", _run_config)
+    return SiteGuard("hospital-9", synth_data / "hospital-1"), tmp_path / "ledger.jsonl"
 
 
-def test_an_unapproved_bundle_is_never_installed(guard):
-    site, installed, _, _ = guard
-    with pytest.raises(SiteRefusal, match="not approved by hospital-9") as refusal:
-        site.install(b"some other bundle", skip_prompt=True)
-    assert refusal.value.code == "APP_NOT_APPROVED" and installed == []
-    site.install(b"approved bundle", skip_prompt=True)
-    assert installed == [b"approved bundle"]
+def _run_config(fab_content, run):
+    return {"batch-size": 8, "local-steps": 4} | run.override_config
 
 
-def _task():
-    from flwr.app import ConfigRecord, Message, RecordDict
+def _run(content: bytes = APPROVED_FAB, task_type: str = "flwr-serverapp", **config):
+    from types import SimpleNamespace
 
-    task = Message(
-        RecordDict({"config": ConfigRecord({"server-round": 4})}),
-        dst_node_id=3,
-        message_type="train",
+    fab = SimpleNamespace(content=content)
+    run = SimpleNamespace(
+        run_id=7,
+        fab_hash=hashlib.sha256(content).hexdigest(),
+        primary_task_type=task_type,
+        override_config=config,
     )
+    return run, fab
+
+
+def _task(kind: str = "train", run_id: int = 7):
+    """A message as the SuperNode receives it from the SuperLink, with its arrays."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+
+    content = RecordDict(
+        {
+            "config": ConfigRecord({"server-round": 4}),
+            "arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+        }
+    )
+    metadata = Metadata(
+        run_id=run_id,
+        message_id="",
+        src_node_id=1,
+        dst_node_id=3,
+        reply_to_message_id="",
+        group_id="4",
+        created_at=time.time(),
+        ttl=600,
+        message_type=kind,
+    )
+    task = Message(metadata=metadata, content=content)
     task.metadata.__dict__["_message_id"] = task.object_id
     return task
 
 
-def test_an_app_error_leaves_without_record_content_and_is_ledgered(guard):
-    from flwr.app import Message
-    from flwr.app.error import Error
+def _reply(task, **records):
+    from flwr.app import Message, RecordDict
 
-    site, _, pushed, ledger_path = guard
+    return Message(RecordDict(records), reply_to=task)
 
-    def leaky_app(message, context):
-        raise ValueError("record PATIENT-0042 has label J45")
 
-    task = _task()
-    with pytest.raises(SiteRefusal) as refusal:
-        site._guarded(leaky_app)(task, None)
-    reply = Message(
-        Error(code=2, reason=f"{type(refusal.value)}:<'{refusal.value}'>"), reply_to=task
+def _admitted(site, kind: str = "train"):
+    task = _task(kind)
+    assert site.admit(task, *_run()) is None
+    site.received(task)
+    return task
+
+
+def _codes(ledger_path: Path) -> list[str | None]:
+    return [entry["code"] for _, entry in ledger.entries(ledger_path)]
+
+
+@pytest.mark.parametrize(
+    ("run", "code"),
+    [
+        (lambda: _run(b"some other bundle"), "APP_NOT_APPROVED"),
+        (lambda: _run(task_type="flwr-agentapp"), "TASK_TYPE_REFUSED"),
+        (lambda: _run(task_type="flwr-connector"), "TASK_TYPE_REFUSED"),
+        (lambda: _run(**{"batch-size": 2}), "POLICY_FLOOR"),
+    ],
+)
+def test_a_task_the_policy_does_not_allow_is_answered_by_the_guard_and_ledgered(guard, run, code):
+    site, ledger_path = guard
+    refusal = site.admit(_task(), *run())
+    assert refusal.has_error() and f"code {code}" in refusal.error.reason
+    assert "hospital-9" in refusal.error.reason and refusal.object_id in site.cleared
+    assert _codes(ledger_path) == [code] and not site.pending
+
+
+def test_bytes_that_do_not_hash_to_the_claimed_approved_hash_are_refused(guard):
+    site, _ = guard
+    run, fab = _run()
+    fab.content = b"approved bundle, changed"
+    assert "code APP_HASH_MISMATCH" in site.admit(_task(), run, fab).error.reason
+
+
+def test_only_train_and_evaluate_messages_run(guard):
+    site, _ = guard
+    assert "MESSAGE_TYPE_REFUSED" in site.admit(_task("query"), *_run()).error.reason
+
+
+def test_the_policy_caps_training_rounds_per_run(guard):
+    from flwr.app import ArrayRecord, MetricRecord
+
+    site, ledger_path = guard
+    for _ in range(2):
+        task = _admitted(site)
+        site.screen(
+            _reply(
+                task,
+                arrays=ArrayRecord(dict(task.content["arrays"].items())),
+                metrics=MetricRecord({}),
+            )
+        )
+    refusal = site.admit(_task(), *_run())
+    assert "code POLICY_CAP" in refusal.error.reason
+    assert _codes(ledger_path) == [None, None, "POLICY_CAP"]
+
+
+def test_evaluate_without_validation_data_is_refused(guard, tmp_path):
+    import shutil
+
+    site, _ = guard
+    folder = tmp_path / "no-validation"
+    folder.mkdir()
+    shutil.copy(site.data_path / "train.jsonl", folder / "train.jsonl")
+    site.data_path = folder
+    assert "code NO_VALIDATION_DATA" in site.admit(_task("evaluate"), *_run()).error.reason
+
+
+def test_the_reply_that_leaves_is_rebuilt_by_the_guard_and_ledgered(guard):
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    site, ledger_path = guard
+    task = _admitted(site)
+    trained = np.arange(4, dtype=np.float32)
+    sent = site.screen(
+        _reply(
+            task,
+            arrays=ArrayRecord({"w": Array(trained)}),
+            metrics=MetricRecord({"num_examples": 5, "secret_count": 42}),
+        )
     )
-    site.push(None, reply, None)
-    (sent,) = pushed
+    assert sorted(sent.content.keys()) == ["arrays", "metrics", "node"]
+    assert dict(sent.content["metrics"]) == {"num_examples": 5}
+    assert dict(sent.content["node"]) == {"hospital": "hospital-9", "server-round": 4}
+    assert sent.metadata.reply_to_message_id == task.metadata.message_id
+    assert np.array_equal(sent.content["arrays"]["w"].numpy(), trained)
+    assert sent.object_id in site.cleared
+    (entry,) = [e for _, e in ledger.entries(ledger_path)]
+    assert entry["metrics"] == {"num_examples": 5} and entry["held_back"] == ["secret_count"]
+    assert entry["app_hash"] == hashlib.sha256(APPROVED_FAB).hexdigest()
+    array = sent.content["arrays"]["w"]
+    assert entry["bytes"] == len(array.data) and entry["steps"] == 4 and entry["round"] == 4
+    assert entry["arrays_sha256"] == ledger.arrays_digest([("w", array.data)])
+    assert {r["name"]: r["type"] for r in entry["records"]} == {
+        "arrays": "ArrayRecord",
+        "metrics": "MetricRecord",
+        "node": "ConfigRecord",
+    }
+
+
+def _leaky_replies(task):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+    arrays = ArrayRecord(dict(task.content["arrays"].items()))
+    metrics = MetricRecord({"num_examples": 5})
+    yield {"arrays": arrays, "metrics": metrics, "leak": ConfigRecord({"t": "PATIENT-1"})}
+    yield {"arrays": arrays, "metrics": MetricRecord({"num_examples": [80.0, 65.0, 84.0]})}
+    yield {"arrays": arrays, "metrics": MetricRecord({"num_examples": float("nan")})}
+    yield {"arrays": ArrayRecord({"PATIENT-1": Array(np.zeros(4, np.float32))}), "metrics": metrics}
+    yield {"arrays": ArrayRecord({"w": Array(np.zeros(5, np.float32))}), "metrics": metrics}
+    yield {"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float64))}), "metrics": metrics}
+    yield {"arrays": ArrayRecord({"w": Array(np.full(4, np.inf, np.float32))}), "metrics": metrics}
+    yield {"weights": arrays, "metrics": metrics}
+    yield {"metrics": metrics}
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_anything_but_the_allowed_shape_is_refused_whole_and_ledgered(guard, case):
+    site, ledger_path = guard
+    task = _admitted(site)
+    records = list(_leaky_replies(task))[case]
+    sent = site.screen(_reply(task, **records))
+    assert sent.has_error() and "code REPLY_NOT_ALLOWED" in sent.error.reason
+    assert "PATIENT" not in sent.error.reason
+    (entry,) = [e for _, e in ledger.entries(ledger_path)]
+    assert entry["code"] == "REPLY_NOT_ALLOWED" and entry["records"] == []
+
+
+def test_an_app_error_leaves_without_its_text_and_is_ledgered(guard):
+    from flwr.app import Error, Message
+
+    site, ledger_path = guard
+    task = _admitted(site)
+    sent = site.screen(
+        Message(Error(code=2, reason="record PATIENT-0042 has label J45"), reply_to=task)
+    )
     assert "PATIENT-0042" not in sent.error.reason and "J45" not in sent.error.reason
     assert "CLIENTAPP_FAILED" in sent.error.reason and "hospital-9" in sent.error.reason
     (entry,) = [e for _, e in ledger.entries(ledger_path)]
     assert entry["round"] == 4 and entry["kind"] == "train" and "PATIENT" not in entry["error"]
 
 
-def test_a_reply_is_ledgered_with_only_allowed_metrics(guard):
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+def test_the_guard_clips_the_update_itself(guard, tmp_path):
+    from flwr.app import Array, ArrayRecord, MetricRecord
 
-    site, _, pushed, ledger_path = guard
-    site.install(b"approved bundle", skip_prompt=True)
-    weights = torch.arange(4, dtype=torch.float32)
-    reply = Message(
-        RecordDict(
-            {
-                "arrays": ArrayRecord({"w": weights}),
-                "metrics": MetricRecord({"num_examples": 5, "secret_count": 42}),
-            }
-        ),
-        reply_to=_task(),
+    site, _ = guard
+    policy = Path(os.environ["FEDERIMED_SITE_POLICY"])
+    policy.write_text(policy.read_text() + "max_update_norm: 1.0\n")
+    task = _admitted(site)
+    big = np.array([30.0, 0, 40.0, 0], np.float32)
+    sent = site.screen(
+        _reply(task, arrays=ArrayRecord({"w": Array(big)}), metrics=MetricRecord({}))
     )
-    site.push(None, reply, None)
-    (sent,) = pushed
-    assert dict(sent.content["metrics"]) == {"num_examples": 5}
-    (entry,) = [e for _, e in ledger.entries(ledger_path)]
-    assert entry["metrics"] == {"num_examples": 5}
-    assert entry["app_hash"] == hashlib.sha256(b"approved bundle").hexdigest()
-    array = sent.content["arrays"]["w"]
-    assert entry["bytes"] == len(array.data)
-    assert entry["arrays_sha256"] == ledger.arrays_digest([("w", array.data)])
+    assert np.linalg.norm(sent.content["arrays"]["w"].numpy()) == pytest.approx(1.0)
+
+
+def test_a_reply_to_nothing_admitted_is_dropped(guard):
+    from flwr.app import MetricRecord
+
+    site, ledger_path = guard
+    assert site.screen(_reply(_task(), metrics=MetricRecord({}))) is None
+    assert not ledger_path.exists()
 
 
 # --- warm ClientApp starts --------------------------------------------------------------------

@@ -711,11 +711,12 @@ class LocalFederation:
 
     def _launch(self, role: str, hospital: str | None, argv: list[str]) -> ProcessRecord:
         env = {FEDERATION_TAG: str(self.workdir)}
-        if role == "clientapp":
+        if role == "supernode":  # the hospital's guard reads its policy (guard.py)
+            env[POLICY_ENV] = str(self._policy(hospital))
+        if role == "clientapp":  # the consortium's code: no policy, no ledger
             env.update(
                 FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[hospital]}",
                 FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret),
-                **{POLICY_ENV: str(self._policy(hospital))},
                 FEDERIMED_FEATURE_CACHE=str(self.feature_cache(hospital)),
             )
             if self.client_threads:

@@ -1,182 +1,63 @@
-"""The hospital's ClientApp runner: Flower's own ``flwr-clientapp``, with the hospital's checks.
+"""The hospital's ClientApp runner: Flower's own ``flwr-clientapp``, in a clean room per task.
 
-A SuperNode runs whatever app bundle (FAB) the SuperLink hands it.  Flower 1.42 pulls the
-bundle, installs it, imports it, runs it and pushes the reply all inside
-:func:`flwr.supernode.runtime.run_clientapp.run_clientapp`; the three steps that matter to
-the hospital are module-level names there, so ``federimed-clientapp`` rebinds exactly those
-and then calls Flower's entry point unchanged:
+The hospital's checks do not live here: this process runs the consortium's code, so nothing in
+it can be trusted to hold a promise.  They live in the hospital's SuperNode
+(:mod:`federimed.deploy.guard`), which admits a task before this process is started and
+rebuilds every reply before it leaves.  What this runner does is make sure that what runs is
+exactly the bundle the hospital approved, and nothing left over from another:
 
-- ``install_from_fab``: the bundle's SHA-256 (the hash ``flwr run`` builds and
-  ``federimed app hash`` prints) must be in the site policy, else the task is refused before a
-  byte of it is unpacked or imported;
-- ``get_load_client_app_fn``: any exception from the app becomes a refusal whose text carries
-  no record content (the full error goes to the hospital's own log);
-- ``push_message``: metrics not on the allow-list are held back, and the reply is appended to
-  the hash-chained egress ledger before it leaves.
-
-One more rebinding is about time, not trust: the task's first pull of the round's message
-backs off 0.1 s instead of Flower's 1 s (:func:`quicker_first_pulls`).
+- each task installs the bundle into a fresh, empty ``FLWR_HOME`` (removed when the task ends).
+  Flower installs into a folder named by publisher, name, version and the first 8 hex digits of
+  the hash, and skips the install if that folder exists (``flwr/cli/install.py``): a bundle
+  crafted to share those with a revoked one would otherwise run the revoked code;
+- the hospital's own ``federimed`` (imported by this runner and its warm parent) is dropped from
+  ``sys.modules`` before the bundle loads, so the bundle's own modules run, not the hospital's
+  copies of them: the hash approves the code that executes.
 
 ``federimed superexec`` makes Flower's SuperExec start this command instead of
-``flwr-clientapp`` (:func:`use_site_clientapp`).  ``tests/test_site.py`` pins the names
-against the installed Flower, so an upgrade that moves them fails loudly, not open.
+``flwr-clientapp``, and launch ClientApp tasks only (:func:`use_site_clientapp`).  One more
+rebinding is about time, not trust (:func:`quicker_first_pulls`).  ``tests/test_site.py`` pins
+the Flower names this relies on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-from collections.abc import Callable
-from typing import Any
+import shutil
+import sys
+import tempfile
 
 import flwr.supernode.runtime.run_clientapp as flower_clientapp
-from flwr.app import Message, MetricRecord
-from flwr.app.error import Error
 from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
-
-from federimed import ledger
-from federimed.policy import POLICY_ENV, PolicyError, SitePolicy, SiteRefusal, policy_from_env
+from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
 
 COMMAND = "federimed-clientapp"
-# Read by the approved app (the ledger and logs name the bundle that produced a reply).
-APP_HASH_ENV = "FEDERIMED_APP_HASH"
-log = logging.getLogger("flwr.federimed.site")
+# The packages a bundle brings: the hospital's copies must not answer its imports.
+BUNDLE_PACKAGES = ("federimed", "client_app", "server_app")
 
 
 def use_site_clientapp() -> None:
-    """Make this process's SuperExec launch ClientApps through :func:`main`."""
+    """Make this process's SuperExec launch ClientApps, and nothing else, through :func:`main`.
+
+    The SuperNode's guard already refuses every other task type before a task exists; this
+    is the second lock: Flower's ``AutoExecPlugin`` would start any (``supported_task_types``
+    is every ``TaskType``), an AgentApp included."""
     TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = COMMAND
+    AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
 
 
-class SiteGuard:
-    """The hospital's checks around one ClientApp task (one process per task in Flower)."""
-
-    def __init__(self, policy: SitePolicy | None):
-        self.policy = policy  # None: unusable (logged at start), so every task is refused
-        self.app_hash: str | None = None
-        self.refusal: str | None = None  # what the server is told when the task fails
-        self.server_round: int | None = None  # from the task's config, when the app ran
-
-    @classmethod
-    def from_env(cls) -> SiteGuard:
-        try:
-            return cls(policy_from_env())
-        except PolicyError as error:
-            log.error("%s", error)
-            return cls(None)
-
-    @property
-    def site(self) -> str:
-        return self.policy.site if self.policy else "this hospital"
-
-    def _refuse(self, code: str, reason: str) -> SiteRefusal:
-        refusal = SiteRefusal(self.site, code, reason)
-        self.refusal = str(refusal)
-        return refusal
-
-    def install(self, content: bytes, *args: Any, **kwargs: Any) -> Any:
-        app_hash = hashlib.sha256(content).hexdigest()
-        if self.policy is None:
-            raise self._refuse("NO_SITE_POLICY", "the hospital's site policy is not usable")
-        if not self.policy.approves(app_hash):
-            log.error(
-                "refused app bundle %s: not in the site policy %s; after review, approve it "
-                "with: federimed approve --policy %s %s",
-                app_hash,
-                os.environ.get(POLICY_ENV),
-                os.environ.get(POLICY_ENV),
-                app_hash,
-            )
-            raise self._refuse(
-                "APP_NOT_APPROVED", f"app bundle {app_hash} is not approved by {self.site}"
-            )
-        self.app_hash = app_hash
-        os.environ[APP_HASH_ENV] = app_hash
-        return _install_from_fab(content, *args, **kwargs)
-
-    def loader(self, get_loader: Callable[..., Callable]) -> Callable[..., Callable]:
-        def get(*args: Any, **kwargs: Any) -> Callable:
-            load = get_loader(*args, **kwargs)
-            return lambda *ids: self._guarded(load(*ids))
-
-        return get
-
-    def _guarded(self, app: Callable) -> Callable:
-        def run(message: Message, context: Any) -> Message:
-            self.server_round = _server_round(message)
-            try:
-                return app(message=message, context=context)
-            except SiteRefusal as refusal:
-                self.refusal = str(refusal)
-                raise
-            except Exception as error:
-                log.exception("the ClientApp failed (kept in this log, not sent)")
-                raise self._refuse(
-                    "CLIENTAPP_FAILED",
-                    f"the ClientApp failed ({type(error).__name__}); details in the hospital's log",
-                ) from error
-
-        return run
-
-    def push(self, client: Any, message: Message, context: Any) -> Any:
-        if message.has_error():
-            reason = self.refusal or "the task failed at the hospital [code TASK_FAILED]"
-            message.error = Error(code=message.error.code, reason=reason)
-        else:
-            self._hold_back_metrics(message)
-        if self.policy is not None:
-            ledger.append(self.policy.ledger, self._entry(message, context))
-        return _push_message(client, message, context)
-
-    def _hold_back_metrics(self, message: Message) -> None:
-        for name, record in list(message.content.metric_records.items()):
-            kept, held = self.policy.split_metrics(dict(record))
-            if held:
-                log.warning("held back metrics not in the site policy's allow-list: %s", held)
-                message.content[name] = MetricRecord(kept)
-
-    def _entry(self, message: Message, context: Any) -> dict[str, Any]:
-        arrays = []
-        metrics: dict[str, float] = {}
-        if message.has_content():
-            for record in message.content.array_records.values():
-                arrays += [(key, array.data) for key, array in record.items()]
-            for record in message.content.metric_records.values():
-                metrics |= {key: value for key, value in record.items()}
-        return {
-            "site": self.site,
-            "run_id": int(context.run_id) if context else None,
-            "app_hash": self.app_hash,
-            "round": self.server_round,
-            "kind": message.metadata.message_type,
-            "error": message.error.reason if message.has_error() else None,
-            "arrays_sha256": ledger.arrays_digest(arrays) if arrays else None,
-            "metrics": metrics,
-            "bytes": sum(len(data) for _, data in arrays),
-            "steps": _local_steps(message, context),
-        }
+def fresh_flwr_home() -> str:
+    """An empty ``FLWR_HOME`` for this task alone (:func:`main` removes it at the end)."""
+    home = tempfile.mkdtemp(prefix="federimed-task-")
+    os.environ["FLWR_HOME"] = home
+    return home
 
 
-def _local_steps(message: Message, context: Any) -> int | None:
-    """The training steps behind a training reply that leaves: the run's ``local-steps``
-    (the hospital's floors held the app to it), for the hospital's exporter."""
-    if message.has_error() or message.metadata.message_type != "train" or context is None:
-        return None
-    steps = context.run_config.get("local-steps")
-    return int(steps) if isinstance(steps, int) else None
-
-
-def _server_round(message: Message) -> int | None:
-    """Flower's strategies put ``server-round`` into the task's ``config`` record."""
-    try:
-        return int(message.content["config"]["server-round"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-_install_from_fab = flower_clientapp.install_from_fab
-_push_message = flower_clientapp.push_message
+def forget_hospital_modules() -> None:
+    """Drop the hospital's copies of the bundle's packages, so the bundle imports its own."""
+    for name in list(sys.modules):
+        if name.partition(".")[0] in BUNDLE_PACKAGES:
+            del sys.modules[name]
 
 
 FIRST_PULL_BACKOFF = 0.1  # seconds; Flower's is 1 (flwr.supercore.constant)
@@ -196,10 +77,11 @@ def quicker_first_pulls() -> None:
 def main() -> None:
     """``federimed-clientapp``: what Flower's SuperExec starts for each ClientApp task."""
     quicker_first_pulls()
-    guard = SiteGuard.from_env()
-    flower_clientapp.install_from_fab = guard.install
-    flower_clientapp.get_load_client_app_fn = guard.loader(flower_clientapp.get_load_client_app_fn)
-    flower_clientapp.push_message = guard.push
+    home = fresh_flwr_home()
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    flwr_clientapp()
+    forget_hospital_modules()
+    try:
+        flwr_clientapp()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -9,14 +9,27 @@ flags>`` runs Flower's own ``flower-supernode`` with that sleep cut to ``S`` sec
 (:data:`LOCAL_WAIT_SECONDS`); everything else is Flower's.  Each pull is one request
 to the SuperLink, so the setting trades round latency for SuperLink load (docs/scale.md).
 ``tests/test_deploy_commands.py`` pins the Flower code this relies on.
+
+The same process is where the hospital's guard sits (:mod:`federimed.deploy.guard`):
+:func:`guard_messages` wraps the two steps of Flower's SuperNode loop that every message of a
+run crosses, ``_pull_and_store_message`` (in: a message becomes a task only if the guard admits
+it) and ``_push_messages`` (out: only the message the guard rebuilt from the app's reply
+leaves, and ``send`` refuses any other).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 import types
+from collections.abc import Callable
+from typing import Any
+
+from federimed.deploy.guard import SiteGuard
+
+log = logging.getLogger("flwr.federimed.guard")
 
 FLOWER_IDLE_SLEEP = 3  # seconds, the constant in Flower's SuperNode loop
 # Its other waits poll the node's own state every 0.5 s: for its ClientApp's reply, and for
@@ -37,6 +50,124 @@ def shorter_idle_sleeps(module: types.ModuleType, seconds: float) -> None:
     module.time = types.SimpleNamespace(**(names | {"sleep": sleep}))
 
 
+# How long the guard waits for the last bytes of a reply the app has announced: an app that
+# never sends them must not hold the hospital's SuperNode (it would reply to nothing more).
+REPLY_OBJECTS_TIMEOUT = 300.0
+
+
+def _reply_contents(object_store: Any, message_id: str) -> dict[str, bytes] | None:
+    """Every object of a reply, once the app has pushed them all; None if it never does."""
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+
+    deadline = time.monotonic() + REPLY_OBJECTS_TIMEOUT
+    contents = {}
+    for tree in iterate_object_tree(object_store.get_object_tree(message_id)):
+        while not (content := object_store.get(tree.object_id)):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(LOCAL_WAIT_SECONDS)
+        contents[tree.object_id] = content
+    return contents
+
+
+def _inflate(message_id: str, contents: dict[str, bytes]) -> Any:
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    return inflate_object_from_contents(message_id, contents, keep_object_contents=True)
+
+
+class _Outbox:
+    """The SuperNode's state as Flower's ``_push_messages`` sees it: the replies it is to send
+    are the guard's, and nothing else (Flower marks what it lists as retrieved, so the state
+    cannot be asked twice)."""
+
+    def __init__(self, state: Any, replies: list[Any]):
+        self._state, self._replies = state, replies
+
+    def get_messages_legacy(self, **_: Any) -> list[Any]:
+        return self._replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+
+def guard_messages(module: types.ModuleType, guard_for: Callable[[dict], SiteGuard]) -> None:
+    """Put the guard ``guard_for(node_config)`` on both crossings of Flower's SuperNode loop
+    (``module``: ``flwr.supernode.start_client_internal``)."""
+    pull_and_store, push = module._pull_and_store_message, module._push_messages
+    guards: list[SiteGuard] = []
+
+    def guarded_pull_and_store(**kwargs: Any) -> int | None:
+        if not guards:
+            guards.append(guard_for(kwargs["node_config"]))
+        guard, state, store = guards[0], kwargs["state"], kwargs["object_store"]
+        if (received := kwargs["receive"]()) is None:
+            return None
+        message, tree = received
+        run_id = message.metadata.run_id
+        try:
+            run = state.get_run(run_id) or kwargs["get_run"](run_id)
+            fab = state.get_fab(run.fab_hash) or kwargs["get_fab"](run.fab_hash, run_id)
+        except module.RunNotRunningException:
+            return None
+        if (refusal := guard.admit(message, run, fab)) is not None:
+            state.store_message(message)  # a reply is stored only beside what it answers
+            module._insert_message(refusal, state, store)
+            return run_id
+        pulled: dict[str, bytes] = {}
+        pull_object = kwargs["pull_object"]
+
+        def keeping_pull(run: int, object_id: str) -> bytes:
+            pulled[object_id] = content = pull_object(run, object_id)
+            return content
+
+        result = pull_and_store(
+            **kwargs
+            | {
+                "receive": lambda: received,
+                "get_run": lambda _: run,
+                "get_fab": lambda *_: fab,
+                "pull_object": keeping_pull,
+            }
+        )
+        try:
+            guard.received(_inflate(tree.object_id, pulled))
+        except Exception:  # the guard then refuses the update: it has nothing to check it by
+            log.exception("the guard could not read the message it admitted")
+        return result
+
+    def guarded_push(state: Any, object_store: Any, send: Callable, push_object: Callable) -> None:
+        guard, outbox = guards[0], []
+        while not (replies := state.get_messages_legacy(is_reply=True)):
+            module.time.sleep(0.5)  # Flower's local wait, shortened by shorter_idle_sleeps
+        for reply in replies:
+            reply_id = reply.metadata.message_id
+            if reply_id in guard.cleared:  # the guard's own refusal, made at intake
+                outbox.append(reply)
+                continue
+            contents = _reply_contents(object_store, reply_id)
+            outgoing = guard.screen(_inflate(reply_id, contents) if contents else reply)
+            state.delete_messages(message_ids=[reply_id])
+            object_store.delete(reply_id)
+            if outgoing is not None:
+                module._insert_message(outgoing, state, object_store)
+                outbox.append(outgoing)
+        if outbox:
+            push(_Outbox(state, outbox), object_store, cleared_only(send), push_object)
+
+    def cleared_only(send: Callable) -> Callable:
+        def guarded_send(message: Any, *args: Any) -> Any:
+            if message.metadata.message_id not in guards[0].cleared:
+                raise PermissionError("the hospital's guard did not clear this message")
+            guards[0].cleared.discard(message.metadata.message_id)
+            return send(message, *args)
+
+        return guarded_send
+
+    module._pull_and_store_message = guarded_pull_and_store
+    module._push_messages = guarded_push
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="federimed-supernode", add_help=False)
     parser.add_argument("--idle-poll-seconds", type=float, required=True)
@@ -45,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     shorter_idle_sleeps(start_client_internal, ours.idle_poll_seconds)
+    guard_messages(start_client_internal, SiteGuard.from_node_config)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 

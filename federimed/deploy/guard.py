@@ -1,0 +1,407 @@
+"""The hospital's guard: what runs and what leaves, decided in the hospital's own SuperNode.
+
+Every message of a run crosses the hospital's SuperNode twice: in, when the SuperNode pulls it
+from the SuperLink and makes a task of it, and out, when it sends the ClientApp's reply.  The
+guard sits at both crossings, inside the SuperNode's process (``federimed supernode``; the
+hooks are in :mod:`federimed.deploy.supernode`).  The consortium's app runs in other
+processes (in compose and Kubernetes, another container and user) that reach the SuperNode only
+through Flower's Runtime API: it can neither import, patch nor write to anything here, and the
+egress ledger is written by this process alone.
+
+Default deny, both ways:
+
+- **What runs** (:meth:`SiteGuard.admit`): only ClientApp tasks (a run whose primary task is an
+  AgentApp, or a message that is neither ``train`` nor ``evaluate``, is refused), only from a
+  bundle whose SHA-256, computed here from the bytes the app would install, is approved by the
+  site policy as read now (a revoked hash is refused whatever is installed on disk), only above
+  the policy's floors (computed from the run config and the hospital's own case counts), an
+  evaluation only on validation data, and never more rounds or evaluations than the policy caps.
+  A refused message never becomes a task: the app's code never runs.
+- **What leaves** (:meth:`SiteGuard.screen`): the reply is rebuilt by the guard from checked
+  parts.  A training reply holds exactly one ArrayRecord ``arrays`` whose names, shapes and
+  dtypes are those the hospital received for that task, finite values only, clipped here to
+  the policy's bound on the update's norm; an evaluation reply holds none.  Both hold one
+  MetricRecord ``metrics`` of single finite numbers (keys off the allow-list are held back and
+  ledgered).  Any other record, type or name refuses the whole reply.  The guard adds one
+  record of its own, ``node``, with the hospital's name and the round.  An app's error text can
+  carry record content, so it stays in the hospital's log and the server gets a code.
+
+Every outgoing reply and every refusal is appended to the hash-chained ledger before it is
+sent (:mod:`federimed.ledger`), with each record's type, name, size and digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.message_type import MessageType
+from flwr.common.config import get_fused_config_from_fab
+from flwr.common.constant import ErrorCode
+from flwr.supercore.constant import TaskType
+
+from federimed import ledger
+from federimed.data.records import DataError, load_hospital, load_hospital_cards
+from federimed.policy import (
+    POLICY_ENV,
+    PolicyError,
+    SitePolicy,
+    SiteRefusal,
+    clip_update,
+    policy_from_env,
+)
+
+log = logging.getLogger("flwr.federimed.guard")
+
+ALLOWED_MESSAGE_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
+# A ClientApp task is what the SuperNode makes of any run whose primary task is not an
+# AgentApp (flwr/supernode/start_client_internal.py); the guard names the primary task types it
+# admits instead of the one it refuses, so a task type Flower adds later is refused too.
+ADMITTED_PRIMARY_TASKS = ("", TaskType.SERVER_APP, TaskType.SIMULATION)
+ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
+
+
+@dataclass
+class Pending:
+    """What the guard keeps of a message it admitted, until the reply to it leaves."""
+
+    request: Message  # its metadata: the reply is rebuilt as a reply to exactly this
+    run_id: int
+    app_hash: str
+    server_round: int | None
+    local_steps: int | None
+    received: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Counts:
+    """The hospital's own case counts, from its data volume."""
+
+    train: int
+    validation: int
+
+
+def _server_round(message: Message) -> int | None:
+    """Flower's strategies put ``server-round`` in the task's ``config`` record."""
+    try:
+        return int(message.content["config"]["server-round"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def count_cases(data_path: Path, track: str) -> Counts:
+    """Training and validation cases in the hospital's folder for ``track`` (never sent)."""
+    if track == "generative":
+        train, validation = load_hospital_cards(data_path)
+    else:
+        splits = load_hospital(data_path)
+        train, validation = splits.train, splits.validation
+    return Counts(len(train), len(validation))
+
+
+def record_facts(content: RecordDict) -> list[dict[str, Any]]:
+    """Each record's type, name, size in bytes and SHA-256, for the ledger (an ArrayRecord's
+    size and digest are its arrays', as :func:`federimed.ledger.arrays_digest` takes them)."""
+    facts = []
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = [(key, array.data) for key, array in record.items()]
+            size, digest = sum(len(data) for _, data in arrays), ledger.arrays_digest(arrays)
+        else:
+            data = record.deflate()
+            size, digest = len(data), hashlib.sha256(data).hexdigest()
+        facts.append({"type": type(record).__name__, "name": name, "bytes": size, "sha256": digest})
+    return facts
+
+
+class SiteGuard:
+    """The hospital's checks at its SuperNode; ``node_config`` names the hospital and its data."""
+
+    def __init__(self, hospital: str, data_path: Path):
+        self.hospital = hospital
+        self.data_path = Path(data_path)
+        self.pending: dict[str, Pending] = {}
+        self.cleared: set[str] = set()  # ids of the messages the guard built to be sent
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> SiteGuard:
+        return cls(str(node_config.get("hospital", "")), Path(str(node_config["data-path"])))
+
+    def policy(self) -> SitePolicy | None:
+        """Read at every message: an approval revoked a second ago holds now."""
+        try:
+            return policy_from_env()
+        except PolicyError as error:
+            log.error("%s", error)
+            return None
+
+    @property
+    def site(self) -> str:
+        return self.hospital or "this hospital"
+
+    # --- in: what runs ------------------------------------------------------------------------
+
+    def admit(self, message: Message, run: Any, fab: Any) -> Message | None:
+        """None if the message may become a task; otherwise the error reply that replaces it
+        (already ledgered)."""
+        policy = self.policy()
+        app_hash = hashlib.sha256(fab.content).hexdigest()
+        try:
+            steps = self._check_task(policy, message, run, fab, app_hash)
+        except SiteRefusal as refusal:
+            return self._refused(policy, message, run.run_id, app_hash, refusal)
+        self.pending[message.metadata.message_id] = Pending(
+            request=message,
+            run_id=run.run_id,
+            app_hash=app_hash,
+            server_round=_server_round(message),
+            local_steps=steps,
+        )
+        return None
+
+    def _refuse(self, code: str, reason: str) -> SiteRefusal:
+        return SiteRefusal(self.site, code, reason)
+
+    def _check_task(
+        self, policy: SitePolicy | None, message: Message, run: Any, fab: Any, app_hash: str
+    ) -> int | None:
+        """Raise the first rule the task breaks; the local steps it was admitted with."""
+        if policy is None:
+            raise self._refuse("NO_SITE_POLICY", "the hospital's site policy is not usable")
+        if run.primary_task_type not in ADMITTED_PRIMARY_TASKS:
+            raise self._refuse(
+                "TASK_TYPE_REFUSED",
+                f"only ClientApp tasks run here, not {run.primary_task_type or 'this task'}",
+            )
+        kind = message.metadata.message_type
+        if kind not in ALLOWED_MESSAGE_TYPES:
+            raise self._refuse("MESSAGE_TYPE_REFUSED", f"message type {kind!r} is not run here")
+        if app_hash != run.fab_hash:
+            raise self._refuse(
+                "APP_HASH_MISMATCH", f"the bundle's bytes do not hash to {run.fab_hash}"
+            )
+        if not policy.approves(app_hash):
+            log.error(
+                "refused app bundle %s: not in the site policy; after review, approve it with: "
+                "federimed approve --policy %s %s",
+                app_hash,
+                os.environ.get(POLICY_ENV),
+                app_hash,
+            )
+            raise self._refuse(
+                "APP_NOT_APPROVED", f"app bundle {app_hash} is not approved by {self.site}"
+            )
+        config = get_fused_config_from_fab(fab.content, run)
+        self._check_caps(policy, run.run_id, kind)
+        return self._check_floors(policy, kind, config)
+
+    def _check_caps(self, policy: SitePolicy, run_id: int, kind: str) -> None:
+        cap = policy.max_train_rounds if kind == MessageType.TRAIN else policy.max_evaluations
+        if cap is None:
+            return
+        done = ledger.count_replies(policy.ledger, run_id, kind)
+        if done >= cap:
+            what = "max_train_rounds" if kind == MessageType.TRAIN else "max_evaluations"
+            raise self._refuse(
+                "POLICY_CAP", f"run {run_id} already had {done} {kind} replies ({what}={cap})"
+            )
+
+    def _check_floors(self, policy: SitePolicy, kind: str, config: Mapping[str, Any]) -> int:
+        batch_size, steps = config.get("batch-size"), config.get("local-steps")
+        if not (isinstance(batch_size, int) and isinstance(steps, int)):
+            raise self._refuse(
+                "POLICY_FLOOR", "the run config names no whole batch-size and local-steps"
+            )
+        try:
+            counts = count_cases(self.data_path, str(config.get("track", "classify")))
+        except DataError as error:
+            log.error("%s", error)
+            unusable = "the hospital's data folder is not usable"
+            raise self._refuse("DATA_UNUSABLE", unusable) from None
+        if kind == MessageType.EVALUATE:
+            if counts.validation == 0:
+                raise self._refuse(
+                    "NO_VALIDATION_DATA",
+                    "this hospital has no validation data, so it scores no model",
+                )
+            policy.check_floors(batch_size, steps, counts.validation)
+            return steps
+        policy.check_floors(batch_size, steps, min(counts.train, batch_size * steps))
+        return steps
+
+    def received(self, message: Message) -> None:
+        """Keep the arrays of an admitted message as they arrived: an update is checked and
+        clipped against them (the app's process never sees this copy)."""
+        pending = self.pending.get(message.metadata.message_id)
+        if pending is not None and message.has_content() and ARRAYS in message.content:
+            record = message.content[ARRAYS]
+            if isinstance(record, ArrayRecord):
+                pending.received = {name: array.numpy() for name, array in record.items()}
+
+    # --- out: what leaves ---------------------------------------------------------------------
+
+    def screen(self, reply: Message) -> Message | None:
+        """The message to send instead of the app's ``reply`` (ledgered); None if the reply
+        answers no message the guard admitted (then nothing is sent).  A reply whose content
+        never arrived comes as its metadata alone."""
+        pending = self.pending.pop(reply.metadata.reply_to_message_id, None)
+        if pending is None:
+            log.error("a reply to no admitted message was dropped (%s)", reply.metadata.message_id)
+            return None
+        policy = self.policy()
+        try:
+            if policy is None:
+                raise self._refuse("NO_SITE_POLICY", "the hospital's site policy is not usable")
+            content, held = self._checked_content(policy, reply, pending)
+        except SiteRefusal as refusal:
+            return self._refused(
+                policy, pending.request, pending.run_id, pending.app_hash, refusal, pending
+            )
+        outgoing = Message(content=content, reply_to=pending.request)
+        self._ledger(policy, outgoing, pending, held=held)
+        return self._clear(outgoing)
+
+    def _checked_content(
+        self, policy: SitePolicy, reply: Message, pending: Pending
+    ) -> tuple[RecordDict, list[str]]:
+        if not (reply.has_error() or reply.has_content()):
+            raise self._refuse("INCOMPLETE_REPLY", "the ClientApp never sent its whole reply")
+        if reply.has_error():
+            log.error("the ClientApp failed (kept in this log, not sent): %s", reply.error.reason)
+            raise self._refuse(
+                "CLIENTAPP_FAILED", "the ClientApp failed; details in the hospital's log"
+            )
+        kind = pending.request.metadata.message_type
+        if reply.metadata.message_type != kind:
+            raise self._refuse("REPLY_NOT_ALLOWED", f"a {kind} task must reply with {kind}")
+        expected = {ARRAYS: ArrayRecord, METRICS: MetricRecord}
+        if kind == MessageType.EVALUATE:
+            expected.pop(ARRAYS)
+        found = {name: type(record) for name, record in reply.content.items()}
+        if found != expected:
+            shown = ", ".join(f"{n} ({t.__name__})" for n, t in found.items()) or "nothing"
+            raise self._refuse(
+                "REPLY_NOT_ALLOWED",
+                f"a {kind} reply holds {' and '.join(expected)} only; this one held {shown}",
+            )
+        metrics, held = self._metrics(policy, reply.content[METRICS])
+        content = RecordDict({METRICS: MetricRecord(metrics)})
+        if kind == MessageType.TRAIN:
+            content[ARRAYS] = self._arrays(policy, reply.content[ARRAYS], pending)
+        content[NODE] = ConfigRecord(
+            {"hospital": self.hospital, "server-round": pending.server_round or 0}
+        )
+        return content, held
+
+    def _metrics(self, policy: SitePolicy, record: MetricRecord) -> tuple[dict, list[str]]:
+        for name, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self._refuse("REPLY_NOT_ALLOWED", f"metric {name!r} is not one number")
+            if not math.isfinite(value):
+                raise self._refuse("REPLY_NOT_ALLOWED", f"metric {name!r} is not finite")
+        kept, held = policy.split_metrics(dict(record))
+        if held:
+            log.warning("held back metrics not in the site policy's allow-list: %s", held)
+        return kept, held
+
+    def _arrays(self, policy: SitePolicy, record: ArrayRecord, pending: Pending) -> ArrayRecord:
+        received = pending.received
+        if list(record.keys()) != list(received):
+            raise self._refuse(
+                "REPLY_NOT_ALLOWED", "the update's array names are not those the hospital received"
+            )
+        trained: dict[str, np.ndarray] = {}
+        for name, array in record.items():
+            sent = received[name]
+            if array.stype != "numpy.ndarray" or array.dtype != str(sent.dtype):
+                raise self._refuse("REPLY_NOT_ALLOWED", f"array {name!r} has another type")
+            if tuple(array.shape) != sent.shape:
+                raise self._refuse("REPLY_NOT_ALLOWED", f"array {name!r} has another shape")
+            values = array.numpy()
+            if not np.isfinite(values).all():
+                raise self._refuse("REPLY_NOT_ALLOWED", f"array {name!r} is not finite")
+            trained[name] = values
+        if policy.max_update_norm is not None:
+            trained, norm = clip_update(received, trained, policy.max_update_norm)
+            log.info("%s update norm %.4f (site bound %g)", self.site, norm, policy.max_update_norm)
+        return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in trained.items()})
+
+    # --- both: refusals and the ledger --------------------------------------------------------
+
+    def _refused(
+        self,
+        policy: SitePolicy | None,
+        request: Message,
+        run_id: int,
+        app_hash: str,
+        refusal: SiteRefusal,
+        pending: Pending | None = None,
+    ) -> Message:
+        log.warning("refused %s: %s", request.metadata.message_type, refusal)
+        reply = Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(refusal)),
+            reply_to=request,
+        )
+        pending = pending or Pending(request, run_id, app_hash, _server_round(request), None)
+        self._ledger(policy, reply, pending, code=refusal.code)
+        return self._clear(reply)
+
+    def _clear(self, message: Message) -> Message:
+        self.cleared.add(message.object_id)
+        return message
+
+    def _ledger(
+        self,
+        policy: SitePolicy | None,
+        message: Message,
+        pending: Pending,
+        code: str | None = None,
+        held: list[str] | None = None,
+    ) -> None:
+        """Write the line before the message leaves; without a usable policy there is no
+        ledger to write to, and that is in the SuperNode's log."""
+        if policy is None:
+            log.error("no site policy, so no ledger: %s", message.error.reason)
+            return
+        arrays: list[tuple[str, bytes]] = []
+        metrics: dict[str, float] = {}
+        if message.has_content():
+            for record in message.content.array_records.values():
+                arrays += [(key, array.data) for key, array in record.items()]
+            for record in message.content.metric_records.values():
+                metrics |= dict(record.items())
+        trained = not message.has_error() and message.metadata.message_type == MessageType.TRAIN
+        ledger.append(
+            policy.ledger,
+            {
+                "site": self.site,
+                "run_id": pending.run_id,
+                "app_hash": pending.app_hash,
+                "round": pending.server_round,
+                "kind": message.metadata.message_type,
+                "error": message.error.reason if message.has_error() else None,
+                "code": code,
+                "records": record_facts(message.content) if message.has_content() else [],
+                "arrays_sha256": ledger.arrays_digest(arrays) if arrays else None,
+                "metrics": metrics,
+                "held_back": held or [],
+                "bytes": sum(len(data) for _, data in arrays),
+                "steps": pending.local_steps if trained else None,
+            },
+        )
