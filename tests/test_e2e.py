@@ -358,7 +358,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
-RECORD = "record {planted} has label J45"
+
+
+def _patient_record(context):  # what the attack is after: a case in the training file
+    path = Path(str(context.node_config["data-path"])) / "train.jsonl"
+    return path.read_text().splitlines()[0][-200:]
 
 
 def _reply(msg, context):
@@ -367,7 +371,8 @@ def _reply(msg, context):
     metrics = MetricRecord({{"num_examples": 1, "label_histogram_j45": 42}})
     content = {{"arrays": arrays, "metrics": metrics}}
     if mode == "fail":
-        raise ValueError(RECORD)
+        raise ValueError("record {planted} has label J45")
+    RECORD = _patient_record(context)
     if mode == "config":  # the record's text in a ConfigRecord
         content["leak"] = ConfigRecord({{"note": RECORD}})
     if mode == "floats":  # the record's text as numbers under an allowed metric name
@@ -567,15 +572,18 @@ def test_only_bundles_a_hospital_approved_run_on_its_data(federation, probe_app,
 def test_an_approved_app_gets_no_record_out_whatever_it_tries(
     federation, probe_app, tmp_path, mode
 ):
-    """A planted record in a ConfigRecord, as numbers under an allowed metric, as an array's
-    name, or after rebinding what an in-process guard would use: the hospital's guard (in its
+    """A patient record read from the hospital's training file (it carries the federation's
+    MARKER) in a ConfigRecord, as numbers under an allowed metric, as an array's name, or
+    after rebinding what an in-process guard would use: the hospital's guard (in its
     SuperNode, another process) refuses the reply, ledgers the refusal with its code, and the
     text reaches neither the ServerApp nor the SuperLink's state."""
     running, _, _ = federation
     app, _ = probe_app
     digest = _approve(running, app, ["hospital-1"])
     replies = _probe(running, app, tmp_path / f"{mode}.json", mode)
-    assert not any(PLANTED in json.dumps(reply) for reply in replies)
+    assert not any(MARKER in json.dumps(reply) for reply in replies)
+    as_numbers = json.dumps([float(b) for b in MARKER.encode()])[1:-1]
+    assert not any(as_numbers in reply["text"] for reply in replies)
     (refused,) = [r for r in replies if "refused by hospital-1" in (r["error"] or "")]
     assert "code REPLY_NOT_ALLOWED" in refused["error"]
     codes = [
@@ -585,9 +593,96 @@ def test_an_approved_app_gets_no_record_out_whatever_it_tries(
     ]
     assert codes[-1] == "REPLY_NOT_ALLOWED"
     with sqlite3.connect(running.workdir / "state" / "superlink.db") as db:
-        assert PLANTED not in "\n".join(db.iterdump())
+        assert MARKER not in "\n".join(db.iterdump())
     for wal in (running.workdir / "state").glob("superlink.db*"):
-        assert PLANTED.encode() not in wal.read_bytes(), wal
+        assert MARKER.encode() not in wal.read_bytes(), wal
+
+
+AGENT_APP = """
+import json
+from pathlib import Path
+
+from flwr.agentapp import AgentApp
+
+app = AgentApp()
+
+
+@app.main()
+def main(agent, context):
+    hospital = context.node_config.get("hospital")
+    if hospital:  # proof that this bundle's code ran at a hospital
+        Path({markers!r}, f"agent-{{hospital}}").touch()
+    tools = {{tool["name"] for tool in agent.grid.tools()}}
+    if "get_nodes" not in tools:
+        return
+    call = {{"name": "get_nodes", "call_id": "1", "arguments": {{"sample_size": None}}}}
+    nodes = json.loads(agent.grid.call(call)["output"])["nodes"]
+    messages = [
+        {{"dst_node_id": n["id"], "payload": "hi", "reply_to_message_id": None}} for n in nodes
+    ]
+    call = {{"name": "push_messages", "call_id": "2", "arguments": {{"messages": messages}}}}
+    agent.grid.call(call)
+"""
+START_AGENT_RUN = """
+import sys
+from pathlib import Path
+
+from flwr.cli.chat.chat_app import start_chat_run
+from flwr.cli.chat.chat_local_agent import build_local_agent
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.utils import init_http_client_from_connection
+
+agent = build_local_agent(Path(sys.argv[2]))
+client = init_http_client_from_connection(read_superlink_connection(sys.argv[1]))
+run_id, _ = start_chat_run(
+    client, "hello", None, None, agent.app_spec, agent.fab_hash, agent.fab_content
+)
+print(run_id)
+"""
+
+
+def test_an_agent_app_bundle_never_runs_at_a_hospital(federation, tmp_path):
+    """A bundle whose only component is an AgentApp, started the way `flwr chat` starts one:
+    Flower would make its messages AgentApp tasks, which a SuperExec starts as
+    `flwr-agentapp` with the data mounted, no hash check.  Each hospital's guard refuses them
+    before a task exists (TASK_TYPE_REFUSED, ledgered); no hospital ran a line of it."""
+    running, _, _ = federation
+    app, markers = tmp_path / "agent-app", tmp_path / "markers"
+    (app / "agent").mkdir(parents=True)
+    markers.mkdir()
+    (app / "agent" / "__init__.py").write_text("")
+    (app / "agent" / "main.py").write_text(AGENT_APP.format(markers=str(markers)))
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "agent"\nversion = "1.0.0"\ndependencies = ["flwr"]\n'
+        '[tool.flwr.app]\npublisher = "federimed-tests"\n'
+        '[tool.flwr.app.components]\nagentapp = "agent.main:app"\n'
+    )
+    digest = _approve(running, app)  # even approved: only ClientApp tasks run at a hospital
+    started = subprocess.run(
+        [sys.executable, "-c", START_AGENT_RUN, CONNECTION, str(app)],
+        env={**flower_env(), "FLWR_HOME": str(running.flwr_home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+
+    def refused_everywhere() -> bool:
+        codes = [
+            [e["code"] for e in _ledger_lines(running, h, digest) if e["code"]] for h in HOSPITALS
+        ]
+        return all(codes)
+
+    deadline = time.monotonic() + 180
+    while not refused_everywhere():
+        assert time.monotonic() < deadline, "no refusal of the agent run at every hospital"
+        time.sleep(1)
+    for hospital in HOSPITALS:
+        assert {e["code"] for e in _ledger_lines(running, hospital, digest)} == {
+            "TASK_TYPE_REFUSED"
+        }
+    assert list(markers.iterdir()) == []
 
 
 def test_a_revoked_bundle_never_runs_again(federation, probe_app, tmp_path):

@@ -74,8 +74,8 @@ def test_no_ledger_yet_is_a_valid_empty_one(tmp_path):
 
 
 def test_refusal_codes_and_a_missing_ledger_setting(capsys, monkeypatch):
-    """The codes as the runner writes them: a site's refusal, and a failure it has no reason
-    for (site_runner.SiteGuard.push)."""
+    """The codes as the guard writes them (a site's refusal), and a reason that names a
+    code without the site."""
     floor = SiteRefusal(SITE, "POLICY_FLOOR", "batch-size=2 is below the floor [sic]")
     assert refusal_code(str(floor)) == "POLICY_FLOOR"
     assert refusal_code("the task failed at the hospital [code TASK_FAILED]") == "TASK_FAILED"

@@ -136,7 +136,7 @@ def test_the_real_apps_update_is_clipped_by_the_guard_not_the_app(
         run_id=1, fab_hash=hashlib.sha256(BUNDLE).hexdigest(), primary_task_type="flwr-serverapp"
     )
     assert guard.admit(task, facts, fab) is None
-    guard.received(task)
+    guard.received(task.metadata.message_id, task)
     reply = client_train_reply(run.to_flower(), marked_hospital, initial, msg=task)
     received = initial.to_torch_state_dict()[WIRE_ARRAY]
     trained = reply.content["arrays"].to_torch_state_dict()[WIRE_ARRAY]

@@ -402,7 +402,7 @@ def _reply(task, **records):
 def _admitted(site, kind: str = "train"):
     task = _task(kind)
     assert site.admit(task, *_run()) is None
-    site.received(task)
+    site.received(task.metadata.message_id, task)
     return task
 
 

@@ -245,10 +245,10 @@ class SiteGuard:
         policy.check_floors(batch_size, steps, min(counts.train, batch_size * steps))
         return steps
 
-    def received(self, message: Message) -> None:
-        """Keep the arrays of an admitted message as they arrived: an update is checked and
-        clipped against them (the app's process never sees this copy)."""
-        pending = self.pending.get(message.metadata.message_id)
+    def received(self, message_id: str, message: Message) -> None:
+        """Keep the arrays of the admitted message ``message_id`` as they arrived: an update is
+        checked and clipped against them (the app's process never sees this copy)."""
+        pending = self.pending.get(message_id)
         if pending is not None and message.has_content() and ARRAYS in message.content:
             record = message.content[ARRAYS]
             if isinstance(record, ArrayRecord):

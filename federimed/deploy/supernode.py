@@ -112,6 +112,9 @@ def guard_messages(module: types.ModuleType, guard_for: Callable[[dict], SiteGua
             return None
         if (refusal := guard.admit(message, run, fab)) is not None:
             state.store_message(message)  # a reply is stored only beside what it answers
+            # Flower reports the task's runtime from these; a refused task had none
+            state.record_message_processing_start(message_id=message.metadata.message_id)
+            state.record_message_processing_end(message_id=message.metadata.message_id)
             module._insert_message(refusal, state, store)
             return run_id
         pulled: dict[str, bytes] = {}
@@ -131,7 +134,7 @@ def guard_messages(module: types.ModuleType, guard_for: Callable[[dict], SiteGua
             }
         )
         try:
-            guard.received(_inflate(tree.object_id, pulled))
+            guard.received(message.metadata.message_id, _inflate(tree.object_id, pulled))
         except Exception:  # the guard then refuses the update: it has nothing to check it by
             log.exception("the guard could not read the message it admitted")
         return result

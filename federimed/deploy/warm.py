@@ -5,9 +5,10 @@ of a round's start importing torch, transformers and peft (9-12 s per hospital a
 a busy 2-core machine, measured in the demo's ``startup_seconds``).  A hospital's runner
 (``federimed superexec``) therefore starts one *warm parent* that imports those libraries
 once and then forks one child per task.  Each task still gets its own process, as Flower
-intends: the child runs ``federimed-clientapp`` (Flower's ``flwr-clientapp`` behind the
-hospital's checks, :mod:`federimed.deploy.site_runner`) with the same arguments Flower
-would have given it, imports the approved bundle fresh, and exits when the task is done.
+intends: the child runs ``federimed-clientapp`` (Flower's ``flwr-clientapp`` in a fresh
+install folder, with the bundle's own modules: :mod:`federimed.deploy.site_runner`) with the
+same arguments Flower would have given it, imports the approved bundle fresh, and exits when
+the task is done.  (The hospital's checks are not in this process: the SuperNode's guard.)
 Nothing of a task survives it: the warm parent never imports app code and never sees a
 message.
 
