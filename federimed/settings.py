@@ -19,6 +19,7 @@ from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Isolation = Literal["subprocess", "process"]
+MiB = 1024 * 1024
 # A DNS name, an IPv4 address, or an IPv6 address (bare, or in brackets as in "[::1]:8000").
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+")
 
@@ -136,6 +137,14 @@ class GatewaySettings(BaseSettings):
     cert: Path = Field(Path("certs/gateway.crt"), description="Gateway certificate (PEM).")
     key: Path = Field(Path("certs/gateway.key"), description="Gateway private key (PEM).")
     state: Path = Field(Path("state/gateway"), description="Caddy's working folder.")
+    max_body_bytes: int = Field(
+        64 * MiB,
+        ge=8 * MiB,
+        le=2**31 - 1,
+        description="Largest request body forwarded, in bytes; a larger one gets 413 (at once "
+        "when its Content-Length says so). Flower sends a model as objects of at most 5 MiB "
+        "(its array chunk size), one per request; at least 8 MiB.",
+    )
 
 
 class RuntimeSettings(BaseSettings):
