@@ -271,6 +271,14 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_show(args: argparse.Namespace) -> int:
+    from federimed.policy import load_policy
+    from federimed.privacy import budget_report
+
+    print(budget_report(load_policy(args.policy)))
+    return 0
+
+
 def cmd_ledger_anchor(args: argparse.Namespace) -> int:
     from federimed.ledger import LedgerError, anchor
 
@@ -495,33 +503,118 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from federimed.settings import ServeSettings
+    from federimed.webapp.access import AccessControl, TokenFileError, add_token, revoke_token
     from federimed.webapp.app import ServeLimits, load_app
     from federimed.webapp.served import LATEST, ModelFolderError
 
     settings = _with_flags(
-        ServeSettings, args, "model", "runs", "host", "port", "max_chars", "max_new_tokens"
-    )
+        ServeSettings, args, "model", "runs", "host", "port", "max_chars", "max_new_tokens",
+        "tokens", "auth",
+    )  # fmt: skip
+    if args.add_token or args.revoke_token:  # the operator's side: no web app started
+        try:
+            if args.revoke_token:
+                gone = revoke_token(settings.tokens, args.revoke_token)
+                print(f"{args.revoke_token}: {'revoked' if gone else 'had no token'} "
+                      f"({settings.tokens})")  # fmt: skip
+                return 0
+            token = add_token(settings.tokens, args.add_token)
+        except (TokenFileError, OSError) as error:
+            raise UserError(f"--tokens {settings.tokens}: {error}") from None
+        print(f"a new token for {args.add_token}, shown only now (its hash is in "
+              f"{settings.tokens}; any earlier token of {args.add_token} no longer works):",
+              file=sys.stderr)  # fmt: skip
+        print(token, flush=True)
+        return 0
     if settings.model is None and settings.runs is None:
         raise UserError("serve: give --model DIR (the model to query), --runs DIR, or both")
     if settings.runs is not None and not settings.runs.is_dir():
         raise UserError(f"--runs {settings.runs}: no such folder")
     if str(settings.model) == LATEST and settings.runs is None:
         raise UserError("--model latest needs --runs DIR: the runs it takes the newest model from")
-    limits = ServeLimits(max_chars=settings.max_chars, max_new_tokens=settings.max_new_tokens)
+    limits = ServeLimits(
+        max_chars=settings.max_chars,
+        max_new_tokens=settings.max_new_tokens,
+        max_body_bytes=settings.max_body_bytes,
+        max_generations=settings.max_generations,
+        max_predictions=settings.max_predictions,
+    )
+    access = AccessControl.from_settings(settings)
     try:
-        app = load_app(settings.model, settings.runs, limits)
+        app = load_app(settings.model, settings.runs, limits, access)
     except ModelFolderError as error:
         raise UserError(str(error)) from None
+    for name in ("federimed.serve", "federimed.audit"):  # uvicorn configures only its own
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(f"{name.split('.')[1]}: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
     print(
         f"FederiMed web app on http://{settings.host}:{settings.port}/ "
-        f"(model: {settings.model or 'none'}, runs: {settings.runs or 'none'})",
+        f"(model: {settings.model or 'none'}, runs: {settings.runs or 'none'}, "
+        f"{_serve_access(settings)})",
         flush=True,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        proxy_headers=False,  # only the trusted proxies' headers count (FEDERIMED_SERVE_*)
+        server_header=False,
+    )
     return 0
+
+
+def _serve_access(settings) -> str:
+    """How people sign in, said at start; on a loopback address the first start makes the
+    tokens file with one token for the person who started it, printed once (as `make serve`
+    after `make demo` needs): anywhere else the operator adds users with --add-token."""
+    import getpass
+    import ipaddress
+
+    from federimed.webapp.access import TokenFileError, add_token
+
+    if settings.auth == "none":
+        return "auth none: anyone who reaches the port may use it"
+    if settings.auth == "proxy-header":
+        return (f"users from {settings.proxy_user_header} sent by {settings.trusted_proxies}, "
+                f"tokens from {settings.tokens}")  # fmt: skip
+    tokens = settings.tokens
+    try:
+        loopback = settings.host == "localhost" or ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = False
+    if tokens.exists() or not loopback:
+        if not tokens.exists():
+            return (f"no tokens file yet at {tokens}: nobody can sign in until "
+                    "`federimed serve --add-token NAME` makes one")  # fmt: skip
+        return f"tokens from {tokens}"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "operator"
+    user = user if user and user[0].isalnum() else "operator"
+    try:
+        token = add_token(tokens, user)
+    except (TokenFileError, OSError) as error:
+        raise UserError(f"--tokens {tokens}: cannot create it: {error}") from None
+    print(
+        f"first start: {tokens} created (0600) with a token for {user}, shown only now; sign "
+        f"in at http://{settings.host}:{settings.port}/login with it, or send it as "
+        f"'Authorization: Bearer TOKEN':\n  {token}\n"
+        f"(another user, or a new token: federimed serve --add-token NAME)",
+        flush=True,
+    )
+    return f"tokens from {tokens}"
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
@@ -807,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generative model's answer as it is written, beside the model's provenance), /runs "
         "(the operator dashboard, following live runs through their per-round record), the "
         "JSON API (/api/predict, /api/ask, /api/runs, /healthz; its docs at /docs) and "
-        "Prometheus metrics (/metrics). Case text is never logged or stored. Every option "
+        "Prometheus metrics (/metrics). Signed in by default (a token per person; see "
+        "docs/webapp-security.md). Case text is never logged or stored. Every option "
         "is also a FEDERIMED_SERVE_* variable (flags win).",
     )
     serve.add_argument(
@@ -822,6 +916,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-new-tokens", type=_positive_int, help="longest generated answer (default 64)"
+    )
+    serve.add_argument(
+        "--auth",
+        choices=["token", "proxy-header", "none"],
+        help="who may use it: 'token' (default: a token per person, Bearer header or the login "
+        "page), 'proxy-header' (a single-sign-on proxy's user header, from "
+        "FEDERIMED_SERVE_TRUSTED_PROXIES only), 'none' (anyone who reaches the port)",
+    )
+    serve.add_argument(
+        "--tokens",
+        type=Path,
+        help="the users' tokens file, hashes only (default ~/.config/federimed/serve-tokens; "
+        "on a loopback address the first start creates it with a token for you)",
+    )
+    users = serve.add_mutually_exclusive_group()
+    users.add_argument(
+        "--add-token",
+        metavar="NAME",
+        help="print a new token for NAME once, keep only its hash in the tokens file (made "
+        "0600), and exit; NAME's earlier token stops working",
+    )
+    users.add_argument(
+        "--revoke-token", metavar="NAME", help="remove NAME from the tokens file and exit"
     )
     _listen_args(serve, 8080)
     serve.set_defaults(func=cmd_serve)
@@ -874,6 +991,19 @@ def _site_parsers(sub: argparse._SubParsersAction) -> None:
         help="where a new policy's egress ledger goes (writable; relative to FILE's folder)",
     )
     approve.set_defaults(func=cmd_approve)
+
+    privacy = sub.add_parser(
+        "privacy", help="the hospital's differential-privacy budget"
+    ).add_subparsers(dest="privacy_command", required=True, metavar="COMMAND")
+    privacy_show = privacy.add_parser(
+        "show",
+        help="ε spent and left, per run and in all, read from the ledger",
+        description="Reads the site policy FILE's privacy section and the egress ledger it "
+        "names: for each run, the ε its training replies spent (at the policy's δ) and what is "
+        "left of the per-run budget; then the lifetime total and what is left of it.",
+    )
+    privacy_show.add_argument("--policy", type=Path, required=True, metavar="FILE")
+    privacy_show.set_defaults(func=cmd_privacy_show)
 
     ledger = sub.add_parser("ledger", help="the hospital's egress ledger").add_subparsers(
         dest="ledger_command", required=True, metavar="COMMAND"

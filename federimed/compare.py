@@ -310,13 +310,16 @@ class Comparison(Baselines):
 
         fedavg_round(model, self.encoded, settings, pick_device())
 
-    def federated_in_process(self) -> dict[str, dict[str, float]]:
+    def federated_model(self) -> torch.nn.Module:
         """The federation's equal-budget model computed in one process (what benchmarks over
         many seeds use instead of starting a federation per seed)."""
         model = self._fresh_model()
         for server_round in range(1, self.run.num_server_rounds + 1):
             self._fedavg_round(model, self.run.learning_rate, server_round)
-        return self._score(model)
+        return model
+
+    def federated_in_process(self) -> dict[str, dict[str, float]]:
+        return self._score(self.federated_model())
 
 
 class GenerativeComparison(Baselines):

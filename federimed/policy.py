@@ -81,6 +81,27 @@ class Floors(BaseModel):
     )
 
 
+class Privacy(BaseModel):
+    """The hospital's differential-privacy budget (record level: docs/privacy.md).  Its guard
+    turns each training task's numbers and the hospital's own case count into ε at ``delta``
+    (federimed.privacy) and refuses what this does not allow."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    required: bool = Field(False, description="every training task must use DP-SGD")
+    # not strict: YAML reads 1e-5 (no dot) as text
+    delta: float = Field(
+        1e-5, gt=0, lt=1, strict=False, description="δ; keep it below 1 / training cases"
+    )
+    epsilon_per_run: float | None = Field(None, gt=0, description="most ε one run may spend")
+    lifetime_epsilon: float | None = Field(
+        None, gt=0, description="most ε all runs together may spend (basic composition)"
+    )
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="the largest per-case clip (dp-max-grad-norm) a run may use"
+    )
+
+
 class ApprovedApp(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,6 +129,7 @@ class SitePolicy(BaseModel):
     max_evaluations: int | None = Field(
         None, ge=1, strict=True, description="most evaluation replies one run gets (none: no cap)"
     )
+    privacy: Privacy = Field(default_factory=Privacy)
 
     @field_validator("ledger")
     @classmethod

@@ -253,6 +253,27 @@ def upper_bound_sentence(report: dict[str, Any]) -> str:
     )
 
 
+def _privacy_lines(rounds: dict[str, dict[str, Any]]) -> list[str]:
+    """Each hospital's ε for the run (record-level DP-SGD), as its guard reported it in the
+    last round it trained; nothing for a run without DP."""
+    spent: dict[str, float] = {}
+    for number in sorted(rounds, key=int):
+        spent |= rounds[number].get("epsilon") or {}
+    if not spent:
+        return []
+    return [
+        "## Differential privacy",
+        "",
+        "ε each hospital's guard accounted for this run (DP-SGD at the δ of its own site "
+        "policy; docs/privacy.md):",
+        "",
+        "| hospital | ε |",
+        "|---|---|",
+        *[f"| {name} | {epsilon:.2f} |" for name, epsilon in sorted(spent.items())],
+        "",
+    ]
+
+
 def write_markdown(report: dict[str, Any], out: Path) -> Path:
     setup = report["setup"]
     shown = measures(report)
@@ -300,6 +321,7 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "|---|---|---|---|---|---|---|" + ("---|" if shown.unseen_style else ""),
         *_round_rows(report.get("rounds", {}), shown),
         "",
+        *_privacy_lines(report.get("rounds", {})),
         "## Traffic and time",
         "",
         f"Each round a hospital downloads and uploads {report['update_bytes']:,} bytes of "

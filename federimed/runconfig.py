@@ -76,6 +76,8 @@ class RunConfig(BaseModel):
     resume_from: str = Field(pattern=r"^[0-9]*$")  # a run id, or "" for a fresh run
     strategy: Strategy
     proximal_mu: float = Field(ge=0, le=1000)
+    dp_noise_multiplier: float = Field(ge=0, le=1000)  # 0 = no DP-SGD (federimed.privacy)
+    dp_max_grad_norm: float = Field(gt=0, le=1e6)  # each case's gradient clipped to this
     server_learning_rate: float = Field(gt=0, le=10)
     test_path: str
     output_dir: str
@@ -166,6 +168,8 @@ class RunConfig(BaseModel):
             learning_rate=learning_rate or self.learning_rate,
             proximal_mu=proximal_mu,
             seed=seed,
+            noise_multiplier=self.dp_noise_multiplier,
+            max_grad_norm=self.dp_max_grad_norm,
         )
 
 

@@ -98,6 +98,9 @@ class RoundRecord(_Record):
     evaluate: dict[str, dict[str, float]]  # hospital -> metrics of a federated evaluate round
     test: Scores | None  # None when the run has no test set
     traffic: dict[str, Traffic]
+    # hospital -> ε (record-level DP, at its policy's δ) the run has spent there after this
+    # round, as that hospital's guard reports it; empty for a run without DP-SGD
+    epsilon: dict[str, float] = {}
     seconds: float
 
 

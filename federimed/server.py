@@ -210,6 +210,7 @@ class RoundRecorder:
         self.errors: dict[str, str] = {}
         self.rejected: dict[str, str] = {}
         self.traffic: dict[int, dict[str, int]] = {}
+        self.epsilon: dict[str, float] = {}  # hospital -> ε its guard says the run has spent
 
     def learn_names(self, grid: Grid) -> None:
         """Node id -> enrolled name, from the SuperLink's record of authenticated nodes."""
@@ -244,9 +245,12 @@ class RoundRecorder:
             node_id = reply.metadata.src_node_id
             content = reply.content
             hospital = self._name(node_id)
-            claimed = content.get("node", {}).get("hospital")
+            node = content.get("node", {})
+            claimed = node.get("hospital")
             if claimed is not None and claimed != hospital:
                 log.warning("node %s (enrolled as %s) says it is %r", node_id, hospital, claimed)
+            if isinstance(node.get("epsilon"), float):
+                self.epsilon[hospital] = node["epsilon"]
             metrics = next(iter(content.metric_records.values()), MetricRecord())
             self.replied[kind][hospital] = {k: float(v) for k, v in metrics.items()}
             if "arrays" in content:
@@ -311,6 +315,7 @@ class RoundRecorder:
             evaluate=self.replied["evaluate"],
             test=None,
             traffic={self._name(n): Traffic(**t) for n, t in sorted(self.traffic.items())},
+            epsilon=self.epsilon,
             seconds=time.monotonic() - self.started,
         )
         self._log_phases(server_round)

@@ -29,6 +29,10 @@ class TrainSettings:
     learning_rate: float
     proximal_mu: float = 0.0
     seed: int = 0
+    # DP-SGD (federimed.privacy): noise of std noise_multiplier x max_grad_norm on the sum of
+    # per-case gradients clipped to max_grad_norm, batches Poisson-sampled; 0 = off.
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -220,13 +224,21 @@ def train(
         enabled=device.type == "cuda" and _mixed_precision and not _bf16(device)
     )
     losses = []
+    private = settings.noise_multiplier > 0
+    sample = _poisson_batches if private else _batches
+    noise = torch.Generator().manual_seed(settings.seed)
     with _replay_if_cached(model, data) as replay:
         for step, rows in enumerate(
-            _batches(len(data), settings.batch_size, settings.steps, settings.seed)
+            sample(len(data), settings.batch_size, settings.steps, settings.seed)
         ):
-            with autocast(device):
-                loss = _forward(model, batch_tensors(data, rows, device), replay).loss
-            losses.append(_step(loss, params, anchor, settings.proximal_mu, optimizer, scaler))
+            if private:
+                loss = _private_gradients(model, data, rows, params, settings, device, replay)
+                _add_noise(params, settings, noise)
+                losses.append(_apply(params, anchor, settings.proximal_mu, optimizer, loss))
+            else:
+                with autocast(device):
+                    loss = _forward(model, batch_tensors(data, rows, device), replay).loss
+                losses.append(_step(loss, params, anchor, settings.proximal_mu, optimizer, scaler))
             if on_step:
                 on_step(step + 1, losses[-1])
     tail = losses[-max(1, len(losses) // 4) :]
@@ -243,6 +255,76 @@ def _step(loss, params, anchor, proximal_mu: float, optimizer, scaler) -> float:
     scaler.step(optimizer)
     scaler.update()
     return float(loss.detach())
+
+
+def _poisson_batches(size: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """`steps` batches, each case in each independently with probability batch_size / size:
+    the sampling the DP-SGD accountant assumes (federimed.privacy); a batch may be empty."""
+    rng = np.random.default_rng(seed)
+    rate = min(1.0, batch_size / size)
+    for _ in range(steps):
+        yield np.flatnonzero(rng.random(size) < rate)
+
+
+def per_case_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of each case: its label's cross-entropy (one label per case), or the mean over
+    its answer tokens (a causal LM: next-token, as transformers computes it)."""
+    logits = logits.float()
+    if labels.dim() == 1:
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    targets = labels[:, 1:]
+    tokens = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return tokens.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+def _private_gradients(model, data: Encoded, rows: np.ndarray, params, settings, device, replay):
+    """The sum of the batch's per-case gradients, each clipped to ``max_grad_norm`` in L2 over
+    all trainable parameters, left in ``.grad``; the batch's mean loss (nan when empty).
+
+    One forward and backward per case: exact per-case gradients for any model (LoRA, the
+    frozen layers' replay, a causal LM) at about the arithmetic of one batched step."""
+    summed = [torch.zeros_like(p) for p in params]
+    total = 0.0
+    for row in rows:
+        batch = batch_tensors(data, np.array([row]), device)
+        labels = batch.pop("labels")
+        with autocast(device):
+            loss = per_case_loss(_forward(model, batch, replay).logits, labels)[0]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [
+            torch.zeros_like(p) if g is None else g.float()
+            for g, p in zip(grads, params, strict=True)
+        ]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = float(torch.clamp(settings.max_grad_norm / (norm + 1e-12), max=1.0))
+        for total_grad, grad in zip(summed, grads, strict=True):
+            total_grad.add_(grad, alpha=scale)
+        total += float(loss.detach())
+    for param, grad in zip(params, summed, strict=True):
+        param.grad = grad
+    return total / len(rows) if len(rows) else float("nan")
+
+
+def _add_noise(params, settings: TrainSettings, generator: torch.Generator) -> None:
+    """Gaussian noise of std σ·C on the clipped sum, then the average over the expected batch
+    size (the Poisson batch's own size would reveal whether a case was in it)."""
+    std = settings.noise_multiplier * settings.max_grad_norm
+    for param in params:
+        noise = torch.normal(0.0, std, size=param.shape, generator=generator)
+        param.grad = (param.grad + noise.to(param.grad.device)) / settings.batch_size
+
+
+def _apply(params, anchor, proximal_mu: float, optimizer, loss: float) -> float:
+    """The optimizer step on gradients already in ``.grad`` (DP-SGD's noised ones); FedProx's
+    proximal term, which reads no data, added unnoised."""
+    if anchor is not None:
+        for param, start in zip(params, anchor, strict=True):
+            param.grad = param.grad + proximal_mu * (param.detach() - start)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _bf16(device: torch.device) -> bool:

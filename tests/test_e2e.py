@@ -747,7 +747,7 @@ def test_a_run_below_a_hospital_floor_is_refused_naming_the_rule(federation, tin
     for hospital in HOSPITALS:
         assert f"refused by {hospital}, code POLICY_FLOOR" in text
     assert "batch-size=2 is below the site policy's floor floors.batch_size=4" in text
-    assert "batch-size=2" in _runner_log(running, "hospital-2")
+    assert "batch-size=2" in _supernode_log(running, "hospital-2")
 
 
 def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(

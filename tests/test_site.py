@@ -324,8 +324,12 @@ def test_each_task_installs_into_a_fresh_home_and_imports_the_bundles_own_code(m
     homes = {site_runner.fresh_flwr_home() for _ in range(2)}
     assert len(homes) == 2 and all(not any(Path(h).iterdir()) for h in homes)
     monkeypatch.setitem(sys.modules, "federimed.fake_module", object())
-    site_runner.forget_hospital_modules()
-    assert not [name for name in sys.modules if name.split(".")[0] == "federimed"]
+    ours = {n: m for n, m in sys.modules.items() if n.split(".")[0] in site_runner.BUNDLE_PACKAGES}
+    try:
+        site_runner.forget_hospital_modules()
+        assert not [name for name in sys.modules if name.split(".")[0] == "federimed"]
+    finally:  # the rest of this test session goes on with the modules it imported
+        sys.modules.update(ours)
     for home in homes:
         Path(home).rmdir()
 

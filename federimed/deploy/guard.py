@@ -61,11 +61,13 @@ from federimed.data.records import DataError, load_hospital, load_hospital_cards
 from federimed.policy import (
     POLICY_ENV,
     PolicyError,
+    Privacy,
     SitePolicy,
     SiteRefusal,
     clip_update,
     policy_from_env,
 )
+from federimed.privacy import Mechanism, lifetime_spent
 
 log = logging.getLogger("flwr.federimed.guard")
 
@@ -75,6 +77,9 @@ ALLOWED_MESSAGE_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
 # admits instead of the one it refuses, so a task type Flower adds later is refused too.
 ADMITTED_PRIMARY_TASKS = ("", TaskType.SERVER_APP, TaskType.SIMULATION)
 ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
+# Metrics computed from the training cases themselves, outside DP-SGD's noise: under DP they
+# stay home (the update's ε would not bound them).
+TRAINING_STATISTICS = ("train_loss",)
 
 
 @dataclass
@@ -87,6 +92,36 @@ class Pending:
     server_round: int | None
     local_steps: int | None
     received: dict[str, np.ndarray] = field(default_factory=dict)
+    privacy: Spending | None = None  # a training task's DP-SGD, as the guard accounted it
+
+
+@dataclass(frozen=True)
+class Spending:
+    """What one training reply of a run spends: ε after it and before it, at δ."""
+
+    mechanism: Mechanism
+    delta: float
+    rounds_before: int
+
+    @property
+    def epsilon_before(self) -> float:
+        return self.mechanism.epsilon(self.rounds_before, self.delta)
+
+    @property
+    def epsilon_after(self) -> float:
+        return self.mechanism.epsilon(self.rounds_before + 1, self.delta)
+
+    def ledger_fields(self) -> dict[str, Any]:
+        """ε spent by this reply and by the run so far (None without noise: unbounded)."""
+        if not self.mechanism.private:
+            return {"epsilon": None, "epsilon_run": None, "delta": self.delta}
+        return {
+            "epsilon": self.epsilon_after - self.epsilon_before,
+            "epsilon_run": self.epsilon_after,
+            "delta": self.delta,
+            "noise_multiplier": self.mechanism.noise_multiplier,
+            "sample_rate": self.mechanism.sample_rate,
+        }
 
 
 @dataclass
@@ -98,11 +133,17 @@ class Counts:
 
 
 def _server_round(message: Message) -> int | None:
-    """Flower's strategies put ``server-round`` in the task's ``config`` record."""
+    """Flower's strategies put ``server-round`` in the task's ``config`` record, and the round
+    as the message's group id (all the guard has of a message it refuses unread)."""
     try:
         return int(message.content["config"]["server-round"])
     except (KeyError, TypeError, ValueError):
-        return None
+        group = message.metadata.group_id
+        return int(group) if group.isdigit() else None
+
+
+def _at_most(value: object, limit: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value <= limit
 
 
 def count_cases(data_path: Path, track: str) -> Counts:
@@ -163,7 +204,7 @@ class SiteGuard:
         policy = self.policy()
         app_hash = hashlib.sha256(fab.content).hexdigest()
         try:
-            steps = self._check_task(policy, message, run, fab, app_hash)
+            steps, spending = self._check_task(policy, message, run, fab, app_hash)
         except SiteRefusal as refusal:
             return self._refused(policy, message, run.run_id, app_hash, refusal)
         self.pending[message.metadata.message_id] = Pending(
@@ -172,6 +213,7 @@ class SiteGuard:
             app_hash=app_hash,
             server_round=_server_round(message),
             local_steps=steps,
+            privacy=spending,
         )
         return None
 
@@ -180,8 +222,9 @@ class SiteGuard:
 
     def _check_task(
         self, policy: SitePolicy | None, message: Message, run: Any, fab: Any, app_hash: str
-    ) -> int | None:
-        """Raise the first rule the task breaks; the local steps it was admitted with."""
+    ) -> tuple[int, Spending | None]:
+        """Raise the first rule the task breaks; the local steps it was admitted with, and
+        for a training task what it spends of the privacy budget."""
         if policy is None:
             raise self._refuse("NO_SITE_POLICY", "the hospital's site policy is not usable")
         if run.primary_task_type not in ADMITTED_PRIMARY_TASKS:
@@ -209,7 +252,60 @@ class SiteGuard:
             )
         config = get_fused_config_from_fab(fab.content, run)
         self._check_caps(policy, run.run_id, kind)
-        return self._check_floors(policy, kind, config)
+        steps, counts = self._check_floors(policy, kind, config)
+        if kind != MessageType.TRAIN:
+            return steps, None
+        return steps, self._check_privacy(policy, run.run_id, config, counts)
+
+    def _check_privacy(
+        self, policy: SitePolicy, run_id: int, config: Mapping[str, Any], counts: Counts
+    ) -> Spending:
+        """The run's DP-SGD against the hospital's budget: per run (every round the run
+        plans, or has had, plus this one) and over the hospital's lifetime."""
+        privacy = policy.privacy
+        mechanism = self._mechanism(privacy, config, counts)
+        done = ledger.count_replies(policy.ledger, run_id, MessageType.TRAIN)
+        planned = max(int(config.get("num-server-rounds", 1)), done + 1)
+        run_epsilon = mechanism.epsilon(planned, privacy.delta)
+        figures = (
+            f"ε={run_epsilon:.3g} (σ={mechanism.noise_multiplier:g}, "
+            f"q={mechanism.sample_rate:.4f}, {mechanism.steps_per_round} steps x {planned} "
+            f"rounds, δ={privacy.delta:g})"
+        )
+        if privacy.epsilon_per_run is not None and run_epsilon > privacy.epsilon_per_run:
+            raise self._refuse(
+                "PRIVACY_BUDGET",
+                f"run {run_id} would spend {figures}, over "
+                f"privacy.epsilon_per_run={privacy.epsilon_per_run:g}",
+            )
+        if privacy.lifetime_epsilon is not None:
+            spent = lifetime_spent(policy.ledger, excluding_run=run_id)
+            if spent + run_epsilon > privacy.lifetime_epsilon:
+                raise self._refuse(
+                    "PRIVACY_BUDGET",
+                    f"run {run_id} would spend {figures}; {spent:.3g} of "
+                    f"privacy.lifetime_epsilon={privacy.lifetime_epsilon:g} is spent already",
+                )
+        return Spending(mechanism, privacy.delta, done)
+
+    def _mechanism(self, privacy: Privacy, config: Mapping[str, Any], counts: Counts) -> Mechanism:
+        """The task's DP-SGD from its run config and this hospital's case count."""
+        sigma, clip = config.get("dp-noise-multiplier", 0.0), config.get("dp-max-grad-norm")
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or sigma < 0:
+            raise self._refuse("PRIVACY_REFUSED", "dp-noise-multiplier is not a number >= 0")
+        steps, batch_size = int(config["local-steps"]), int(config["batch-size"])
+        mechanism = Mechanism.for_hospital(float(sigma), batch_size, counts.train, steps)
+        if privacy.required and not mechanism.private:
+            raise self._refuse(
+                "PRIVACY_REQUIRED", "this hospital trains with DP-SGD only (dp-noise-multiplier=0)"
+            )
+        limit = privacy.max_grad_norm
+        if mechanism.private and limit is not None and not _at_most(clip, limit):
+            raise self._refuse(
+                "PRIVACY_REFUSED",
+                f"dp-max-grad-norm={clip} is above the site policy's privacy.max_grad_norm={limit}",
+            )
+        return mechanism
 
     def _check_caps(self, policy: SitePolicy, run_id: int, kind: str) -> None:
         cap = policy.max_train_rounds if kind == MessageType.TRAIN else policy.max_evaluations
@@ -222,7 +318,9 @@ class SiteGuard:
                 "POLICY_CAP", f"run {run_id} already had {done} {kind} replies ({what}={cap})"
             )
 
-    def _check_floors(self, policy: SitePolicy, kind: str, config: Mapping[str, Any]) -> int:
+    def _check_floors(
+        self, policy: SitePolicy, kind: str, config: Mapping[str, Any]
+    ) -> tuple[int, Counts]:
         batch_size, steps = config.get("batch-size"), config.get("local-steps")
         if not (isinstance(batch_size, int) and isinstance(steps, int)):
             raise self._refuse(
@@ -241,14 +339,16 @@ class SiteGuard:
                     "this hospital has no validation data, so it scores no model",
                 )
             policy.check_floors(batch_size, steps, counts.validation)
-            return steps
+            return steps, counts
         policy.check_floors(batch_size, steps, min(counts.train, batch_size * steps))
-        return steps
+        return steps, counts
 
     def received(self, message_id: str, message: Message) -> None:
         """Keep the arrays of the admitted message ``message_id`` as they arrived: an update is
         checked and clipped against them (the app's process never sees this copy)."""
         pending = self.pending.get(message_id)
+        if pending is not None and message.has_content():
+            pending.server_round = _server_round(message)
         if pending is not None and message.has_content() and ARRAYS in message.content:
             record = message.content[ARRAYS]
             if isinstance(record, ArrayRecord):
@@ -300,24 +400,34 @@ class SiteGuard:
                 "REPLY_NOT_ALLOWED",
                 f"a {kind} reply holds {' and '.join(expected)} only; this one held {shown}",
             )
-        metrics, held = self._metrics(policy, reply.content[METRICS])
+        metrics, held = self._metrics(policy, reply.content[METRICS], pending.privacy)
         content = RecordDict({METRICS: MetricRecord(metrics)})
         if kind == MessageType.TRAIN:
             content[ARRAYS] = self._arrays(policy, reply.content[ARRAYS], pending)
-        content[NODE] = ConfigRecord(
-            {"hospital": self.hospital, "server-round": pending.server_round or 0}
-        )
+        node = {"hospital": self.hospital, "server-round": pending.server_round or 0}
+        if pending.privacy is not None and pending.privacy.mechanism.private:
+            node |= {"epsilon": pending.privacy.epsilon_after, "delta": pending.privacy.delta}
+        content[NODE] = ConfigRecord(node)
         return content, held
 
-    def _metrics(self, policy: SitePolicy, record: MetricRecord) -> tuple[dict, list[str]]:
+    def _metrics(
+        self, policy: SitePolicy, record: MetricRecord, privacy: Spending | None
+    ) -> tuple[dict, list[str]]:
         for name, value in record.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise self._refuse("REPLY_NOT_ALLOWED", f"metric {name!r} is not one number")
             if not math.isfinite(value):
                 raise self._refuse("REPLY_NOT_ALLOWED", f"metric {name!r} is not finite")
         kept, held = policy.split_metrics(dict(record))
+        if privacy is not None and privacy.mechanism.private:
+            held += sorted(set(kept) & set(TRAINING_STATISTICS))
+            kept = {k: v for k, v in kept.items() if k not in TRAINING_STATISTICS}
         if held:
-            log.warning("held back metrics not in the site policy's allow-list: %s", held)
+            log.warning(
+                "held back metrics (off the site policy's allow-list, or training statistics "
+                "outside DP-SGD's noise): %s",
+                held,
+            )
         return kept, held
 
     def _arrays(self, policy: SitePolicy, record: ArrayRecord, pending: Pending) -> ArrayRecord:
@@ -403,5 +513,6 @@ class SiteGuard:
                 "held_back": held or [],
                 "bytes": sum(len(data) for _, data in arrays),
                 "steps": pending.local_steps if trained else None,
-            },
+            }
+            | (pending.privacy.ledger_fields() if trained and pending.privacy else {}),
         )
