@@ -739,6 +739,34 @@ def _submit_below_the_floor(running, tiny_model: str) -> tuple[int, dict]:
     return run_id, running.wait_for_run(run_id, timeout=300, done=refused)
 
 
+def test_a_run_with_dp_sgd_completes_and_each_hospital_accounts_its_epsilon(
+    federation, tiny_model, capsys
+):
+    """Record-level DP-SGD on the real federation: the run completes; each hospital's guard
+    ledgers ε per training reply (summing to what `privacy show` prints), holds back the
+    training loss, and tells the server its ε, which the round records carry."""
+    running, _, data = federation
+    run_config = (
+        f'model="{tiny_model}" max-length=32 local-steps=4 num-server-rounds=2 min-nodes=3 '
+        f'dp-noise-multiplier=1.0 dp-max-grad-norm=1.0 test-path="{data / "test.jsonl"}"'
+    )
+    run_id = _submit(running, "--run-config", run_config)
+    run_out = running.workdir / "flower" / str(run_id)
+    running.wait_for_run(run_id, timeout=600, done=(run_out / "summary.json").exists)
+    rounds = read_rounds(run_out)
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(set(r.epsilon) == set(HOSPITALS) for r in rounds)
+    assert all("train_loss" not in r.train[h] for r in rounds for h in HOSPITALS)
+    for hospital in HOSPITALS:
+        mine = [e for e in _ledger_lines(running, hospital) if e["run_id"] == run_id]
+        spent = [e["epsilon"] for e in mine if e["kind"] == "train"]
+        assert len(spent) == 2 and all(e > 0 for e in spent)
+        assert sum(spent) == pytest.approx(rounds[-1].epsilon[hospital])
+        assert main(["privacy", "show", "--policy", running.state.site_policies[hospital]]) == 0
+        shown = capsys.readouterr().out
+        assert f"run {run_id}: ε {sum(spent):.3f}; no budget set" in shown
+
+
 def test_a_run_below_a_hospital_floor_is_refused_naming_the_rule(federation, tiny_model):
     running, _, _ = federation
     run_id, status = _submit_below_the_floor(running, tiny_model)
@@ -887,17 +915,36 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: floa
 
 @contextlib.contextmanager
 def _serving(model: Path, runs: Path, log: Path) -> Iterator[str]:
-    """`federimed serve` in its own process, as an operator starts it: its URL while it runs."""
+    """`federimed serve` in its own process, as an operator starts it: its URL while it runs.
+    Signed in as an operator would set it up: a token from `serve --add-token` (the URL carries
+    it as ``.token`` for the browser's login page; urllib sends it to this URL meanwhile), and
+    /metrics open for the scraping Prometheus (FEDERIMED_SERVE_METRICS=open)."""
+    import os
+
     port = free_port()
-    argv = [sys.executable, "-m", "federimed.cli", "serve", "--model", str(model),
-            "--runs", str(runs), "--port", str(port)]  # fmt: skip
+    tokens = log.with_name(f"{log.name}.tokens")
+    cli = [sys.executable, "-m", "federimed.cli", "serve", "--tokens", str(tokens)]
+    made = subprocess.run([*cli, "--add-token", "e2e"], capture_output=True, text=True, check=True)
+    argv = [*cli, "--model", str(model), "--runs", str(runs), "--port", str(port)]
+    env = {**os.environ, "FEDERIMED_SERVE_METRICS": "open"}
     with log.open("w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = type("SignedInURL", (str,), {})(f"http://127.0.0.1:{port}")
+    url.token = made.stdout.strip()
+
+    class Bearer(urllib.request.BaseHandler):
+        def http_request(self, request):
+            if request.full_url.startswith(url + "/"):
+                request.add_unredirected_header("Authorization", f"Bearer {url.token}")
+            return request
+
+    previous = urllib.request._opener
+    urllib.request.install_opener(urllib.request.build_opener(Bearer()))
     try:
         _wait_until_up(f"{url}/healthz", process, log)
         yield url
     finally:
+        urllib.request.install_opener(previous)
         process.terminate()
         process.wait(timeout=30)
 
@@ -914,7 +961,8 @@ def web(federation, finished_run, tmp_path_factory):
 
 @contextlib.contextmanager
 def _browser_page(url: str) -> Iterator[Any]:
-    """Debian's Chromium (driven by playwright) showing ``url``/; closed afterwards."""
+    """Debian's Chromium (driven by playwright) showing ``url``/, signed in on the login page
+    with the token `_serving` made; closed afterwards."""
     from playwright.sync_api import sync_playwright
 
     WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -924,7 +972,10 @@ def _browser_page(url: str) -> Iterator[Any]:
         )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
-            page.goto(url + "/")
+            page.goto(url + "/")  # not signed in yet: the login page
+            page.fill("#token", url.token)
+            page.click("#login button")
+            page.wait_for_url(url + "/")
             yield page
         finally:
             browser.close()

