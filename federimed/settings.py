@@ -11,11 +11,12 @@ configuration, so a stray space, quote or brace is refused rather than passed on
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Isolation = Literal["subprocess", "process"]
@@ -180,8 +181,21 @@ class RuntimeSettings(BaseSettings):
     )
 
 
+def _default_tokens() -> Path:
+    """``$XDG_CONFIG_HOME/federimed/serve-tokens`` (``~/.config`` when unset): the person's own."""
+    import os
+
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "federimed" / "serve-tokens"
+
+
 class ServeSettings(BaseSettings):
-    """`federimed serve`: the clinician page, the JSON API and the operator dashboard."""
+    """`federimed serve`: the clinician page, the JSON API and the operator dashboard.
+
+    Access (docs/webapp-security.md): authenticated by default, by a token per person (only its
+    hash is kept, in TOKENS) sent as ``Authorization: Bearer`` or exchanged on the login page for
+    a signed session cookie; or, behind a hospital's single-sign-on proxy, by the proxy's user
+    header from the proxy's own addresses only.  Lists are comma-separated."""
 
     model_config = SettingsConfigDict(env_prefix="FEDERIMED_SERVE_", extra="forbid")
 
@@ -201,6 +215,110 @@ class ServeSettings(BaseSettings):
     max_new_tokens: int = Field(
         64, ge=1, le=1024, description="Longest answer a generative model writes."
     )
+    auth: Literal["token", "proxy-header", "none"] = Field(
+        "token",
+        description="'token': a person signs in with a token from TOKENS (Bearer header or "
+        "the login page's session cookie); 'proxy-header': the user named in PROXY_USER_HEADER, "
+        "believed only from TRUSTED_PROXIES (a hospital's single-sign-on proxy); 'none': "
+        "anyone who reaches the port (only behind something else that authenticates).",
+    )
+    tokens: Path = Field(
+        default_factory=_default_tokens,
+        description="The users' tokens, one 'name:scrypt-hash' line each, never the tokens "
+        "themselves (`federimed serve --add-token NAME` writes it, 0600); re-read when it "
+        "changes. Default: ~/.config/federimed/serve-tokens.",
+    )
+    proxy_user_header: str = Field(
+        "X-Forwarded-User",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="With auth=proxy-header: the header in which the proxy names the user.",
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Addresses or networks (CIDR) of the proxies whose user header and "
+        "X-Forwarded-Proto are believed, comma-separated; required with auth=proxy-header.",
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Host names requests may be addressed to, besides localhost, 127.0.0.1, "
+        "::1, HOST and any IP address, comma-separated ('*.example.org' for a domain); any "
+        "other Host header gets 400 (DNS rebinding). '*' turns the check off.",
+    )
+    healthz: Literal["open", "auth"] = Field(
+        "open", description="/healthz without credentials ('open') or only signed in ('auth')."
+    )
+    metrics: Literal["auth", "open", "off"] = Field(
+        "auth",
+        description="/metrics only with credentials ('auth', e.g. Prometheus' bearer token), "
+        "to anyone who reaches the port ('open'), or not at all ('off').",
+    )
+    session_hours: float = Field(
+        12, gt=0, le=24 * 30, description="How long a login page session lasts."
+    )
+    cookie_secure: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="The session cookie's Secure flag: 'auto' when the request came over "
+        "HTTPS (directly, or X-Forwarded-Proto from a trusted proxy).",
+    )
+    audit_log: Path | None = Field(
+        None,
+        description="File that gets one JSON line per query (who, when, which model, outcome; "
+        "never the text), created 0600; unset: the log (logger federimed.audit).",
+    )
+    max_body_bytes: int | None = Field(
+        None,
+        ge=1024,
+        le=64 * MiB,
+        description="Largest request body, refused with 413 before it is read (Content-Length) "
+        "or as soon as more arrives; unset: 12 bytes per MAX_CHARS character + 4 KiB (JSON may "
+        "escape a character to 12 bytes).",
+    )
+    max_generations: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="Answers of a generative model in progress at once (one computes, the rest "
+        "wait their turn); one more gets 429 with Retry-After.",
+    )
+    max_predictions: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Classifier requests in progress at once (computing or queued); one more "
+        "gets 429 with Retry-After.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for item in _items(value):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for item in _items(value):
+            name = item[2:] if item.startswith("*.") else item
+            if item != "*" and not _HOST.fullmatch(name):
+                raise ValueError(f"{item!r} is not a host name ('*.domain' for a domain)")
+        return value
+
+    @model_validator(mode="after")
+    def _proxy_needs_proxies(self) -> ServeSettings:
+        if self.auth == "proxy-header" and not _items(self.trusted_proxies):
+            raise ValueError(
+                "auth=proxy-header needs FEDERIMED_SERVE_TRUSTED_PROXIES: the addresses of the "
+                "proxy whose user header is believed (from anyone else it would be a forgery)"
+            )
+        return self
+
+
+def _items(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 class ExporterSettings(BaseSettings):

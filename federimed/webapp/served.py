@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,10 @@ def model_kind(folder: Path) -> Kind:
         f"--model {folder}: not a FederiMed model folder (expected {FEDERIMED_META} of a "
         "classifier, or a causal LM's adapter: a run's final/ folder or the demo's model/)"
     )
+
+
+class Stopped(Exception):
+    """Raised from the streamer's callback: the client left, so the generation ends there."""
 
 
 @dataclass
@@ -98,27 +103,37 @@ class ServedModel:
             top = top_diagnoses(self.model, self.tokenizer, text, k)
         return [Prediction(code, self.names.get(code, ""), p) for code, p in top]
 
-    def answer_stream(self, question: str, max_new_tokens: int) -> Iterator[str]:
-        """The greedy answer, piece by piece as the model generates it."""
+    def answer(
+        self,
+        question: str,
+        max_new_tokens: int,
+        on_text: Callable[[str], None],
+        stop: threading.Event,
+    ) -> bool:
+        """The greedy answer, handed to ``on_text`` piece by piece as the model writes it, in
+        the caller's thread; True when it was written to its end, False when ``stop`` was set
+        (checked while waiting for the model and at every piece: the generation ends there)."""
+        while not self.lock.acquire(timeout=0.05):
+            if stop.is_set():
+                return False
+        try:
+
+            def piece(text: str) -> None:
+                if stop.is_set():
+                    raise Stopped
+                on_text(text)
+
+            self._generate(question, max_new_tokens, piece)
+            return not stop.is_set()
+        except Stopped:
+            return False
+        finally:
+            self.lock.release()
+
+    def _generate(self, question: str, max_new_tokens: int, on_text: Callable[[str], None]):
         from federimed.decoder import ask
 
-        pieces: queue.Queue[str | BaseException | None] = queue.Queue()
-
-        def generate() -> None:
-            try:
-                with self.lock:
-                    ask(self.model, self.tokenizer, question, max_new_tokens, on_text=pieces.put)
-            except BaseException as error:  # handed to the reader, which raises it
-                pieces.put(error)
-            finally:
-                pieces.put(None)
-
-        threading.Thread(target=generate, name="federimed-answer", daemon=True).start()
-        while (piece := pieces.get()) is not None:
-            if isinstance(piece, BaseException):
-                raise piece
-            if piece:
-                yield piece
+        ask(self.model, self.tokenizer, question, max_new_tokens, on_text=on_text)
 
     def describe(self) -> dict[str, Any]:
         """The model's identity and provenance, as the API and the pages show it."""
@@ -126,6 +141,64 @@ class ServedModel:
         if self.provenance is not None:
             about |= self.provenance.model_dump(mode="json")
         return about
+
+
+class Answer:
+    """One answer being written: its own thread (none of anyio's shared pool: streams must not
+    starve the synchronous routes), the event that stops it, and the admission place it holds
+    until the thread has ended."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        question: str,
+        max_new_tokens: int,
+        release: Callable[[], None] = lambda: None,
+    ):
+        self.served = served
+        self.question = question
+        self.max_new_tokens = max_new_tokens
+        self.release = release
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.completed: bool | None = None  # True: to its end; False: stopped; None: not yet
+
+    async def pieces(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+        def put(item: str | BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is reading
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> None:
+            try:
+                self.completed = self.served.answer(
+                    self.question, self.max_new_tokens, put, self.stop
+                )
+            except BaseException as error:  # handed to the reader, which raises it
+                put(error)
+            finally:
+                put(None)
+                self.release()
+
+        self.thread = threading.Thread(target=run, name="federimed-answer", daemon=True)
+        self.thread.start()
+        try:
+            while (piece := await queue.get()) is not None:
+                if isinstance(piece, BaseException):
+                    raise piece
+                if piece:
+                    yield piece
+        finally:
+            self.stop.set()
+
+    def close(self) -> None:
+        """The response ended (or never started): stop the generation; a place never used by
+        a thread is given back here, else by the thread as it ends."""
+        self.stop.set()
+        if self.thread is None:
+            self.release()
 
 
 LATEST = "latest"  # --model latest: the newest completed run's model under --runs

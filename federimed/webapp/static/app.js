@@ -8,6 +8,13 @@ function showError(message) {
   box.hidden = !message;
 }
 
+// Signed out meanwhile (the session ended, the token was revoked): to the login page.
+function signedOut(response) {
+  if (response.status !== 401) return false;
+  location.href = "/login?next=" + encodeURIComponent(location.pathname);
+  return true;
+}
+
 async function problem(response) {
   try {
     const body = await response.json();
@@ -59,6 +66,7 @@ if (predictForm) {
     button.disabled = true;
     try {
       const response = await post("/api/predict", { text: predictForm.text.value });
+      if (signedOut(response)) return;
       if (!response.ok) return showError(await problem(response));
       const body = await response.json();
       list.replaceChildren(...body.predictions.map(prediction));
@@ -82,6 +90,7 @@ if (askForm) {
     button.disabled = true;
     try {
       const response = await post("/api/ask", { question: askForm.question.value });
+      if (signedOut(response)) return;
       if (!response.ok) return showError(await problem(response));
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
