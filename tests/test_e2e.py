@@ -86,7 +86,9 @@ def _submit(running, *args: str) -> int:
 
 @pytest.fixture(scope="module")
 def changed_app(tmp_path_factory):
-    """A copy of the app whose pyproject.toml has one default changed."""
+    """A copy of the app whose pyproject.toml has one default changed, and whose own
+    ``federimed/task.py`` leaves a mark when a ClientApp imports it: what a hospital approves
+    by hash must be the code that runs there, not the hospital's installed copy of it."""
     root, app = find_app_dir(), tmp_path_factory.mktemp("app")
     key, old, new = CHANGED_DEFAULT
     pyproject = (root / "pyproject.toml").read_text()
@@ -96,7 +98,16 @@ def changed_app(tmp_path_factory):
     )
     for package in ("federimed", "server_app", "client_app"):
         shutil.copytree(root / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    with (app / "federimed" / "task.py").open("a") as task:
+        task.write(BUNDLE_MARK.format(marks=str(tmp_path_factory.mktemp("bundle-marks"))))
     return app
+
+
+# Appended to the bundle's copy of federimed/task.py (changed_app).
+BUNDLE_MARK = """
+if "clientapp" in " ".join(__import__("sys").argv):
+    __import__("pathlib").Path({marks!r}, str(__import__("os").getpid())).touch()
+"""
 
 
 def _approve(running, app: Path, hospitals=HOSPITALS) -> str:
@@ -156,6 +167,14 @@ def test_federation_with_tls_and_node_auth_completes_and_saves_a_model(finished_
     assert (out / "final" / "config.json").is_file()
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "checkpoints" / f"round-{ROUNDS}" / "adapter_model.safetensors").is_file()
+
+
+def test_the_bundles_own_modules_run_at_the_hospitals(finished_run, changed_app):
+    """Every ClientApp task imported the approved bundle's federimed/task.py (one mark per
+    task process: a train and an evaluate task per hospital and round)."""
+    text = (changed_app / "federimed" / "task.py").read_text()
+    marks = Path(re.search(r"Path\('([^']+)'", text).group(1))
+    assert len(list(marks.iterdir())) == 2 * ROUNDS * len(HOSPITALS)
 
 
 def test_a_default_changed_in_pyproject_reaches_the_run(finished_run):

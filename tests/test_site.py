@@ -518,9 +518,12 @@ def _leaky_replies(task):
     yield {"arrays": ArrayRecord({"w": Array(np.full(4, np.inf, np.float32))}), "metrics": metrics}
     yield {"weights": arrays, "metrics": metrics}
     yield {"metrics": metrics}
+    # names are the app's own text: a refusal must not carry them out
+    yield {"arrays": arrays, "metrics": MetricRecord({"PATIENT-1 J45": [1.0, 2.0]})}
+    yield {"arrays": arrays, "metrics": metrics, "PATIENT-1 J45": ConfigRecord({"t": "x"})}
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_anything_but_the_allowed_shape_is_refused_whole_and_ledgered(guard, case):
     site, ledger_path = guard
     task = _admitted(site)

@@ -220,6 +220,12 @@ class SiteGuard:
     def _refuse(self, code: str, reason: str) -> SiteRefusal:
         return SiteRefusal(self.site, code, reason)
 
+    def _refuse_unsent(self, reason: str, details: str) -> SiteRefusal:
+        """A reply that is not what the policy allows.  Names in it (records, metrics, arrays)
+        are the app's own text, which can carry a record: they go to the hospital's log only."""
+        log.warning("reply refused: %s; %s", reason, details)
+        return self._refuse("REPLY_NOT_ALLOWED", f"{reason} (details in the hospital's log)")
+
     def _check_task(
         self, policy: SitePolicy | None, message: Message, run: Any, fab: Any, app_hash: str
     ) -> tuple[int, Spending | None]:
@@ -395,10 +401,10 @@ class SiteGuard:
             expected.pop(ARRAYS)
         found = {name: type(record) for name, record in reply.content.items()}
         if found != expected:
-            shown = ", ".join(f"{n} ({t.__name__})" for n, t in found.items()) or "nothing"
-            raise self._refuse(
-                "REPLY_NOT_ALLOWED",
-                f"a {kind} reply holds {' and '.join(expected)} only; this one held {shown}",
+            shown = ", ".join(f"{n!r} ({t.__name__})" for n, t in found.items()) or "nothing"
+            raise self._refuse_unsent(
+                f"a {kind} reply holds {' and '.join(expected)} only",
+                f"this one held {shown}",
             )
         metrics, held = self._metrics(policy, reply.content[METRICS], pending.privacy)
         content = RecordDict({METRICS: MetricRecord(metrics)})
@@ -415,9 +421,9 @@ class SiteGuard:
     ) -> tuple[dict, list[str]]:
         for name, value in record.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise self._refuse("REPLY_NOT_ALLOWED", f"metric {name!r} is not one number")
+                raise self._refuse_unsent("a metric is not one number", f"metric {name!r}")
             if not math.isfinite(value):
-                raise self._refuse("REPLY_NOT_ALLOWED", f"metric {name!r} is not finite")
+                raise self._refuse_unsent("a metric is not finite", f"metric {name!r}")
         kept, held = policy.split_metrics(dict(record))
         if privacy is not None and privacy.mechanism.private:
             held += sorted(set(kept) & set(TRAINING_STATISTICS))
@@ -433,19 +439,20 @@ class SiteGuard:
     def _arrays(self, policy: SitePolicy, record: ArrayRecord, pending: Pending) -> ArrayRecord:
         received = pending.received
         if list(record.keys()) != list(received):
-            raise self._refuse(
-                "REPLY_NOT_ALLOWED", "the update's array names are not those the hospital received"
+            raise self._refuse_unsent(
+                "the update's array names are not those the hospital received",
+                f"received {list(received)}, got {list(record.keys())}",
             )
         trained: dict[str, np.ndarray] = {}
         for name, array in record.items():
             sent = received[name]
             if array.stype != "numpy.ndarray" or array.dtype != str(sent.dtype):
-                raise self._refuse("REPLY_NOT_ALLOWED", f"array {name!r} has another type")
+                raise self._refuse_unsent("an array has another type", f"{name!r}: {array.dtype}")
             if tuple(array.shape) != sent.shape:
-                raise self._refuse("REPLY_NOT_ALLOWED", f"array {name!r} has another shape")
+                raise self._refuse_unsent("an array has another shape", f"{name!r}: {array.shape}")
             values = array.numpy()
             if not np.isfinite(values).all():
-                raise self._refuse("REPLY_NOT_ALLOWED", f"array {name!r} is not finite")
+                raise self._refuse_unsent("an array is not finite", f"{name!r}")
             trained[name] = values
         if policy.max_update_norm is not None:
             trained, norm = clip_update(received, trained, policy.max_update_norm)
