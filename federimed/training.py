@@ -17,6 +17,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from federimed.data.records import Example
+from federimed.dpsgd import (  # IGNORE_INDEX: a prompt's and padding's tokens carry no loss
+    IGNORE_INDEX,
+    add_noise,
+    clipped_gradient_sum,
+    poisson_batches,
+)
 from federimed.features import Replay, replaying
 from federimed.metrics import probability_metrics
 from federimed.settings import RuntimeSettings
@@ -80,10 +86,6 @@ class Encoded:
             layers.pop() if features is not None else 0,
         )
 
-
-# The label of a token no loss is computed on (a prompt's or padding): torch's cross-entropy
-# ignore_index and transformers' default.
-IGNORE_INDEX = -100
 
 # Mixed precision on GPUs, unless FEDERIMED_PRECISION=fp32; set for the process by pick_device,
 # as torch's own thread count is.
@@ -225,15 +227,28 @@ def train(
     )
     losses = []
     private = settings.noise_multiplier > 0
-    sample = _poisson_batches if private else _batches
+    sample = poisson_batches if private else _batches
     noise = torch.Generator().manual_seed(settings.seed)
     with _replay_if_cached(model, data) as replay:
+
+        def forward(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = batch_tensors(data, rows, device)
+            labels = batch.pop("labels")
+            with autocast(device):
+                return _forward(model, batch, replay).logits, labels
+
         for step, rows in enumerate(
             sample(len(data), settings.batch_size, settings.steps, settings.seed)
         ):
             if private:
-                loss = _private_gradients(model, data, rows, params, settings, device, replay)
-                _add_noise(params, settings, noise)
+                loss = clipped_gradient_sum(model, params, forward, rows, settings.max_grad_norm)
+                add_noise(
+                    params,
+                    settings.noise_multiplier,
+                    settings.max_grad_norm,
+                    settings.batch_size,
+                    noise,
+                )
                 losses.append(_apply(params, anchor, settings.proximal_mu, optimizer, loss))
             else:
                 with autocast(device):
@@ -255,65 +270,6 @@ def _step(loss, params, anchor, proximal_mu: float, optimizer, scaler) -> float:
     scaler.step(optimizer)
     scaler.update()
     return float(loss.detach())
-
-
-def _poisson_batches(size: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
-    """`steps` batches, each case in each independently with probability batch_size / size:
-    the sampling the DP-SGD accountant assumes (federimed.privacy); a batch may be empty."""
-    rng = np.random.default_rng(seed)
-    rate = min(1.0, batch_size / size)
-    for _ in range(steps):
-        yield np.flatnonzero(rng.random(size) < rate)
-
-
-def per_case_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss of each case: its label's cross-entropy (one label per case), or the mean over
-    its answer tokens (a causal LM: next-token, as transformers computes it)."""
-    logits = logits.float()
-    if labels.dim() == 1:
-        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-    targets = labels[:, 1:]
-    tokens = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return tokens.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-
-
-def _private_gradients(model, data: Encoded, rows: np.ndarray, params, settings, device, replay):
-    """The sum of the batch's per-case gradients, each clipped to ``max_grad_norm`` in L2 over
-    all trainable parameters, left in ``.grad``; the batch's mean loss (nan when empty).
-
-    One forward and backward per case: exact per-case gradients for any model (LoRA, the
-    frozen layers' replay, a causal LM) at about the arithmetic of one batched step."""
-    summed = [torch.zeros_like(p) for p in params]
-    total = 0.0
-    for row in rows:
-        batch = batch_tensors(data, np.array([row]), device)
-        labels = batch.pop("labels")
-        with autocast(device):
-            loss = per_case_loss(_forward(model, batch, replay).logits, labels)[0]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [
-            torch.zeros_like(p) if g is None else g.float()
-            for g, p in zip(grads, params, strict=True)
-        ]
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        scale = float(torch.clamp(settings.max_grad_norm / (norm + 1e-12), max=1.0))
-        for total_grad, grad in zip(summed, grads, strict=True):
-            total_grad.add_(grad, alpha=scale)
-        total += float(loss.detach())
-    for param, grad in zip(params, summed, strict=True):
-        param.grad = grad
-    return total / len(rows) if len(rows) else float("nan")
-
-
-def _add_noise(params, settings: TrainSettings, generator: torch.Generator) -> None:
-    """Gaussian noise of std σ·C on the clipped sum, then the average over the expected batch
-    size (the Poisson batch's own size would reveal whether a case was in it)."""
-    std = settings.noise_multiplier * settings.max_grad_norm
-    for param in params:
-        noise = torch.normal(0.0, std, size=param.shape, generator=generator)
-        param.grad = (param.grad + noise.to(param.grad.device)) / settings.batch_size
 
 
 def _apply(params, anchor, proximal_mu: float, optimizer, loss: float) -> float:

@@ -15,9 +15,10 @@ import torch
 from federimed import privacy
 from federimed.cli import main
 from federimed.deploy.guard import SiteGuard
+from federimed.dpsgd import add_noise, clipped_gradient_sum
 from federimed.policy import load_policy
 from federimed.privacy import Mechanism, noise_for_epsilon, spent_by_run
-from federimed.training import Encoded, TrainSettings, _add_noise, _private_gradients, train
+from federimed.training import Encoded, TrainSettings, batch_tensors, train
 
 # --- the accountant -------------------------------------------------------------------------
 
@@ -83,23 +84,65 @@ def _data(cases: int = 40) -> Encoded:
     )
 
 
+def _forward(model, data: Encoded):
+    def forward(rows):
+        batch = batch_tensors(data, rows, torch.device("cpu"))
+        labels = batch.pop("labels")
+        return model(**batch).logits, labels
+
+    return forward
+
+
+def _trained(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def test_each_cases_gradient_is_clipped_before_it_is_summed():
     model, data = _BagOfWords(), _data()
-    params = [p for p in model.parameters() if p.requires_grad]
-    settings = TrainSettings(steps=1, batch_size=8, learning_rate=0.1, max_grad_norm=1e-3)
-    rows = np.arange(8)
-    _private_gradients(model, data, rows, params, settings, torch.device("cpu"), None)
+    params = _trained(model)
+    clipped_gradient_sum(model, params, _forward(model, data), np.arange(8), 1e-3)
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
     assert float(norm) <= 8 * 1e-3 + 1e-9  # each of the 8 cases contributes at most C
     assert float(norm) > 1e-3  # and they were summed, not averaged into one
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6])  # every case clipped / none
+def test_one_batched_pass_gives_the_per_case_gradients_a_loop_gives(tiny_model, clip):
+    """The linear-layer hooks (LoRA, pooler, classifier of a real BERT) against one forward
+    and backward per case: the same clipped sums."""
+    from conftest import make_run
+
+    from federimed import dpsgd
+    from federimed.model import build_classifier, load_tokenizer
+    from federimed.training import encode
+
+    run = make_run(model=tiny_model, max_length=32)
+    model = build_classifier(tiny_model, run.label_list, run.lora, seed=0)
+    model.train()
+    tokenizer = load_tokenizer(tiny_model)
+    cases = [
+        SimpleNamespace(text=f"fever and cough day {i}" * (1 + i % 3), label=run.label_list[i % 5])
+        for i in range(6)
+    ]
+    data = encode(cases, tokenizer, run.label_list, 32)
+    params = _trained(model)
+    assert dpsgd._LinearTaps(model, params).complete
+    rows = np.arange(6)
+    hooked = clipped_gradient_sum(model, params, _forward(model, data), rows, clip)
+    batched = [p.grad.clone() for p in params]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    looped = dpsgd._loop(params, _forward(model, data), rows, clip)
+    assert hooked == pytest.approx(looped, rel=1e-4)
+    for one, other in zip(batched, [p.grad for p in params], strict=True):
+        assert torch.allclose(one, other, rtol=1e-3, atol=1e-7)
 
 
 def test_the_noise_has_the_scale_the_accountant_assumes():
     """σ·C on the sum, then the mean over the expected batch: std σ·C/B per coordinate."""
     params = [torch.nn.Parameter(torch.zeros(200, 200))]
     params[0].grad = torch.zeros(200, 200)
-    settings = TrainSettings(steps=1, batch_size=16, learning_rate=0.1, noise_multiplier=2.0)
-    _add_noise(params, settings, torch.Generator().manual_seed(0))
+    add_noise(params, 2.0, 1.0, 16, torch.Generator().manual_seed(0))
     assert float(params[0].grad.std()) == pytest.approx(2.0 * 1.0 / 16, rel=0.02)
 
 
