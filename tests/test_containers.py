@@ -353,7 +353,7 @@ def test_compose_guard_in_the_supernode_and_runner_apart(compose_config, files):
             assert mounts[ledger_mount] == (f"ledger-{hospital}", True), f"{where}: {mounts}"
         assert mounts[data_path] == (f"data-{hospital}", False), f"{where}: {mounts}"
         assert node.get("user") in (None, APP_USER), f"{where}: {node.get('user')}"
-        assert "/home/app:uid=49999,gid=49999,mode=0700" in node["tmpfs"], where
+        assert _tmpfs(node)["/home/app"][:3] == ["uid=49999", "gid=49999", "mode=0700"], where
         # the runner: data and secret only, no policy, another user, its own home
         assert "FEDERIMED_SITE_POLICY" not in (runner.get("environment") or {}), where
         assert _volumes(runner) == {
@@ -363,7 +363,7 @@ def test_compose_guard_in_the_supernode_and_runner_apart(compose_config, files):
         assert not [v for v in runner.get("volumes", []) if v["type"] != "volume"], where
         assert runner["user"] == RUNNER_USER, f"{where}: {runner.get('user')}"
         uid, gid = RUNNER_USER.split(":")
-        assert f"/home/app:uid={uid},gid={gid},mode=0700" in runner["tmpfs"], runner["tmpfs"]
+        assert _tmpfs(runner)["/home/app"][:3] == [f"uid={uid}", f"gid={gid}", "mode=0700"], where
         assert runner["read_only"] is True and runner["cap_drop"] == ["ALL"], where
         # init gives the runner's group read access to the hospital's Runtime API secret
         assert f"CLIENTAPP_GID:-{gid}" in init, "docker/init.sh: the runners' group"
@@ -398,6 +398,79 @@ def test_compose_guard_in_the_supernode_and_runner_apart(compose_config, files):
         assert networks[f"monitoring-{hospital}"].get("internal") is True
         ledger = exporter["environment"]["FEDERIMED_EXPORTER_LEDGER"]
         assert ledger in ledger_paths, f"{hospital}: the exporter reads {ledger}"
+
+
+def _tmpfs(service: dict) -> dict[str, list[str]]:
+    """A rendered service's tmpfs mounts: target -> its options."""
+    mounts = {}
+    for item in service.get("tmpfs") or []:
+        target, _, options = item.partition(":")
+        mounts[target] = options.split(",") if options else []
+    return mounts
+
+
+def _bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)", size.lower()).groups()
+    return int(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit]
+
+
+@pytest.mark.parametrize(
+    "files",
+    [("compose.yaml",), ("compose.yaml", "compose.gpu.yaml"), ("compose.yaml", "compose.cpu.yaml")],
+    ids=["base", "gpu", "cpu"],
+)
+def test_compose_limits_every_service(compose_config, files):
+    """Issue 29: every service (the monitoring profile's too) has a memory cap without swap
+    beyond it, a CPU cap a 2-CPU host can start, a process cap, and tmpfs mounts of a set size
+    that fit, with the service's own memory, under its cap (tmpfs pages count against it)."""
+    services = compose_config(*files, profiles=("monitoring",))["services"]
+    assert len(services) >= 17, sorted(services)
+    for name, service in services.items():
+        where = f"{' + '.join(files)}: {name}"
+        memory = int(service.get("mem_limit") or 0)
+        assert 128 * 2**20 <= memory <= 8 * 2**30, f"{where}: mem_limit {memory}"
+        assert int(service.get("memswap_limit") or 0) == memory, f"{where}: swap beyond the cap"
+        assert 0 < float(service.get("cpus") or 0) <= 2, f"{where}: cpus {service.get('cpus')}"
+        assert 32 <= int(service.get("pids_limit") or 0) <= 1024, f"{where}: pids_limit"
+        mounts = _tmpfs(service)
+        assert set(mounts) == {"/tmp", "/home/app"}, f"{where}: tmpfs {service.get('tmpfs')}"
+        sizes = {}
+        for target, options in mounts.items():
+            (size,) = [o.split("=", 1)[1] for o in options if o.startswith("size=")] or [None]
+            assert size, f"{where}: tmpfs {target} has no size"
+            sizes[target] = _bytes(size)
+        assert sum(sizes.values()) <= memory // 2, f"{where}: tmpfs {sizes} against {memory}"
+    # the training services get the most; the web app what a served model needs
+    for name in ("serverapp", *(f"clientapp-{h}" for h in HOSPITALS)):
+        assert int(services[name]["mem_limit"]) >= 4 * 2**30, name
+    assert int(services["webapp"]["mem_limit"]) >= 2 * 2**30
+
+
+def test_compose_web_app_has_its_own_network_and_reads_the_runs(compose_config):
+    """Issue 29: the web app is on a network of its own (with the monitoring profile's
+    Prometheus, which scrapes it), never on `consortium` with the SuperLink's Control API; it
+    reads the runs volume the ServerApp runner writes, read-only; its tokens file has a volume
+    of its own; the settings it needs behind compose are set."""
+    rendered = compose_config("compose.yaml", profiles=("monitoring",))
+    services, networks = rendered["services"], rendered["networks"]
+    webapp = services["webapp"]
+    assert set(webapp["networks"]) == {"webapp"}, webapp["networks"]
+    members = {name for name, svc in services.items() if "webapp" in (svc.get("networks") or {})}
+    assert members == {"webapp", "prometheus"}, members
+    superlink_networks = set(services["superlink"]["networks"])
+    assert not superlink_networks & set(webapp["networks"]), superlink_networks
+    assert "consortium" not in services["prometheus"]["networks"]
+    assert "webapp" in networks and not networks["webapp"].get("internal")  # it publishes 8080
+    assert _volumes(webapp) == {"/runs": ("runs", False), "/state": ("webapp-auth", True)}
+    assert _volumes(services["serverapp"])["/runs"] == ("runs", True)
+    assert [p["host_ip"] for p in webapp["ports"]] == ["127.0.0.1"]
+    env = webapp["environment"]
+    assert env["FEDERIMED_SERVE_TOKENS"].startswith("/state/")
+    assert "webapp" in env["FEDERIMED_SERVE_ALLOWED_HOSTS"].split(",")  # Prometheus' target
+    assert "FEDERIMED_SERVE_AUTH" not in env  # signed in: the default
+    for name, service in services.items():  # nobody else mounts the tokens
+        if name != "webapp":
+            assert "webapp-auth" not in {v for v, _ in _volumes(service).values()}, name
 
 
 # ------------------------------------------------------------------------------ the real run

@@ -35,7 +35,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,7 @@ USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # afterwards). The tokens are 256 random bits: the hash is what a stolen file gives away.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 COOKIE = "federimed_session"
+MAX_CHECKS = 64  # tokens being checked (scrypt) at once, the rest refused until there is room
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PUBLIC_PREFIXES = ("/static/",)
 PUBLIC_PATHS = ("/login", "/logout", "/favicon.ico")
@@ -320,6 +321,8 @@ class AccessControl:
     sessions: Sessions = field(default_factory=lambda: Sessions(12 * 3600))
     audit: Audit = field(default_factory=Audit)
     _known: dict[bytes, tuple[str, str]] = field(default_factory=dict, repr=False)
+    _pending: dict[bytes, Future] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _checking: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="federimed-auth"),
         repr=False,
@@ -404,11 +407,26 @@ class AccessControl:
         return name
 
     async def check_token(self, token: str) -> str | None:
+        """The user a token belongs to, or None. Requests that bring the same new token at
+        once wait for one check; with MAX_CHECKS checks of other tokens already waiting (a
+        flood of wrong ones), a new token is refused at once instead of queueing."""
         remembered = self._remembered(token)
         if remembered is not None:
             return remembered
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._checking, self._check, token)
+        key = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is None:
+                if len(self._pending) >= MAX_CHECKS:
+                    return None
+                pending = self._checking.submit(self._check, token)
+                self._pending[key] = pending
+                pending.add_done_callback(lambda _: self._forget(key))
+        return await asyncio.wrap_future(pending)
+
+    def _forget(self, key: bytes) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
 
     async def identify(self, scope: dict, headers: dict[str, str]) -> tuple[str | None, str]:
         """(user, how): how is 'bearer', 'session', 'proxy' or 'none'."""

@@ -47,12 +47,21 @@ function prediction(item) {
   return li;
 }
 
-function post(url, body) {
-  return fetch(url, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  });
+// The web app says it is busy (429) with how long to wait: wait that long and ask again, a
+// few times, before showing the refusal.
+async function post(url, body) {
+  for (let attempt = 0; ; attempt++) {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (response.status !== 429 || attempt >= 3) return response;
+    const wait = Math.min(Number(response.headers.get("Retry-After")) || 1, 10);
+    showError("The web app is busy; asking again in " + wait + " s.");
+    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+    showError("");
+  }
 }
 
 const predictForm = document.getElementById("predict");
