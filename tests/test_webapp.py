@@ -560,6 +560,44 @@ def test_token_files_hold_salted_hashes_only_and_are_private(classifier_run, tmp
     assert main(["serve", "--add-token", "no good", "--tokens", str(path)]) == 2
 
 
+def test_a_new_token_is_checked_once_however_many_bring_it_and_a_flood_waits_for_nobody(
+    tmp_path, monkeypatch
+):
+    """scrypt costs tens of ms: 50 requests arriving at once with the same new token pay it
+    once, later ones not at all; with 64 checks of other tokens waiting, a new one is refused
+    at once instead of queueing behind them."""
+    from federimed.webapp import access as module
+
+    path = tmp_path / "tokens"
+    token = add_token(path, "dr.quinn")
+    control = access(path)
+    calls = []
+    real = module.token_matches
+    monkeypatch.setattr(module, "token_matches", lambda *a: calls.append(1) or real(*a))
+
+    async def together(n: int) -> list:
+        return await asyncio.gather(*(control.check_token(token) for _ in range(n)))
+
+    assert asyncio.run(together(50)) == ["dr.quinn"] * 50
+    assert asyncio.run(together(5)) == ["dr.quinn"] * 5
+    assert len(calls) == 1
+    gate = threading.Event()
+    monkeypatch.setattr(module, "token_matches", lambda *a: gate.wait(30) and False)
+
+    async def flood() -> list:
+        wrong = [control.check_token(f"dr.quinn.{i:043d}") for i in range(module.MAX_CHECKS)]
+        waiting = [asyncio.ensure_future(w) for w in wrong]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        refused = await control.check_token(f"dr.quinn.{'z' * 43}")
+        quick = time.monotonic() - started
+        gate.set()
+        return [refused, quick, await asyncio.gather(*waiting)]
+
+    refused, quick, rest = asyncio.run(flood())
+    assert refused is None and quick < 0.5 and rest == [None] * module.MAX_CHECKS
+
+
 def test_serve_on_loopback_makes_the_tokens_file_on_its_first_start(
     classifier_run, tmp_path, capsys, monkeypatch
 ):

@@ -203,9 +203,9 @@ class TokenFile:
                     log.error("cannot read the tokens file %s: %s", self.path, error)
                     self._users = {}
                 self._stamp = stamp
-            if status.st_mode & 0o077:
+            if status.st_mode & 0o007:  # group-readable is how a Kubernetes Secret arrives
                 log.warning(
-                    "%s is readable by others (mode %o): chmod 600 it",
+                    "%s is readable by every user (mode %o): chmod 600 it",
                     self.path,
                     status.st_mode & 0o777,
                 )
