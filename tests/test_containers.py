@@ -514,30 +514,42 @@ def test_model_and_run_record_land_on_runs_volume(stack, tmp_path):
         assert (run_dir / "checkpoints" / f"round-{k}").is_dir()
 
 
-def _http(url: str, body: dict | None = None) -> str:
+def _http(url: str, body: dict | None = None, token: str | None = None) -> str:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.read().decode()
 
 
 def test_the_web_app_serves_the_newest_model_and_the_run_records(stack, tmp_path):
-    """compose's webapp, on the consortium network with the runs volume read-only: its model
-    is the demo run's (the newest completed), its dashboard and /metrics read the record."""
-    assert stack.networks("webapp") == {"consortium"}
-    assert _mounts(stack, "webapp") == {"/runs": ("runs", False)}
+    """compose's webapp, on its own network with the runs volume read-only, signed in with a
+    token the operator made: its model is the demo run's (the newest completed), its dashboard
+    and /metrics read the record; without a token the API says 401; it cannot reach the
+    SuperLink."""
+    assert stack.networks("webapp") == {"webapp"}
+    assert _mounts(stack, "webapp") == {"/runs": ("runs", False), "/state": ("webapp-auth", True)}
     base = f"http://127.0.0.1:{stack.webapp_port}"
     _until(lambda: _reachable(base + "/healthz"), 120, lambda: _tail(stack))
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        _http(base + "/api/model")
+    made = stack.exec("webapp", "federimed", "serve", "--add-token", "containers-test", check=True)
+    token = made.stdout.strip().splitlines()[-1]
+    probe = "import socket; socket.create_connection(('superlink', 8000), timeout=5)"
+    assert stack.exec("webapp", "python", "-c", probe, check=False).returncode != 0
     stack.compose("cp", "serverapp:/runs/.", str(tmp_path))
     (summary,) = tmp_path.glob("*/summary.json")
     run_id = json.loads(summary.read_text())["run_id"]
-    model = json.loads(_http(base + "/api/model"))
+    model = json.loads(_http(base + "/api/model", token=token))
     assert model["run_id"] == run_id and model["kind"] == "classify", model
     assert sorted(model["hospitals"]) == list(HOSPITALS), model
     case = "72F sudden tearing chest pain radiating to back, BP 190/100 R arm, 150/80 L arm"
-    predictions = json.loads(_http(base + "/api/predict", {"text": case}))["predictions"]
+    answer = _http(base + "/api/predict", {"text": case}, token=token)
+    predictions = json.loads(answer)["predictions"]
     assert len(predictions) == 5 and all(p["code"] and p["name"] for p in predictions)
-    runs = json.loads(_http(base + "/api/runs"))
+    runs = json.loads(_http(base + "/api/runs", token=token))
     assert [(r["id"], r["state"]) for r in runs] == [(str(run_id), "completed")], runs
     metrics = _http(base + "/metrics")
     assert f'federimed_rounds_completed_total{{run="{run_id}"}} {float(ROUNDS)}' in metrics

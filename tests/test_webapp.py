@@ -269,7 +269,12 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
         os.utime(server.out / name, (quiet, quiet))
     assert client.get("/api/runs/21").json()["state"] == "stalled"
     assert "may have stopped" in client.get("/runs/21").text
-    append_round(server.out, a_round(2))  # it was only slow
+    assert "Differential privacy" not in page  # a run without DP-SGD shows no ε
+    private = a_round(2).model_copy(update={"epsilon": {"hospital-1": 3.51, "hospital-2": 7.94}})
+    append_round(server.out, private)  # it was only slow, and its hospitals account ε
+    page = client.get("/runs/21").text
+    assert "Differential privacy" in page
+    assert '<tr data-hospital="hospital-2"><td>hospital-2</td><td>7.94</td></tr>' in page
     assert client.get("/api/runs/21").json()["state"] == "in progress"
     append_round(server.out, a_round(3))
     finish(server, 3)
@@ -279,6 +284,7 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
     ]
     page = client.get("/runs/21").text
     assert page.count('class="point"') == 3 and 'data-value="0.6000"' in page
+    assert "<td>hospital-1</td><td>3.51</td>" in page  # as last reported, rounds later
     assert "(this page follows the run" not in page
     assert "21" in client.get("/runs").text
     assert client.get("/api/model").json()["run_id"] == 21  # loaded once the run completed

@@ -70,6 +70,14 @@ class Run:
         shown = MEASURES[self.track]
         return shown.headline, shown.headline_name
 
+    @property
+    def epsilon(self) -> dict[str, float]:
+        """Each hospital's ε for the run, as its guard last reported it (DP-SGD runs only)."""
+        spent: dict[str, float] = {}
+        for record in self.rounds:
+            spent |= record.epsilon
+        return spent
+
     def headline(self) -> list[tuple[int, float | None]]:
         """(round, headline test score) per round, None where the round was not scored."""
         key, _ = self.measure
