@@ -185,8 +185,9 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 
 def cmd_superexec(args: argparse.Namespace) -> int:
-    """Flower's SuperExec in this process, so that it starts ClientApp tasks only, each in a
-    clean room (federimed.deploy.site_runner) instead of plain `flwr-clientapp`."""
+    """Flower's SuperExec in this process, so that it starts ClientApps (or, for the
+    consortium, ServerApps) and no other task type, each ClientApp in a clean room
+    (federimed.deploy.site_runner) instead of plain `flwr-clientapp`."""
     from flwr.supercore.cli import flower_superexec
 
     from federimed.deploy import site_runner

@@ -287,9 +287,10 @@ def test_the_flower_names_the_runner_rebinds_exist():
     try:
         site_runner.use_site_clientapp()
         assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == "federimed-clientapp"
-        assert AutoExecPlugin.supported_task_types == {TaskType.CLIENT_APP}
+        # ClientApps at a hospital, ServerApps at the consortium's runner; nothing else
+        assert AutoExecPlugin.supported_task_types == {TaskType.CLIENT_APP, TaskType.SERVER_APP}
         plugin = AutoExecPlugin("127.0.0.1:1", True, None, executor=None)
-        for task_type in set(TaskType) - {TaskType.CLIENT_APP}:
+        for task_type in set(TaskType) - {TaskType.CLIENT_APP, TaskType.SERVER_APP}:
             task = type("Task", (), {"type": task_type.value, "task_id": 1})()
             assert plugin._get_supported_task_type(task) is None, task_type
     finally:

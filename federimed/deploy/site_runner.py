@@ -15,9 +15,9 @@ exactly the bundle the hospital approved, and nothing left over from another:
   copies of them: the hash approves the code that executes.
 
 ``federimed superexec`` makes Flower's SuperExec start this command instead of
-``flwr-clientapp``, and launch ClientApp tasks only (:func:`use_site_clientapp`).  One more
-rebinding is about time, not trust (:func:`quicker_first_pulls`).  ``tests/test_site.py`` pins
-the Flower names this relies on.
+``flwr-clientapp``, and launch no AgentApp or other task type (:func:`use_site_clientapp`).
+One more rebinding is about time, not trust (:func:`quicker_first_pulls`).
+``tests/test_site.py`` pins the Flower names this relies on.
 """
 
 from __future__ import annotations
@@ -36,14 +36,21 @@ COMMAND = "federimed-clientapp"
 BUNDLE_PACKAGES = ("federimed", "client_app", "server_app")
 
 
+# What a `federimed superexec` starts: ClientApps at a hospital's SuperNode (the only tasks its
+# guard lets exist there), ServerApps at the consortium's SuperLink; never an AgentApp, a
+# model, a connector or a simulation.
+RUNNER_TASK_TYPES = frozenset({TaskType.CLIENT_APP, TaskType.SERVER_APP})
+
+
 def use_site_clientapp() -> None:
-    """Make this process's SuperExec launch ClientApps, and nothing else, through :func:`main`.
+    """Make this process's SuperExec launch ClientApps through :func:`main`, and no task type
+    but :data:`RUNNER_TASK_TYPES`.
 
     The SuperNode's guard already refuses every other task type before a task exists; this
     is the second lock: Flower's ``AutoExecPlugin`` would start any (``supported_task_types``
     is every ``TaskType``), an AgentApp included."""
     TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = COMMAND
-    AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
+    AutoExecPlugin.supported_task_types = RUNNER_TASK_TYPES
 
 
 def fresh_flwr_home() -> str:
