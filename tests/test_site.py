@@ -564,6 +564,16 @@ def test_the_guard_clips_the_update_itself(guard, tmp_path):
     assert np.linalg.norm(sent.content["arrays"]["w"].numpy()) == pytest.approx(1.0)
 
 
+def test_what_the_guard_keeps_of_a_message_expires_with_it(guard):
+    site, _ = guard
+    stale = _task()
+    stale.metadata.created_at = time.time() - 700  # its ttl is 600 s
+    assert site.admit(stale, *_run()) is None and stale.metadata.message_id in site.pending
+    fresh = _task()
+    assert site.admit(fresh, *_run()) is None
+    assert list(site.pending) == [fresh.metadata.message_id]
+
+
 def test_a_reply_to_nothing_admitted_is_dropped(guard):
     from flwr.app import MetricRecord
 

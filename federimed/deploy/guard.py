@@ -36,6 +36,7 @@ import hashlib
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,7 @@ class SiteGuard:
     def admit(self, message: Message, run: Any, fab: Any) -> Message | None:
         """None if the message may become a task; otherwise the error reply that replaces it
         (already ledgered)."""
+        self._forget_expired()
         policy = self.policy()
         app_hash = hashlib.sha256(fab.content).hexdigest()
         try:
@@ -216,6 +218,15 @@ class SiteGuard:
             privacy=spending,
         )
         return None
+
+    def _forget_expired(self) -> None:
+        """Drop what the guard kept of messages past their time to live: their replies can no
+        longer be sent (an app that never answered must not grow the SuperNode's memory)."""
+        now = time.time()
+        for message_id, pending in list(self.pending.items()):
+            metadata = pending.request.metadata
+            if metadata.created_at + metadata.ttl < now:
+                del self.pending[message_id]
 
     def _refuse(self, code: str, reason: str) -> SiteRefusal:
         return SiteRefusal(self.site, code, reason)
