@@ -672,8 +672,9 @@ def _netns_arg(parser: argparse.ArgumentParser) -> None:
         "--netns",
         choices=["auto", "on", "off"],
         default="auto",
-        help="run each hospital in its own network namespace (needs root; "
-        "auto: where the machine allows it)",
+        help="run each hospital in its own network namespace (needs root and iproute2; "
+        "auto and on refuse to start without them; off: hospitals share loopback and can "
+        "reach the SuperLink's Control API, for a trial on one machine)",
     )
 
 

@@ -155,6 +155,24 @@ def test_up_status_reports_every_process_and_the_run(federation, finished_run, c
     assert entry["status"] == "finished:completed" and entry["rounds_completed"] == ROUNDS
 
 
+def test_each_hospital_has_a_runtime_secret_of_its_own(federation):
+    """A SuperNode and its ClientApp runner share a Runtime API secret that no other hospital
+    holds (one hospital's runner cannot take another's tasks); only the guard's process holds
+    the site policy."""
+    running, _, _ = federation
+    records = {(r.role, r.hospital): r for r in running.state.processes}
+    secrets = set()
+    for hospital in HOSPITALS:
+        runner = records[("clientapp", hospital)]
+        path = Path(runner.env["FEDERIMED_SUPEREXEC_AUTH_SECRET"])
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert str(path) in records[("supernode", hospital)].argv
+        secrets.add(path.read_bytes())
+        assert "FEDERIMED_SITE_POLICY" not in runner.env
+        assert records[("supernode", hospital)].env["FEDERIMED_SITE_POLICY"]
+    assert len(secrets) == len(HOSPITALS)
+
+
 def test_federation_with_tls_and_node_auth_completes_and_saves_a_model(finished_run):
     _, status, out = finished_run
     assert status["status"] == "finished:completed"

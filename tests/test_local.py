@@ -111,3 +111,17 @@ def test_the_line_a_connected_supernode_logs_is_still_flowers():
 
     source = inspect.getsource(start_client_internal.start_client_internal)
     assert f'"{NODE_CONNECTED} %s", node_id' in source
+
+
+def test_without_namespaces_sharing_loopback_must_be_asked_for(monkeypatch):
+    """Not root: `auto` refuses, saying what sharing loopback would expose; `off` is the ask."""
+    from federimed.deploy.flower import DeploymentError
+    from federimed.deploy.local import use_namespaces
+
+    monkeypatch.setattr(netns, "available", lambda: False)
+    for choice in ("auto", "on"):
+        with pytest.raises(DeploymentError, match=r"Control API included.*--netns off"):
+            use_namespaces(choice)
+    assert use_namespaces("off") is False
+    monkeypatch.setattr(netns, "available", lambda: True)
+    assert use_namespaces("auto") is True

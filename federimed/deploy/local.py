@@ -91,15 +91,25 @@ def superlink_healthy(address: str, ca_cert: Path) -> bool:
         return False
 
 
+# What a federation without network namespaces gives up, said where it starts.
+SHARED_LOOPBACK = (
+    "every hospital shares this machine's loopback, so its processes can reach the SuperLink "
+    "directly, its Control API included (the fleet gateway is then no boundary)"
+)
+
+
 def use_namespaces(choice: str) -> bool:
-    """``auto``: each hospital in its own network namespace where the machine allows it."""
+    """``auto`` and ``on``: each hospital in its own network namespace, or a refusal that says
+    why; sharing loopback has to be asked for (``off``)."""
     if choice == "off":
         return False
     if netns.available():
         return True
-    if choice == "on":
-        raise DeploymentError("--netns on needs root and iproute2 (`ip netns add` must work)")
-    return False
+    raise DeploymentError(
+        "network namespaces are not available here (they need root and iproute2: `ip netns "
+        f"add` must work); without them {SHARED_LOOPBACK}. Run as root, or pass --netns off "
+        "to accept that for a trial on one machine"
+    )
 
 
 def deployment_overrides(
@@ -516,11 +526,13 @@ class LocalFederation:
             f"certificates in {self.certs} ({len(report.created)} created, {len(report.kept)} kept)"
         )
         self._write_site_policies()
-        self._write_secret()
+        self._write_secrets()
         self.say(
             f"starting SuperLink on https://{self.address} (TLS, node authentication) and the "
             f"fleet gateway on https://{self.gateway} (hospitals on {self._network})"
         )
+        if not self.hosts:
+            self.say(f"--netns off: {SHARED_LOOPBACK}")
         # Flower's SuperLink with a 60 s SQLite busy timeout instead of 5 s, and its ServerApps
         # yielding the CPU as the hospitals do (local_superlink.py).
         link_argv = [
@@ -644,17 +656,19 @@ class LocalFederation:
             approve(self._policy(hospital), digest, note=note, site=hospital)
         self.say(f"site policies in {self.workdir / 'sites'} approve app bundle {digest[:12]}")
 
-    @property
-    def _secret(self) -> Path:
-        """Shared by each SuperNode and its ClientApp runner (Flower's SuperExec auth)."""
-        return self.workdir / "state" / "superexec.secret"
+    def _secret(self, hospital: str) -> Path:
+        """Shared by a hospital's SuperNode and its ClientApp runner (Flower's SuperExec auth),
+        and by no other hospital: one hospital's runner cannot take another's tasks."""
+        return self.workdir / "state" / f"superexec-{hospital}.secret"
 
-    def _write_secret(self) -> None:
-        """Made once, kept across starts (runners of a restarted node still hold it)."""
-        if not self._secret.is_file():
-            self._secret.parent.mkdir(parents=True, exist_ok=True)
-            self._secret.touch(mode=0o600)
-            self._secret.write_bytes(os.urandom(32).hex().encode())
+    def _write_secrets(self) -> None:
+        """Made once each, kept across starts (runners of a restarted node still hold it)."""
+        for hospital in self.hospitals:
+            secret = self._secret(hospital)
+            if not secret.is_file():
+                secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                secret.touch(mode=0o600)
+                secret.write_bytes(os.urandom(32).hex().encode())
 
     @property
     def _gateway_state(self) -> Path:
@@ -691,7 +705,7 @@ class LocalFederation:
             data_path=data,
             isolation="process",
             runtime_port=self.runtime_ports[name],
-            superexec_auth_secret=self._secret,
+            superexec_auth_secret=self._secret(name),
         )
         return self._in_hospital(name, supernode_argv(settings))
 
@@ -716,7 +730,7 @@ class LocalFederation:
         if role == "clientapp":  # the consortium's code: no policy, no ledger
             env.update(
                 FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[hospital]}",
-                FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret),
+                FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret(hospital)),
                 FEDERIMED_FEATURE_CACHE=str(self.feature_cache(hospital)),
             )
             if self.client_threads:
