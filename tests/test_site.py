@@ -574,6 +574,24 @@ def test_what_the_guard_keeps_of_a_message_expires_with_it(guard):
     assert list(site.pending) == [fresh.metadata.message_id]
 
 
+def test_a_reply_that_does_not_read_is_refused_and_the_supernode_goes_on(guard):
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord
+    from flwr.proto.message_pb2 import ObjectTree
+
+    from federimed.deploy.supernode import _app_reply
+
+    site, _ = guard
+    reply = _reply(_admitted(site), metrics=MetricRecord({}))
+    store = SimpleNamespace(
+        get_object_tree=lambda message_id: ObjectTree(object_id=message_id),
+        get=lambda object_id: b"not an object Flower wrote",
+    )
+    sent = site.screen(_app_reply(reply, store))
+    assert "code REPLY_NOT_ALLOWED" in sent.error.reason
+
+
 def test_a_reply_to_nothing_admitted_is_dropped(guard):
     from flwr.app import MetricRecord
 

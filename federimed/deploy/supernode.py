@@ -76,6 +76,21 @@ def _inflate(message_id: str, contents: dict[str, bytes]) -> Any:
     return inflate_object_from_contents(message_id, contents, keep_object_contents=True)
 
 
+def _app_reply(reply: Any, object_store: Any) -> Any:
+    """The app's reply as the app pushed it, or its metadata with no content when its objects
+    never came or do not read (the guard refuses both; a hostile app must not stop the
+    SuperNode)."""
+    from flwr.app import Message, RecordDict
+
+    contents = _reply_contents(object_store, reply.metadata.message_id)
+    if contents:
+        try:
+            return _inflate(reply.metadata.message_id, contents)
+        except Exception:
+            log.exception("the ClientApp's reply does not read")
+    return Message(metadata=reply.metadata, content=RecordDict())
+
+
 class _Outbox:
     """The SuperNode's state as Flower's ``_push_messages`` sees it: the replies it is to send
     are the guard's, and nothing else (Flower marks what it lists as retrieved, so the state
@@ -148,8 +163,7 @@ def guard_messages(module: types.ModuleType, guard_for: Callable[[dict], SiteGua
             if reply_id in guard.cleared:  # the guard's own refusal, made at intake
                 outbox.append(reply)
                 continue
-            contents = _reply_contents(object_store, reply_id)
-            outgoing = guard.screen(_inflate(reply_id, contents) if contents else reply)
+            outgoing = guard.screen(_app_reply(reply, object_store))
             state.delete_messages(message_ids=[reply_id])
             object_store.delete(reply_id)
             if outgoing is not None:
