@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from federimed.model import quiet_libraries
+from federimed.priority import yield_once_started
 from federimed.runconfig import RunConfig
 from federimed.server import ServerRun
 
@@ -20,5 +21,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    yield_once_started()
     run = RunConfig.from_flower(context.run_config)
     ServerRun(run, context.run_id).start(grid)

@@ -8,7 +8,10 @@ each case is written down in docs/failures.md; these tests hold it to that.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from federimed.runrecord import read_rounds, read_summary
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
+BUSY = [sys.executable, "-c", "while True: pass"]
 WITHOUT_VALIDATION = "hospital-3"
 
 
@@ -162,3 +166,30 @@ def test_superlink_restart_keeps_enrolments_and_rounds_and_the_run_resumes(feder
     while (status := running.run_status(run_id)["status"]) != "finished:failed":
         assert time.monotonic() < deadline, f"the interrupted run is still {status}"
         time.sleep(5)
+
+
+def test_a_busy_machine_does_not_keep_a_run_from_starting(federation, tiny_model):
+    """Issue 29's hang.  Two busy loops per CPU at normal priority (other work on the machine)
+    while a run starts: its ServerApp must pull its inputs within the 30 s Flower gives a task
+    it handed out.  Started niced, it could not, the SuperLink handed the task to a new,
+    equally starved ServerApp every 30 s (refusing the old one's token: 401), and the run stayed
+    `starting` as long as the machine was busy (federimed/priority.py)."""
+    running, data = federation
+    log = Path(_record(running, "superlink").log)
+    seen = log.stat().st_size
+    hogs = [subprocess.Popen(BUSY, start_new_session=True) for _ in range(2 * os.cpu_count())]
+    try:
+        run_id = _submit(running, "--run-config", _run_config(tiny_model, data, rounds=1))
+        started = f"of run {run_id}".encode()
+        deadline = time.monotonic() + 150
+        while started not in log.read_bytes()[seen:].replace(b"Created run", b""):
+            assert time.monotonic() < deadline, "the ServerApp did not start in 150 s"
+            time.sleep(1)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    _finish(running, run_id)
+    since = log.read_bytes()[seen:]
+    assert since.count(b"Started task") == 1  # one ServerApp, started once
+    assert b'pull-task-input HTTP/1.1" 401' not in since

@@ -67,30 +67,52 @@ def test_the_superlink_state_waits_longer_for_its_write_lock(tmp_path, monkeypat
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # the rest kept
 
 
-def test_the_superlinks_serverapp_runner_starts_niced_in_a_session_of_its_own(monkeypatch):
-    """Pins the Flower name local_superlink rebinds: the SuperLink starts the SuperExec for its
-    ServerApps (subprocess isolation) with the Popen arguments `get_popen_detach_kwargs` gives."""
-    import importlib
-    import inspect
+def test_a_started_serverapp_yields_alone_and_its_runner_keeps_its_priority(tmp_path):
+    """The local federation's SuperLink names the nice value in its environment; the SuperExec
+    it starts (one session, normal priority) keeps it, and a ServerApp the SuperExec starts
+    (in the SuperExec's session, as Flower's subprocess executor does) moves to a session of
+    its own once started and nices that alone, so the next run's ServerApp starts at normal
+    priority again (federimed/priority.py)."""
+
+    from federimed.priority import SERVERAPP_NICE_ENV
+
+    serverapp = (
+        "import os, sys; from federimed.priority import yield_once_started;"
+        "yield_once_started(); print(os.getpid(), os.getsid(0), os.nice(0), flush=True);"
+        "sys.stdin.read()"
+    )
+    runner = (  # the SuperExec: starts the ServerApp in its own session, then waits
+        "import subprocess, sys; app = subprocess.Popen([sys.executable, '-c', sys.argv[1]],"
+        " stdin=subprocess.PIPE); app.wait()"
+    )
+    env = os.environ | {SERVERAPP_NICE_ENV: "19"}
+    with ProcessGroup(tmp_path) as group:
+        started = group.start("superexec", [sys.executable, "-c", runner, serverapp], env)
+        superexec = psutil.Process(started.process.pid)
+        deadline = time.monotonic() + 60
+        while not (apps := superexec.children()) or "19" not in _app_line(started.log):
+            assert time.monotonic() < deadline, started.log.read_text()
+            time.sleep(0.1)
+        pid, session, nice = map(int, _app_line(started.log).split())
+        assert pid == apps[0].pid and session == pid  # a session of its own
+        assert nice == 19 and superexec.nice() == 0
+        assert os.getsid(superexec.pid) == superexec.pid != session
+        if AUTOGROUP.exists():
+            assert _autogroup_nice(pid) == 19 and _autogroup_nice(superexec.pid) == 0
+
+
+def _app_line(log: Path) -> str:
+    return log.read_text().strip() if log.is_file() else ""
+
+
+def test_a_serverapp_without_the_setting_keeps_its_priority():
+    """Compose and Kubernetes set nothing: the ServerApp has a machine of its own."""
     import subprocess
 
-    from federimed.deploy import local_superlink
+    from federimed.priority import SERVERAPP_NICE_ENV
 
-    flower_superlink = importlib.import_module(local_superlink.SUPERLINK_MODULE)
-
-    assert "subprocess.Popen(command, **get_popen_detach_kwargs())" in inspect.getsource(
-        flower_superlink
-    )
-    monkeypatch.setattr(
-        flower_superlink, "get_popen_detach_kwargs", flower_superlink.get_popen_detach_kwargs
-    )
-    local_superlink.niced_app_runner(19)
-    runner = subprocess.Popen(["sleep", "30"], **flower_superlink.get_popen_detach_kwargs())
-    try:  # Popen returns once the child has exec'd, after its preexec_fn
-        assert os.getsid(runner.pid) == runner.pid  # a session of its own, as Flower starts it
-        assert psutil.Process(runner.pid).nice() == 19
-        if AUTOGROUP.exists():
-            assert _autogroup_nice(runner.pid) == 19
-    finally:
-        runner.kill()
-        runner.wait()
+    probe = "import os; from federimed.priority import yield_once_started; yield_once_started();"
+    probe += "print(os.getsid(0) == os.getpid(), os.nice(0))"
+    env = {k: v for k, v in os.environ.items() if k != SERVERAPP_NICE_ENV}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["False", "0"], done.stderr

@@ -1,4 +1,5 @@
-"""Flower's ``flower-superlink`` as the one-machine federation runs it: two rebindings.
+"""Flower's ``flower-superlink`` as the one-machine federation runs it: one rebinding, one
+setting.
 
 **SQLite waits longer for its write lock.**  Flower 1.42 keeps the SuperLink's state in SQLite
 and sets ``PRAGMA busy_timeout = 5000`` on every connection (``SQLITE_PRAGMAS`` in
@@ -16,34 +17,34 @@ cores: once the hospitals yielded the CPU (``local.HOSPITAL_NICE``) the longest 
 the SuperLink waits up to :data:`BUSY_TIMEOUT_MS` instead: a request in a burst is late, not
 lost.
 
-**The ServerApp yields the CPU like the hospitals do** (``--app-nice``).  With subprocess
-isolation the SuperLink starts a SuperExec in a session of its own, and it the ServerApp; that
-session ran at nice 0 while the hospitals' ran at 19, so the server's scoring of each round's
-model (3.6 CPU-seconds, beside the next round) took both cores just as the hospitals started
-their next round, which waited for it: that start-up is on the round's critical path, the
-scoring is not (only the round after next needs its result).  The SuperExec's session is niced
-as the hospitals' are (:func:`~federimed.deploy.processes.lower_priority`); the SuperLink and
-the gateway keep theirs.
+**The ServerApp yields the CPU like the hospitals do** (``--app-nice``), once it has started.
+The server's scoring of each round's model (3.6 CPU-seconds, beside the next round) took both
+cores just as the hospitals started their next round, which waited for it: that start-up is on
+the round's critical path, the scoring is not (only the round after next needs its result).
+This SuperLink's environment names the nice value (:data:`~federimed.priority.SERVERAPP_NICE_ENV`);
+the SuperExec it starts for ServerApps (subprocess isolation) and the ServerApps that starts
+inherit it, and each ServerApp lowers its own priority once Flower has started it
+(:func:`~federimed.priority.yield_once_started`).  The SuperExec and the ServerApp's start keep
+normal priority: started niced, a ServerApp could not pull its inputs within the 30 s Flower
+gives it whenever other work ran on the machine, and the run never started
+(``federimed/priority.py``).
 
 The local federation starts the SuperLink as ``python -m federimed.deploy.local_superlink
 --app-nice N`` + ``flower-superlink``'s arguments.  ``tests/test_processes.py`` pins the Flower
-names rebound here.
+name rebound here.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
-from functools import partial
-from typing import Any
 
 import flwr.supercore.sql_mixin as sql_mixin
 
-from federimed.deploy.processes import lower_priority
+from federimed.priority import SERVERAPP_NICE_ENV
 
 BUSY_TIMEOUT_MS = 60_000
-SUPERLINK_MODULE = "flwr.superlink.cli.flower_superlink"
 
 
 def longer_busy_timeout(timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
@@ -56,26 +57,13 @@ def longer_busy_timeout(timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
     )
 
 
-def niced_app_runner(nice: int) -> None:
-    """Start the SuperExec that this SuperLink launches for ServerApps (subprocess isolation)
-    in a session niced to ``nice``; its ServerApps inherit it."""
-    # The module, not the function of the same name that ``flwr.superlink.cli`` exports.
-    superlink = importlib.import_module(SUPERLINK_MODULE)
-    detached = superlink.get_popen_detach_kwargs
-
-    def niced() -> dict[str, Any]:
-        return detached() | {"preexec_fn": partial(lower_priority, nice)}
-
-    superlink.get_popen_detach_kwargs = niced
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="federimed-local-superlink", add_help=False)
     parser.add_argument("--app-nice", type=int, default=0)
     ours, flower_args = parser.parse_known_args(argv)
     longer_busy_timeout()
     if ours.app_nice:
-        niced_app_runner(ours.app_nice)
+        os.environ[SERVERAPP_NICE_ENV] = str(ours.app_nice)
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *flower_args]

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from federimed.priority import lower_priority
+
 _stop = threading.Event()
 PR_SET_PDEATHSIG = 1
 
@@ -45,30 +47,6 @@ def die_with_parent() -> None:
     thing in a helper process."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def lower_priority(nice: int) -> None:
-    """In the child, before exec (after ``setsid``): nice the process *and its session*.
-
-    With autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on by default in
-    most distribution kernels and on these machines) the kernel first shares the CPUs between
-    sessions, and a process's own nice value only counts against processes of its session.
-    Every process started here leads a session of its own, so ``os.nice`` alone changes
-    nothing between them (measured: a nice-0 busy loop got 0.19 CPU next to eight nice-19
-    ones, each in its own session, and 0.87 once their sessions were niced too).  Without
-    autogroup the file is absent and ``os.nice`` is what counts.  The kernel accepts one
-    unprivileged autogroup change per 100 ms (EAGAIN otherwise), hence the short retries.
-    """
-    os.nice(nice)
-    for _ in range(5):
-        try:
-            with open("/proc/self/autogroup", "w") as autogroup:
-                autogroup.write(str(nice))
-            return
-        except BlockingIOError:
-            time.sleep(0.1)
-        except OSError:
-            return
 
 
 @dataclass
