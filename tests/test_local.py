@@ -101,6 +101,42 @@ def test_restart_names_what_it_cannot_restart(tmp_path):
         running.restart("superlink")
 
 
+def test_a_restarted_supernode_is_started_again_until_the_superlink_lets_it_in(
+    tmp_path, monkeypatch, capsys
+):
+    """A SuperNode killed a moment ago is still online at the SuperLink (up to 60 s), which
+    refuses to activate it: Flower exits 305.  `restart` starts it again until it gets in."""
+    import sys
+
+    from federimed.deploy import local
+    from federimed.deploy.local import FederationState, ProcessRecord, RunningFederation
+
+    monkeypatch.setattr(local, "REACTIVATION_RETRY", 0.1)
+    tries = tmp_path / "tries"
+    node = (  # refused twice, then in, as a real SuperNode would log it
+        "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]);"
+        "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1));"
+        "n < 2 and sys.exit(305); print('SuperNode ID: 7', flush=True); time.sleep(30)"
+    )
+    old = ProcessRecord(
+        role="supernode", hospital="hospital-1", pid=1, started=0.0, netns=None, address="a",
+        log=str(tmp_path / "logs" / "supernode-hospital-1.log"),
+        argv=[sys.executable, "-c", node, str(tries)],
+    )  # fmt: skip
+    state = FederationState(
+        workdir=str(tmp_path), superlink="a", gateway="g", ca_cert="c", flwr_home="f",
+        tls=True, node_auth=True, network="loopback", bridge=None, hospitals={},
+        site_policies={}, test_path=None, processes=[old],
+    )  # fmt: skip
+    record = RunningFederation(state).restart("supernode", "hospital-1")
+    try:
+        assert tries.read_text() == "xxx"
+        assert "still counts its previous SuperNode online" in capsys.readouterr().out
+        assert os.kill(record.pid, 0) is None  # the third one runs
+    finally:
+        os.kill(record.pid, 9)
+
+
 def test_the_line_a_connected_supernode_logs_is_still_flowers():
     """`wait_for_nodes` asks the SuperLink only once every SuperNode logged this line."""
     import inspect

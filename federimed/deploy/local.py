@@ -48,7 +48,7 @@ from federimed.deploy.flower import (
     write_flwr_home,
 )
 from federimed.deploy.gateway import gateway_argv
-from federimed.deploy.processes import ProcessGroup, nap, tail, wait_until
+from federimed.deploy.processes import Managed, ProcessGroup, nap, tail, wait_until
 from federimed.policy import POLICY_ENV, approve
 from federimed.runrecord import read_rounds
 from federimed.settings import GatewaySettings, SuperLinkSettings, SuperNodeSettings
@@ -153,6 +153,12 @@ class ProcessRecord(BaseModel):
 # What a SuperNode logs once it has connected to the SuperLink (flwr/supernode/
 # start_client_internal.py); tests/test_local.py pins it.
 NODE_CONNECTED = "SuperNode ID:"
+# Flower 1.42: a node is online until 2 heartbeats of 30 s are missed (HEARTBEAT_PATIENCE x
+# HEARTBEAT_DEFAULT_INTERVAL), and exits 305 when the SuperLink refuses to activate it.
+HEARTBEAT_WINDOW = 60
+REACTIVATION_REFUSED = 305 % 256  # what a parent sees of sys.exit(305): 49
+REACTIVATION_RETRY = 5.0
+REACTIVATION_WAIT = HEARTBEAT_WINDOW + 30.0
 
 
 class FederationState(BaseModel):
@@ -171,6 +177,21 @@ class FederationState(BaseModel):
     site_policies: dict[str, str]  # hospital -> its site policy file
     test_path: str | None  # the common test set the consortium scores runs on
     processes: list[ProcessRecord]
+
+
+def _activated(member: Managed, log: Path, seen: int, timeout: float = 120) -> int | None:
+    """None once the SuperNode logged its node id (it is in), or its exit code when it
+    exited refused (:data:`REACTIVATION_REFUSED`); any other ending is not ours to retry (the
+    caller's liveness checks name it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if NODE_CONNECTED.encode() in log.read_bytes()[seen:]:
+            return None
+        code = member.process.poll()
+        if code is not None:
+            return code if code == REACTIVATION_REFUSED else None
+        nap(0.25)
+    return None
 
 
 def _same_process(record: ProcessRecord) -> psutil.Process | None:
@@ -410,9 +431,7 @@ class RunningFederation:
             )
         _stop_record(record)
         group = ProcessGroup(self.workdir / "logs", detached=True)
-        member = group.start(
-            Path(record.log).stem, record.argv, flower_env() | record.env, nice=record.nice
-        )
+        member = self._start_again(group, record)
         if role in ("superlink", "gateway"):
             ca = Path(self.state.ca_cert)
             wait_until(lambda: superlink_healthy(record.address, ca), 90, f"the {role}", group)
@@ -422,6 +441,36 @@ class RunningFederation:
         )
         (self.workdir / STATE_FILE).write_text(self.state.model_dump_json(indent=2))
         return self.state.processes[index]
+
+    def _start_again(self, group: ProcessGroup, record: ProcessRecord) -> Managed:
+        """Start ``record``'s command; a SuperNode until the SuperLink lets it back in.
+
+        A SuperNode that died without saying goodbye (SIGKILL, a host's power) stays
+        ``online`` at the SuperLink until its heartbeat window ends (Flower 1.42: 2 x 30 s),
+        and the SuperLink refuses to activate an online node: the new process exits at once
+        with Flower's code 305 ("Failed to activate SuperNode").  Compose and Kubernetes
+        restart it until it gets in; here it is started again every few seconds for up to
+        :data:`REACTIVATION_WAIT` seconds, saying why."""
+        argv, env = record.argv, flower_env() | record.env
+        deadline = time.monotonic() + REACTIVATION_WAIT
+        while True:
+            log = Path(record.log)
+            seen = log.stat().st_size if log.is_file() else 0
+            member = group.start(log.stem, argv, env, nice=record.nice)
+            if record.role != "supernode" or _activated(member, log, seen) is None:
+                return member
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"{record.hospital}'s SuperNode was refused by the SuperLink for "
+                    f"{REACTIVATION_WAIT:.0f}s; log: {log}\n" + tail(log)
+                )
+            print(
+                f"{record.hospital}: the SuperLink still counts its previous SuperNode online "
+                f"(up to {HEARTBEAT_WINDOW}s after it died); starting it again in "
+                f"{REACTIVATION_RETRY:.0f}s",
+                flush=True,
+            )
+            nap(REACTIVATION_RETRY)
 
     def stop(self) -> None:
         """Stop every recorded process and remove the network namespaces, alive or not.
