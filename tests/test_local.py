@@ -105,7 +105,7 @@ def test_a_restarted_supernode_is_started_again_until_the_superlink_lets_it_in(
     tmp_path, monkeypatch, capsys
 ):
     """A SuperNode killed a moment ago is still online at the SuperLink (up to 60 s), which
-    refuses to activate it: Flower exits 305.  `restart` starts it again until it gets in."""
+    refuses to activate it, and it exits.  `restart` starts it again until it gets in."""
     import sys
 
     from federimed.deploy import local
@@ -116,7 +116,8 @@ def test_a_restarted_supernode_is_started_again_until_the_superlink_lets_it_in(
     node = (  # refused twice, then in, as a real SuperNode would log it
         "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]);"
         "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1));"
-        "n < 2 and sys.exit(305); print('SuperNode ID: 7', flush=True); time.sleep(30)"
+        "n < 2 and sys.exit(print('Failed to activate SuperNode.') or 1);"
+        "print('SuperNode ID: 7', flush=True); time.sleep(30)"
     )
     old = ProcessRecord(
         role="supernode", hospital="hospital-1", pid=1, started=0.0, netns=None, address="a",

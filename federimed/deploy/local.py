@@ -154,9 +154,10 @@ class ProcessRecord(BaseModel):
 # start_client_internal.py); tests/test_local.py pins it.
 NODE_CONNECTED = "SuperNode ID:"
 # Flower 1.42: a node is online until 2 heartbeats of 30 s are missed (HEARTBEAT_PATIENCE x
-# HEARTBEAT_DEFAULT_INTERVAL), and exits 305 when the SuperLink refuses to activate it.
+# HEARTBEAT_DEFAULT_INTERVAL), and a SuperNode the SuperLink refuses to activate logs this
+# (flwr/supercore/error/catalog.py) and exits.
 HEARTBEAT_WINDOW = 60
-REACTIVATION_REFUSED = 305 % 256  # what a parent sees of sys.exit(305): 49
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 REACTIVATION_RETRY = 5.0
 REACTIVATION_WAIT = HEARTBEAT_WINDOW + 30.0
 
@@ -179,19 +180,20 @@ class FederationState(BaseModel):
     processes: list[ProcessRecord]
 
 
-def _activated(member: Managed, log: Path, seen: int, timeout: float = 120) -> int | None:
-    """None once the SuperNode logged its node id (it is in), or its exit code when it
-    exited refused (:data:`REACTIVATION_REFUSED`); any other ending is not ours to retry (the
-    caller's liveness checks name it)."""
+def _refused_activation(member: Managed, log: Path, seen: int, timeout: float = 120) -> bool:
+    """Whether the SuperNode just started exited because the SuperLink refused to activate it
+    (what it logged since byte ``seen``); False once it logged its node id (it is in), when
+    it ended otherwise (the caller's liveness checks name that), or after ``timeout``.  Its
+    exit status does not tell: Flower exits 305, but the shutdown after it ends with 1."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if NODE_CONNECTED.encode() in log.read_bytes()[seen:]:
-            return None
-        code = member.process.poll()
-        if code is not None:
-            return code if code == REACTIVATION_REFUSED else None
+        logged = log.read_bytes()[seen:] if log.is_file() else b""
+        if NODE_CONNECTED.encode() in logged:
+            return False
+        if member.process.poll() is not None:
+            return ACTIVATION_REFUSED.encode() in log.read_bytes()[seen:]
         nap(0.25)
-    return None
+    return False
 
 
 def _same_process(record: ProcessRecord) -> psutil.Process | None:
@@ -448,28 +450,31 @@ class RunningFederation:
         A SuperNode that died without saying goodbye (SIGKILL, a host's power) stays
         ``online`` at the SuperLink until its heartbeat window ends (Flower 1.42: 2 x 30 s),
         and the SuperLink refuses to activate an online node: the new process exits at once
-        with Flower's code 305 ("Failed to activate SuperNode").  Compose and Kubernetes
+        ("Failed to activate SuperNode", Flower's exit code 305).  Compose and Kubernetes
         restart it until it gets in; here it is started again every few seconds for up to
         :data:`REACTIVATION_WAIT` seconds, saying why."""
         argv, env = record.argv, flower_env() | record.env
         deadline = time.monotonic() + REACTIVATION_WAIT
+        refusals = 0
         while True:
             log = Path(record.log)
             seen = log.stat().st_size if log.is_file() else 0
             member = group.start(log.stem, argv, env, nice=record.nice)
-            if record.role != "supernode" or _activated(member, log, seen) is None:
+            if record.role != "supernode" or not _refused_activation(member, log, seen):
                 return member
             if time.monotonic() > deadline:
                 raise DeploymentError(
                     f"{record.hospital}'s SuperNode was refused by the SuperLink for "
                     f"{REACTIVATION_WAIT:.0f}s; log: {log}\n" + tail(log)
                 )
-            print(
-                f"{record.hospital}: the SuperLink still counts its previous SuperNode online "
-                f"(up to {HEARTBEAT_WINDOW}s after it died); starting it again in "
-                f"{REACTIVATION_RETRY:.0f}s",
-                flush=True,
-            )
+            refusals += 1
+            if refusals == 1:
+                print(
+                    f"{record.hospital}: the SuperLink still counts its previous SuperNode "
+                    f"online (up to {HEARTBEAT_WINDOW}s after it died); starting it again "
+                    f"every {REACTIVATION_RETRY:.0f}s until it is let in",
+                    flush=True,
+                )
             nap(REACTIVATION_RETRY)
 
     def stop(self) -> None:
