@@ -4,10 +4,10 @@
     bash bench/soak.sh                 # the same, the table in docs/failures.md
 
 A federation (`federimed up`: TLS, node authentication, three hospitals, a tiny model so that
-rounds are short) runs ``--runs`` runs of three rounds one after another.  At random moments
+rounds are short) runs ``--runs`` runs of four rounds one after another.  At random moments
 (after a random number of a run's rounds, plus a random delay) one process is SIGKILLed: a
-random hospital's SuperNode, the ServerApp, or the SuperLink.  The operator's answer is what
-docs/failures.md says it is:
+random hospital's SuperNode, the ServerApp, or the SuperLink, each in turn.  The operator's
+answer is what docs/failures.md says it is:
 
 - a SuperNode: ``federimed restart supernode H`` and ``restart clientapp H`` after a while (the
   host coming back); the run goes on without that hospital for the round in flight;
@@ -49,7 +49,7 @@ from federimed.runrecord import RoundRecord, read_rounds
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 TARGETS = ["supernode", "serverapp", "superlink"]
-ROUNDS = 3
+ROUNDS = 4
 RUN_TIMEOUT = 900  # one logical run, kills and resumptions included
 
 
@@ -102,8 +102,10 @@ class Soak:
         deadline = time.monotonic() + RUN_TIMEOUT
         made = 0
         for _ in range(kills_wanted):
-            after_rounds = self.rng.randrange(ROUNDS)
-            delay = self.rng.uniform(0, 8)
+            # within the run: after 0 to ROUNDS-2 rounds, a moment into the next (a round
+            # of the tiny model takes 5-10 s here)
+            after_rounds = self.rng.randrange(ROUNDS - 1)
+            delay = self.rng.uniform(0, 4)
             while len(self.rounds(run_id)) < after_rounds and not self.completed(run_id):
                 self._wait(deadline, run_id)
             time.sleep(delay)
@@ -126,7 +128,7 @@ class Soak:
         time.sleep(0.5)
 
     def _kill_and_recover(self, number: int, run_id: str, deadline: float) -> str:
-        target = self.rng.choice(TARGETS)
+        target = TARGETS[len(self.kills) % len(TARGETS)]  # each as often, in a random order
         recorded = len(self.rounds(run_id))
         kill = Kill(number, target, run_id, recorded)
         killed_at = time.monotonic()
@@ -243,6 +245,7 @@ def main() -> int:
     out = args.out.resolve()
     data, certs, model = prepare(out)
     rng = random.Random(args.seed)
+    rng.shuffle(TARGETS)
     # every run gets one kill at least, the rest at random
     plan = [1] * args.runs
     for _ in range(max(0, args.kills - args.runs)):
