@@ -46,8 +46,6 @@ VARIANTS = {
     "3-rounds": {"num-server-rounds": 3, "local-steps": 20},
     "2-rounds": {"num-server-rounds": 2, "local-steps": 30},
     "top-1": {"lora-layers": 1},
-    # The pooler under a LoRA adapter, not trained whole: a quarter of the bytes per update.
-    "top-2-head-lora": {"lora-layers": 2, "head-lora": True},
     # The adapters' scale (alpha / r): a larger one moves the adapters faster, not the head.
     "top-2-alpha-32": {"lora-layers": 2, "lora-alpha": 32},
     "top-1-alpha-32": {"lora-layers": 1, "lora-alpha": 32},

@@ -37,7 +37,6 @@ class LoraSettings:
     dropout: float
     layers: int = 0  # adapters in the top `layers` transformer layers; 0 = in all of them
     encoder_dropout: bool = False  # keep the pretrained encoder's own dropout while training
-    head_lora: bool = False  # a LoRA adapter on the pooler / pre-classifier instead of training it
 
 
 def quiet_libraries() -> None:
@@ -72,18 +71,6 @@ def _head_modules(model: torch.nn.Module) -> list[str]:
     return [m for m in ("pooler", "pre_classifier") if m in names]
 
 
-def _head_linears(model: torch.nn.Module) -> list[str]:
-    """The full names of the head modules' linear layers (``bert.pooler.dense``,
-    ``pre_classifier``): named in full, PEFT adapts them whatever ``layers_to_transform`` says
-    (``check_target_module_exists`` takes an exact name before it looks at layer indices)."""
-    heads = set(_head_modules(model))
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and heads & set(name.split("."))
-    ]
-
-
 def build_classifier(model: str, labels: list[str], lora: LoraSettings, seed: int = 0) -> PeftModel:
     """The pretrained encoder, frozen, with a LoRA adapter and a fresh classification head.
 
@@ -99,15 +86,13 @@ def build_classifier(model: str, labels: list[str], lora: LoraSettings, seed: in
     )
     if not lora.encoder_dropout:
         _without_dropout(base)
-    # head-lora: the pooler's 384 x 384 weights (0.59 of the 0.74 MB a hospital sends) stay
-    # frozen under a rank-r adapter; otherwise they are trained and exchanged whole.
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=_lora_targets(base) + (_head_linears(base) if lora.head_lora else []),
-        modules_to_save=[] if lora.head_lora else _head_modules(base),
+        target_modules=_lora_targets(base),
+        modules_to_save=_head_modules(base),
         layers_to_transform=top_layers(base, lora.layers),
     )
     return get_peft_model(base, config)

@@ -63,7 +63,6 @@ class RunConfig(BaseModel):
     lora_dropout: float = Field(ge=0, lt=1)
     lora_layers: int = Field(ge=0, le=1024)  # adapters in the top N layers; 0 = all
     encoder_dropout: bool
-    head_lora: bool  # the pooler / pre-classifier adapted by LoRA instead of trained whole
     num_server_rounds: int = Field(ge=1, le=10_000)
     local_steps: int = Field(ge=1, le=1_000_000)
     batch_size: int = Field(ge=1, le=8192)
@@ -152,7 +151,6 @@ class RunConfig(BaseModel):
             dropout=self.lora_dropout,
             layers=self.lora_layers,
             encoder_dropout=self.encoder_dropout,
-            head_lora=self.head_lora,
         )
 
     def train_settings(
