@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -53,22 +52,6 @@ def test_niced_sessions_leave_the_cpu_to_a_plain_one(tmp_path):
         os.sched_setaffinity(0, allowed)
     # Other work on that CPU takes its part; nine equal sessions would leave it 0.11.
     assert share > 0.35, f"the plain process got {share:.2f} of the CPU"
-
-
-def test_the_superlink_state_waits_longer_for_its_write_lock(tmp_path, monkeypatch):
-    """Pins the Flower names local_superlink rebinds: the pragmas are read at connect time."""
-    import flwr.supercore.sql_mixin as sql_mixin
-
-    from federimed.deploy import local_superlink
-
-    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
-    assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "5000"  # Flower 1.42's default
-    local_superlink.longer_busy_timeout()
-    connection = sqlite3.connect(tmp_path / "state.db")
-    sql_mixin._set_sqlite_pragmas(connection, None)
-    timeout = connection.execute("PRAGMA busy_timeout").fetchone()[0]
-    assert timeout == local_superlink.BUSY_TIMEOUT_MS
-    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # the rest kept
 
 
 def test_a_started_serverapp_yields_alone_and_its_runner_keeps_its_priority(tmp_path):

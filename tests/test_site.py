@@ -259,64 +259,6 @@ def test_app_hash_of_this_project_matches_flower(tmp_path):
     assert app_hash(root) == hashlib.sha256(build_fab_from_disk(root)).hexdigest()
 
 
-# --- the runner's hooks into Flower -----------------------------------------------------------
-
-
-def test_the_flower_names_the_runner_rebinds_exist():
-    """If a Flower upgrade moves these, the runner must fail here, not silently skip checks."""
-    import flwr
-    import flwr.supercore.superexec.executor.subprocess_executor as executor
-    import flwr.supernode.runtime.run_clientapp as flower_clientapp
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
-
-    assert flwr.__version__ == "1.42.0"
-    source = Path(flower_clientapp.__file__).read_text()
-    for name in ("install_from_fab(", "get_load_client_app_fn(", "push_message("):
-        assert name in source and callable(getattr(flower_clientapp, name[:-1]))
-    assert executor.TASK_TYPE_TO_COMMAND is TASK_TYPE_TO_COMMAND
-    # federimed superexec shortens the task poll through Flower's own variable
-    from flwr.supercore.superexec import run_superexec
-
-    assert run_superexec._TASK_POLL_INTERVAL_ENV == "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-    # warm starts replace the module the executor starts processes through
-    assert "subprocess.Popen(" in Path(executor.__file__).read_text()
-    # the runner narrows Flower's SuperExec to ClientApps (AutoExecPlugin starts any task type)
-    from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
-
-    original = TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP], AutoExecPlugin.supported_task_types
-    try:
-        site_runner.use_site_clientapp()
-        assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == "federimed-clientapp"
-        # ClientApps at a hospital, ServerApps at the consortium's runner; nothing else
-        assert AutoExecPlugin.supported_task_types == {TaskType.CLIENT_APP, TaskType.SERVER_APP}
-        plugin = AutoExecPlugin("127.0.0.1:1", True, None, executor=None)
-        for task_type in set(TaskType) - {TaskType.CLIENT_APP, TaskType.SERVER_APP}:
-            task = type("Task", (), {"type": task_type.value, "task_id": 1})()
-            assert plugin._get_supported_task_type(task) is None, task_type
-    finally:
-        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP], AutoExecPlugin.supported_task_types = original
-
-
-def test_the_flower_names_the_guard_hooks_exist():
-    """The SuperNode loop's two crossings the guard wraps (federimed/deploy/supernode.py)."""
-    import inspect
-
-    from flwr.supernode import start_client_internal as loop
-
-    pull = inspect.signature(loop._pull_and_store_message).parameters
-    assert {"state", "object_store", "node_config", "receive", "get_run", "get_fab"} <= set(pull)
-    assert {"pull_object", "confirm_message_received"} <= set(pull)
-    assert list(inspect.signature(loop._push_messages).parameters) == [
-        "state",
-        "object_store",
-        "send",
-        "push_object",
-    ]
-    assert callable(loop._insert_message) and loop.RunNotRunningException
-    source = inspect.getsource(loop.start_client_internal)
-    assert "_pull_and_store_message(" in source and "_push_messages(" in source
-
-
 def test_each_task_installs_into_a_fresh_home_and_imports_the_bundles_own_code(monkeypatch):
     """No folder left by another task (a revoked bundle's) is reused, and the hospital's own
     federimed is not what the bundle's imports find."""
@@ -603,57 +545,6 @@ def test_a_reply_to_nothing_admitted_is_dropped(guard):
 # --- warm ClientApp starts --------------------------------------------------------------------
 
 
-def _spec(task_type):
-    from flwr.supercore.superexec.executor.types import ExecutionSpec
-
-    return ExecutionSpec(
-        task_type=task_type,
-        runtime_api_address="127.0.0.1:9094",
-        token="token-1",
-        insecure=True,
-        root_certificates_path=None,
-        runtime_dependency_install=False,
-        parent_pid=4321,
-        suppress_output=False,
-        task_id=1,
-    )
-
-
-def test_clientapp_launches_go_to_the_warm_parent_and_fall_back_when_it_is_gone(monkeypatch):
-    """Flower's subprocess executor, unchanged, with the module it starts processes through."""
-    import subprocess
-
-    import flwr.supercore.superexec.executor.subprocess_executor as executor
-    from flwr.supercore.constant import TaskType
-
-    from federimed.deploy import warm
-
-    class Starter:
-        command, alive, started = "federimed-clientapp", True, []
-
-        def start(self, argv):
-            self.started.append(argv)
-            return self.alive
-
-    cold = []
-    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kwargs: cold.append(argv))
-    monkeypatch.setattr(executor, "subprocess", executor.subprocess)  # restored afterwards
-    monkeypatch.setitem(executor.TASK_TYPE_TO_COMMAND, TaskType.CLIENT_APP, "federimed-clientapp")
-    starter = Starter()
-    warm.use_warm_starts(starter)
-    executor.SubprocessExecutor().launch(_spec(TaskType.CLIENT_APP))
-    assert starter.started == [
-        ["federimed-clientapp", "--runtime-api-address", "127.0.0.1:9094",
-         "--token", "token-1", "--insecure", "--parent-pid", "4321"]
-    ]  # fmt: skip
-    assert cold == []
-    starter.alive = False  # the warm parent died: the task still starts, cold
-    executor.SubprocessExecutor().launch(_spec(TaskType.CLIENT_APP))
-    assert cold == [starter.started[-1]]
-    executor.SubprocessExecutor().launch(_spec(TaskType.SERVER_APP))  # not ours to warm
-    assert cold[-1][0] == executor.TASK_TYPE_TO_COMMAND[TaskType.SERVER_APP]
-
-
 def test_the_warm_parent_forks_a_real_clientapp_per_task(tmp_path):
     from federimed.deploy.warm import PRELOAD, WarmStarter
 
@@ -701,21 +592,3 @@ def test_the_warm_parent_dies_with_its_runner_even_mid_import(tmp_path):
     gone, _ = psutil.wait_procs([parent], timeout=60)
     assert gone
     assert "warm ClientApp parent ready" not in log.read_text()  # it died importing
-
-
-def test_a_task_first_asks_for_its_message_after_a_tenth_of_a_second(monkeypatch):
-    """Pins what quicker_first_pulls relies on: Flower's task pulls its message through
-    pull_and_inflate_object_from_tree with the function's default backoff."""
-    import inspect
-
-    import flwr.supernode.runtime.run_clientapp as flower_clientapp
-
-    from federimed.deploy import site_runner
-
-    pull = flower_clientapp.pull_and_inflate_object_from_tree
-    monkeypatch.setattr(pull, "__kwdefaults__", dict(pull.__kwdefaults__))  # restored after
-    assert pull.__kwdefaults__["initial_backoff"] == 1
-    source = inspect.getsource(flower_clientapp.pull_task_input)
-    assert "pull_and_inflate_object_from_tree(" in source and "initial_backoff" not in source
-    site_runner.quicker_first_pulls()
-    assert pull.__kwdefaults__["initial_backoff"] == site_runner.FIRST_PULL_BACKOFF

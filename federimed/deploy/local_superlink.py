@@ -30,8 +30,8 @@ gives it whenever other work ran on the machine, and the run never started
 (``federimed/priority.py``).
 
 The local federation starts the SuperLink as ``python -m federimed.deploy.local_superlink
---app-nice N`` + ``flower-superlink``'s arguments.  ``tests/test_processes.py`` pins the Flower
-name rebound here.
+--app-nice N`` + ``flower-superlink``'s arguments.  The rebinding is
+:func:`~federimed.deploy.flower_patches.superlink_sqlite_busy_timeout`.
 """
 
 from __future__ import annotations
@@ -40,28 +40,17 @@ import argparse
 import os
 import sys
 
-import flwr.supercore.sql_mixin as sql_mixin
-
+from federimed.deploy.flower_patches import superlink_sqlite_busy_timeout
 from federimed.priority import SERVERAPP_NICE_ENV
 
 BUSY_TIMEOUT_MS = 60_000
-
-
-def longer_busy_timeout(timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
-    """Make this process's new SQLite connections (Flower's state) wait ``timeout_ms``."""
-    pragmas = tuple(sql_mixin.SQLITE_PRAGMAS)
-    if "busy_timeout" not in dict(pragmas):
-        raise RuntimeError("flwr.supercore.sql_mixin.SQLITE_PRAGMAS no longer sets busy_timeout")
-    sql_mixin.SQLITE_PRAGMAS = tuple(
-        (name, str(timeout_ms) if name == "busy_timeout" else value) for name, value in pragmas
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="federimed-local-superlink", add_help=False)
     parser.add_argument("--app-nice", type=int, default=0)
     ours, flower_args = parser.parse_known_args(argv)
-    longer_busy_timeout()
+    superlink_sqlite_busy_timeout(BUSY_TIMEOUT_MS)
     if ours.app_nice:
         os.environ[SERVERAPP_NICE_ENV] = str(ours.app_nice)
     from flwr.superlink.cli import flower_superlink

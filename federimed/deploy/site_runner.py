@@ -16,8 +16,8 @@ exactly the bundle the hospital approved, and nothing left over from another:
 
 ``federimed superexec`` makes Flower's SuperExec start this command instead of
 ``flwr-clientapp``, and launch no AgentApp or other task type (:func:`use_site_clientapp`).
-One more rebinding is about time, not trust (:func:`quicker_first_pulls`).
-``tests/test_site.py`` pins the Flower names this relies on.
+One more rebinding is about time, not trust (:func:`quicker_first_pulls`).  The rebindings
+are in :mod:`federimed.deploy.flower_patches`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import shutil
 import sys
 import tempfile
 
-import flwr.supernode.runtime.run_clientapp as flower_clientapp
-from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
-from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
+from flwr.supercore.constant import TaskType
+
+from federimed.deploy.flower_patches import clientapp_first_pull_backoff, superexec_task_types
 
 COMMAND = "federimed-clientapp"
 # The packages a bundle brings: the hospital's copies must not answer its imports.
@@ -47,10 +47,8 @@ def use_site_clientapp() -> None:
     but :data:`RUNNER_TASK_TYPES`.
 
     The SuperNode's guard already refuses every other task type before a task exists; this
-    is the second lock: Flower's ``AutoExecPlugin`` would start any (``supported_task_types``
-    is every ``TaskType``), an AgentApp included."""
-    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = COMMAND
-    AutoExecPlugin.supported_task_types = RUNNER_TASK_TYPES
+    is the second lock: Flower's ``AutoExecPlugin`` would start any, an AgentApp included."""
+    superexec_task_types(COMMAND, RUNNER_TASK_TYPES)
 
 
 def fresh_flwr_home() -> str:
@@ -77,8 +75,7 @@ def quicker_first_pulls() -> None:
     actual arrival.  From 0.1 s it asks a few more times, locally, and starts within a tenth
     of a second of their arrival.  (The wait itself, the SuperNode fetching 0.7 MB from the
     SuperLink, stays: 1.5-1.8 s of the demo's round-2 start-up, traced.)"""
-    defaults = flower_clientapp.pull_and_inflate_object_from_tree.__kwdefaults__
-    defaults["initial_backoff"] = FIRST_PULL_BACKOFF
+    clientapp_first_pull_backoff(FIRST_PULL_BACKOFF)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ flags>`` runs Flower's own ``flower-supernode`` with that sleep cut to ``S`` sec
 (``FEDERIMED_NODE_IDLE_POLL_SECONDS``), and its local 0.5 s waits to 0.1 s
 (:data:`LOCAL_WAIT_SECONDS`); everything else is Flower's.  Each pull is one request
 to the SuperLink, so the setting trades round latency for SuperLink load (docs/scale.md).
-``tests/test_deploy_commands.py`` pins the Flower code this relies on.
+Both rebindings are in :mod:`federimed.deploy.flower_patches`.
 
 The same process is where the hospital's guard sits (:mod:`federimed.deploy.guard`):
 :func:`guard_messages` wraps the two steps of Flower's SuperNode loop that every message of a
@@ -27,6 +27,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from federimed.deploy.flower_patches import supernode_message_steps, supernode_waits
 from federimed.deploy.guard import SiteGuard
 
 log = logging.getLogger("flwr.federimed.guard")
@@ -38,16 +39,15 @@ FLOWER_IDLE_SLEEP = 3  # seconds, the constant in Flower's SuperNode loop
 LOCAL_WAIT_SECONDS = 0.1
 
 
-def shorter_idle_sleeps(module: types.ModuleType, seconds: float) -> None:
-    """Give ``module`` a ``time`` whose ``sleep`` waits at most ``seconds`` for the idle pull's
-    3 s and at most :data:`LOCAL_WAIT_SECONDS` for the shorter, local waits."""
+def capped_sleep(seconds: float) -> Callable[[float], None]:
+    """A ``sleep`` that waits at most ``seconds`` for the idle pull's 3 s and at most
+    :data:`LOCAL_WAIT_SECONDS` for the shorter, local waits."""
 
     def sleep(duration: float) -> None:
         cap = seconds if duration >= FLOWER_IDLE_SLEEP else LOCAL_WAIT_SECONDS
         time.sleep(min(duration, cap))
 
-    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-    module.time = types.SimpleNamespace(**(names | {"sleep": sleep}))
+    return sleep
 
 
 # How long the guard waits for the last bytes of a reply the app has announced: an app that
@@ -106,9 +106,18 @@ class _Outbox:
         return getattr(self._state, name)
 
 
-def guard_messages(module: types.ModuleType, guard_for: Callable[[dict], SiteGuard]) -> None:
-    """Put the guard ``guard_for(node_config)`` on both crossings of Flower's SuperNode loop
-    (``module``: ``flwr.supernode.start_client_internal``)."""
+def guard_messages(
+    guard_for: Callable[[dict], SiteGuard],
+) -> Callable[[types.ModuleType], tuple[Callable[..., Any], Callable[..., Any]]]:
+    """The guard ``guard_for(node_config)`` on both crossings of Flower's SuperNode loop: what
+    :func:`~federimed.deploy.flower_patches.supernode_message_steps` puts in place of
+    ``_pull_and_store_message`` and ``_push_messages`` (``module``: the loop's module)."""
+    return lambda module: _guarded_steps(module, guard_for)
+
+
+def _guarded_steps(
+    module: types.ModuleType, guard_for: Callable[[dict], SiteGuard]
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
     pull_and_store, push = module._pull_and_store_message, module._push_messages
     guards: list[SiteGuard] = []
 
@@ -157,7 +166,7 @@ def guard_messages(module: types.ModuleType, guard_for: Callable[[dict], SiteGua
     def guarded_push(state: Any, object_store: Any, send: Callable, push_object: Callable) -> None:
         guard, outbox = guards[0], []
         while not (replies := state.get_messages_legacy(is_reply=True)):
-            module.time.sleep(0.5)  # Flower's local wait, shortened by shorter_idle_sleeps
+            module.time.sleep(0.5)  # Flower's local wait, shortened by capped_sleep
         for reply in replies:
             reply_id = reply.metadata.message_id
             if reply_id in guard.cleared:  # the guard's own refusal, made at intake
@@ -181,19 +190,17 @@ def guard_messages(module: types.ModuleType, guard_for: Callable[[dict], SiteGua
 
         return guarded_send
 
-    module._pull_and_store_message = guarded_pull_and_store
-    module._push_messages = guarded_push
+    return guarded_pull_and_store, guarded_push
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="federimed-supernode", add_help=False)
     parser.add_argument("--idle-poll-seconds", type=float, required=True)
     ours, flower_args = parser.parse_known_args(argv)
-    from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    shorter_idle_sleeps(start_client_internal, ours.idle_poll_seconds)
-    guard_messages(start_client_internal, SiteGuard.from_node_config)
+    supernode_waits(capped_sleep(ours.idle_poll_seconds))
+    supernode_message_steps(guard_messages(SiteGuard.from_node_config))
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 

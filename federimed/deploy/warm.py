@@ -19,8 +19,8 @@ from the approved bundle.
 
 Flower's SuperExec starts a task with ``subprocess.Popen(argv)`` in its subprocess executor;
 :func:`use_warm_starts` gives that module a ``subprocess`` whose ``Popen`` hands a ClientApp's
-argv to the warm parent instead (anything else, or a dead parent, starts as before).
-``tests/test_site.py`` pins the Flower names this relies on.
+argv to the warm parent instead (anything else, or a dead parent, starts as before); the
+rebinding is :func:`~federimed.deploy.flower_patches.superexec_popen`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import os
 import signal
 import subprocess
 import sys
-import types
 from typing import IO, Any
 
+from federimed.deploy.flower_patches import superexec_popen
 from federimed.deploy.processes import die_with_parent
 
 # What a ClientApp task imports that costs seconds; never the bundle's own modules.
@@ -94,7 +94,6 @@ class WarmStarter:
 
 def use_warm_starts(starter: WarmStarter) -> None:
     """Route this process's SuperExec ClientApp launches through ``starter``."""
-    import flwr.supercore.superexec.executor.subprocess_executor as executor
 
     def popen(argv: list[str], **kwargs: Any) -> Any:
         if argv and argv[0] == starter.command:
@@ -103,7 +102,7 @@ def use_warm_starts(starter: WarmStarter) -> None:
             log.warning("warm parent gone; starting the ClientApp in a fresh interpreter")
         return subprocess.Popen(argv, **kwargs)
 
-    executor.subprocess = types.SimpleNamespace(Popen=popen, DEVNULL=subprocess.DEVNULL)
+    superexec_popen(popen)
 
 
 def _run_task(argv: list[str]) -> None:
