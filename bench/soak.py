@@ -43,7 +43,7 @@ from scale import tiny_model
 from federimed.cli import main as federimed
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy.certs import ensure_certs
-from federimed.deploy.local import FEDERATION_TAG, STATE_FILE, RunningFederation
+from federimed.deploy.local import STATE_FILE, RunningFederation, tagged_processes
 from federimed.ledger import LedgerError, verify
 from federimed.runrecord import RoundRecord, read_rounds
 
@@ -181,7 +181,7 @@ class Soak:
     def _serverapp(self, run_id: str, deadline: float) -> psutil.Process:
         """The run's ServerApp process (started by the SuperLink's SuperExec)."""
         while True:
-            for process in _ours(self.running.workdir):
+            for process in tagged_processes(str(self.running.workdir)):
                 try:
                     if any("flwr-serverapp" in part for part in process.cmdline()):
                         return process
@@ -208,16 +208,6 @@ class Soak:
                 verify(ledger)
             except LedgerError as error:
                 self.problems.append(f"{hospital}'s ledger: {error}")
-
-
-def _ours(workdir: Path) -> list[psutil.Process]:
-    """Every process this federation started, by the tag they all inherit."""
-    found = []
-    for process in psutil.process_iter(["environ"]):
-        environ = process.info.get("environ") or {}
-        if environ.get(FEDERATION_TAG) == str(workdir):
-            found.append(process)
-    return found
 
 
 def prepare(out: Path) -> tuple[Path, Path, str]:
@@ -276,7 +266,11 @@ def main() -> int:
         if (workdir / STATE_FILE).exists():
             federimed(["down", "--out", str(workdir)])
         time.sleep(2)
-        left = [p.pid for p in _ours(workdir) if p.is_running() and p.status() != "zombie"]
+        left = [
+            p.pid
+            for p in tagged_processes(str(workdir))
+            if p.is_running() and p.status() != "zombie"
+        ]
         if left:
             soak.problems.append(f"processes left after down: {left}")
         summary = {

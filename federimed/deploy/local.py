@@ -221,7 +221,7 @@ def _group_members(record: ProcessRecord) -> list[psutil.Process]:
     return members
 
 
-def _tagged(workdir: str) -> list[psutil.Process]:
+def tagged_processes(workdir: str) -> list[psutil.Process]:
     """Processes whose environment carries this federation's tag (set at launch, inherited)."""
     found = []
     for process in psutil.process_iter():
@@ -453,11 +453,10 @@ class RunningFederation:
         ("Failed to activate SuperNode", Flower's exit code 305).  Compose and Kubernetes
         restart it until it gets in; here it is started again every few seconds for up to
         :data:`REACTIVATION_WAIT` seconds, saying why."""
-        argv, env = record.argv, flower_env() | record.env
+        argv, env, log = record.argv, flower_env() | record.env, Path(record.log)
         deadline = time.monotonic() + REACTIVATION_WAIT
         refusals = 0
         while True:
-            log = Path(record.log)
             seen = log.stat().st_size if log.is_file() else 0
             member = group.start(log.stem, argv, env, nice=record.nice)
             if record.role != "supernode" or not _refused_activation(member, log, seen):
@@ -488,7 +487,7 @@ class RunningFederation:
         _terminate(members)
         # What an already dead process had started (Flower's app runners, in sessions of
         # their own) is found by the tag every process of this federation inherits.
-        _terminate(_tagged(self.state.workdir))
+        _terminate(tagged_processes(self.state.workdir))
         if self.state.bridge:
             netns.remove(self.state.bridge, [r.netns for r in self.state.processes if r.netns])
         (self.workdir / STATE_FILE).unlink(missing_ok=True)
