@@ -23,16 +23,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import Array
 
+from federimed import wire
 from federimed.compare import unseen_labels
 from federimed.config import resolve
 from federimed.data.records import Federation, load_examples, load_hospital
 from federimed.features import with_features
 from federimed.metrics import classification_metrics
-from federimed.model import build_classifier, exchanged_state, load_tokenizer, quiet_libraries
+from federimed.model import (
+    build_classifier,
+    exchanged_state,
+    load_tokenizer,
+    quiet_libraries,
+    to_wire,
+)
 from federimed.task import round_seed
 from federimed.training import encode, predict_proba
-from federimed.tuning import fedavg_round
+from federimed.tuning import WireInProcess, fedavg_round
 
 # name -> run-config overrides (on top of pyproject.toml's defaults)
 VARIANTS = {
@@ -52,6 +60,8 @@ VARIANTS = {
     # A larger learning rate moves the head too.
     "top-2-lr-0.01": {"lora-layers": 2, "learning-rate": 0.01},
     "top-1-lr-0.01": {"lora-layers": 1, "learning-rate": 0.01},
+    # 8 bits a value on the wire both ways, the hospitals' rounding fed back (federimed/wire.py).
+    "top-2-int8": {"lora-layers": 2, "wire-precision": "int8"},
 }
 
 
@@ -71,6 +81,7 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
     test = with_features(model, test, device, run.model)
     frozen_seconds = time.perf_counter() - started
     curve, training = [], 0.0
+    network = WireInProcess(run.wire_precision)
     for server_round in range(1, run.num_server_rounds + 1):
         t0 = time.perf_counter()
         fedavg_round(
@@ -78,6 +89,7 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
             encoded,
             lambda hospital, r=server_round: run.train_settings(seed=round_seed(run, hospital, r)),
             device,
+            network,
         )
         training += time.perf_counter() - t0
         predicted = predict_proba(model, test, device).argmax(axis=1)
@@ -98,6 +110,12 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
         "training_seconds": round(training, 1),
         "steps": run.num_server_rounds * run.local_steps * len(encoded),
         "update_parameters": sum(v.numel() for v in exchanged_state(model).values()),
+        "update_bytes": sum(  # as Flower sends it: the arrays' bytes and their headers
+            len(Array(values).data)
+            for values in wire.encode(
+                to_wire(exchanged_state(model))[wire.WIRE_ARRAY].numpy(), run.wire_precision
+            ).values()
+        ),
     }
 
 

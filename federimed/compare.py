@@ -51,6 +51,7 @@ from federimed.tuning import (
     Tuned,
     TuningPlan,
     Validate,
+    WireInProcess,
     early_stopped,
     fedavg_round,
     pooled_validation,
@@ -308,7 +309,9 @@ class Comparison(Baselines):
             seed = round_seed(self.run, name, server_round)
             return self.run.train_settings(seed=seed, learning_rate=rate)
 
-        fedavg_round(model, self.encoded, settings, pick_device())
+        if server_round == 1:  # a new model (a trial): the hospitals' error feedback starts anew
+            self._network = WireInProcess(self.run.wire_precision)
+        fedavg_round(model, self.encoded, settings, pick_device(), self._network)
 
     def federated_model(self) -> torch.nn.Module:
         """The federation's equal-budget model computed in one process (what benchmarks over

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from federimed.runconfig import resolve_model
+from federimed.wire import WIRE_ARRAY, WireError, decode
 
 FEDERIMED_META = "federimed.json"
 
@@ -141,10 +142,6 @@ def load_exchanged_state(model: PeftModel, state: Mapping[str, torch.Tensor]) ->
     set_peft_model_state_dict(model, dict(state))
 
 
-# The one array a Flower message carries the exchanged state in (to_wire / from_wire).
-WIRE_ARRAY = "exchanged"
-
-
 def to_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` as it crosses the network: one flat float32 array, the tensors in name order.
 
@@ -164,22 +161,21 @@ def to_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def from_wire(model: PeftModel, wire: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    """The named tensors in ``wire`` (:func:`to_wire`), laid out as ``model`` exchanges them."""
-    if set(wire) != {WIRE_ARRAY}:
-        raise ValueError(
-            f"weights are not in FederiMed's wire format: expected the one array "
-            f"{WIRE_ARRAY!r}, got {sorted(wire)}"
-        )
+    """The named tensors in ``wire`` (:func:`to_wire`, or its 8-bit form, :mod:`federimed.wire`),
+    laid out as ``model`` exchanges them."""
+    try:
+        flat = torch.from_numpy(decode({name: t.numpy() for name, t in wire.items()}))
+    except WireError as error:
+        raise ValueError(f"weights are not in FederiMed's wire format: {error}") from None
     shapes = {name: tensor.shape for name, tensor in get_peft_model_state_dict(model).items()}
     names = sorted(shapes)
     sizes = [math.prod(shapes[name]) for name in names]
-    flat = wire[WIRE_ARRAY]
-    if flat.dim() != 1 or flat.numel() != sum(sizes):
+    if flat.numel() != sum(sizes):
         raise ValueError(
-            f"weights do not match the model: {WIRE_ARRAY!r} has shape {tuple(flat.shape)}, this "
-            f"model exchanges {sum(sizes)} values (same model, labels, lora-r and lora-layers?)"
+            f"weights do not match the model: {WIRE_ARRAY!r} has {flat.numel()} values, this "
+            f"model exchanges {sum(sizes)} (same model, labels, lora-r and lora-layers?)"
         )
-    pieces = torch.split(flat.to(torch.float32), sizes)
+    pieces = torch.split(flat, sizes)
     return OrderedDict(
         (name, piece.reshape(shapes[name]).clone())
         for name, piece in zip(names, pieces, strict=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from federimed.data.records import UNSEEN_STYLE_TEST, Federation, labels_from_config
+from federimed.wire import Precision
 
 if TYPE_CHECKING:  # torch stays out of the CLI, which the SuperLink/SuperNode images run
     from federimed.model import LoraSettings
@@ -79,6 +80,7 @@ class RunConfig(BaseModel):
     dp_noise_multiplier: float = Field(ge=0, le=1000)  # 0 = no DP-SGD (federimed.privacy)
     dp_max_grad_norm: float = Field(gt=0, le=1e6)  # each case's gradient clipped to this
     server_learning_rate: float = Field(gt=0, le=10)
+    wire_precision: Precision  # how the weights cross the network (federimed/wire.py)
     test_path: str
     output_dir: str
     audit_messages: bool

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from federimed import wire
 from federimed.data.records import load_examples, load_flashcards
 from federimed.decoder import build_generator, load_generator_tokenizer
 from federimed.features import with_features
@@ -109,6 +110,27 @@ def update_problem(update: ArrayRecord, reference: ArrayRecord, max_norm: float)
     if max_norm and norm > max_norm:
         return f"update norm {norm:.4g} above the bound {max_norm:g}"
     return None
+
+
+def as_sent(arrays: ArrayRecord, precision: wire.Precision) -> ArrayRecord:
+    """The global model (float32, in the wire's layout) as it is sent at ``precision``."""
+    if precision == "float32" or set(arrays) != {wire.WIRE_ARRAY}:
+        return arrays
+    encoded = wire.encode(arrays[wire.WIRE_ARRAY].numpy(), precision)
+    return ArrayRecord({name: Array(values) for name, values in encoded.items()})
+
+
+def decoded_update(update: ArrayRecord, sent: ArrayRecord) -> tuple[ArrayRecord | None, str | None]:
+    """The weights a hospital's reply stands for (its 8-bit change added to the float32 model
+    ``sent`` to it, or its float32 weights), or why it cannot be read."""
+    if set(sent) != {wire.WIRE_ARRAY}:
+        return update, None  # not in the wire's layout: update_problem names what differs
+    try:
+        arrays = {name: array.numpy() for name, array in update.items()}
+        weights = wire.apply_update(arrays, sent[wire.WIRE_ARRAY].numpy())
+    except ValueError as error:
+        return None, f"unreadable update ({error})"
+    return ArrayRecord({wire.WIRE_ARRAY: Array(weights)}), None
 
 
 def metrics_problem(content: RecordDict) -> str | None:
@@ -359,16 +381,27 @@ class Recorded:
     recorder: RoundRecorder
     max_update_norm: float = 0.0
     round_offset: int = 0
+    wire_precision: wire.Precision = "float32"
     _sent: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._at_precision(super().configure_train(server_round, arrays, config, grid))
         self.recorder.learn_names(grid)
         self.recorder.sent("train", messages)
         self._sent = arrays
+        return messages
+
+    def _at_precision(self, messages: Iterable[Message]) -> list[Message]:
+        """The strategy's messages with the model as the run sends it (``wire-precision``); the
+        strategy keeps its float32 copy, to which the hospitals' changes are added."""
+        messages = list(messages)
+        if messages and self.wire_precision != "float32":
+            sent = as_sent(messages[0].content["arrays"], self.wire_precision)
+            for message in messages:
+                message.content["arrays"] = sent
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
@@ -387,7 +420,10 @@ class Recorded:
             if problem is None and len(reply.content.array_records) != 1:
                 problem = f"expected one ArrayRecord, got {len(reply.content.array_records)}"
             if problem is None:
-                update = next(iter(reply.content.array_records.values()))
+                name, update = next(iter(reply.content.array_records.items()))
+                update, problem = decoded_update(update, self._sent)
+            if problem is None:
+                reply.content[name] = update
                 problem = update_problem(update, self._sent, self.max_update_norm)
             if problem is None:
                 usable.append(reply)
@@ -401,7 +437,9 @@ class Recorded:
     ) -> Iterable[Message]:
         server_round += self.round_offset
         try:
-            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+            messages = self._at_precision(
+                super().configure_evaluate(server_round, arrays, config, grid)
+            )
         except RunDeadline:
             return []  # the round still ends (scored, checkpointed, recorded); none follows
         self.recorder.learn_names(grid)
@@ -443,6 +481,7 @@ def make_strategy(run: RunConfig, recorder: RoundRecorder, round_offset: int = 0
         "recorder": recorder,
         "max_update_norm": run.max_update_norm,
         "round_offset": round_offset,
+        "wire_precision": run.wire_precision,
     }
     recorded = type(f"Recorded{base.__name__}", (Recorded, base), checks)
     return recorded(
@@ -708,7 +747,7 @@ class ServerRun:
             updates_rejected=self.recorder.rejected_total,
             initial_test=self.scores.get(0),
             final_test=self.scores.get(last),
-            update_bytes=record_bytes(seeded),
+            update_bytes=record_bytes(as_sent(seeded, self.run.wire_precision)),
             trainable_parameters=trainable,
             total_parameters=total,
             final_model=str(final),

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from federimed.model import exchanged_state, load_exchanged_state
+from federimed import wire
+from federimed.model import exchanged_state, from_wire, load_exchanged_state, to_wire
 from federimed.training import Encoded, TrainSettings, evaluate, train
 
 # Learning rates tried, as multiples of the run's (the demo's 0.005 gives 0.002, 0.005, 0.0125).
@@ -113,22 +114,54 @@ def validation_key(model: torch.nn.Module, data: Encoded, device: torch.device):
     return metrics["accuracy"], -metrics["loss"]
 
 
+class WireInProcess:
+    """What the network does to the weights in a ``wire-precision`` run, in one process: the
+    server's float32 model sent at that precision, each hospital's update quantized with its own
+    error feedback (as its guard does) and added back to the server's float32 model."""
+
+    def __init__(self, precision: wire.Precision):
+        self.precision = precision
+        self.feedback: dict[str, wire.ErrorFeedback] = {}
+
+    def sent(self, model: torch.nn.Module, master: Mapping[str, torch.Tensor]):
+        if self.precision == "float32":
+            return master
+        arrays = wire.encode(_flat(master), self.precision)
+        return from_wire(model, {n: torch.from_numpy(a) for n, a in arrays.items()})
+
+    def replied(self, model, hospital: str, master, start, trained):
+        if self.precision == "float32":
+            return trained
+        feedback = self.feedback.setdefault(hospital, wire.ErrorFeedback())
+        update = feedback.encode(_flat(start), _flat(trained))
+        weights = wire.apply_update(update, _flat(master))
+        return from_wire(model, {wire.WIRE_ARRAY: torch.from_numpy(weights)})
+
+
+def _flat(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    return to_wire(state)[wire.WIRE_ARRAY].numpy()
+
+
 def fedavg_round(
     model: torch.nn.Module,
     hospitals: Mapping[str, Encoded],
     settings: Callable[[str], TrainSettings],
     device: torch.device,
+    network: WireInProcess | None = None,
 ) -> None:
     """One FedAvg round in one process: each hospital trains from the global weights on its own
     data with its ``settings(name)``; ``model`` ends with the average weighted by examples,
-    as the ServerApp's strategy computes it."""
-    start = exchanged_state(model)
+    as the ServerApp's strategy computes it (through ``network``'s precision when given)."""
+    network = network or WireInProcess("float32")
+    master = exchanged_state(model)
+    start = network.sent(model, master)
     total, summed = 0, OrderedDict()
     for name, data in hospitals.items():
         load_exchanged_state(model, start)
         train(model, data, settings(name), device)
         total += len(data)
-        for key, value in exchanged_state(model).items():
+        trained = network.replied(model, name, master, start, exchanged_state(model))
+        for key, value in trained.items():
             summed[key] = summed.get(key, 0) + value * len(data)
     load_exchanged_state(model, OrderedDict((k, v / total) for k, v in summed.items()))
 

@@ -138,6 +138,14 @@ def make_run(**overrides):
     return resolve(flags=flags, environ={}).run
 
 
+def wire_bytes(values: int) -> int:
+    """An 8-bit update of ``values`` weights as Flower counts its bytes: a step a value, a
+    float32 scale per block (federimed/wire.py), and the array's 128-byte npy header."""
+    from federimed import wire
+
+    return values + 4 * -(-values // wire.BLOCK) + 128
+
+
 def processes_using(folder) -> list[str]:
     """Processes whose command line names ``folder`` (a test's certificates or output)."""
     found = []

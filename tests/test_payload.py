@@ -6,12 +6,14 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import client_train_reply, make_run, plant_marker, train_task
 from flwr.app import ArrayRecord
 
+from federimed import ledger, wire
 from federimed.model import (
     WIRE_ARRAY,
     build_classifier,
@@ -21,6 +23,7 @@ from federimed.model import (
     to_wire,
 )
 from federimed.policy import approve
+from federimed.server import as_sent, decoded_update, record_bytes
 
 MARKER = "ZEBRA-MARKER-7f3c"
 
@@ -106,44 +109,85 @@ def test_the_wire_format_round_trips_whatever_order_the_names_come_in(tiny_model
 def test_weights_in_another_format_or_size_are_refused_by_name(tiny_model):
     model = build_classifier(tiny_model, ["A", "B", "C"], make_run().lora)
     state = exchanged_state(model)
-    with pytest.raises(ValueError, match=r"expected the one array 'exchanged', got \['base_model"):
+    with pytest.raises(ValueError, match=r"none of the wire's layouts: 'base_model"):
         from_wire(model, state)
     bigger = build_classifier(tiny_model, ["A", "B", "C", "D"], make_run().lora)
-    with pytest.raises(ValueError, match=r"'exchanged' has shape \(\d+,\), this model exchanges"):
+    with pytest.raises(ValueError, match=r"'exchanged' has \d+ values, this model exchanges"):
         from_wire(model, to_wire(exchanged_state(bigger)))
 
 
-def test_the_real_apps_update_is_clipped_by_the_guard_not_the_app(
-    tiny_model, marked_hospital, site_policy, monkeypatch
-):
-    """The app trains unclipped; the guard at the hospital's SuperNode bounds what leaves."""
+def _guarded_round(run, hospital, arrays, monkeypatch):
+    """One training round of the real app behind the hospital's guard: (guard, the app's
+    reply, what the guard sends instead)."""
     from types import SimpleNamespace
 
     from federimed.deploy.guard import SiteGuard
 
-    _set_policy(site_policy, max_update_norm=0.01)
-    run = make_run(model=tiny_model, local_steps=2, max_length=64, learning_rate=0.05)
     monkeypatch.setattr(
         "federimed.deploy.guard.get_fused_config_from_fab", lambda fab, r: run.to_flower()
     )
-    initial = ArrayRecord(
-        to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
-    )
-    task = train_task(initial)
-    guard = SiteGuard("hospital-1", marked_hospital)
+    task = train_task(arrays)
+    guard = SiteGuard("hospital-1", hospital)
     fab = SimpleNamespace(content=BUNDLE)
     facts = SimpleNamespace(
         run_id=1, fab_hash=hashlib.sha256(BUNDLE).hexdigest(), primary_task_type="flwr-serverapp"
     )
     assert guard.admit(task, facts, fab) is None
     guard.received(task.metadata.message_id, task)
-    reply = client_train_reply(run.to_flower(), marked_hospital, initial, msg=task)
+    reply = client_train_reply(run.to_flower(), hospital, arrays, msg=task)
+    return guard, reply, guard.screen(reply)
+
+
+def test_the_real_apps_update_is_clipped_by_the_guard_not_the_app(
+    tiny_model, marked_hospital, site_policy, monkeypatch
+):
+    """The app trains unclipped; the guard at the hospital's SuperNode bounds what leaves."""
+    _set_policy(site_policy, max_update_norm=0.01)
+    run = make_run(model=tiny_model, local_steps=2, max_length=64, learning_rate=0.05)
+    initial = ArrayRecord(
+        to_wire(exchanged_state(build_classifier(tiny_model, run.label_list, run.lora)))
+    )
+    _, reply, out = _guarded_round(run, marked_hospital, initial, monkeypatch)
     received = initial.to_torch_state_dict()[WIRE_ARRAY]
     trained = reply.content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
     assert float(torch.linalg.vector_norm(trained - received)) > 0.0101  # the app did not clip
-    sent = guard.screen(reply).content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
+    sent = out.content["arrays"].to_torch_state_dict()[WIRE_ARRAY]
     norm = torch.linalg.vector_norm(sent - received)
     assert 0.009 < float(norm) <= 0.0101  # it trained, and no further than the bound
+
+
+def test_in_an_int8_run_the_guard_itself_sends_the_change_at_8_bits(
+    tiny_model, marked_hospital, site_policy, monkeypatch
+):
+    """The app answers in float32; the guard clips, quantizes (keeping the rounding for the
+    next round), ledgers those bytes and sends them; the server reads the change back."""
+    _set_policy(site_policy, max_update_norm=0.05)
+    run = make_run(model=tiny_model, local_steps=2, max_length=64, wire_precision="int8")
+    model = build_classifier(tiny_model, run.label_list, run.lora)
+    server_copy = ArrayRecord(to_wire(exchanged_state(model)))
+    sent = as_sent(server_copy, "int8")
+    assert sent[WIRE_ARRAY].dtype == "int8"
+    guard, reply, out = _guarded_round(run, marked_hospital, sent, monkeypatch)
+
+    trained = reply.content["arrays"][WIRE_ARRAY].numpy()
+    assert trained.dtype == np.float32  # the app decoded the 8-bit weights and trained on them
+    update = out.content["arrays"]
+    assert list(update.keys()) == [wire.DELTA_ARRAY] and update[wire.DELTA_ARRAY].dtype == "int8"
+    assert record_bytes(update) < record_bytes(server_copy) / 3.9
+    (entry,) = [e for _, e in ledger.entries(site_policy.parent / "egress-ledger.jsonl")]
+    assert entry["bytes"] == record_bytes(update)  # the ledger saw the 8 bits that left
+
+    received = wire.decode({WIRE_ARRAY: sent[WIRE_ARRAY].numpy()})
+    change = trained - received
+    norm = float(np.linalg.norm(change))
+    clipped = change * min(1.0, 0.05 / norm)
+    weights, problem = decoded_update(update, server_copy)
+    assert problem is None
+    got = weights[WIRE_ARRAY].numpy() - server_copy[WIRE_ARRAY].numpy()
+    step = np.abs(clipped).max() / wire.LEVELS
+    assert np.abs(got - clipped).max() <= step  # the change within half a block step
+    residual = guard.feedback[1].residual
+    assert np.allclose(got + residual, clipped, atol=1e-6)  # kept for the next round
 
 
 def test_start_up_is_timed_from_when_the_process_really_started():

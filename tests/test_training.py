@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_run
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
+from federimed import wire
 from federimed.data.records import load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
 from federimed.runconfig import STRATEGIES, RunConfig
@@ -217,6 +219,35 @@ def test_round_record_names_participants_dropped_bytes_and_metrics(tmp_path):
         "round-1-train-hospital-1.bin",
         "round-1-train-hospital-2.bin",
     ]
+
+
+def test_an_int8_run_sends_8_bit_weights_and_averages_the_hospitals_changes_in_float32(tmp_path):
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    run = make_run(min_nodes=2, wire_precision="int8")
+    strategy = make_strategy(run, RoundRecorder(tmp_path))
+    model = torch.linspace(-1, 1, 20_000)
+    arrays = ArrayRecord({wire.WIRE_ARRAY: model})
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _Grid()))
+    sent.sort(key=lambda m: m.metadata.dst_node_id)
+    (weights,) = {m.content["arrays"][wire.WIRE_ARRAY].numpy().tobytes() for m in sent}
+    received = wire.decode({wire.WIRE_ARRAY: np.frombuffer(weights, dtype=np.int8)})
+    assert np.abs(received - model.numpy()).max() <= 1 / 127 / 2 + 1e-7  # 8 bits, one step
+    replies = []
+    for message, change, n in zip(sent[:2], (0.01, -0.03), (10, 30), strict=False):
+        update = wire.ErrorFeedback().encode(received, received + change)
+        content = {
+            "arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
+            "metrics": MetricRecord({"train_loss": 1.0, "num_examples": n}),
+        }
+        replies.append(Message(RecordDict(content), reply_to=message))
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    # Each change is added to the server's float32 model, not to its 8-bit copy.
+    expected = model.numpy() + (0.01 * 10 - 0.03 * 30) / 40
+    assert np.allclose(aggregated[wire.WIRE_ARRAY].numpy(), expected, atol=1e-6)
+    record = strategy.recorder.close(1)
+    assert record.traffic["hospital-1"].bytes_down == record_bytes(sent[0].content["arrays"])
+    assert record.traffic["hospital-1"].bytes_up < 20_000 * 4 / 3.9
+    assert record.participants == ["hospital-1", "hospital-2"] and not record.rejected
 
 
 def test_rounds_file_is_read_line_by_line_as_it_grows(tmp_path):

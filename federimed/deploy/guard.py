@@ -19,10 +19,12 @@ Default deny, both ways:
   A refused message never becomes a task: the app's code never runs.
 - **What leaves** (:meth:`SiteGuard.screen`): the reply is rebuilt by the guard from checked
   parts.  A training reply holds exactly one ArrayRecord ``arrays`` whose names, shapes and
-  dtypes are those the hospital received for that task, finite values only, clipped here to
-  the policy's bound on the update's norm; an evaluation reply holds none.  Both hold one
-  MetricRecord ``metrics`` of single finite numbers (keys off the allow-list are held back and
-  ledgered).  Any other record, type or name refuses the whole reply.  The guard adds one
+  dtypes are those the hospital received for that task (8-bit weights as decoded), finite
+  values only, clipped here to the policy's bound on the update's norm; when the weights came
+  8 bits a value, the guard itself sends the change at 8 bits (:mod:`federimed.wire`, with
+  error feedback), so what leaves is what it quantized; an evaluation reply holds none.  Both
+  hold one MetricRecord ``metrics`` of single finite numbers (keys off the allow-list are held
+  back and ledgered).  Any other record, type or name refuses the whole reply.  The guard adds one
   record of its own, ``node``, with the hospital's name and the round.  An app's error text can
   carry record content, so it stays in the hospital's log and the server gets a code.
 
@@ -57,7 +59,7 @@ from flwr.common.config import get_fused_config_from_fab
 from flwr.common.constant import ErrorCode
 from flwr.supercore.constant import TaskType
 
-from federimed import ledger
+from federimed import ledger, wire
 from federimed.data.records import DataError, load_hospital, load_hospital_cards
 from federimed.policy import (
     POLICY_ENV,
@@ -78,6 +80,8 @@ ALLOWED_MESSAGE_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
 # admits instead of the one it refuses, so a task type Flower adds later is refused too.
 ADMITTED_PRIMARY_TASKS = ("", TaskType.SERVER_APP, TaskType.SIMULATION)
 ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
+# Runs whose 8-bit updates' rounding is kept (one float32 per exchanged value each).
+FEEDBACK_RUNS = 4
 # Metrics computed from the training cases themselves, outside DP-SGD's noise: under DP they
 # stay home (the update's ε would not bound them).
 TRAINING_STATISTICS = ("train_loss",)
@@ -93,6 +97,7 @@ class Pending:
     server_round: int | None
     local_steps: int | None
     received: dict[str, np.ndarray] = field(default_factory=dict)
+    quantized: bool = False  # the weights came 8 bits a value, and the update leaves so
     privacy: Spending | None = None  # a training task's DP-SGD, as the guard accounted it
 
 
@@ -180,6 +185,8 @@ class SiteGuard:
         self.data_path = Path(data_path)
         self.pending: dict[str, Pending] = {}
         self.cleared: set[str] = set()  # ids of the messages the guard built to be sent
+        # run id -> the rounding its 8-bit updates have left out so far (federimed/wire.py)
+        self.feedback: dict[int, wire.ErrorFeedback] = {}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> SiteGuard:
@@ -370,6 +377,19 @@ class SiteGuard:
             record = message.content[ARRAYS]
             if isinstance(record, ArrayRecord):
                 pending.received = {name: array.numpy() for name, array in record.items()}
+                self._decode_received(pending)
+
+    @staticmethod
+    def _decode_received(pending: Pending) -> None:
+        """8-bit weights are kept decoded, as the app decodes them: the update is the app's
+        float32 weights, which the guard quantizes itself on the way out."""
+        if not wire.is_quantized(pending.received):
+            return
+        try:
+            pending.received = {wire.WIRE_ARRAY: wire.decode(pending.received)}
+            pending.quantized = True
+        except wire.WireError as error:  # the app cannot read them either: it fails, ledgered
+            log.error("the server's weights do not read: %s", error)
 
     # --- out: what leaves ---------------------------------------------------------------------
 
@@ -468,6 +488,11 @@ class SiteGuard:
         if policy.max_update_norm is not None:
             trained, norm = clip_update(received, trained, policy.max_update_norm)
             log.info("%s update norm %.4f (site bound %g)", self.site, norm, policy.max_update_norm)
+        if pending.quantized:
+            feedback = self.feedback.setdefault(pending.run_id, wire.ErrorFeedback())
+            while len(self.feedback) > FEEDBACK_RUNS:  # a run long gone keeps no memory here
+                del self.feedback[next(iter(self.feedback))]
+            trained = feedback.encode(received[wire.WIRE_ARRAY], trained[wire.WIRE_ARRAY])
         return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in trained.items()})
 
     # --- both: refusals and the ledger --------------------------------------------------------
