@@ -28,7 +28,7 @@ from flwr.app import Array
 from federimed import wire
 from federimed.compare import unseen_labels
 from federimed.config import resolve
-from federimed.data.records import Federation, load_examples, load_hospital
+from federimed.data.records import UNSEEN_STYLE_TEST, Federation, load_examples, load_hospital
 from federimed.features import with_features
 from federimed.metrics import classification_metrics
 from federimed.model import (
@@ -38,7 +38,7 @@ from federimed.model import (
     quiet_libraries,
     to_wire,
 )
-from federimed.task import round_seed
+from federimed.task import round_seed, training_cases
 from federimed.training import encode, predict_proba
 from federimed.tuning import WireInProcess, fedavg_round
 
@@ -62,6 +62,12 @@ VARIANTS = {
     "top-1-lr-0.01": {"lora-layers": 1, "learning-rate": 0.01},
     # 8 bits a value on the wire both ways, the hospitals' rounding fed back (federimed/wire.py).
     "top-2-int8": {"lora-layers": 2, "wire-precision": "int8"},
+    # Public textbook texts per condition beside each hospital's cases (data/textbook.py).
+    "textbook-4": {"textbook-cases": 4},
+    "textbook-8": {"textbook-cases": 8},
+    "textbook-16": {"textbook-cases": 16},
+    "textbook-32": {"textbook-cases": 32},
+    "textbook-64": {"textbook-cases": 64},
 }
 
 
@@ -73,12 +79,18 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
     unseen = {h: {labels.index(c) for c in unseen_labels(t, labels)} for h, t in train_sets.items()}
     model = build_classifier(run.model, labels, run.lora, seed=run.seed)
     started = time.perf_counter()
-    encoded = {
-        h: with_features(model, encode(t, tokenizer, labels, run.max_length), device, run.model)
-        for h, t in train_sets.items()
-    }
-    test = encode(load_examples(federation.test_path, labels), tokenizer, labels, run.max_length)
-    test = with_features(model, test, device, run.model)
+
+    def encoded_with_features(cases):
+        return with_features(
+            model, encode(cases, tokenizer, labels, run.max_length), device, run.model
+        )
+
+    encoded = {h: encoded_with_features(training_cases(run, t)) for h, t in train_sets.items()}
+    test = encoded_with_features(load_examples(federation.test_path, labels))
+    style_path = federation.test_path.parent / UNSEEN_STYLE_TEST
+    style = (
+        encoded_with_features(load_examples(style_path, labels)) if style_path.is_file() else None
+    )
     frozen_seconds = time.perf_counter() - started
     curve, training = [], 0.0
     network = WireInProcess(run.wire_precision)
@@ -95,6 +107,15 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
         predicted = predict_proba(model, test, device).argmax(axis=1)
         curve.append(float((predicted == test.labels.numpy()).mean()))
     truth = test.labels.numpy()
+    style_scores = {}
+    if style is not None:
+        proba = predict_proba(model, style, device)
+        top3 = np.argsort(-proba, axis=1)[:, :3]
+        style_truth = style.labels.numpy()
+        style_scores = {
+            "unseen_style_accuracy": float((proba.argmax(axis=1) == style_truth).mean()),
+            "unseen_style_top3": float((top3 == style_truth[:, None]).any(axis=1).mean()),
+        }
     unseen_accuracy = {
         h: classification_metrics(truth, predicted, codes)["unseen_accuracy"]
         for h, codes in unseen.items()
@@ -106,6 +127,7 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
         "accuracy_per_round": curve,
         "unseen_accuracy": unseen_accuracy,
         "unseen_mean": float(np.mean(list(unseen_accuracy.values()))),
+        **style_scores,
         "frozen_layers_seconds": round(frozen_seconds, 1),
         "training_seconds": round(training, 1),
         "steps": run.num_server_rounds * run.local_steps * len(encoded),

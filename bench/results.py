@@ -119,6 +119,17 @@ def table(lines: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+# What follows this line in the table's file is written by hand (the levers' measurements,
+# each with its own command) and kept when the table is written again.
+KEPT = "<!-- written by hand below: kept by bench/results.py -->"
+
+
+def write_table(path: Path, text: str) -> None:
+    old = path.read_text() if path.is_file() else ""
+    kept = old[old.index(KEPT) :] if KEPT in old else ""
+    path.write_text(text + ("\n" + kept if kept else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -133,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table_only:
         recorded = (args.out / "results.jsonl").read_text().splitlines()
-        args.table.write_text(table([json.loads(line) for line in recorded]))
+        write_table(args.table, table([json.loads(line) for line in recorded]))
         return
     quiet_libraries()
     torch.set_num_threads(args.threads)
@@ -150,7 +161,7 @@ def main() -> None:
         with (args.out / "results.jsonl").open("a") as handle:
             handle.write(json.dumps(line) + "\n")
         lines.append(line)
-    args.table.write_text(table(lines))
+    write_table(args.table, table(lines))
     say(f"table: {args.table}")
 
 

@@ -36,7 +36,7 @@ from federimed.generative import answers_and_losses
 from federimed.metrics import probability_metrics
 from federimed.model import build_classifier, load_exchanged_state, load_tokenizer
 from federimed.runconfig import RunConfig
-from federimed.task import round_seed
+from federimed.task import round_seed, training_cases
 from federimed.training import (
     Encoded,
     TrainSettings,
@@ -166,7 +166,8 @@ class Comparison(Baselines):
         self._frozen = self._fresh_model()
         caches = feature_caches or {}
         self.encoded = {
-            name: self._encode(cases, caches.get(name)) for name, cases in self.train_sets.items()
+            name: self._encode(training_cases(run, cases), caches.get(name))
+            for name, cases in self.train_sets.items()
         }
         self._caches = caches
         self._validation_cases = {

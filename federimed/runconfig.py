@@ -66,6 +66,7 @@ class RunConfig(BaseModel):
     encoder_dropout: bool
     num_server_rounds: int = Field(ge=1, le=10_000)
     local_steps: int = Field(ge=1, le=1_000_000)
+    textbook_cases: int = Field(ge=0, le=1000)  # public texts per condition (data/textbook.py)
     batch_size: int = Field(ge=1, le=8192)
     learning_rate: float = Field(gt=0, le=10)
     fraction_train: float = Field(gt=0, le=1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from federimed.data.records import Example, load_hospital
+from federimed.data.textbook import textbook_cases
 from federimed.features import first_adapted_layer, with_features
 from federimed.model import (
     build_classifier,
@@ -55,6 +56,12 @@ def round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
     return run.seed * 1_000_003 + server_round * 1009 + sum(hospital.encode())
 
 
+def training_cases(run: RunConfig, own: list[Example]) -> list[Example]:
+    """What a hospital trains on: its own cases and the run's public textbook texts
+    (``textbook-cases`` per condition, the same at every hospital)."""
+    return own + textbook_cases(run.label_list, run.textbook_cases, run.seed)
+
+
 def _global_model(run: RunConfig, wire: Mapping[str, torch.Tensor]):
     """The model the server sent: the seeded base with its adapter and head loaded; also the
     received state by name (the reference an update is clipped against)."""
@@ -86,7 +93,7 @@ def train_round(
     labels = run.label_list
     data = load_hospital(node.data_path, labels)
     model, tokenizer, _ = _global_model(run, global_wire)
-    encoded = encode(data.train, tokenizer, labels, run.max_length)
+    encoded = encode(training_cases(run, data.train), tokenizer, labels, run.max_length)
     validation = data.validation and encode(data.validation, tokenizer, labels, run.max_length)
     loaded = time.perf_counter()
     metrics = {"load_seconds": loaded - started}
