@@ -133,7 +133,8 @@ class WireInProcess:
         if self.precision == "float32":
             return trained
         feedback = self.feedback.setdefault(hospital, wire.ErrorFeedback())
-        update = feedback.encode(_flat(start), _flat(trained))
+        next_round = max(feedback.residuals, default=0) + 1
+        update = feedback.encode(_flat(start), _flat(trained), next_round)
         weights = wire.apply_update(update, _flat(master))
         return from_wire(model, {wire.WIRE_ARRAY: torch.from_numpy(weights)})
 

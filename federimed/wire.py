@@ -106,20 +106,36 @@ def apply_update(arrays: Mapping[str, np.ndarray], sent: np.ndarray) -> np.ndarr
 
 
 class ErrorFeedback:
-    """A hospital's 8-bit updates for one run: each carries the rounding the last one left out.
+    """A hospital's 8-bit updates for one run: each carries the rounding the one before it left
+    out.  Kept by round: the update for round n adds what round n-1's left (the latest round
+    before n), so a round done again (a resumed run redoes the round its server died in) sends
+    what the uninterrupted run sent.
 
     Kept by the guard, in the SuperNode's memory (a restarted SuperNode starts again from no
     residual: one round's rounding, at most half a step a value, is lost)."""
 
-    def __init__(self) -> None:
-        self.residual: np.ndarray | None = None
+    KEPT_ROUNDS = 2
 
-    def encode(self, received: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
+    def __init__(self) -> None:
+        self.residuals: dict[int, np.ndarray] = {}  # round -> what its update rounded away
+
+    def copy(self) -> ErrorFeedback:
+        twin = ErrorFeedback()
+        twin.residuals = dict(self.residuals)  # arrays are replaced, never changed in place
+        return twin
+
+    def encode(
+        self, received: np.ndarray, trained: np.ndarray, server_round: int
+    ) -> dict[str, np.ndarray]:
         change = trained.astype(np.float32) - received.astype(np.float32)
-        if self.residual is not None and self.residual.shape == change.shape:
-            change += self.residual
+        before = [r for r in self.residuals if r < server_round]
+        residual = self.residuals[max(before)] if before else None
+        if residual is not None and residual.shape == change.shape:
+            change += residual
         packed = quantize(change)
-        self.residual = change - dequantize(packed)
+        self.residuals[server_round] = change - dequantize(packed)
+        for old in sorted(self.residuals)[: -self.KEPT_ROUNDS]:
+            del self.residuals[old]
         return {DELTA_ARRAY: packed}
 
 

@@ -186,7 +186,7 @@ def test_in_an_int8_run_the_guard_itself_sends_the_change_at_8_bits(
     got = weights[WIRE_ARRAY].numpy() - server_copy[WIRE_ARRAY].numpy()
     step = np.abs(clipped).max() / wire.LEVELS
     assert np.abs(got - clipped).max() <= step  # the change within half a block step
-    residual = guard.feedback[1].residual
+    residual = guard.feedback[1].residuals[1]
     assert np.allclose(got + residual, clipped, atol=1e-6)  # kept for the next round
 
 
@@ -203,3 +203,22 @@ def test_start_up_is_timed_from_when_the_process_really_started():
     by_psutil = time.time() - psutil.Process().create_time()
     assert 0 < age <= by_psutil + 0.05
     assert by_psutil - age < 1.05
+
+
+def test_a_resumed_run_continues_from_a_copy_of_the_dead_runs_error_feedback(tmp_path):
+    """Run 3 resumes run 2, which resumed run 1: each starts from the residuals of the run it
+    resumes (tests/test_e2e.py checks that the weights end as an uninterrupted run's), and a
+    late reply of the dead run changes nothing in the resumed one."""
+    from federimed.deploy.guard import SiteGuard
+
+    guard = SiteGuard("hospital-1", tmp_path)
+    guard.feedback[1] = wire.ErrorFeedback()
+    guard.feedback[1].encode(np.zeros(10), np.full(10, 0.3), server_round=1)
+    guard._note_resumed(2, {"resume-from": "1"})
+    guard.feedback[1].encode(np.zeros(10), np.full(10, 0.7), server_round=2)  # a late reply
+    guard._note_resumed(3, {"resume-from": "2"})
+    guard._note_resumed(4, {"resume-from": "not a run"})
+    guard._note_resumed(5, {"resume-from": "99"})  # a run this SuperNode never served
+    assert sorted(guard.feedback) == [1, 2, 3]
+    assert sorted(guard.feedback[2].residuals) == sorted(guard.feedback[3].residuals) == [1]
+    assert np.array_equal(guard.feedback[3].residuals[1], guard.feedback[1].residuals[1])

@@ -234,7 +234,7 @@ def test_an_int8_run_sends_8_bit_weights_and_averages_the_hospitals_changes_in_f
     assert np.abs(received - model.numpy()).max() <= 1 / 127 / 2 + 1e-7  # 8 bits, one step
     replies = []
     for message, change, n in zip(sent[:2], (0.01, -0.03), (10, 30), strict=False):
-        update = wire.ErrorFeedback().encode(received, received + change)
+        update = wire.ErrorFeedback().encode(received, received + change, 1)
         content = {
             "arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
             "metrics": MetricRecord({"train_loss": 1.0, "num_examples": n}),

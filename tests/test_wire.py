@@ -43,7 +43,7 @@ def test_the_demo_update_is_a_quarter_of_its_float32_size():
     float32 = ArrayRecord({wire.WIRE_ARRAY: Array(np.zeros(DEMO_VALUES, dtype=np.float32))})
     assert record_bytes(float32) == 738_944 + 128  # the array's npy header
     sent = as_sent(float32, "int8")
-    update = wire.ErrorFeedback().encode(_weights(DEMO_VALUES), _weights(DEMO_VALUES, seed=1))
+    update = wire.ErrorFeedback().encode(_weights(DEMO_VALUES), _weights(DEMO_VALUES, seed=1), 1)
     reply = ArrayRecord({name: Array(values) for name, values in update.items()})
     assert record_bytes(sent) == record_bytes(reply) == 184_956 <= 185_000
 
@@ -55,10 +55,11 @@ def test_error_feedback_sends_over_rounds_what_one_round_rounds_away():
     true_total, sent_total = np.zeros(5000), np.zeros(5000)
     for round_ in range(20):
         change = _weights(5000, seed=round_ + 1) * 0.01
-        sent = wire.dequantize(feedback.encode(received, received + change)[wire.DELTA_ARRAY])
+        update = feedback.encode(received, received + change, round_ + 1)
+        sent = wire.dequantize(update[wire.DELTA_ARRAY])
         true_total += change
         sent_total += sent
-    last_step = np.abs(change + feedback.residual).max() / wire.LEVELS
+    last_step = np.abs(change + feedback.residuals[19]).max() / wire.LEVELS
     assert np.abs(sent_total - true_total).max() <= last_step
     without = sum(
         wire.dequantize(wire.quantize(_weights(5000, seed=r + 1) * 0.01)) for r in range(20)
@@ -71,7 +72,7 @@ def test_the_server_adds_a_hospitals_8_bit_change_to_its_own_float32_model():
     record = ArrayRecord({wire.WIRE_ARRAY: Array(model)})
     sent = wire.decode({wire.WIRE_ARRAY: as_sent(record, "int8")[wire.WIRE_ARRAY].numpy()})
     trained = sent + _weights(10_000, seed=3) * 0.01  # the hospital trained from what it got
-    update = wire.ErrorFeedback().encode(sent, trained)
+    update = wire.ErrorFeedback().encode(sent, trained, 1)
     reply = ArrayRecord({name: Array(values) for name, values in update.items()})
     decoded, problem = decoded_update(reply, record)
     assert problem is None
@@ -104,3 +105,18 @@ def test_scales_that_are_not_finite_are_refused():
     packed[-4:] = np.array([np.nan], dtype="<f4").view(np.int8)
     with pytest.raises(wire.WireError, match="negative or not finite"):
         wire.dequantize(packed)
+
+
+def test_a_round_done_again_adds_the_rounding_of_the_round_before_it():
+    """A resumed run redoes the round its server died in: the update carries what the round
+    before it rounded away, not what the lost attempt did, as the uninterrupted run's does."""
+    received = _weights(3000)
+    changes = [_weights(3000, seed=s) * 0.01 for s in (1, 2, 3)]
+    whole, resumed = wire.ErrorFeedback(), wire.ErrorFeedback()
+    for round_, change in ((1, changes[0]), (2, changes[1])):
+        whole.encode(received, received + change, round_)
+        resumed.encode(received, received + change, round_)
+    resumed.encode(received, received + _weights(3000, seed=9), 3)  # the attempt that was lost
+    again = resumed.encode(received, received + changes[2], 3)
+    assert np.array_equal(again["delta"], whole.encode(received, received + changes[2], 3)["delta"])
+    assert sorted(resumed.residuals) == [2, 3]  # two rounds kept, no more

@@ -275,11 +275,21 @@ class SiteGuard:
                 "APP_NOT_APPROVED", f"app bundle {app_hash} is not approved by {self.site}"
             )
         config = get_fused_config_from_fab(fab.content, run)
+        self._note_resumed(run.run_id, config)
         self._check_caps(policy, run.run_id, kind)
         steps, counts = self._check_floors(policy, kind, config)
         if kind != MessageType.TRAIN:
             return steps, None
         return steps, self._check_privacy(policy, run.run_id, config, counts)
+
+    def _note_resumed(self, run_id: int, config: Mapping[str, Any]) -> None:
+        """A run that resumes a dead one (``resume-from``) starts from a copy of its 8-bit
+        updates' error feedback, as the uninterrupted run would go on (the residual is this
+        hospital's own, of an update it already sent).  A copy: a late reply of the dead run
+        must not change what the resumed run sends."""
+        resumed = str(config.get("resume-from", ""))
+        if resumed.isdigit() and run_id not in self.feedback and int(resumed) in self.feedback:
+            self.feedback[run_id] = self.feedback[int(resumed)].copy()
 
     def _check_privacy(
         self, policy: SitePolicy, run_id: int, config: Mapping[str, Any], counts: Counts
@@ -490,9 +500,12 @@ class SiteGuard:
             log.info("%s update norm %.4f (site bound %g)", self.site, norm, policy.max_update_norm)
         if pending.quantized:
             feedback = self.feedback.setdefault(pending.run_id, wire.ErrorFeedback())
+            self.feedback[pending.run_id] = self.feedback.pop(pending.run_id)  # kept longest
             while len(self.feedback) > FEEDBACK_RUNS:  # a run long gone keeps no memory here
                 del self.feedback[next(iter(self.feedback))]
-            trained = feedback.encode(received[wire.WIRE_ARRAY], trained[wire.WIRE_ARRAY])
+            trained = feedback.encode(
+                received[wire.WIRE_ARRAY], trained[wire.WIRE_ARRAY], pending.server_round or 0
+            )
         return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in trained.items()})
 
     # --- both: refusals and the ledger --------------------------------------------------------
