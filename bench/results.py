@@ -27,8 +27,8 @@ from federimed.compare import Comparison
 from federimed.config import resolve
 from federimed.data.records import Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
+from federimed.measures import METHODS, method_name
 from federimed.model import quiet_libraries
-from federimed.report import METHODS, method_name
 
 SCORES = (
     ("accuracy", "top-1"),

@@ -348,7 +348,7 @@ def build_report(
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    from federimed.report import measures, method_name, methods_in
+    from federimed.measures import measures, method_name, methods_in
 
     shown = measures(report)
     first, second = shown.headline.replace("_", " "), shown.second_name

@@ -8,7 +8,7 @@ import pytest
 from conftest import processes_using, small_demo_args
 
 from federimed.cli import main
-from federimed.report import METHODS
+from federimed.measures import METHODS
 from federimed.report import round_overhead as report_overhead
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -905,3 +905,17 @@ def test_a_large_declared_body_is_refused_over_a_real_connection(tmp_path, token
         reply = sock.recv(4096)
         sock.close()
     assert reply.startswith(b"HTTP/1.1 413"), reply
+
+
+def test_the_web_app_loads_no_plotting_library():
+    """Its run pages read the report's measures from federimed.measures, not federimed.report
+    (which draws with matplotlib: seconds of import and memory in every web app process)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, federimed.webapp.app;"
+        "print(sorted({'matplotlib', 'federimed.report'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

