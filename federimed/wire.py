@@ -125,18 +125,38 @@ class ErrorFeedback:
         return twin
 
     def encode(
-        self, received: np.ndarray, trained: np.ndarray, server_round: int
+        self,
+        received: np.ndarray,
+        trained: np.ndarray,
+        server_round: int,
+        max_norm: float | None = None,
     ) -> dict[str, np.ndarray]:
+        """The 8-bit change for ``server_round``: the app's change plus what the round before
+        rounded away; with ``max_norm``, clipped to that L2 norm as the server reads it (the
+        rounding included), and what is clipped away is dropped, as without 8 bits."""
         change = trained.astype(np.float32) - received.astype(np.float32)
         before = [r for r in self.residuals if r < server_round]
         residual = self.residuals[max(before)] if before else None
         if residual is not None and residual.shape == change.shape:
             change += residual
-        packed = quantize(change)
-        self.residuals[server_round] = change - dequantize(packed)
+        target = _shrunk(change, max_norm)  # what is clipped away is not sent later either
+        packed = quantize(target)
+        sent = dequantize(packed)
+        if max_norm is not None and np.linalg.norm(sent) > max_norm:
+            # rounding pushed it over: the steps stay, the scales shrink (quantizing is linear)
+            packed = quantize(sent * np.float32(max_norm / np.linalg.norm(sent) * (1 - 1e-6)))
+            sent = dequantize(packed)
+        self.residuals[server_round] = target - sent
         for old in sorted(self.residuals)[: -self.KEPT_ROUNDS]:
             del self.residuals[old]
         return {DELTA_ARRAY: packed}
+
+
+def _shrunk(change: np.ndarray, max_norm: float | None) -> np.ndarray:
+    norm = float(np.linalg.norm(change))
+    if max_norm is None or norm <= max_norm:
+        return change
+    return change * np.float32(max_norm / norm)
 
 
 def _flat(array: np.ndarray) -> np.ndarray:

@@ -120,3 +120,14 @@ def test_a_round_done_again_adds_the_rounding_of_the_round_before_it():
     again = resumed.encode(received, received + changes[2], 3)
     assert np.array_equal(again["delta"], whole.encode(received, received + changes[2], 3)["delta"])
     assert sorted(resumed.residuals) == [2, 3]  # two rounds kept, no more
+
+
+def test_a_bounded_update_stays_within_the_bound_as_the_server_reads_it_every_round():
+    feedback, received = wire.ErrorFeedback(), np.zeros(20_000, dtype=np.float32)
+    for round_ in range(1, 6):
+        trained = received + _weights(20_000, seed=round_)  # far beyond the bound
+        update = feedback.encode(received, trained, round_, max_norm=0.5)
+        sent = wire.apply_update(update, received)
+        assert 0.49 < np.linalg.norm(sent) <= 0.5
+        # only the rounding waits for the next round, not what the clip took away
+        assert np.linalg.norm(feedback.residuals[round_]) < 0.01

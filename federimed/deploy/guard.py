@@ -495,18 +495,27 @@ class SiteGuard:
             if not np.isfinite(values).all():
                 raise self._refuse_unsent("an array is not finite", f"{name!r}")
             trained[name] = values
-        if policy.max_update_norm is not None:
-            trained, norm = clip_update(received, trained, policy.max_update_norm)
-            log.info("%s update norm %.4f (site bound %g)", self.site, norm, policy.max_update_norm)
+        bound = policy.max_update_norm
         if pending.quantized:
-            feedback = self.feedback.setdefault(pending.run_id, wire.ErrorFeedback())
-            self.feedback[pending.run_id] = self.feedback.pop(pending.run_id)  # kept longest
-            while len(self.feedback) > FEEDBACK_RUNS:  # a run long gone keeps no memory here
-                del self.feedback[next(iter(self.feedback))]
-            trained = feedback.encode(
-                received[wire.WIRE_ARRAY], trained[wire.WIRE_ARRAY], pending.server_round or 0
-            )
+            trained = self._quantized(pending, received, trained, bound)
+        elif bound is not None:
+            trained, norm = clip_update(received, trained, bound)
+            log.info("%s update norm %.4f (site bound %g)", self.site, norm, bound)
         return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in trained.items()})
+
+    def _quantized(
+        self, pending: Pending, received: dict, trained: dict, bound: float | None
+    ) -> dict[str, np.ndarray]:
+        """The update at 8 bits, with this run's error feedback; the change the server reads
+        (rounding and the last round's residual included) within the site's bound."""
+        feedback = self.feedback.setdefault(pending.run_id, wire.ErrorFeedback())
+        self.feedback[pending.run_id] = self.feedback.pop(pending.run_id)  # kept longest
+        while len(self.feedback) > FEEDBACK_RUNS:  # a run long gone keeps no memory here
+            del self.feedback[next(iter(self.feedback))]
+        weights = wire.WIRE_ARRAY
+        return feedback.encode(
+            received[weights], trained[weights], pending.server_round or 0, max_norm=bound
+        )
 
     # --- both: refusals and the ledger --------------------------------------------------------
 
