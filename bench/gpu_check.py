@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference_step import step_seconds
 
+from federimed.batching import encode, pick_device
 from federimed.config import resolve
 from federimed.data.flashcards import from_cases
 from federimed.data.records import Example
@@ -44,7 +45,7 @@ from federimed.decoder import (
 )
 from federimed.model import build_classifier, load_tokenizer, quiet_libraries
 from federimed.settings import RuntimeSettings
-from federimed.training import encode, evaluate, pick_device, train
+from federimed.training import evaluate, train
 
 
 def product_path(model: str, precision: str, steps: int) -> dict[str, float | str]:

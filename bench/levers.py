@@ -26,6 +26,7 @@ import torch
 from flwr.app import Array
 
 from federimed import wire
+from federimed.batching import encode
 from federimed.compare import unseen_labels
 from federimed.config import resolve
 from federimed.data.records import UNSEEN_STYLE_TEST, Federation, load_examples, load_hospital
@@ -39,7 +40,7 @@ from federimed.model import (
     to_wire,
 )
 from federimed.task import round_seed, training_cases
-from federimed.training import encode, predict_proba
+from federimed.training import predict_proba
 from federimed.tuning import WireInProcess, fedavg_round
 
 # name -> run-config overrides (on top of pyproject.toml's defaults)

@@ -14,11 +14,12 @@ import time
 
 import torch
 
+from federimed.batching import encode
 from federimed.config import resolve
 from federimed.data.records import Example
 from federimed.data.synth import SynthConfig, generate
 from federimed.model import build_classifier, load_tokenizer, quiet_libraries
-from federimed.training import encode, predict_proba, train
+from federimed.training import predict_proba, train
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from federimed.batching import Encoded, encode, pick_device
 from federimed.data.records import (
     UNSEEN_STYLE_TEST,
     Example,
@@ -35,17 +36,9 @@ from federimed.features import keeps_frozen_layers, with_features
 from federimed.generative import answers_and_losses
 from federimed.metrics import probability_metrics
 from federimed.model import build_classifier, load_exchanged_state, load_tokenizer
-from federimed.runconfig import RunConfig
+from federimed.runconfig import RunConfig, TrainSettings
 from federimed.task import round_seed, training_cases
-from federimed.training import (
-    Encoded,
-    TrainSettings,
-    encode,
-    pick_device,
-    predict_proba,
-    step_reporter,
-    train,
-)
+from federimed.training import predict_proba, step_reporter, train
 from federimed.tuning import (
     Advance,
     Tuned,

@@ -26,13 +26,11 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from federimed.training import Encoded
+from federimed.batching import Encoded, autocast, scoring_batches
 
 log = logging.getLogger("flwr.federimed.features")
 _PROBE_ROWS = 2  # rows recomputed to check a cached copy still matches the model
@@ -144,8 +142,6 @@ def frozen_features(
     """Hidden states after the last frozen layer for every row, ``[rows, width, hidden]``
     (``width``: the longest case), in float16 on the CPU (half the memory; the adapted
     layers compute in float32 from it)."""
-    from federimed.training import autocast, scoring_batches
-
     stack, first = layer_stack(model), first_adapted_layer(model)
     if stack is None or first == 0:
         raise ValueError("the model has no frozen layers below its adapter to compute")
@@ -179,8 +175,6 @@ def _key(model_name: str, first: int, data: Encoded) -> str:
 
 def _still_matches(model: nn.Module, data: Encoded, cached: torch.Tensor, device) -> bool:
     """Recompute a few rows: a model changed under the same name must not reuse the copy."""
-    from federimed.training import Encoded
-
     rows = slice(0, min(_PROBE_ROWS, len(data)))
     probe = Encoded(data.input_ids[rows], data.attention_mask[rows], data.labels[rows])
     fresh = frozen_features(model, probe, device)

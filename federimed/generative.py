@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from federimed.batching import pick_device
 from federimed.data.records import Flashcard, load_hospital_cards
 from federimed.decoder import (
     answer_loss,
@@ -30,7 +31,6 @@ from federimed.model import exchanged_state, receive, to_wire
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
 from federimed.task import NodeIdentity, local_training, require_validation
-from federimed.training import pick_device
 
 log = logging.getLogger("flwr.federimed.client")
 

@@ -12,7 +12,6 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,19 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from federimed.runconfig import resolve_model
+from federimed.runconfig import LoraSettings, resolve_model
 from federimed.wire import WIRE_ARRAY, WireError, decode
 
 FEDERIMED_META = "federimed.json"
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int
-    alpha: int
-    dropout: float
-    layers: int = 0  # adapters in the top `layers` transformer layers; 0 = in all of them
-    encoder_dropout: bool = False  # keep the pretrained encoder's own dropout while training
 
 
 def quiet_libraries() -> None:

@@ -9,17 +9,14 @@ bounds only, never a default: a key missing here is a key missing from the app's
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from federimed.data.records import UNSEEN_STYLE_TEST, Federation, labels_from_config
 from federimed.wire import Precision
-
-if TYPE_CHECKING:  # torch stays out of the CLI, which the SuperLink/SuperNode images run
-    from federimed.model import LoraSettings
-    from federimed.training import TrainSettings
 
 # The one list of aggregation strategies: the CLI's choices and the server's factory use it.
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
@@ -42,6 +39,31 @@ def resolve_model(name: str) -> str:
         return name
     module = __import__(package)
     return str(module.get_model_path())
+
+
+# What the run config says about the adapter and about a stretch of local training, as the
+# model and training code take it (RunConfig.lora, RunConfig.train_settings); plain dataclasses
+# here, so that the CLI that reads run configs never imports torch.
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    layers: int = 0  # adapters in the top `layers` transformer layers; 0 = in all of them
+    encoder_dropout: bool = False  # keep the pretrained encoder's own dropout while training
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    proximal_mu: float = 0.0
+    seed: int = 0
+    # DP-SGD (federimed.privacy): noise of std noise_multiplier x max_grad_norm on the sum of
+    # per-case gradients clipped to max_grad_norm, batches Poisson-sampled; 0 = off.
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
 
 
 class RunConfigError(ValueError):
@@ -146,8 +168,6 @@ class RunConfig(BaseModel):
 
     @property
     def lora(self) -> LoraSettings:
-        from federimed.model import LoraSettings
-
         return LoraSettings(
             r=self.lora_r,
             alpha=self.lora_alpha,
@@ -163,8 +183,6 @@ class RunConfig(BaseModel):
         proximal_mu: float = 0.0,
         learning_rate: float | None = None,
     ) -> TrainSettings:
-        from federimed.training import TrainSettings
-
         return TrainSettings(
             steps=steps or self.local_steps,
             batch_size=self.batch_size,

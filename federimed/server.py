@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import (
 )
 
 from federimed import wire
+from federimed.batching import Encoded, encode, pick_device
 from federimed.data.records import load_examples, load_flashcards
 from federimed.decoder import build_generator, load_generator_tokenizer
 from federimed.features import with_features
@@ -64,7 +65,7 @@ from federimed.runrecord import (
     write_provenance,
     write_summary,
 )
-from federimed.training import Encoded, encode, evaluate, pick_device
+from federimed.training import evaluate
 
 log = logging.getLogger("flwr.federimed.server")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from federimed.batching import Encoded, encode, pick_device
 from federimed.data.records import Example, load_hospital
 from federimed.data.textbook import textbook_cases
 from federimed.features import first_adapted_layer, with_features
@@ -27,7 +28,7 @@ from federimed.model import (
 )
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
-from federimed.training import Encoded, encode, evaluate, pick_device, step_reporter, train
+from federimed.training import evaluate, step_reporter, train
 
 # A child of Flower's logger, so lines land in the SuperNode log next to Flower's own.
 log = logging.getLogger("flwr.federimed.client")

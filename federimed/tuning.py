@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from federimed import wire
+from federimed.batching import Encoded
 from federimed.model import exchanged_state, from_wire, load_exchanged_state, to_wire
-from federimed.training import Encoded, TrainSettings, evaluate, train
+from federimed.runconfig import TrainSettings
+from federimed.training import evaluate, train
 
 # Learning rates tried, as multiples of the run's (the demo's 0.005 gives 0.002, 0.005, 0.0125).
 GRID_FACTORS = (0.4, 1.0, 2.5)

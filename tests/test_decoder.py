@@ -30,7 +30,8 @@ from federimed.decoder import (
     token_f1,
 )
 from federimed.model import WIRE_ARRAY, exchanged_state, from_wire, to_wire
-from federimed.training import TrainSettings, train
+from federimed.runconfig import TrainSettings
+from federimed.training import train
 
 CARDS = [
     Flashcard("What is the key investigation in gout?", "joint aspirate: urate crystals"),
@@ -334,7 +335,7 @@ def test_the_answer_loss_computed_at_answer_positions_only_equals_the_full_one(t
 
 
 def test_hospitals_cards_pool_for_the_centralized_baseline_whatever_their_lengths(tiny_gpt2):
-    from federimed.training import Encoded
+    from federimed.batching import Encoded
 
     tokenizer = load_generator_tokenizer(tiny_gpt2)
     short, long = encode_cards(CARDS[:1], tokenizer, 64), encode_cards(CARDS, tokenizer, 64)

@@ -11,10 +11,12 @@ import torch
 from conftest import make_run
 
 from federimed import features
+from federimed.batching import Encoded, encode
 from federimed.data.records import load_hospital
 from federimed.features import first_adapted_layer, with_features
 from federimed.model import build_classifier, load_for_inference, load_tokenizer, save_model
-from federimed.training import Encoded, TrainSettings, encode, evaluate, predict_proba, train
+from federimed.runconfig import TrainSettings
+from federimed.training import evaluate, predict_proba, train
 
 CPU = torch.device("cpu")
 

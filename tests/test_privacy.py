@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from federimed import privacy
+from federimed.batching import Encoded, batch_tensors
 from federimed.cli import main
 from federimed.deploy.guard import SiteGuard
 from federimed.dpsgd import add_noise, clipped_gradient_sum
 from federimed.policy import load_policy
 from federimed.privacy import Mechanism, noise_for_epsilon, spent_by_run
-from federimed.training import Encoded, TrainSettings, batch_tensors, train
+from federimed.runconfig import TrainSettings
+from federimed.training import train
 
 # --- the accountant -------------------------------------------------------------------------
 
@@ -113,8 +115,8 @@ def test_one_batched_pass_gives_the_per_case_gradients_a_loop_gives(tiny_model, 
     from conftest import make_run
 
     from federimed import dpsgd
+    from federimed.batching import encode
     from federimed.model import build_classifier, load_tokenizer
-    from federimed.training import encode
 
     run = make_run(model=tiny_model, max_length=32)
     model = build_classifier(tiny_model, run.label_list, run.lora, seed=0)

@@ -16,7 +16,8 @@ from federimed.decoder import (
     resolve_generator,
 )
 from federimed.model import count_parameters, exchanged_state
-from federimed.training import TrainSettings, train
+from federimed.runconfig import TrainSettings
+from federimed.training import train
 
 pytestmark = pytest.mark.slow
 

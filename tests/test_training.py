@@ -11,13 +11,14 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
 from federimed import wire
+from federimed.batching import encode, pick_device
 from federimed.data.records import load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
-from federimed.runconfig import STRATEGIES, RunConfig
+from federimed.runconfig import STRATEGIES, RunConfig, TrainSettings
 from federimed.runrecord import ROUNDS_FILE, RoundRecord, append_round, read_rounds
 from federimed.server import STRATEGY_CLASSES, RoundRecorder, make_strategy, record_bytes
 from federimed.settings import RuntimeSettings
-from federimed.training import TrainSettings, encode, evaluate, pick_device, train
+from federimed.training import evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +117,13 @@ def test_full_precision_can_be_asked_for_on_gpus():
     """FEDERIMED_PRECISION=fp32 turns autocast off on CUDA too (bench/gpu_check.py compares)."""
     import contextlib
 
-    from federimed import training
+    from federimed.batching import autocast, mixed_precision
 
     pick_device(RuntimeSettings(device="cpu", precision="fp32"))
-    assert isinstance(training.autocast(torch.device("cuda")), contextlib.nullcontext)
+    assert isinstance(autocast(torch.device("cuda")), contextlib.nullcontext)
+    assert not mixed_precision()
     pick_device(RuntimeSettings(device="cpu"))
-    assert training._mixed_precision
+    assert mixed_precision()
     with pytest.raises(ValueError, match="precision"):
         RuntimeSettings(precision="fp16")
 

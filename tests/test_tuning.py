@@ -6,9 +6,11 @@ import pytest
 import torch
 from conftest import make_run
 
+from federimed.batching import encode
 from federimed.data.records import load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
-from federimed.training import TrainSettings, encode, train
+from federimed.runconfig import TrainSettings
+from federimed.training import train
 from federimed.tuning import TuningPlan, early_stopped, fedavg_round, pooled_validation
 
 CPU = torch.device("cpu")
