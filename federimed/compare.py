@@ -172,6 +172,7 @@ class Comparison(Baselines):
             self._encode(load_examples(style_path, self.labels)) if style_path.is_file() else None
         )
         self.steps_per_hospital = run.num_server_rounds * run.local_steps
+        self._network = WireInProcess(run.wire_precision)  # the wire, for in-process FedAvg
 
     def _fresh_model(self) -> torch.nn.Module:
         return build_classifier(self.run.model, self.labels, self.run.lora, seed=self.run.seed)
