@@ -23,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array
+from flwr.app import ArrayRecord
 
-from federimed import wire
 from federimed.batching import encode
 from federimed.compare import unseen_labels
 from federimed.config import resolve
 from federimed.data.records import UNSEEN_STYLE_TEST, Federation, load_examples, load_hospital
 from federimed.features import with_features
-from federimed.metrics import classification_metrics
+from federimed.metrics import classification_metrics, probability_metrics
 from federimed.model import (
     build_classifier,
     exchanged_state,
@@ -39,6 +38,7 @@ from federimed.model import (
     quiet_libraries,
     to_wire,
 )
+from federimed.server import as_sent, record_bytes
 from federimed.task import round_seed, training_cases
 from federimed.training import predict_proba
 from federimed.tuning import WireInProcess, fedavg_round
@@ -110,12 +110,10 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
     truth = test.labels.numpy()
     style_scores = {}
     if style is not None:
-        proba = predict_proba(model, style, device)
-        top3 = np.argsort(-proba, axis=1)[:, :3]
-        style_truth = style.labels.numpy()
+        scores = probability_metrics(style.labels.numpy(), predict_proba(model, style, device))
         style_scores = {
-            "unseen_style_accuracy": float((proba.argmax(axis=1) == style_truth).mean()),
-            "unseen_style_top3": float((top3 == style_truth[:, None]).any(axis=1).mean()),
+            "unseen_style_accuracy": scores["accuracy"],
+            "unseen_style_top3": scores["top3_accuracy"],
         }
     unseen_accuracy = {
         h: classification_metrics(truth, predicted, codes)["unseen_accuracy"]
@@ -133,11 +131,8 @@ def run_variant(name: str, overrides: dict, federation: Federation) -> dict:
         "training_seconds": round(training, 1),
         "steps": run.num_server_rounds * run.local_steps * len(encoded),
         "update_parameters": sum(v.numel() for v in exchanged_state(model).values()),
-        "update_bytes": sum(  # as Flower sends it: the arrays' bytes and their headers
-            len(Array(values).data)
-            for values in wire.encode(
-                to_wire(exchanged_state(model))[wire.WIRE_ARRAY].numpy(), run.wire_precision
-            ).values()
+        "update_bytes": record_bytes(  # as Flower sends it: the arrays' bytes and headers
+            as_sent(ArrayRecord(to_wire(exchanged_state(model))), run.wire_precision)
         ),
     }
 
