@@ -61,8 +61,10 @@ VARIANTS = {
     # A larger learning rate moves the head too.
     "top-2-lr-0.01": {"lora-layers": 2, "learning-rate": 0.01},
     "top-1-lr-0.01": {"lora-layers": 1, "learning-rate": 0.01},
-    # 8 bits a value on the wire both ways, the hospitals' rounding fed back (federimed/wire.py).
-    "top-2-int8": {"lora-layers": 2, "wire-precision": "int8"},
+    # The wire's two precisions, without textbook texts, as they were measured against each
+    # other (federimed/wire.py: 8 bits a value both ways, the hospitals' rounding fed back).
+    "top-2-float32": {"lora-layers": 2, "wire-precision": "float32", "textbook-cases": 0},
+    "top-2-int8": {"lora-layers": 2, "wire-precision": "int8", "textbook-cases": 0},
     # Public textbook texts per condition beside each hospital's cases (data/textbook.py).
     "textbook-4": {"textbook-cases": 4},
     "textbook-8": {"textbook-cases": 8},
