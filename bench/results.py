@@ -56,18 +56,12 @@ def run_seed(seed: int, out: Path, say) -> dict:
     run = resolve(flags={"seed": seed}, environ={}).run
     started = time.monotonic()
     comparison = Comparison(Federation.from_folder(data), run, progress=say)
-    results = {
-        "federated": comparison.federated_in_process(),
-        "local": comparison.local_only()[0],
-        "centralized": comparison.centralized()[0],
-    }
-    scores, found = comparison.tuned()
-    results |= scores
+    tuning = comparison.tuned()  # the equal-budget figures are the first part of each search
     return {
         "seed": seed,
         "held_out_style": dataset.held_out_style,
-        "scores": {method: mean_over_hospitals(results[method]) for method in METHODS},
-        "tuning": found,
+        "scores": {method: mean_over_hospitals(tuning.scores[method]) for method in METHODS},
+        "tuning": tuning.found,
         "seconds": round(time.monotonic() - started),
     }
 
@@ -101,8 +95,10 @@ def table(lines: list[dict]) -> str:
         rows.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
     rows += [
         "",
-        "Budgets the tuned models used (steps per hospital for local-only, total steps for "
-        f"centralized, rounds for federated; the equal budget is {budget}):",
+        "Where each tuned checkpoint was (steps per hospital for local-only, total steps for "
+        f"centralized, rounds for federated; the equal budget is {budget}) and the learning "
+        "rate it was last trained at: the run's within the equal budget, then the rate of the "
+        "continuation it came from (`federimed/tuning.py`):",
         "",
         "| seed | federated: rate, best round | centralized: rate, best step | local-only: "
         "rate, best step per hospital |",

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from federimed.batching import Encoded, encode, pick_device
 from federimed.data.records import (
@@ -35,23 +37,42 @@ from federimed.decoder import (
 from federimed.features import keeps_frozen_layers, with_features
 from federimed.generative import answers_and_losses
 from federimed.metrics import probability_metrics
-from federimed.model import build_classifier, load_exchanged_state, load_tokenizer
+from federimed.model import (
+    build_classifier,
+    exchanged_state,
+    from_wire,
+    load_exchanged_state,
+    load_tokenizer,
+    to_wire,
+)
 from federimed.runconfig import RunConfig, TrainSettings
 from federimed.task import round_seed, training_cases
 from federimed.training import predict_proba, step_reporter, train
 from federimed.tuning import (
     Advance,
+    State,
     Tuned,
     TuningPlan,
     Validate,
     WireInProcess,
-    early_stopped,
     fedavg_round,
     pooled_validation,
     validation_key,
+    warm_started,
 )
 
 Progress = Callable[[str], None]
+
+
+@dataclass
+class Tuning:
+    """Every method's search: scores under the report's method names (``local``,
+    ``federated_tuned`` ...), how each tuned checkpoint was found (the report's
+    ``tuning.methods``), and the seconds of the equal-budget runs and of the rest."""
+
+    scores: dict[str, dict[str, dict[str, float]]]
+    found: dict[str, Any]
+    seconds: dict[str, float]
 
 
 def unseen_labels(train: list[Example], labels: list[str]) -> list[str]:
@@ -87,6 +108,13 @@ def score(
     }
 
 
+def checkpoint_states(comparison: Comparison, paths: Sequence[Path]) -> Iterator[State]:
+    """The exchanged weights in the ServerApp's checkpoint files, one at a time, by name."""
+    model = comparison._frozen
+    for path in paths:
+        yield from_wire(model, to_wire(load_file(path)))
+
+
 class Baselines:
     """What both tracks' comparisons share: each hospital's training data (``encoded``), and
     training a fresh model with the federation's code and budget, then scoring it."""
@@ -103,15 +131,18 @@ class Baselines:
         """hospital -> the model's scores on the common test set and on what it never saw."""
         raise NotImplementedError
 
+    def _emitter(self, name: str) -> Callable[[int, int, float], None]:
+        def emit(step: int, total: int, loss: float) -> None:
+            self.progress(f"  {name}: step {step}/{total} loss {loss:.3f}")
+
+        return emit
+
     def _train_and_score(self, name: str, data: Encoded, steps: int) -> tuple[dict, float]:
         started = time.monotonic()
         model = self._fresh_model()
         settings = self.run.train_settings(steps=steps, seed=self.run.seed)
 
-        def emit(step: int, total: int, loss: float) -> None:
-            self.progress(f"  {name}: step {step}/{total} loss {loss:.3f}")
-
-        report = step_reporter(steps, emit, times=5)
+        report = step_reporter(steps, self._emitter(name), times=5)
         train(model, data, settings, pick_device(), on_step=report)
         return self._score(model), time.monotonic() - started
 
@@ -196,22 +227,65 @@ class Comparison(Baselines):
             style = style and dataclasses.replace(style, features=None, frozen_layers=0)
         return score(model, test, self.labels, self.unseen, style)
 
-    # ---- tuned: each method's learning rate and length picked on its own validation data ----
+    # ---- tuned: each method's length and learning rate picked on its own validation data ----
 
-    def _tuned(self, name: str, advance: Advance, validate: Validate, plan: TuningPlan):
+    def _search(
+        self,
+        name: str,
+        advance: Advance,
+        validate: Validate,
+        plan: TuningPlan,
+        equal_budget: Callable[[], Iterable[State]] | None = None,
+        restart: Callable[[], None] = lambda: None,
+    ):
+        """One method's search (:func:`warm_started`): its scores at the equal budget and
+        tuned, and how the tuned checkpoint was found.  ``equal_budget``: trains the equal-budget
+        run and returns its checkpoints (by default the search trains it with ``advance``)."""
+        every = plan.check_every
         self.progress(
-            f"  {name}: learning rates {', '.join(map(str, plan.learning_rates))}, "
-            f"checked every {plan.check_every}, at most {plan.cap}"
+            f"  {name}: the equal budget ({plan.budget} x {every}) checked every {every}, then "
+            f"continued at {', '.join(map(str, plan.continued_rates))}, at most {plan.cap * every}"
         )
-        state, found = early_stopped(self._fresh_model, advance, validate, plan)
-        model = self._fresh_model()
-        load_exchanged_state(model, state)
+        started = time.monotonic()
+        states = equal_budget() if equal_budget else None
+        trained = time.monotonic() - started
+        searched = warm_started(self._fresh_model(), advance, validate, plan, states, restart)
+        found = searched.found
+        found.seconds += trained
+        found.equal_budget_seconds += trained
         self.progress(
             f"  {name}: learning rate {found.learning_rate}, best at {found.best_at} of "
             f"{found.ran}{' (capped)' if found.capped else ''}, validation accuracy "
             f"{found.validation_accuracy:.3f}"
         )
-        return self._score(model), found
+        equal = self._score_state(searched.equal_budget)
+        same = all(torch.equal(v, searched.tuned[k]) for k, v in searched.equal_budget.items())
+        return equal, equal if same else self._score_state(searched.tuned), found
+
+    def _trajectory(self, name: str, data: Encoded, plan: TuningPlan) -> Callable[[], list]:
+        """The equal-budget run as :meth:`local_only` and :meth:`centralized` train it (one
+        stretch, one optimizer), its weights kept after each check's worth of steps."""
+
+        def run() -> list[State]:
+            model, states = self._fresh_model(), []
+            steps = plan.budget * plan.check_every
+            report = step_reporter(steps, self._emitter(name), times=5)
+
+            def keep(step: int, loss: float) -> None:
+                report(step, loss)
+                if step % plan.check_every == 0:
+                    states.append(exchanged_state(model))
+
+            settings = self.run.train_settings(steps=steps, seed=self.run.seed)
+            train(model, data, settings, pick_device(), on_step=keep)
+            return states
+
+        return run
+
+    def _score_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        model = self._fresh_model()
+        load_exchanged_state(model, state)
+        return self._score(model)
 
     def _steps(self, data: Encoded, seed_of: Callable[[int], int]) -> Advance:
         def advance(model: torch.nn.Module, rate: float, check: int) -> None:
@@ -236,88 +310,113 @@ class Comparison(Baselines):
             for name, cases in self._validation_cases.items()
         }
 
-    def tuned(self) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
-        """Every method tuned: its scores per hospital under the report's method names
-        (``federated_tuned`` ...), and how each was found (the report's ``tuning.methods``)."""
-        federated_scores, federated = self.tuned_federated()
-        local_scores, local = self.tuned_local()
-        centralized_scores, centralized = self.tuned_centralized()
+    def tuned(self, federation: Sequence[Mapping[str, torch.Tensor]] | None = None) -> Tuning:
+        """Every method's search.  ``federation``: the real run's global model after each
+        round, which the federation's search starts from; without it the equal-budget
+        federation is computed in one process too, and its scores are returned as
+        ``federated``.  Local-only and centralized are always returned at the equal budget
+        (their search's first part)."""
+        started = time.monotonic()
+        federated_equal, federated_tuned, federated = self.tuned_federated(federation)
+        local_equal, local_tuned, local = self.tuned_local()
+        central_equal, central_tuned, centralized = self.tuned_centralized()
         scores = {
-            "federated_tuned": federated_scores,
-            "local_tuned": local_scores,
-            "centralized_tuned": centralized_scores,
+            "local": local_equal,
+            "centralized": central_equal,
+            "federated_tuned": federated_tuned,
+            "local_tuned": local_tuned,
+            "centralized_tuned": central_tuned,
         }
+        if federation is None:
+            scores["federated"] = federated_equal
         found = {
             "federated": federated.as_dict(),
             "local": {name: trial.as_dict() for name, trial in local.items()},
             "centralized": centralized.as_dict(),
         }
-        return scores, found
+        equal_budget = {
+            "local": sum(trial.equal_budget_seconds for trial in local.values()),
+            "centralized": centralized.equal_budget_seconds,
+        }
+        tuning = time.monotonic() - started - sum(equal_budget.values())
+        return Tuning(scores, found, equal_budget | {"tuned": tuning})
 
-    def tuned_local(self) -> tuple[dict[str, dict[str, float]], dict[str, Tuned]]:
-        """Each hospital alone, tuned on its own validation data; checked every ``local-steps``
-        steps (each stretch on the batches it would train in that round of the federation)."""
-        results, found = {}, {}
-        plan = TuningPlan.around(
-            self.run.learning_rate, self.run.local_steps, self.steps_per_hospital
-        )
+    def tuned_local(self) -> tuple[dict, dict, dict[str, Tuned]]:
+        """Each hospital alone on its own validation data, checked every ``local-steps``
+        steps: the equal-budget run is :meth:`local_only`'s, continued stretch by stretch on the
+        batches the hospital would train in the federation's next rounds."""
+        plan = TuningPlan(self.run.learning_rate, self.run.local_steps, self.run.num_server_rounds)
+        equal, tuned, found = {}, {}, {}
         for name, data in self.encoded.items():
-            scores, found[name] = self._tuned(
-                f"local {name} (tuned)",
+            scores_equal, scores_tuned, found[name] = self._search(
+                f"local {name}",
                 self._steps(data, partial(round_seed, self.run, name)),
                 self._validates(self.validation[name]),
                 plan,
+                self._trajectory(f"local {name}", data, plan),
             )
-            results[name] = scores[name]
-        return results, found
+            equal[name], tuned[name] = scores_equal[name], scores_tuned[name]
+        return equal, tuned, found
 
-    def tuned_centralized(self) -> tuple[dict[str, dict[str, float]], Tuned]:
-        """The pooled data, tuned on the pooled validation data; checked every round's worth of
-        the federation's steps (``local-steps`` x hospitals)."""
+    def tuned_centralized(self) -> tuple[dict, dict, Tuned]:
+        """The pooled data on the pooled validation data; checked every round's worth of the
+        federation's steps (``local-steps`` x hospitals)."""
         pooled = Encoded.concat(list(self.encoded.values()))
         validation = Encoded.concat(list(self.validation.values()))
         every = self.run.local_steps * len(self.encoded)
-        plan = TuningPlan.around(self.run.learning_rate, every, every * self.run.num_server_rounds)
+        plan = TuningPlan(self.run.learning_rate, every, self.run.num_server_rounds)
 
         def seeds(check: int) -> int:
             return self.run.seed * 1_000_003 + check
 
-        return self._tuned(
-            "centralized (tuned)", self._steps(pooled, seeds), self._validates(validation), plan
+        return self._search(
+            "centralized",
+            self._steps(pooled, seeds),
+            self._validates(validation),
+            plan,
+            self._trajectory("centralized", pooled, plan),
         )
 
-    def tuned_federated(self) -> tuple[dict[str, dict[str, float]], Tuned]:
-        """FedAvg in one process (the ClientApps' arithmetic, batches and seeds), tuned on the
-        hospitals' validation scores averaged as the federation sees them; checked every round.
-        At the run's own learning rate its first ``num-server-rounds`` rounds compute what the
-        real run computes, up to floating-point summation order (seed 0: 61.9% against the real
-        run's 62.2% top-1, one test case apart)."""
-        plan = TuningPlan.around(self.run.learning_rate, 1, self.run.num_server_rounds)
+    def tuned_federated(self, federation: Sequence[Mapping[str, torch.Tensor]] | None = None):
+        """FedAvg continued in one process (the ClientApps' arithmetic, batches and seeds) from
+        the real run's rounds, or from its own; validated on the hospitals' scores averaged
+        as the federation sees them, every round.  At the run's own learning rate the
+        in-process rounds compute what the real run computes, up to floating-point summation
+        order (seed 0: 61.9% against the real run's 62.2% top-1, one test case apart)."""
+        plan = TuningPlan(self.run.learning_rate, 1, self.run.num_server_rounds)
 
         def validate(model: torch.nn.Module) -> tuple[float, float]:
             return pooled_validation(model, self.validation, pick_device())
 
-        return self._tuned("federated (tuned, in one process)", self._fedavg_round, validate, plan)
+        return self._search(
+            "federated (continued in one process)",
+            self._fedavg_round,
+            validate,
+            plan,
+            None if federation is None else lambda: federation,
+            self._restart_network,
+        )
+
+    def _restart_network(self) -> None:
+        """A model starts (or continues from a loaded checkpoint): the hospitals' error feedback
+        starts anew, as after a restart of their guards."""
+        self._network = WireInProcess(self.run.wire_precision)
 
     def _fedavg_round(self, model: torch.nn.Module, rate: float, server_round: int) -> None:
         def settings(name: str) -> TrainSettings:
             seed = round_seed(self.run, name, server_round)
             return self.run.train_settings(seed=seed, learning_rate=rate)
 
-        if server_round == 1:  # a new model (a trial): the hospitals' error feedback starts anew
-            self._network = WireInProcess(self.run.wire_precision)
         fedavg_round(model, self.encoded, settings, pick_device(), self._network)
 
     def federated_model(self) -> torch.nn.Module:
         """The federation's equal-budget model computed in one process (what benchmarks over
         many seeds use instead of starting a federation per seed)."""
         model = self._fresh_model()
+        self._restart_network()
         for server_round in range(1, self.run.num_server_rounds + 1):
             self._fedavg_round(model, self.run.learning_rate, server_round)
         return model
-
-    def federated_in_process(self) -> dict[str, dict[str, float]]:
-        return self._score(self.federated_model())
 
 
 class GenerativeComparison(Baselines):

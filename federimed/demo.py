@@ -237,10 +237,12 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
     results = {"federated": comparison.federated(model)}
     tuning = None
     if options.baselines:
-        results["local"], seconds["local"] = comparison.local_only()
-        results["centralized"], seconds["centralized"] = comparison.centralized()
         if options.tuned:
-            tuning = tune_baselines(comparison, results, seconds, say)
+            checkpoints = round_checkpoints(run, result)
+            tuning = tune_baselines(comparison, checkpoints, results, seconds, say)
+        if tuning is None:
+            results["local"], seconds["local"] = comparison.local_only()
+            results["centralized"], seconds["centralized"] = comparison.centralized()
     seconds["total"] = time.monotonic() - started
     report = build_report(run, result, comparison, results, seconds)
     if tuning:
@@ -266,12 +268,27 @@ def _comparison(federation: Federation, run: RunConfig, result: FederatedResult,
     return comparison, load_for_inference(model_dir)[0]
 
 
-def tune_baselines(comparison, results: dict, seconds: dict, say) -> dict[str, Any] | None:
-    """Each method again, its learning rate and length picked on its own validation data
-    (:mod:`federimed.tuning`): the scores go into ``results``, how they were found is returned
-    for the report.  Only the classify track; hospitals without validation data skip it."""
-    from federimed.compare import Comparison
-    from federimed.tuning import CAP_FACTOR, GRID_FACTORS, PATIENCE
+def round_checkpoints(run: RunConfig, result: FederatedResult) -> list[Path] | None:
+    """The real run's global model after each round (the ServerApp's checkpoints), or None
+    when the run did not complete all its rounds."""
+    from federimed.server import checkpoint_file
+
+    if result.summary.rounds_completed != run.num_server_rounds:
+        return None
+    run_out = Path(run.output_dir) / str(result.run_id)
+    return [checkpoint_file(run_out, r) for r in range(1, run.num_server_rounds + 1)]
+
+
+def tune_baselines(
+    comparison, checkpoints: list[Path] | None, results: dict, seconds: dict, say
+) -> dict[str, Any] | None:
+    """Each method's equal-budget run, stopped early or continued at a rate its own validation
+    data picks (:mod:`federimed.tuning`; the federation's from the real run's ``checkpoints``):
+    the scores go into ``results``, the local-only and centralized equal-budget figures among
+    them; how they were found is returned for the report.  Only the classify track; hospitals
+    without validation data skip it (None: the caller trains the equal-budget baselines)."""
+    from federimed.compare import Comparison, checkpoint_states
+    from federimed.tuning import CAP_FACTOR, CONTINUE_FACTORS, PATIENCE
 
     if not isinstance(comparison, Comparison):
         say("tuned baselines: the classify track's only; skipped")
@@ -279,16 +296,16 @@ def tune_baselines(comparison, results: dict, seconds: dict, say) -> dict[str, A
     if comparison.untunable:
         say(f"tuned baselines skipped: no validation data at {', '.join(comparison.untunable)}")
         return None
-    say("tuning each method on its own validation data (learning rate, early stopping)")
-    started = time.monotonic()
-    scores, found = comparison.tuned()
-    results |= scores
-    seconds["tuned"] = time.monotonic() - started
+    say("each method's equal budget, then tuned on its own validation data (length, rate)")
+    federation = checkpoints and checkpoint_states(comparison, checkpoints)
+    tuning = comparison.tuned(federation or None)
+    results |= tuning.scores
+    seconds |= tuning.seconds
     return {
-        "grid_factors": list(GRID_FACTORS),
+        "continue_factors": list(CONTINUE_FACTORS),
         "patience": PATIENCE,
         "cap_factor": CAP_FACTOR,
-        "methods": found,
+        "methods": tuning.found,
     }
 
 
@@ -319,6 +336,7 @@ def build_report(
             "rounds": run.num_server_rounds,
             "local_steps": run.local_steps,
             "batch_size": run.batch_size,
+            "learning_rate": run.learning_rate,
             "track": run.track,
             "model": run.base_model,
             "strategy": run.strategy,

@@ -141,16 +141,19 @@ def _tuning_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Tuned baselines",
         "",
-        "Each method's learning rate picked on its own validation data from a small grid "
-        f"({', '.join(map(str, tuning['grid_factors']))} x the run's), trained until "
-        f"{tuning['patience']} validation checks bring no improvement, at most "
-        f"{tuning['cap_factor']} x the equal budget; the checkpoint with the best validation "
-        "accuracy is scored. Local-only: each hospital's own validation data; centralized: the "
-        "pooled validation data; federated: FedAvg computed in one process with the ClientApps' "
-        "code, batches and seeds, on the hospitals' validation scores averaged as the federation "
-        "sees them. Equal budget: "
+        "Each method's equal-budget run, validated after each round's worth of training, then "
+        "continued from its end at "
+        f"{' and '.join(map(str, tuning['continue_factors']))} x the run's learning rate, "
+        f"each until {tuning['patience']} validation checks bring no improvement, at most "
+        f"{tuning['cap_factor']} x the equal budget in all; the checkpoint with the best "
+        "validation accuracy is scored (one within the equal budget when stopping early is "
+        "best). Local-only: each hospital's own validation data; centralized: the pooled "
+        "validation data; federated: the real run's rounds, continued as FedAvg computed in one "
+        "process with the ClientApps' code, batches and seeds, on the hospitals' validation "
+        "scores averaged as the federation sees them. Equal budget: "
         f"{report['setup']['rounds']} rounds x {report['setup']['local_steps']} steps per "
-        "hospital; local-only gets its hospital's steps, centralized the federation's total.",
+        "hospital; local-only gets its hospital's steps, centralized the federation's total. "
+        "The learning rate is the one the chosen checkpoint was last trained at.",
         "",
         "| method | who | learning rate | best at | ran | stopped by | validation accuracy |",
         "|---|---|---|---|---|---|---|",

@@ -516,6 +516,11 @@ def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
     return run_dir / "checkpoints" / f"round-{server_round}"
 
 
+def checkpoint_file(run_dir: Path, server_round: int) -> Path:
+    """The global model's exchanged weights after ``server_round`` (peft's adapter file)."""
+    return checkpoint_dir(run_dir, server_round) / "adapter_model.safetensors"
+
+
 def resume_point(run: RunConfig) -> tuple[list[RoundRecord], ArrayRecord]:
     """The rounds a dead run completed and its global model after the last of them.
 
@@ -539,7 +544,7 @@ def resume_point(run: RunConfig) -> tuple[list[RoundRecord], ArrayRecord]:
     rounds = read_rounds(old)
     if not rounds:
         raise ResumeError(f"resume-from={run_id}: {old} has no completed round to resume from")
-    checkpoint = checkpoint_dir(old, rounds[-1].round) / "adapter_model.safetensors"
+    checkpoint = checkpoint_file(old, rounds[-1].round)
     if not checkpoint.is_file():
         raise ResumeError(f"resume-from={run_id}: checkpoint {checkpoint} is missing")
     return rounds, ArrayRecord(to_wire(load_file(checkpoint)))

@@ -36,8 +36,10 @@ def test_demo_runs_a_secured_federation_and_writes_the_report(tmp_path, tiny_mod
     assert all("unseen_style_accuracy" in r["test"] for r in report["rounds"].values())
     tuning = report["tuning"]["methods"]
     assert sorted(tuning["local"]) == ["hospital-1", "hospital-2"]
+    rate = report["setup"]["learning_rate"]
     for found in (tuning["federated"], tuning["centralized"], *tuning["local"].values()):
-        assert str(found["learning_rate"]) in found["trials"]
+        assert set(found["trials"]) == {"equal budget", str(round(0.4 * rate, 6))}
+        assert found["learning_rate"] in (rate, round(0.4 * rate, 6))
         assert 0 < found["best_at"] <= found["ran"]
     assert tuning["federated"]["ran"] <= 2 * 2  # the cap: twice the equal budget's 2 rounds
     assert set(report["wall_seconds"]) >= {"federated", "local", "centralized", "tuned", "total"}

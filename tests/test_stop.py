@@ -28,7 +28,7 @@ PHASES = {
     "waiting-for-nodes": ("federimed.deploy.local:RunningFederation.wait_for_nodes", signal.SIGINT),
     "submission": ("federimed.deploy.local:submit_run", signal.SIGINT),
     "training": ("federimed.demo:RoundFollower.__call__@3", signal.SIGTERM),
-    "baselines": ("federimed.compare:Comparison.local_only", signal.SIGINT),
+    "baselines": ("federimed.compare:Comparison.tuned_local", signal.SIGINT),
 }
 
 

@@ -1,4 +1,4 @@
-"""Tuned baselines: early stopping over a learning-rate grid, FedAvg in one process (fast)."""
+"""Tuned baselines: the warm-started search over length and rate, FedAvg in one process (fast)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from federimed.data.records import load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
 from federimed.runconfig import TrainSettings
 from federimed.training import train
-from federimed.tuning import TuningPlan, early_stopped, fedavg_round, pooled_validation
+from federimed.tuning import TuningPlan, fedavg_round, pooled_validation, warm_started
 
 CPU = torch.device("cpu")
 
@@ -38,40 +38,87 @@ def _marked(model: torch.nn.Module) -> torch.Tensor:
     return next(p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad)
 
 
-def test_early_stopping_keeps_the_best_checkpoint_of_the_best_rate(run):
-    """Scripted validation scores: rate 0.1 peaks at check 2 and stops after two worse checks;
-    rate 0.2 keeps improving until the cap; the best checkpoint is rate 0.2's last."""
-    scripted = {0.1: [0.2, 0.5, 0.4, 0.3, 0.9], 0.2: [0.3, 0.6, 0.7, 0.8]}
-    seen: list[tuple[float, int]] = []
+def _fresh(run):
+    return build_classifier(run.model, run.label_list, run.lora, seed=0)
 
-    def fresh():
-        return build_classifier(run.model, run.label_list, run.lora, seed=0)
+
+def _mark(model, rate, check):
+    with torch.no_grad():
+        _marked(model).fill_(rate * 1000 + check)  # the checkpoint names its rate and check
+
+
+def _read(model) -> tuple[float, int]:
+    value = float(_marked(model).detach().flatten()[0])
+    rate = 0.1 if value >= 100 else 0.04
+    return rate, round(value - rate * 1000)
+
+
+def test_the_search_continues_the_equal_budget_and_keeps_the_best_checkpoint(run):
+    """Scripted validation: the equal budget (3 checks at 0.1) peaks at check 2; continued at
+    0.1 it never beats its start and stops after two checks; continued at 0.04 it improves
+    until the cap (6 checks), whose last checkpoint is the tuned one."""
+    scripted = {
+        (0.1, 1): 0.2, (0.1, 2): 0.5, (0.1, 3): 0.4, (0.1, 4): 0.3, (0.1, 5): 0.35,
+        (0.04, 4): 0.6, (0.04, 5): 0.7, (0.04, 6): 0.8,
+    }  # fmt: skip
+    seen, restarts = [], []
 
     def advance(model, rate, check):
         seen.append((rate, check))
-        with torch.no_grad():
-            _marked(model).fill_(rate * 100 + check)  # the checkpoint names its trial and check
+        _mark(model, rate, check)
 
-    def validate(model):
-        value = float(_marked(model).detach().flatten()[0])
-        rate = 0.1 if value < 20 else 0.2
-        return scripted[rate][round(value - rate * 100) - 1], 0.0
-
-    plan = TuningPlan((0.1, 0.2), check_every=5, cap=20, patience=2)
-    state, found = early_stopped(fresh, advance, validate, plan)
-    assert seen == [(0.1, 1), (0.1, 2), (0.1, 3), (0.1, 4), (0.2, 1), (0.2, 2), (0.2, 3), (0.2, 4)]
-    assert found.learning_rate == 0.2 and found.best_at == 20 and found.ran == 20
+    plan = TuningPlan(0.1, check_every=5, budget=3, factors=(1.0, 0.4), patience=2)
+    searched = warm_started(
+        _fresh(run),
+        advance,
+        lambda model: (scripted[_read(model)], 0.0),
+        plan,
+        restart=lambda: restarts.append(len(seen)),
+    )
+    assert seen == [(0.1, 1), (0.1, 2), (0.1, 3), (0.1, 4), (0.1, 5), (0.04, 4), (0.04, 5),
+                    (0.04, 6)]  # fmt: skip
+    assert restarts == [0, 3, 5]  # before the equal budget and before each continuation
+    found = searched.found
+    assert found.learning_rate == 0.04 and found.best_at == 30 and found.ran == 30
     assert found.capped and found.validation_accuracy == 0.8
-    assert found.trials == {"0.1": 0.5, "0.2": 0.8}
-    model = fresh()
-    load_exchanged_state(model, state)
-    assert float(_marked(model).detach().flatten()[0]) == pytest.approx(24.0)
+    assert found.trials == {"equal budget": 0.5, "0.1": 0.4, "0.04": 0.8}
+    for state, expected in ((searched.equal_budget, (0.1, 3)), (searched.tuned, (0.04, 6))):
+        model = _fresh(run)
+        load_exchanged_state(model, state)
+        assert _read(model) == expected
 
 
-def test_the_plan_spans_a_grid_around_the_run_rate_and_caps_at_twice_the_budget():
-    plan = TuningPlan.around(0.005, check_every=15, budget=60)
-    assert plan.learning_rates == (0.002, 0.005, 0.0125)
-    assert plan.cap == 120 and plan.check_every == 15
+def test_a_real_runs_rounds_are_validated_and_an_earlier_round_can_win(run):
+    """Given the real run's states, none of the equal budget is trained again; when no
+    continuation beats round 2, the tuned model is round 2 at the run's rate."""
+    scores = {(0.1, 1): 0.2, (0.1, 2): 0.9, (0.1, 3): 0.4}
+    rounds = []
+    for check in (1, 2, 3):
+        model = _fresh(run)
+        _mark(model, 0.1, check)
+        rounds.append(exchanged_state(model))
+    seen = []
+
+    def advance(model, rate, check):
+        seen.append((rate, check))
+        _mark(model, rate, check)
+
+    plan = TuningPlan(0.1, check_every=1, budget=3, factors=(0.4,), patience=1)
+    searched = warm_started(
+        _fresh(run), advance, lambda m: (scores.get(_read(m), 0.1), 0.0), plan, rounds
+    )
+    assert seen == [(0.04, 4)]
+    assert searched.found.learning_rate == 0.1 and searched.found.best_at == 2
+    assert not searched.found.capped and searched.found.ran == 4
+    model = _fresh(run)
+    load_exchanged_state(model, searched.tuned)
+    assert _read(model) == (0.1, 2)
+
+
+def test_the_plan_continues_at_a_step_down_and_caps_at_twice_the_budget():
+    plan = TuningPlan(0.005, check_every=15, budget=6)
+    assert plan.continued_rates == (0.002,)
+    assert plan.cap == 12 and plan.check_every == 15
 
 
 def test_fedavg_round_is_the_example_weighted_mean_of_each_hospitals_training(run, hospitals):
