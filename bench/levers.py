@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord
 from federimed.batching import encode
 from federimed.compare import unseen_labels
 from federimed.config import resolve
+from federimed.consortium.checks import as_sent, record_bytes
 from federimed.data.records import UNSEEN_STYLE_TEST, Federation, load_examples, load_hospital
 from federimed.features import with_features
 from federimed.metrics import classification_metrics, probability_metrics
@@ -38,7 +39,6 @@ from federimed.model import (
     quiet_libraries,
     to_wire,
 )
-from federimed.server import as_sent, record_bytes
 from federimed.task import round_seed, training_cases
 from federimed.training import predict_proba
 from federimed.tuning import WireInProcess, fedavg_round

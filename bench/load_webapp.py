@@ -53,7 +53,7 @@ def build_classifier(base: str, folder: Path) -> Path:
     """A FederiMed classifier folder (federimed.json, the model, its tokenizer) on ``base``,
     its adapter and head untrained: the real model's cost per request, no training needed."""
     from federimed.config import resolve
-    from federimed.server import global_model_for
+    from federimed.consortium.global_model import global_model_for
 
     run = resolve(flags={"model": base, "output-dir": str(folder)}, environ={}).run
     return global_model_for(run, folder).save_final()
@@ -81,7 +81,7 @@ def tiny_gpt2(folder: Path) -> Path:
 
 def build_generator(base: str, folder: Path) -> Path:
     from federimed.config import resolve
-    from federimed.server import global_model_for
+    from federimed.consortium.global_model import global_model_for
 
     if base == "tiny-gpt2":
         base = str(tiny_gpt2(folder / "tiny-gpt2"))

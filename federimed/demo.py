@@ -271,7 +271,7 @@ def _comparison(federation: Federation, run: RunConfig, result: FederatedResult,
 def round_checkpoints(run: RunConfig, result: FederatedResult) -> list[Path] | None:
     """The real run's global model after each round (the ServerApp's checkpoints), or None
     when the run did not complete all its rounds."""
-    from federimed.server import checkpoint_file
+    from federimed.consortium.resume import checkpoint_file
 
     if result.summary.rounds_completed != run.num_server_rounds:
         return None

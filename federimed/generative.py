@@ -4,7 +4,7 @@ The same round as the encoder's (:mod:`federimed.task`): score the incoming mode
 hospital's own validation cards, train it on its flashcards, send the adapter in the wire
 format, clipped to the site's bound.  A model is scored on test cards by exact match of the
 diagnosis, token-F1 of the free-text answers and the perplexity of the reference answers
-(:class:`federimed.server.GlobalGenerator` does it each round at the server).
+(:class:`federimed.consortium.global_model.GlobalGenerator` does it each round at the server).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from federimed.consortium.run import ServerRun
 from federimed.model import quiet_libraries
 from federimed.priority import yield_once_started
 from federimed.runconfig import RunConfig
-from federimed.server import ServerRun
 
 quiet_libraries()
 app = ServerApp()

@@ -211,8 +211,9 @@ def test_the_server_scores_a_generative_round_and_saves_an_adapter_peft_loads(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from federimed.consortium.global_model import GlobalGenerator
+    from federimed.consortium.run import ServerRun
     from federimed.runrecord import Scores
-    from federimed.server import GlobalGenerator, ServerRun
 
     write_flashcards(from_cases(consortium, test_cases_per_condition=1), tmp_path / "data")
     run = make_run(

@@ -52,5 +52,5 @@ def test_the_apps_import_from_the_bundle_alone(fab_files, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = done.stdout.split()
-    assert "federimed.server" in loaded and "federimed.task" in loaded
+    assert "federimed.consortium.run" in loaded and "federimed.task" in loaded
     assert not [m for m in loaded if m.split(".")[1:2] in (["demo"], ["cli"], ["deploy"])]

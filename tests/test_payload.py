@@ -14,6 +14,7 @@ from conftest import client_train_reply, make_run, plant_marker, train_task
 from flwr.app import ArrayRecord
 
 from federimed import ledger, wire
+from federimed.consortium.checks import as_sent, decoded_update, record_bytes
 from federimed.model import (
     WIRE_ARRAY,
     build_classifier,
@@ -23,7 +24,6 @@ from federimed.model import (
     to_wire,
 )
 from federimed.policy import approve
-from federimed.server import as_sent, decoded_update, record_bytes
 
 MARKER = "ZEBRA-MARKER-7f3c"
 

@@ -20,19 +20,12 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
+from federimed.consortium.checks import hospital_name, update_problem
+from federimed.consortium.grid import DeadlineGrid, RunDeadline
+from federimed.consortium.recorder import RoundRecorder
+from federimed.consortium.resume import RUN_CONFIG_FILE, ResumeError, checkpoint_dir, resume_point
+from federimed.consortium.strategy import make_strategy
 from federimed.runrecord import RoundRecord, append_round, read_rounds
-from federimed.server import (
-    RUN_CONFIG_FILE,
-    DeadlineGrid,
-    ResumeError,
-    RoundRecorder,
-    RunDeadline,
-    checkpoint_dir,
-    hospital_name,
-    make_strategy,
-    resume_point,
-    update_problem,
-)
 
 NAMES = {11: "hospital-1", 12: "hospital-2", 13: "hospital-3", 14: "hospital-4"}
 
@@ -96,6 +89,26 @@ def test_bad_updates_are_dropped_counted_and_the_round_goes_on(tmp_path):
     assert "expected float32[4]" in record.rejected["hospital-3"]
     assert "above the bound 10" in record.rejected["hospital-4"]
     assert recorder.rejected_total == 3
+
+
+def test_the_aggregate_is_the_same_to_the_bit_whatever_order_replies_arrive_in(tmp_path):
+    """Float sums depend on their order: replies are aggregated in hospital-name order."""
+    rng = np.random.default_rng(0)
+    updates = {
+        name: {"a": torch.from_numpy(rng.normal(size=4).astype(np.float32)),
+               "b": torch.from_numpy(rng.normal(size=(2, 3)).astype(np.float32))}
+        for name in ("hospital-1", "hospital-2", "hospital-3")
+    }  # fmt: skip
+    sizes = {"hospital-1": 7, "hospital-2": 3, "hospital-3": 11}
+    aggregates = []
+    for order in (["hospital-1", "hospital-2", "hospital-3"], ["hospital-3", "hospital-1",
+                  "hospital-2"], ["hospital-2", "hospital-3", "hospital-1"]):  # fmt: skip
+        strategy = make_strategy(make_run(min_nodes=3), RoundRecorder(tmp_path))
+        sent = _sent(strategy)
+        replies = [_reply(sent[n], updates[n], {"num_examples": sizes[n]}) for n in order]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        aggregates.append({key: array.numpy().tobytes() for key, array in arrays.items()})
+    assert aggregates[0] == aggregates[1] == aggregates[2]
 
 
 def test_update_checks_name_what_is_wrong():
@@ -263,7 +276,7 @@ def test_resume_refuses_a_run_without_a_completed_round(tmp_path, tiny_model):
 
 def test_a_run_that_never_gets_enough_hospitals_ends_at_its_deadline(tmp_path, tiny_model):
     """Flower would wait for min-nodes for ever; run-deadline ends the run, model saved."""
-    from federimed.server import ServerRun
+    from federimed.consortium.run import ServerRun
 
     class Empty(_Grid):
         def get_node_ids(self):
@@ -280,8 +293,8 @@ def test_a_run_that_never_gets_enough_hospitals_ends_at_its_deadline(tmp_path, t
 
 def test_a_run_the_serverapp_gives_up_records_why(tmp_path, tiny_model):
     """Not left "in progress" on the dashboard: failure.json says why, the error goes on."""
+    from federimed.consortium.run import ServerRun
     from federimed.runrecord import read_failure
-    from federimed.server import ServerRun
 
     class Refusing(_Grid):
         def get_node_ids(self):
@@ -299,8 +312,8 @@ def test_a_run_the_serverapp_gives_up_records_why(tmp_path, tiny_model):
 def test_round_one_is_timed_from_the_end_of_round_zero(tmp_path, tiny_model, monkeypatch):
     """The server's start is not round 1's time, and neither is the initial model's scoring,
     which runs beside round 1."""
+    from federimed.consortium.run import ServerRun
     from federimed.model import exchanged_state, to_wire
-    from federimed.server import ServerRun
 
     run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
     server = ServerRun(run, 7)
@@ -315,8 +328,8 @@ def test_scoring_runs_beside_the_next_round_and_lines_stay_in_order(tmp_path, ti
     score before replacing the model, and every line carries its own round's score."""
     import threading
 
+    from federimed.consortium.run import ServerRun
     from federimed.model import exchanged_state
-    from federimed.server import ServerRun
 
     run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
     server = ServerRun(run, 7)

@@ -12,11 +12,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from federimed import wire
 from federimed.batching import encode, pick_device
+from federimed.consortium.checks import record_bytes
+from federimed.consortium.recorder import RoundRecorder
+from federimed.consortium.strategy import STRATEGY_CLASSES, make_strategy
 from federimed.data.records import load_hospital
 from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
 from federimed.runconfig import STRATEGIES, RunConfig, TrainSettings
 from federimed.runrecord import ROUNDS_FILE, RoundRecord, append_round, read_rounds
-from federimed.server import STRATEGY_CLASSES, RoundRecorder, make_strategy, record_bytes
 from federimed.settings import RuntimeSettings
 from federimed.training import evaluate, train
 

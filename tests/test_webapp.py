@@ -90,7 +90,7 @@ def finish(server, rounds: int) -> RunSummary:
 @pytest.fixture(scope="module")
 def classifier_run(tiny_model, tmp_path_factory):
     """A finished 2-round run of the tiny classifier: round 1 lost hospital-3."""
-    from federimed.server import ServerRun
+    from federimed.consortium.run import ServerRun
 
     root = tmp_path_factory.mktemp("runs")
     server = ServerRun(make_run(model=tiny_model, output_dir=str(root / "flower")), 11)
@@ -213,7 +213,7 @@ def test_a_folder_that_is_no_federimed_model_is_refused_at_start(tmp_path, tiny_
 @pytest.fixture(scope="module")
 def generative_run(tiny_gpt2, tmp_path_factory) -> tuple[Path, Path]:
     """A finished 1-round run of the tiny GPT-2: (runs folder, its final/ model)."""
-    from federimed.server import ServerRun
+    from federimed.consortium.run import ServerRun
 
     root = tmp_path_factory.mktemp("generative")
     run = make_run(track="generative", generator=tiny_gpt2, output_dir=str(root))
@@ -250,7 +250,7 @@ def test_a_generative_model_streams_its_answer(generative_run, tokens):
 
 
 def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_path, tokens):
-    from federimed.server import ServerRun
+    from federimed.consortium.run import ServerRun
 
     server = ServerRun(
         make_run(model=tiny_model, num_server_rounds=3, output_dir=str(tmp_path)), 21

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from federimed import wire
-from federimed.server import as_sent, decoded_update, record_bytes
+from federimed.consortium.checks import as_sent, decoded_update, record_bytes
 
 DEMO_VALUES = 184_736  # MiniLM with adapters in the top 2 layers, its pooler and 32-way head
 

@@ -1,0 +1,115 @@
+"""The server's copy of the global model, per track: scored on the common test set each
+round, checkpointed, and saved where `transformers` and `peft` load it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+
+from federimed.batching import Encoded, encode, pick_device
+from federimed.consortium.resume import checkpoint_dir
+from federimed.data.records import load_examples, load_flashcards
+from federimed.decoder import build_generator, load_generator_tokenizer
+from federimed.features import with_features
+from federimed.generative import score_generator
+from federimed.model import (
+    build_classifier,
+    load_tokenizer,
+    receive,
+    save_model,
+)
+from federimed.runconfig import RunConfig
+from federimed.training import evaluate
+
+log = logging.getLogger("flwr.federimed.server")
+
+
+class GlobalModel:
+    """The server's copy of the model: evaluated on the common test set and checkpointed."""
+
+    def __init__(self, run: RunConfig, out: Path):
+        self.run = run
+        self.out = out
+        self.labels = run.label_list
+        self.model = build_classifier(run.model, self.labels, run.lora, seed=run.seed)
+        self.tokenizer = load_tokenizer(run.model)
+        self.device = pick_device()
+        self.test = self._encoded(run.test_set)
+        self.unseen_style = self._encoded(run.unseen_style_test_set)
+
+    def _encoded(self, path: Path | None) -> Encoded | None:
+        """A test set with the frozen layers' output computed once per run: each round's
+        scoring then runs only the adapted layers."""
+        if path is None:
+            return None
+        examples = load_examples(path, self.labels)
+        test = encode(examples, self.tokenizer, self.labels, self.run.max_length)
+        return with_features(self.model, test, self.device, self.run.model)
+
+    def load(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
+        receive(self.model, arrays.to_torch_state_dict())
+        if server_round > 0:
+            self.model.save_pretrained(checkpoint_dir(self.out, server_round))
+
+    def score(self, server_round: int) -> dict[str, float] | None:
+        """The loaded model on the common test set (None without one)."""
+        if self.test is None:
+            return None
+        metrics = evaluate(self.model, self.test, self.device)
+        if self.unseen_style is not None:
+            other = evaluate(self.model, self.unseen_style, self.device)
+            metrics["unseen_style_accuracy"] = other["accuracy"]
+            metrics["unseen_style_top3_accuracy"] = other["top3_accuracy"]
+        log.info(
+            "round %d: test accuracy %.3f (top-3 %.3f), macro-F1 %.3f, unseen style %s",
+            server_round,
+            metrics["accuracy"],
+            metrics["top3_accuracy"],
+            metrics["macro_f1"],
+            metrics.get("unseen_style_accuracy", "n/a"),
+        )
+        return metrics
+
+    def save_final(self) -> Path:
+        return save_model(self.model, self.tokenizer, self.out / "final", self.run.model)
+
+
+class GlobalGenerator(GlobalModel):
+    """The generative track's global model: scored on the common test cards each round."""
+
+    def __init__(self, run: RunConfig, out: Path):
+        self.run = run
+        self.out = out
+        self.model = build_generator(run.generator, run.lora, seed=run.seed)
+        self.tokenizer = load_generator_tokenizer(run.generator)
+        self.device = pick_device()
+        self.test = load_flashcards(run.test_set) if run.test_set else None
+
+    def score(self, server_round: int) -> dict[str, float] | None:
+        if self.test is None:
+            return None
+        metrics = score_generator(self.model, self.tokenizer, self.test, self.run, self.device)
+        log.info(
+            "round %d: test exact match %.3f, token-F1 %.3f, perplexity %.2f",
+            server_round,
+            metrics.get("exact_match", math.nan),
+            metrics.get("token_f1", math.nan),
+            metrics["perplexity"],
+        )
+        return metrics
+
+    def save_final(self) -> Path:
+        """The adapter and its tokenizer (``final/adapter``): what `peft` loads on the base
+        model its config names (the run's ``generator``), a few MB instead of the model."""
+        final = self.out / "final"
+        self.model.save_pretrained(final / "adapter")
+        self.tokenizer.save_pretrained(final / "adapter")
+        return final
+
+
+def global_model_for(run: RunConfig, out: Path) -> GlobalModel:
+    return GlobalGenerator(run, out) if run.track == "generative" else GlobalModel(run, out)
