@@ -77,6 +77,7 @@ test-k8s: install $(VENV_K8S)/.installed
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check federimed server_app client_app tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

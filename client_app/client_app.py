@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import psutil
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from federimed.model import quiet_libraries
@@ -50,18 +50,26 @@ def _track(run: RunConfig) -> ModuleType:
     return task
 
 
+def _number(config: ConfigRecord, key: str, default: float | None = None) -> float:
+    """A number the server's config record must carry (a clear error when it does not)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"the server's config record: {key!r} is {value!r}, not a number")
+    return float(value)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     # Flower starts a process per message: what that costs before any work, per round.
     startup = _process_age()
     run = RunConfig.from_flower(context.run_config)
-    config = msg.content["config"]
+    config = msg.content.config_records["config"]
     state, metrics = _track(run).train_round(
         run,
         NodeIdentity.from_node_config(context.node_config),
-        msg.content["arrays"].to_torch_state_dict(),
-        server_round=int(config["server-round"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        msg.content.array_records["arrays"].to_torch_state_dict(),
+        server_round=int(_number(config, "server-round")),
+        proximal_mu=_number(config, "proximal-mu", 0.0),
     )
     content = RecordDict(
         {
@@ -78,7 +86,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = _track(run).evaluate_round(
         run,
         NodeIdentity.from_node_config(context.node_config),
-        msg.content["arrays"].to_torch_state_dict(),
+        msg.content.array_records["arrays"].to_torch_state_dict(),
     )
     content = RecordDict({"metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -8,10 +8,11 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from federimed.data.records import Example
 from federimed.dpsgd import IGNORE_INDEX  # a prompt's and padding's tokens carry no loss
@@ -39,12 +40,12 @@ class Encoded:
     def concat(cls, parts: Sequence[Encoded]) -> Encoded:
         """Splits pooled, features included (padded to the widest) when every part has them."""
         features, layers = None, {p.frozen_layers for p in parts}
-        if parts and len(layers) == 1 and all(p.features is not None for p in parts):
-            width = max(p.features.shape[1] for p in parts)
+        present = [p.features for p in parts if p.features is not None]
+        if parts and len(layers) == 1 and len(present) == len(parts):
+            width = max(f.shape[1] for f in present)
             features = torch.cat(
-                [torch.nn.functional.pad(p.features, (0, 0, 0, width - p.features.shape[1]))
-                 for p in parts]
-            )  # fmt: skip
+                [torch.nn.functional.pad(f, (0, 0, 0, width - f.shape[1])) for f in present]
+            )
         width = max(p.input_ids.shape[1] for p in parts)  # a causal LM's splits differ
 
         def widest(tensors: Sequence[torch.Tensor], fill: int) -> torch.Tensor:
@@ -67,6 +68,11 @@ class Encoded:
 # Mixed precision on GPUs, unless FEDERIMED_PRECISION=fp32; set for the process by pick_device,
 # as torch's own thread count is.
 _mixed_precision = True
+
+
+def model_config(model: torch.nn.Module) -> PretrainedConfig:
+    """A transformers model's config (torch types ``model.config`` as a tensor or module)."""
+    return cast(PretrainedConfig, model.config)
 
 
 def pick_device(runtime: RuntimeSettings | None = None) -> torch.device:

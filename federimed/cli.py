@@ -82,8 +82,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
         cards = from_cases(dataset)
         write_flashcards(cards, args.out)
-        for hospital in cards.hospitals:
-            print(f"{hospital.name}: {len(hospital.train)} flashcards, {len(hospital.validation)} "
+        for carded in cards.hospitals:
+            print(f"{carded.name}: {len(carded.train)} flashcards, {len(carded.validation)} "
                   "validation")  # fmt: skip
         print(f"test: {len(cards.test)} flashcards -> {args.out / 'test-flashcards.jsonl'}")
     return 0
@@ -107,12 +107,13 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
             f"{path}: no train/validation/test .jsonl/.csv/.parquet files and no flashcards"
             ".jsonl/.json (the generative track's)"
         )
-    check_cases = _case_checker(args) if cases else None
+    checked = []
+    if cases:
+        check_cases = _case_checker(args)
+        checked += [(f, check_cases(f)) for f in sorted(cases)]
+    checked += [(f, _check_cards(f)) for f in sorted(cards)]
     failed = 0
-    for file, (count, problems) in [
-        *((f, check_cases(f)) for f in sorted(cases)),
-        *((f, _check_cards(f)) for f in sorted(cards)),
-    ]:
+    for file, (count, problems) in checked:
         for problem in problems:
             print(problem, file=sys.stderr)
         status = "OK" if not problems else f"{len(problems)} problem(s)"

@@ -235,7 +235,7 @@ class Comparison(Baselines):
         advance: Advance,
         validate: Validate,
         plan: TuningPlan,
-        equal_budget: Callable[[], Iterable[State]] | None = None,
+        equal_budget: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None,
         restart: Callable[[], None] = lambda: None,
     ):
         """One method's search (:func:`warm_started`): its scores at the equal budget and
@@ -310,7 +310,7 @@ class Comparison(Baselines):
             for name, cases in self._validation_cases.items()
         }
 
-    def tuned(self, federation: Sequence[Mapping[str, torch.Tensor]] | None = None) -> Tuning:
+    def tuned(self, federation: Iterable[Mapping[str, torch.Tensor]] | None = None) -> Tuning:
         """Every method's search.  ``federation``: the real run's global model after each
         round, which the federation's search starts from; without it the equal-budget
         federation is computed in one process too, and its scores are returned as
@@ -377,7 +377,7 @@ class Comparison(Baselines):
             self._trajectory("centralized", pooled, plan),
         )
 
-    def tuned_federated(self, federation: Sequence[Mapping[str, torch.Tensor]] | None = None):
+    def tuned_federated(self, federation: Iterable[Mapping[str, torch.Tensor]] | None = None):
         """FedAvg continued in one process (the ClientApps' arithmetic, batches and seeds) from
         the real run's rounds, or from its own; validated on the hospitals' scores averaged
         as the federation sees them, every round.  At the run's own learning rate the

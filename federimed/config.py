@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,9 @@ from typing import Any
 
 from federimed.runconfig import RunConfig, RunConfigError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, as Flower's own dependency
+else:  # Python 3.10: the same parser, as Flower's own dependency
     import tomli as tomllib
 
 ENV_PREFIX = "FEDERIMED_RUN_"

@@ -15,6 +15,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ def prompt_ids(
     if limit and len(ids) > limit:
         overflow = len(ids) - limit
         words = tokenizer(question, add_special_tokens=False)["input_ids"]
-        kept = tokenizer.decode(words[: max(0, len(words) - overflow)])
+        kept = cast(str, tokenizer.decode(words[: max(0, len(words) - overflow)]))
         ids = _templated(tokenizer, kept, instruction)[:limit]
     return ids
 
@@ -190,14 +191,14 @@ def generate_answers(
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         with autocast(device):
-            out = model.generate(
+            out = _generate(model)(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        answers += [_decoded(tokenizer, row[width:]) for row in out]
     return answers
 
 
@@ -322,13 +323,14 @@ def ask(
     ids = torch.tensor([prompt_ids(tokenizer, question, INSTRUCTION, limit)])
     streamer = None
     if on_text is not None:
+        emit = on_text
 
         class _Streamer(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                on_text(text)
+                emit(text)
 
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = model.generate(
+    out = _generate(model)(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
@@ -336,4 +338,14 @@ def ask(
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
     )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return _decoded(tokenizer, out[0, ids.shape[1] :])
+
+
+def _generate(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """A causal LM's (or its peft wrapper's) ``generate``, which torch types as a module."""
+    return cast(Callable[..., torch.Tensor], model.generate)
+
+
+def _decoded(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> str:
+    """One answer's text (``decode`` of one sequence is one string)."""
+    return cast(str, tokenizer.decode(ids, skip_special_tokens=True)).strip()

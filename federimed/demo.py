@@ -148,9 +148,10 @@ def run_federation(
             f"Flower run {run_id} ended as {status.get('status')}; see {options.out / 'logs'}"
         )
     caches = {name: local.feature_cache(name) for name in federation.hospitals}
-    return FederatedResult(
-        run_id, status, running.state, read_rounds(run_out), read_summary(run_out), caches
-    )
+    summary = read_summary(run_out)
+    if summary is None:
+        raise RuntimeError(f"Flower run {run_id} completed without a summary in {run_out}")
+    return FederatedResult(run_id, status, running.state, read_rounds(run_out), summary, caches)
 
 
 def clock_printer(started: float):

@@ -12,7 +12,9 @@ in one forward) falls back to one forward and backward per case; both give the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import functools
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,6 +23,8 @@ import torch
 # The label of a token no loss is computed on (torch's and transformers' ignore_index).
 IGNORE_INDEX = -100
 
+# a linear layer -> its input, or the gradient at its output, in the batch just run
+Taps = dict[torch.nn.Module, torch.Tensor]
 # rows -> (logits, labels) of those cases, computed with the model's current weights
 Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,11 +70,16 @@ def clipped_gradient_sum(
     if per_case is None:
         return _loop(params, forward, rows, max_grad_norm)
     losses, grads = per_case
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads))
+    norms = torch.sqrt(_total(g.flatten(1).pow(2).sum(dim=1) for g in grads))
     scale = torch.clamp(max_grad_norm / (norms + 1e-12), max=1.0)
     for param, grad in zip(params, grads, strict=True):
         param.grad = torch.einsum("b,b...->...", scale, grad).to(param.dtype)
     return float(losses.mean())
+
+
+def _total(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Their sum, added one after another as Python's ``sum`` adds them (the same bits)."""
+    return functools.reduce(operator.add, tensors)
 
 
 def _loop(params, forward: Forward, rows: np.ndarray, max_grad_norm: float) -> float:
@@ -84,7 +93,7 @@ def _loop(params, forward: Forward, rows: np.ndarray, max_grad_norm: float) -> f
             torch.zeros_like(p) if g is None else g.float()
             for g, p in zip(found, params, strict=True)
         ]
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norm = torch.sqrt(_total(g.pow(2).sum() for g in grads))
         scale = float(torch.clamp(max_grad_norm / (norm + 1e-12), max=1.0))
         for param, grad in zip(params, grads, strict=True):
             param.grad.add_(grad.to(param.dtype), alpha=scale)
@@ -127,12 +136,14 @@ class _LinearTaps:
 
     @staticmethod
     @contextmanager
-    def _tapped(modules):
+    def _tapped(
+        modules: Iterable[torch.nn.Module],
+    ) -> Iterator[tuple[Taps, Taps, dict[torch.nn.Module, int]]]:
         inputs: dict[torch.nn.Module, torch.Tensor] = {}
         outputs: dict[torch.nn.Module, torch.Tensor] = {}
         calls: dict[torch.nn.Module, int] = dict.fromkeys(modules, 0)
 
-        def keep(module, args, output):
+        def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             calls[module] += 1
             inputs[module] = args[0].detach()
             if output.requires_grad:
@@ -167,5 +178,6 @@ def add_noise(
     expected batch size (the Poisson batch's own size would reveal whether a case was in it)."""
     std = noise_multiplier * max_grad_norm
     for param in params:
+        summed = param.grad if param.grad is not None else torch.zeros_like(param)
         noise = torch.normal(0.0, std, size=param.shape, generator=generator)
-        param.grad = (param.grad + noise.to(param.grad.device, param.grad.dtype)) / expected_batch
+        param.grad = (summed + noise.to(summed.device, summed.dtype)) / expected_batch

@@ -26,11 +26,12 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
-from federimed.batching import Encoded, autocast, scoring_batches
+from federimed.batching import Encoded, autocast, model_config, scoring_batches
 
 log = logging.getLogger("flwr.federimed.features")
 _PROBE_ROWS = 2  # rows recomputed to check a cached copy still matches the model
@@ -38,7 +39,7 @@ _PROBE_ROWS = 2  # rows recomputed to check a cached copy still matches the mode
 
 def layer_stack(model: nn.Module) -> nn.ModuleList | None:
     """The encoder's transformer layers, or None for a model without one such list."""
-    count = getattr(model.config, "num_hidden_layers", None)
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.endswith("layer") and len(module) == count:
             return module
@@ -63,7 +64,7 @@ def _up_to_layer(model: nn.Module, stack: nn.ModuleList, layers: int) -> list[to
     """The weights a case passes through before layer ``layers``: the embeddings and the
     layers below it (they precede the layer in every encoder family's parameter order)."""
     boundary = {id(p) for p in stack[layers].parameters()}
-    below = []
+    below: list[torch.Tensor] = []
     for parameter in model.parameters():
         if id(parameter) in boundary:
             return below
@@ -148,11 +149,11 @@ def frozen_features(
     captured: list[torch.Tensor] = []
 
     def keep(_module: nn.Module, _inputs: object, output: object) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        captured.append(cast(torch.Tensor, output[0] if isinstance(output, tuple) else output))
 
     model.to(device).eval()
     width = max(int(data.attention_mask.sum(dim=1).max()), 1) if len(data) else 1
-    out = torch.zeros(len(data), width, model.config.hidden_size, dtype=torch.float16)
+    out = torch.zeros(len(data), width, model_config(model).hidden_size, dtype=torch.float16)
     hook = stack[first - 1].register_forward_hook(keep)
     try:
         with _swapped(stack, {index: _Skip() for index in range(first, len(stack))}):

@@ -70,5 +70,5 @@ def measures(report: dict[str, Any]) -> Measures:
 
 def methods_in(report: dict[str, Any]) -> list[str]:
     """The methods this report has results for (``--no-baselines``: federated only)."""
-    first = next(iter(report["hospitals"].values()), {})
+    first: dict[str, Any] = next(iter(report["hospitals"].values()), {})
     return [method for method in METHODS if method in first]

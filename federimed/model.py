@@ -13,6 +13,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import transformers
@@ -21,9 +22,11 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from federimed.batching import model_config
 from federimed.runconfig import LoraSettings, resolve_model
 from federimed.wire import WIRE_ARRAY, WireError, decode
 
@@ -104,18 +107,24 @@ def _without_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def label_names(model: torch.nn.Module) -> list[str]:
+    """A classifier's labels in index order (its config's ``id2label``)."""
+    id2label = cast(dict[int, str], model_config(model).id2label or {})
+    return [id2label[i] for i in range(len(id2label))]
+
+
 def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
     """The indices of the top ``count`` layers (None: all).  Everything below them stays
     frozen and is computed once per case (federimed.features): the adapters in the top layers
     of a small encoder learn the task as well as adapters everywhere, at a fraction of the
     cost per step (measured in bench/levers.py)."""
-    total = model.config.num_hidden_layers
+    total = model_config(model).num_hidden_layers
     if count == 0 or count >= total:
         return None
     return list(range(total - count, total))
 
 
-def exchanged_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
+def exchanged_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
     """Adapter and head weights: everything a hospital sends, nothing else.  A copy: on CPU
     ``.cpu().float()`` would return the live parameters, which later training changes."""
     return OrderedDict(
@@ -124,7 +133,7 @@ def exchanged_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     )
 
 
-def load_exchanged_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+def load_exchanged_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     expected = set(get_peft_model_state_dict(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -150,7 +159,9 @@ def to_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def from_wire(model: PeftModel, wire: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def from_wire(
+    model: torch.nn.Module, wire: Mapping[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
     """The named tensors in ``wire`` (:func:`to_wire`, or its 8-bit form, :mod:`federimed.wire`),
     laid out as ``model`` exchanges them."""
     try:
@@ -172,7 +183,9 @@ def from_wire(model: PeftModel, wire: Mapping[str, torch.Tensor]) -> OrderedDict
     )
 
 
-def receive(model: PeftModel, wire: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def receive(
+    model: torch.nn.Module, wire: Mapping[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
     """Load the state that arrived in the wire format into ``model``; it, by name."""
     state = from_wire(model, wire)
     load_exchanged_state(model, state)
@@ -200,7 +213,7 @@ def save_model(
     what `peft` loads on top of the base model, a few hundred kB.
     """
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "adapter")
+    model.save_pretrained(str(out / "adapter"))
     tokenizer.save_pretrained(out / "adapter")
     if merged:
         merged_model = _merged_copy(model)
@@ -208,7 +221,7 @@ def save_model(
         tokenizer.save_pretrained(out)
     meta = {
         "base_model": base_model,
-        "labels": [model.config.id2label[i] for i in range(len(model.config.id2label))],
+        "labels": label_names(model),
         "merged": merged,
     }
     for folder in (out, out / "adapter"):
@@ -216,9 +229,9 @@ def save_model(
     return out
 
 
-def _merged_copy(model: PeftModel) -> torch.nn.Module:
+def _merged_copy(model: PeftModel) -> PreTrainedModel:
     """Merge a copy, so the live model keeps its adapter for further rounds."""
-    return copy.deepcopy(model).merge_and_unload()
+    return cast(PreTrainedModel, copy.deepcopy(model).merge_and_unload())
 
 
 @torch.no_grad()
@@ -229,8 +242,9 @@ def top_diagnoses(
     batch = tokenizer([text], truncation=True, max_length=512, return_tensors="pt")
     proba = torch.softmax(model(**batch).logits[0].float(), dim=-1)
     top = torch.topk(proba, k=min(k, proba.numel()))
+    labels = label_names(model)
     return [
-        (model.config.id2label[index], p)
+        (labels[index], p)
         for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True)
     ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from federimed.batching import (
     autocast,
     batch_tensors,
     mixed_precision,
+    model_config,
     scoring_batches,
 )
 from federimed.dpsgd import (
@@ -152,7 +154,7 @@ def predict_proba(
     model: torch.nn.Module, data: Encoded, device: torch.device, batch_size: int = 64
 ) -> np.ndarray:
     model.to(device).eval()
-    out = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
+    out = np.zeros((len(data), cast(int, model_config(model).num_labels)), dtype=np.float32)
     with _replay_if_cached(model, data) as replay:
         for rows, batch in scoring_batches(data, device, batch_size):
             with autocast(device):

@@ -182,7 +182,7 @@ def warm_started(
         seconds=time.monotonic() - started,
         equal_budget_seconds=budget_seconds,
     )
-    return Searched(end, best.state, found)
+    return Searched(end, best.state or end, found)
 
 
 def validation_key(model: torch.nn.Module, data: Encoded, device: torch.device):
@@ -233,7 +233,7 @@ def fedavg_round(
     network = network or WireInProcess("float32")
     master = exchanged_state(model)
     start = network.sent(model, master)
-    total, summed = 0, OrderedDict()
+    total, summed = 0, OrderedDict[str, torch.Tensor]()
     for name, data in hospitals.items():
         load_exchanged_state(model, start)
         train(model, data, settings(name), device)

@@ -49,10 +49,10 @@ def quantize(values: np.ndarray) -> np.ndarray:
     blocks = -(-flat.size // BLOCK)
     padded = np.zeros(blocks * BLOCK, dtype=np.float32)
     padded[: flat.size] = flat
-    padded = padded.reshape(blocks, BLOCK)
-    scales = (np.abs(padded).max(axis=1) / LEVELS).astype(SCALE)
+    by_block = padded.reshape(blocks, BLOCK)
+    scales = (np.abs(by_block).max(axis=1) / LEVELS).astype(SCALE)
     safe = np.where(scales > 0, scales, np.float32(1))[:, None]
-    steps = np.clip(np.rint(padded / safe), -LEVELS, LEVELS).astype(np.int8)
+    steps = np.clip(np.rint(by_block / safe), -LEVELS, LEVELS).astype(np.int8)
     return np.concatenate([steps.reshape(-1)[: flat.size], scales.view(np.int8)])
 
 

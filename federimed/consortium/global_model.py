@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from flwr.app import ArrayRecord
+from peft import PeftModel
 
 from federimed.batching import Encoded, encode, pick_device
 from federimed.consortium.resume import checkpoint_dir
@@ -28,7 +29,30 @@ log = logging.getLogger("flwr.federimed.server")
 
 
 class GlobalModel:
-    """The server's copy of the model: evaluated on the common test set and checkpointed."""
+    """The server's copy of the model: checkpointed after every round, scored on the common
+    test set (each track its own way), saved at the end."""
+
+    run: RunConfig
+    out: Path
+    model: PeftModel
+
+    def load(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
+        receive(self.model, arrays.to_torch_state_dict())
+        if server_round > 0:
+            self.model.save_pretrained(str(checkpoint_dir(self.out, server_round)))
+
+    def score(self, server_round: int) -> dict[str, float] | None:
+        """The loaded model's scores on the common test set (None without one)."""
+        raise NotImplementedError
+
+    def save_final(self) -> Path:
+        """Where the final model is saved for users to load."""
+        raise NotImplementedError
+
+
+class GlobalClassifier(GlobalModel):
+    """The classify track's global model: scored on the common test notes each round."""
 
     def __init__(self, run: RunConfig, out: Path):
         self.run = run
@@ -49,14 +73,7 @@ class GlobalModel:
         test = encode(examples, self.tokenizer, self.labels, self.run.max_length)
         return with_features(self.model, test, self.device, self.run.model)
 
-    def load(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Take ``arrays`` as the global model after ``server_round`` and checkpoint them."""
-        receive(self.model, arrays.to_torch_state_dict())
-        if server_round > 0:
-            self.model.save_pretrained(checkpoint_dir(self.out, server_round))
-
     def score(self, server_round: int) -> dict[str, float] | None:
-        """The loaded model on the common test set (None without one)."""
         if self.test is None:
             return None
         metrics = evaluate(self.model, self.test, self.device)
@@ -106,10 +123,10 @@ class GlobalGenerator(GlobalModel):
         """The adapter and its tokenizer (``final/adapter``): what `peft` loads on the base
         model its config names (the run's ``generator``), a few MB instead of the model."""
         final = self.out / "final"
-        self.model.save_pretrained(final / "adapter")
+        self.model.save_pretrained(str(final / "adapter"))
         self.tokenizer.save_pretrained(final / "adapter")
         return final
 
 
 def global_model_for(run: RunConfig, out: Path) -> GlobalModel:
-    return GlobalGenerator(run, out) if run.track == "generative" else GlobalModel(run, out)
+    return GlobalGenerator(run, out) if run.track == "generative" else GlobalClassifier(run, out)

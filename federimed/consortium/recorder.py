@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
@@ -39,7 +39,9 @@ class RoundRecorder:
 
     def _reset(self) -> None:
         self.restart_clock()
-        self.sent_at = self.replied_at = None  # when the train tasks left, and replies were in
+        # when the train tasks left, and replies were in
+        self.sent_at: float | None = None
+        self.replied_at: float | None = None
         self.sampled: list[int] = []
         self.outbox: list[Message] = []  # Flower sets each one's message id as it pushes it
         self.replied: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
@@ -68,8 +70,9 @@ class RoundRecorder:
             node_id = message.metadata.dst_node_id
             if kind == "train":
                 self.sampled.append(node_id)
-            if "arrays" in message.content:
-                self._traffic(node_id)["bytes_down"] += record_bytes(message.content["arrays"])
+            arrays = message.content.array_records.get("arrays")
+            if arrays is not None:
+                self._traffic(node_id)["bytes_down"] += record_bytes(arrays)
 
     def received(self, kind: str, server_round: int, replies: list[Message]) -> None:
         if kind == "train":
@@ -81,16 +84,21 @@ class RoundRecorder:
             node_id = reply.metadata.src_node_id
             content = reply.content
             hospital = self._name(node_id)
-            node = content.get("node", {})
+            node = content.config_records.get("node", ConfigRecord())
             claimed = node.get("hospital")
             if claimed is not None and claimed != hospital:
                 log.warning("node %s (enrolled as %s) says it is %r", node_id, hospital, claimed)
-            if isinstance(node.get("epsilon"), float):
-                self.epsilon[hospital] = node["epsilon"]
+            epsilon = node.get("epsilon")
+            if isinstance(epsilon, float):
+                self.epsilon[hospital] = epsilon
             metrics = next(iter(content.metric_records.values()), MetricRecord())
-            self.replied[kind][hospital] = {k: float(v) for k, v in metrics.items()}
-            if "arrays" in content:
-                self._traffic(node_id)["bytes_up"] += record_bytes(content["arrays"])
+            # numbers only: a list-valued metric (which Flower allows) is no per-hospital figure
+            self.replied[kind][hospital] = {
+                k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
+            }
+            arrays = content.array_records.get("arrays")
+            if arrays is not None:
+                self._traffic(node_id)["bytes_up"] += record_bytes(arrays)
             if self.audit_dir is not None:
                 self._audit(kind, server_round, hospital, content)
 
@@ -120,6 +128,8 @@ class RoundRecorder:
 
     def _audit(self, kind: str, server_round: int, hospital: str, content: RecordDict) -> None:
         """Everything the server received from this hospital, byte for byte."""
+        if self.audit_dir is None:
+            return
         self.audit_dir.mkdir(parents=True, exist_ok=True)
         path = self.audit_dir / f"round-{server_round}-{kind}-{hospital}.bin"
         with path.open("wb") as handle:

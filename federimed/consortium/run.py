@@ -13,6 +13,7 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
@@ -120,7 +121,7 @@ class ServerRun:
         seeded = ArrayRecord(to_wire(exchanged_state(self.global_model.model)))
         strategy = make_strategy(self.run, self.recorder, round_offset=self.offset)
         deadline = started + self.run.run_deadline if self.run.run_deadline else math.inf
-        grid = DeadlineGrid(grid, deadline)
+        grid = cast(Grid, DeadlineGrid(grid, deadline))  # a Grid by duck typing
         status = "completed"
         try:
             strategy.start(

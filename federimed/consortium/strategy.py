@@ -4,7 +4,7 @@ update checks (:mod:`federimed.consortium.checks`) before it is aggregated."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.constant import ErrorCode
@@ -37,7 +37,13 @@ def _refused(reply: Message) -> bool:
     return reply.has_error() and reply.error.code != ErrorCode.NODE_UNAVAILABLE
 
 
-class Recorded:
+if TYPE_CHECKING:
+    _Strategy = FedAvg  # what the type checker holds the mixin's ``super()`` calls against
+else:
+    _Strategy = object
+
+
+class Recorded(_Strategy):
     """Mixed in front of a Flower strategy: every message goes past the recorder first.
 
     ``round_offset`` shifts Flower's round numbers (1, 2, ...) to the run's own when a run
@@ -65,7 +71,7 @@ class Recorded:
         strategy keeps its float32 copy, to which the hospitals' changes are added."""
         messages = list(messages)
         if messages and self.wire_precision != "float32":
-            sent = as_sent(messages[0].content["arrays"], self.wire_precision)
+            sent = as_sent(messages[0].content.array_records["arrays"], self.wire_precision)
             for message in messages:
                 message.content["arrays"] = sent
         return messages
@@ -78,19 +84,13 @@ class Recorded:
             # Nobody trained: going on would repeat the same refusals for every round.
             reasons = "; ".join(f"{n}: {r}" for n, r in sorted(self.recorder.errors.items()))
             raise RuntimeError(f"round {server_round}: no hospital trained ({reasons})")
+        if self._sent is None:
+            raise RuntimeError(f"round {server_round}: replies aggregated before any was asked")
         usable = []
         for reply in replies:
             if reply.has_error():
                 continue
-            problem = metrics_problem(reply.content)
-            if problem is None and len(reply.content.array_records) != 1:
-                problem = f"expected one ArrayRecord, got {len(reply.content.array_records)}"
-            if problem is None:
-                name, update = next(iter(reply.content.array_records.items()))
-                update, problem = decoded_update(update, self._sent)
-            if problem is None:
-                reply.content[name] = update
-                problem = update_problem(update, self._sent, self.max_update_norm)
+            problem = self._problem(reply, self._sent)
             if problem is None:
                 usable.append(reply)
             else:
@@ -98,6 +98,21 @@ class Recorded:
         usable = self.recorder.in_name_order(usable)
         keep_common_metrics(usable)
         return super().aggregate_train(server_round, usable)
+
+    def _problem(self, reply: Message, sent: ArrayRecord) -> str | None:
+        """Why ``reply`` must not be aggregated into the model ``sent``, or None (its update
+        then decoded in place: the weights it stands for)."""
+        problem = metrics_problem(reply.content)
+        if problem is not None:
+            return problem
+        if len(reply.content.array_records) != 1:
+            return f"expected one ArrayRecord, got {len(reply.content.array_records)}"
+        name, received = next(iter(reply.content.array_records.items()))
+        update, problem = decoded_update(received, sent)
+        if update is None:
+            return problem
+        reply.content[name] = update
+        return update_problem(update, sent, self.max_update_norm)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -199,7 +199,10 @@ def _check_row(
     if not isinstance(row, dict):
         return None, [Problem(path, line, f"expected a JSON object, got {_kind(row)}")]
     found: list[str] = []
-    text, label, raw_id = row.get(columns.text), row.get(columns.label), row.get(columns.id)
+    fields: dict[str, Any] = row
+    text: Any = fields.get(columns.text)
+    label: Any = fields.get(columns.label)
+    raw_id: Any = fields.get(columns.id)
     for field, value in ((columns.text, text), (columns.label, label)):
         if _missing(value):
             found.append(f"missing field '{field}'")
@@ -308,7 +311,7 @@ def load_hospital(
     train = load_examples(train_file, labels, columns)
     validation = load_examples(validation_file, labels, columns) if validation_file else []
     overlap = {e.id for e in train} & {e.id for e in validation}
-    if overlap:
+    if overlap and validation_file is not None:
         sample = ", ".join(_quote(example_id) for example_id in sorted(overlap)[:5])
         raise DataError([Problem(validation_file, None, f"ids also in {train_file}: {sample}")])
     return HospitalSplits(train=train, validation=validation)
@@ -396,21 +399,27 @@ class Flashcard:
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
+def _after_space(text: str, index: int = 0) -> int:
+    """Where the JSON whitespace from ``index`` on ends (the pattern matches nothing too)."""
+    found = _JSON_SPACE.match(text, index)
+    return found.end() if found else index
+
+
 def _list_entries(text: str) -> Iterator[tuple[int, Any]]:
     """(line it starts on, entry) for each entry of ``text``, known to be a valid JSON list:
     problems in a pretty-printed list are named by line like JSONL ones."""
     decoder = json.JSONDecoder()
-    index = _JSON_SPACE.match(text).end() + 1  # past "["
+    index = _after_space(text) + 1  # past "["
     line, counted = 1, 0
     while True:
-        start = _JSON_SPACE.match(text, index).end()
+        start = _after_space(text, index)
         if text[start] == "]":
             return
         line += text.count("\n", counted, start)
         counted = start
         entry, end = decoder.raw_decode(text, start)
         yield line, entry
-        index = _JSON_SPACE.match(text, end).end()
+        index = _after_space(text, end)
         if text[index] == ",":
             index += 1
 

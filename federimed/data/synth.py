@@ -799,13 +799,13 @@ ELDERLY_SOCIAL = (
     "collateral history from {relative}",
 )
 ELDERLY_FINDINGS = ("hard of hearing", "thoracic kyphosis", "walking frame at the bedside")
-DIABETES = (
+DIABETES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("type 2 diabetes", ("metformin",)),
     ("type 2 diabetes", ("metformin", "gliclazide")),
     ("insulin-treated type 2 diabetes", ("insulin glargine",)),
 )
 # (history, medications, chronic finding or "")
-IMMUNOSUPPRESSION = (
+IMMUNOSUPPRESSION: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("renal transplant", ("tacrolimus", "mycophenolate"), ""),
     (
         "rheumatoid arthritis on methotrexate",
@@ -2006,7 +2006,10 @@ def _padded(case: _Case, c: Condition, rng: random.Random) -> _Case | None:
             and len(_no_duplicates([*have, i.text])) > len(have)
         ]
         if fresh:
-            options.append(replace(case, **{name: [*getattr(case, name), rng.choice(fresh)]}))
+            added = [*getattr(case, name), rng.choice(fresh)]
+            options.append(
+                replace(case, history=added) if name == "history" else replace(case, meds=added)
+            )
     return _consistent(rng.choice(options)) if options else None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import TypeVar
 
 from federimed.data.conditions import ATYPICAL_PRESENTATIONS, BY_CODE, LABS, Condition
 from federimed.data.records import Example
@@ -45,7 +46,10 @@ def _text(c: Condition, k: int, rng: random.Random) -> str:
     return _hallmarks(c, rng)
 
 
-def _pick(rng: random.Random, bank: Sequence[str], low: int, high: int) -> list[str]:
+T = TypeVar("T")
+
+
+def _pick(rng: random.Random, bank: Sequence[T], low: int, high: int) -> list[T]:
     return rng.sample(list(bank), min(len(bank), rng.randint(low, high)))
 
 

@@ -118,6 +118,8 @@ def _new_ca(out: Path) -> None:
 
 def _new_server_cert(out: Path, names: list[str], stem: str) -> None:
     ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):  # what ensure_certs makes
+        raise ValueError(f"{out / 'ca.key'}: not an elliptic-curve key ({type(ca_key).__name__})")
     ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP384R1())
     now = dt.datetime.now(dt.timezone.utc)

@@ -56,9 +56,10 @@ def superlink_sqlite_busy_timeout(timeout_ms: int) -> None:
     pragmas = tuple(sql_mixin.SQLITE_PRAGMAS)
     if "busy_timeout" not in dict(pragmas):
         raise FlowerVersionError("flwr.supercore.sql_mixin.SQLITE_PRAGMAS sets no busy_timeout")
-    sql_mixin.SQLITE_PRAGMAS = tuple(
+    longer = tuple(
         (name, str(timeout_ms) if name == "busy_timeout" else value) for name, value in pragmas
     )
+    setattr(sql_mixin, "SQLITE_PRAGMAS", longer)  # noqa: B010 (a rebinding, on purpose)
 
 
 def supernode_waits(sleep: Callable[[float], None]) -> None:
@@ -73,7 +74,8 @@ def supernode_waits(sleep: Callable[[float], None]) -> None:
     from flwr.supernode import start_client_internal
 
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-    start_client_internal.time = types.SimpleNamespace(**(names | {"sleep": sleep}))
+    clock = types.SimpleNamespace(**(names | {"sleep": sleep}))
+    setattr(start_client_internal, "time", clock)  # noqa: B010 (a rebinding, on purpose)
 
 
 def supernode_message_steps(
@@ -122,7 +124,8 @@ def superexec_popen(popen: Callable[..., Any]) -> None:
 
     import flwr.supercore.superexec.executor.subprocess_executor as executor
 
-    executor.subprocess = types.SimpleNamespace(Popen=popen, DEVNULL=subprocess.DEVNULL)
+    launcher = types.SimpleNamespace(Popen=popen, DEVNULL=subprocess.DEVNULL)
+    setattr(executor, "subprocess", launcher)  # noqa: B010 (a rebinding, on purpose)
 
 
 def clientapp_first_pull_backoff(seconds: float) -> None:
@@ -134,4 +137,7 @@ def clientapp_first_pull_backoff(seconds: float) -> None:
     require_written_for()
     import flwr.supernode.runtime.run_clientapp as flower_clientapp
 
-    flower_clientapp.pull_and_inflate_object_from_tree.__kwdefaults__["initial_backoff"] = seconds
+    defaults = flower_clientapp.pull_and_inflate_object_from_tree.__kwdefaults__
+    if not defaults or "initial_backoff" not in defaults:
+        raise FlowerVersionError("pull_and_inflate_object_from_tree has no initial_backoff")
+    defaults["initial_backoff"] = seconds

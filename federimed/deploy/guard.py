@@ -49,6 +49,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    ConfigRecordValues,
     Error,
     Message,
     MetricRecord,
@@ -142,10 +143,13 @@ def _server_round(message: Message) -> int | None:
     """Flower's strategies put ``server-round`` in the task's ``config`` record, and the round
     as the message's group id (all the guard has of a message it refuses unread)."""
     try:
-        return int(message.content["config"]["server-round"])
-    except (KeyError, TypeError, ValueError):
-        group = message.metadata.group_id
-        return int(group) if group.isdigit() else None
+        value = message.content.config_records["config"]["server-round"]
+        if isinstance(value, int | float | str):
+            return int(value)
+    except (KeyError, ValueError):
+        pass
+    group = message.metadata.group_id
+    return int(group) if group.isdigit() else None
 
 
 def _at_most(value: object, limit: float) -> bool:
@@ -155,11 +159,10 @@ def _at_most(value: object, limit: float) -> bool:
 def count_cases(data_path: Path, track: str) -> Counts:
     """Training and validation cases in the hospital's folder for ``track`` (never sent)."""
     if track == "generative":
-        train, validation = load_hospital_cards(data_path)
-    else:
-        splits = load_hospital(data_path)
-        train, validation = splits.train, splits.validation
-    return Counts(len(train), len(validation))
+        cards, validation_cards = load_hospital_cards(data_path)
+        return Counts(len(cards), len(validation_cards))
+    splits = load_hospital(data_path)
+    return Counts(len(splits.train), len(splits.validation))
 
 
 def record_facts(content: RecordDict) -> list[dict[str, Any]]:
@@ -447,11 +450,16 @@ class SiteGuard:
                 f"a {kind} reply holds {' and '.join(expected)} only",
                 f"this one held {shown}",
             )
-        metrics, held = self._metrics(policy, reply.content[METRICS], pending.privacy)
+        metrics, held = self._metrics(
+            policy, reply.content.metric_records[METRICS], pending.privacy
+        )
         content = RecordDict({METRICS: MetricRecord(metrics)})
         if kind == MessageType.TRAIN:
-            content[ARRAYS] = self._arrays(policy, reply.content[ARRAYS], pending)
-        node = {"hospital": self.hospital, "server-round": pending.server_round or 0}
+            content[ARRAYS] = self._arrays(policy, reply.content.array_records[ARRAYS], pending)
+        node: dict[str, ConfigRecordValues] = {
+            "hospital": self.hospital,
+            "server-round": pending.server_round or 0,
+        }
         if pending.privacy is not None and pending.privacy.mechanism.private:
             node |= {"epsilon": pending.privacy.epsilon_after, "delta": pending.privacy.delta}
         content[NODE] = ConfigRecord(node)
@@ -555,12 +563,12 @@ class SiteGuard:
             log.error("no site policy, so no ledger: %s", message.error.reason)
             return
         arrays: list[tuple[str, bytes]] = []
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         if message.has_content():
-            for record in message.content.array_records.values():
-                arrays += [(key, array.data) for key, array in record.items()]
-            for record in message.content.metric_records.values():
-                metrics |= dict(record.items())
+            for array_record in message.content.array_records.values():
+                arrays += [(key, array.data) for key, array in array_record.items()]
+            for metric_record in message.content.metric_records.values():
+                metrics |= dict(metric_record.items())
         trained = not message.has_error() and message.metadata.message_type == MessageType.TRAIN
         ledger.append(
             policy.ledger,

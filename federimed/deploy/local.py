@@ -636,6 +636,7 @@ class LocalFederation:
             if (
                 why is None
                 and self.hosts
+                and record.hospital is not None
                 and not self.hosts.reachable(record.hospital, self.host, self.gateway_port)
             ):
                 why = (
@@ -774,17 +775,18 @@ class LocalFederation:
             return self.address
         if role == "gateway":
             return self.gateway
-        return self.hosts.addresses[hospital] if self.hosts else "127.0.0.1"
+        return self.hosts.addresses[_named(role, hospital)] if self.hosts else "127.0.0.1"
 
     def _launch(self, role: str, hospital: str | None, argv: list[str]) -> ProcessRecord:
         env = {FEDERATION_TAG: str(self.workdir)}
         if role == "supernode":  # the hospital's guard reads its policy (guard.py)
-            env[POLICY_ENV] = str(self._policy(hospital))
+            env[POLICY_ENV] = str(self._policy(_named(role, hospital)))
         if role == "clientapp":  # the consortium's code: no policy, no ledger
+            name = _named(role, hospital)
             env.update(
-                FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[hospital]}",
-                FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret(hospital)),
-                FEDERIMED_FEATURE_CACHE=str(self.feature_cache(hospital)),
+                FEDERIMED_SUPEREXEC_RUNTIME_API=f"127.0.0.1:{self.runtime_ports[name]}",
+                FEDERIMED_SUPEREXEC_AUTH_SECRET=str(self._secret(name)),
+                FEDERIMED_FEATURE_CACHE=str(self.feature_cache(name)),
             )
             if self.client_threads:
                 env["FEDERIMED_TORCH_THREADS"] = str(self.client_threads)
@@ -805,3 +807,10 @@ class LocalFederation:
             env=env,
             nice=nice,
         )
+
+
+def _named(role: str, hospital: str | None) -> str:
+    """The hospital a SuperNode or its ClientApp runner is started for (they all have one)."""
+    if hospital is None:
+        raise ValueError(f"a {role} is started for a hospital, and none was named")
+    return hospital

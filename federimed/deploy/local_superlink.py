@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *flower_args]
-    sys.exit(flower_superlink())
+    flower_superlink()
 
 
 if __name__ == "__main__":

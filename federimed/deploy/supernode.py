@@ -88,7 +88,9 @@ def _app_reply(reply: Any, object_store: Any) -> Any:
             return _inflate(reply.metadata.message_id, contents)
         except Exception:
             log.exception("the ClientApp's reply does not read")
-    return Message(metadata=reply.metadata, content=RecordDict())
+    # Flower's Message takes ``metadata`` as a keyword its typed overloads leave out
+    build: Callable[..., Message] = Message
+    return build(metadata=reply.metadata, content=RecordDict())
 
 
 class _Outbox:

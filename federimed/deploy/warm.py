@@ -73,11 +73,12 @@ class WarmStarter:
 
     def start(self, argv: list[str]) -> bool:
         """Ask the warm parent to fork a task; False when it cannot (then start it cold)."""
-        if not self.alive():
+        stdin = self.parent.stdin
+        if stdin is None or not self.alive():
             return False
         try:
-            self.parent.stdin.write(json.dumps(argv) + "\n")
-            self.parent.stdin.flush()
+            stdin.write(json.dumps(argv) + "\n")
+            stdin.flush()
         except OSError:
             return False
         return True
@@ -85,7 +86,8 @@ class WarmStarter:
     def close(self, timeout: float = 60) -> None:
         """No more tasks: the parent starts those it was sent, then exits (tasks run on)."""
         with contextlib.suppress(OSError):
-            self.parent.stdin.close()
+            if self.parent.stdin is not None:
+                self.parent.stdin.close()
         try:
             self.parent.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

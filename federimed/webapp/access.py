@@ -34,7 +34,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,7 +399,7 @@ class AccessControl:
         """The slow path (scrypt), off the event loop; a match is remembered."""
         name = token_user(token)
         stored = self.users().get(name) if name else None
-        if stored is None or not token_matches(token, stored):
+        if name is None or stored is None or not token_matches(token, stored):
             return None
         if len(self._known) > 10_000:
             self._known.clear()
@@ -453,7 +453,7 @@ class AccessControl:
 
 
 def _cookies(header: str) -> dict[str, str]:
-    jar = {}
+    jar: dict[str, str] = {}
     for part in header.split(";"):
         name, eq, value = part.strip().partition("=")
         if eq:
@@ -485,7 +485,9 @@ async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, by
     await send({"type": "http.response.body", "body": body})
 
 
-async def refuse(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def refuse(
+    send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps({"detail": detail}).encode()
     await _respond(send, status, body, [(b"content-type", b"application/json"), *headers])
 
