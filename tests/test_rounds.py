@@ -111,6 +111,20 @@ def test_the_aggregate_is_the_same_to_the_bit_whatever_order_replies_arrive_in(t
     assert aggregates[0] == aggregates[1] == aggregates[2]
 
 
+def test_a_list_valued_metric_is_left_out_of_the_record_not_a_crash(tmp_path):
+    """Flower allows list metrics; the record keeps one number per metric and hospital."""
+    recorder = RoundRecorder(tmp_path)
+    strategy = make_strategy(make_run(min_nodes=2), recorder)
+    sent = _sent(strategy)
+    weights = {"a": torch.ones(4), "b": torch.ones(2, 3)}
+    metrics = {"train_loss": 1.0, "num_examples": 5, "per_class": [0.5, 0.25]}
+    replies = [_reply(sent[name], weights, metrics) for name in ("hospital-1", "hospital-2")]
+    strategy.aggregate_train(1, replies)
+    record = recorder.write(recorder.close(1), None)
+    assert record.participants == ["hospital-1", "hospital-2"]
+    assert record.train["hospital-1"] == {"train_loss": 1.0, "num_examples": 5.0}
+
+
 def test_update_checks_name_what_is_wrong():
     reference = _global()
     missing = ArrayRecord({"a": torch.zeros(4)})
