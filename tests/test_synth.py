@@ -841,7 +841,7 @@ def test_smallest_valid_hospitals_still_get_two_cases_per_seen_condition() -> No
 def test_a_misspelt_format_or_section_in_a_style_table_fails_at_once() -> None:
     from dataclasses import replace
 
-    from federimed.data.synth import _STYLES
+    from federimed.data.synth.styles import _STYLES
 
     with pytest.raises(ValueError, match=r"unknown vitals format.*'abbrev'"):
         replace(_STYLES["ed"], vitals=("abbr", "abbrev"))
