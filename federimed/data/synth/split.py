@@ -26,7 +26,7 @@ from federimed.data.synth.config import (
     _sizes,
     _split_sizes,
 )
-from federimed.data.synth.length import style_examples, write_case
+from federimed.data.synth.length import write_case
 from federimed.data.synth.styles import HospitalHabits, hospital_habits, hospital_styles
 
 # The non-IID split
@@ -207,8 +207,3 @@ def write_dataset(dataset: SynthDataset, out: Path) -> None:
         _write_jsonl(out / h.name / "validation.jsonl", h.validation)
     manifest = json.dumps(_manifest(dataset), indent=2)
     (out / "manifest.json").write_text(manifest + "\n", encoding="utf-8")
-
-
-if __name__ == "__main__":  # python -m federimed.data.synth: the examples of docs/data.md
-    for _style, _text in style_examples().items():
-        print(f"{_style}:\n\n    {_text}\n")
