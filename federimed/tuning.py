@@ -159,17 +159,19 @@ def warm_started(
     for rate in plan.continued_rates:
         load_exchanged_state(model, end)
         restart()
-        segment, since = _Best(), 0
-        segment.key = end_key
+        segment_best, since = end_key, 0  # only its key: the weights worth keeping are best's
         for check in range(plan.budget + 1, plan.cap + 1):
             advance(model, rate, check)
             ran = max(ran, check)
             key = validate(model)
             best.offer(key, model, check, rate)
-            since = 0 if segment.offer(key, model, check, rate) else since + 1
+            if key > segment_best:
+                segment_best, since = key, 0
+            else:
+                since += 1
             if since >= plan.patience:
                 break
-        trials[str(rate)] = segment.key[0]
+        trials[str(rate)] = segment_best[0]
         if best.rate == rate and best.check > plan.budget:
             capped = since < plan.patience
     found = Tuned(
