@@ -5,11 +5,11 @@
 
 1. The reference step (bench/reference_step.py) on the CPU (2 threads, the CI machines' size,
    and all cores) and on the GPU with bf16 autocast and in fp32.
-2. FederiMed's own training path (``federimed.training.train`` and ``evaluate``, as the
+2. FederiMed's own training path (``federimed.learning.training.train`` and ``evaluate``, as the
    ClientApp runs them) on the GPU with FEDERIMED_PRECISION=auto (bf16) and fp32 on the same
    synthetic hospital: losses must be finite and fall, and both precisions must land close.
 3. The generative track's round at one hospital (its flashcards, the track's batch and length,
-   ``federimed.training.train`` and greedy answers as the ClientApp and server run them):
+   ``federimed.learning.training.train`` and greedy answers as the ClientApp and server run them):
    training tokens per second on the CPU (2 threads) and on the GPU in bf16 and fp32, with and
    without gradient checkpointing, answer tokens per second, and the GPU's memory peak.
 
@@ -32,20 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference_step import step_seconds
 
-from federimed.batching import encode, pick_device
 from federimed.config import resolve
 from federimed.data.flashcards import from_cases
 from federimed.data.records import Example
 from federimed.data.synth import SynthConfig, generate
-from federimed.decoder import (
+from federimed.learning.batching import encode, pick_device
+from federimed.learning.model import build_classifier, load_tokenizer, quiet_libraries
+from federimed.learning.training import evaluate, train
+from federimed.settings import RuntimeSettings
+from federimed.tracks.generative.decoder import (
     build_generator,
     encode_cards,
     generate_answers,
     load_generator_tokenizer,
 )
-from federimed.model import build_classifier, load_tokenizer, quiet_libraries
-from federimed.settings import RuntimeSettings
-from federimed.training import evaluate, train
 
 
 def product_path(model: str, precision: str, steps: int) -> dict[str, float | str]:

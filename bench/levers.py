@@ -25,23 +25,24 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from federimed.batching import encode
-from federimed.compare import unseen_labels
 from federimed.config import resolve
 from federimed.consortium.checks import as_sent, record_bytes
 from federimed.data.records import UNSEEN_STYLE_TEST, Federation, load_examples, load_hospital
-from federimed.features import with_features
-from federimed.metrics import classification_metrics, probability_metrics
-from federimed.model import (
+from federimed.learning.batching import encode
+from federimed.learning.features import with_features
+from federimed.learning.metrics import classification_metrics, probability_metrics
+from federimed.learning.model import (
     build_classifier,
     exchanged_state,
     load_tokenizer,
     quiet_libraries,
     to_wire,
 )
-from federimed.task import round_seed, training_cases
-from federimed.training import predict_proba
-from federimed.tuning import WireInProcess, fedavg_round
+from federimed.learning.training import predict_proba
+from federimed.research.compare import unseen_labels
+from federimed.research.tuning import WireInProcess, fedavg_round
+from federimed.tracks.classify.task import training_cases
+from federimed.tracks.hospital_round import round_seed
 
 # name -> run-config overrides (on top of pyproject.toml's defaults)
 VARIANTS = {
@@ -62,7 +63,8 @@ VARIANTS = {
     "top-2-lr-0.01": {"lora-layers": 2, "learning-rate": 0.01},
     "top-1-lr-0.01": {"lora-layers": 1, "learning-rate": 0.01},
     # The wire's two precisions, without textbook texts, as they were measured against each
-    # other (federimed/wire.py: 8 bits a value both ways, the hospitals' rounding fed back).
+    # other (federimed/learning/wire.py: 8 bits a value both ways, the hospitals' rounding fed
+    # back).
     "top-2-float32": {"lora-layers": 2, "wire-precision": "float32", "textbook-cases": 0},
     "top-2-int8": {"lora-layers": 2, "wire-precision": "int8", "textbook-cases": 0},
     # Public textbook texts per condition beside each hospital's cases (data/textbook.py).

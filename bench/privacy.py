@@ -36,14 +36,14 @@ import numpy as np
 import psutil
 import torch
 
-from federimed.batching import Encoded, pick_device
-from federimed.compare import Comparison
 from federimed.config import resolve
 from federimed.data.records import Federation, load_hospital
 from federimed.data.synth import SynthConfig, generate, write_dataset
-from federimed.model import quiet_libraries
-from federimed.privacy import Mechanism, noise_for_epsilon
-from federimed.training import predict_proba, train
+from federimed.hospital.privacy import Mechanism, noise_for_epsilon
+from federimed.learning.batching import Encoded, pick_device
+from federimed.learning.model import quiet_libraries
+from federimed.learning.training import predict_proba, train
+from federimed.research.compare import Comparison
 
 DELTA = 1e-5
 

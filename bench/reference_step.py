@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from federimed.model import quiet_libraries
+from federimed.learning.model import quiet_libraries
 from federimed.runconfig import resolve_model
 
 BATCH, TOKENS, LABELS = 16, 128, 32

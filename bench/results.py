@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from federimed.compare import Comparison
 from federimed.config import resolve
 from federimed.data.records import Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
-from federimed.measures import METHODS, method_name
-from federimed.model import quiet_libraries
+from federimed.learning.model import quiet_libraries
+from federimed.research.compare import Comparison
+from federimed.research.measures import METHODS, method_name
 
 SCORES = (
     ("accuracy", "top-1"),
@@ -98,7 +98,7 @@ def table(lines: list[dict]) -> str:
         "Where each tuned checkpoint was (steps per hospital for local-only, total steps for "
         f"centralized, rounds for federated; the equal budget is {budget}) and the learning "
         "rate it was last trained at: the run's within the equal budget, then the rate of the "
-        "continuation it came from (`federimed/tuning.py`):",
+        "continuation it came from (`federimed/research/tuning.py`):",
         "",
         "| seed | federated: rate, best round | centralized: rate, best step | local-only: "
         "rate, best step per hospital |",

@@ -34,7 +34,7 @@ from federimed.deploy.local import (
     RunningFederation,
     deployment_overrides,
 )
-from federimed.model import load_tokenizer, quiet_libraries
+from federimed.learning.model import load_tokenizer, quiet_libraries
 from federimed.runrecord import SUMMARY_FILE, read_rounds, read_summary
 
 MIB = 2**20
@@ -86,7 +86,7 @@ def cpu_pressure() -> float:
         return 0.0
 
 
-WARM_PARENT = "federimed.deploy.warm"  # a runner's warm parent forks the ClientApp tasks
+WARM_PARENT = "federimed.hospital.warm"  # a runner's warm parent forks the ClientApp tasks
 
 
 class Sampler(threading.Thread):

@@ -44,7 +44,7 @@ from federimed.cli import main as federimed
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy.certs import ensure_certs
 from federimed.deploy.local import STATE_FILE, RunningFederation, tagged_processes
-from federimed.ledger import LedgerError, verify
+from federimed.hospital.ledger import LedgerError, verify
 from federimed.runrecord import RoundRecord, read_rounds
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from federimed.batching import encode
 from federimed.config import resolve
 from federimed.data.records import Example
 from federimed.data.synth import SynthConfig, generate
-from federimed.model import build_classifier, load_tokenizer, quiet_libraries
-from federimed.training import predict_proba, train
+from federimed.learning.batching import encode
+from federimed.learning.model import build_classifier, load_tokenizer, quiet_libraries
+from federimed.learning.training import predict_proba, train
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ The hospital's data folder comes from the SuperNode's node config (``data-path``
 never leaves this process. Replies carry the LoRA adapter (and the encoder's head) and numeric
 metrics only.
 The hospital's site policy is not this app's business: the guard in the hospital's SuperNode
-(federimed/deploy/guard.py) admits each task against it before this code runs, and rebuilds
+(federimed/hospital/guard.py) admits each task against it before this code runs, and rebuilds
 each reply from its checked parts (one ArrayRecord ``arrays``, one MetricRecord ``metrics``)
 before it leaves, clipped to the hospital's bound.
 """
@@ -14,15 +14,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from types import ModuleType
 
 import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federimed.model import quiet_libraries
+from federimed.learning.model import quiet_libraries
 from federimed.runconfig import RunConfig
-from federimed.task import NodeIdentity
+from federimed.tracks import track_for
+from federimed.tracks.hospital_round import NodeIdentity
 
 quiet_libraries()
 app = ClientApp()
@@ -39,17 +39,6 @@ def _process_age() -> float:
         return time.time() - psutil.Process().create_time()
 
 
-def _track(run: RunConfig) -> ModuleType:
-    """The round's steps for the run's track: the encoder's or the causal LM's."""
-    if run.track == "generative":
-        from federimed import generative
-
-        return generative
-    from federimed import task
-
-    return task
-
-
 def _number(config: ConfigRecord, key: str, default: float | None = None) -> float:
     """A number the server's config record must carry (a clear error when it does not)."""
     value = config.get(key, default)
@@ -58,23 +47,27 @@ def _number(config: ConfigRecord, key: str, default: float | None = None) -> flo
     return float(value)
 
 
+Metrics = dict[str, int | float | list[int] | list[float]]  # what a MetricRecord holds
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     # Flower starts a process per message: what that costs before any work, per round.
     startup = _process_age()
     run = RunConfig.from_flower(context.run_config)
     config = msg.content.config_records["config"]
-    state, metrics = _track(run).train_round(
+    state, metrics = track_for(run.track).train_round(
         run,
         NodeIdentity.from_node_config(context.node_config),
         msg.content.array_records["arrays"].to_torch_state_dict(),
         server_round=int(_number(config, "server-round")),
         proximal_mu=_number(config, "proximal-mu", 0.0),
     )
+    reply: Metrics = {**metrics, "startup_seconds": startup}
     content = RecordDict(
         {
             "arrays": ArrayRecord(state),
-            "metrics": MetricRecord(metrics | {"startup_seconds": startup}),
+            "metrics": MetricRecord(reply),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -83,10 +76,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     run = RunConfig.from_flower(context.run_config)
-    metrics = _track(run).evaluate_round(
+    metrics = track_for(run.track).evaluate_round(
         run,
         NodeIdentity.from_node_config(context.node_config),
         msg.content.array_records["arrays"].to_torch_state_dict(),
     )
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    scores: Metrics = {**metrics}
+    content = RecordDict({"metrics": MetricRecord(scores)})
     return Message(content=content, reply_to=msg)

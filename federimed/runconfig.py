@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from federimed.data.records import UNSEEN_STYLE_TEST, Federation, labels_from_config
-from federimed.wire import Precision
+from federimed.data.records import UNSEEN_STYLE_TEST, labels_from_config
+from federimed.learning.wire import Precision
+from federimed.tracks import names as track_names
+from federimed.tracks import track_for
 
 # The one list of aggregation strategies: the CLI's choices and the server's factory use it.
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-Track = Literal["classify", "generative"]
-TRACKS: tuple[str, ...] = get_args(Track)
 
 
 BUILTIN_MODELS = {
@@ -60,8 +60,8 @@ class TrainSettings:
     learning_rate: float
     proximal_mu: float = 0.0
     seed: int = 0
-    # DP-SGD (federimed.privacy): noise of std noise_multiplier x max_grad_norm on the sum of
-    # per-case gradients clipped to max_grad_norm, batches Poisson-sampled; 0 = off.
+    # DP-SGD (federimed.hospital.privacy): noise of std noise_multiplier x max_grad_norm on the sum
+    # of per-case gradients clipped to max_grad_norm, batches Poisson-sampled; 0 = off.
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -75,7 +75,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
-    track: Track
+    track: str  # a registered track (federimed.tracks)
     generator: str
     max_new_tokens: int = Field(ge=1, le=1024)
     model: str
@@ -100,14 +100,21 @@ class RunConfig(BaseModel):
     resume_from: str = Field(pattern=r"^[0-9]*$")  # a run id, or "" for a fresh run
     strategy: Strategy
     proximal_mu: float = Field(ge=0, le=1000)
-    dp_noise_multiplier: float = Field(ge=0, le=1000)  # 0 = no DP-SGD (federimed.privacy)
+    dp_noise_multiplier: float = Field(ge=0, le=1000)  # 0 = no DP-SGD (federimed.hospital.privacy)
     dp_max_grad_norm: float = Field(gt=0, le=1e6)  # each case's gradient clipped to this
     server_learning_rate: float = Field(gt=0, le=10)
-    wire_precision: Precision  # how the weights cross the network (federimed/wire.py)
+    wire_precision: Precision  # how the weights cross the network (federimed/learning/wire.py)
     test_path: str
     output_dir: str
     audit_messages: bool
     seed: int = Field(ge=0, le=2**32 - 1)  # what numpy and torch accept as a seed
+
+    @field_validator("track")
+    @classmethod
+    def _registered_track(cls, track: str) -> str:
+        if track not in track_names():
+            raise ValueError(f"no such track (known: {', '.join(track_names())})")
+        return track
 
     @classmethod
     def key_names(cls) -> list[str]:
@@ -148,7 +155,7 @@ class RunConfig(BaseModel):
         if not self.test_path:
             return None
         path = Path(self.test_path)
-        return path / Federation.test_file(self.track) if path.is_dir() else path
+        return path / track_for(self.track).test_file if path.is_dir() else path
 
     @property
     def unseen_style_test_set(self) -> Path | None:
@@ -156,7 +163,7 @@ class RunConfig(BaseModel):
         in a style no hospital writes in (``federimed data synth`` holds one style out), so a
         model that learned the templates rather than the medicine shows it, round by round."""
         test = self.test_set
-        if test is None or self.track == "generative":
+        if test is None or not track_for(self.track).unseen_style_test:
             return None
         path = test.parent / UNSEEN_STYLE_TEST
         return path if path.is_file() else None
@@ -164,7 +171,7 @@ class RunConfig(BaseModel):
     @property
     def base_model(self) -> str:
         """The pretrained model the run's track fine-tunes: ``generator`` or ``model``."""
-        return self.generator if self.track == "generative" else self.model
+        return str(getattr(self, track_for(self.track).model_key))
 
     @property
     def lora(self) -> LoraSettings:

@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from federimed.consortium.run import ServerRun
-from federimed.model import quiet_libraries
+from federimed.learning.model import quiet_libraries
 from federimed.priority import yield_once_started
 from federimed.runconfig import RunConfig
 

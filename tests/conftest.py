@@ -23,7 +23,7 @@ def tiny_model(tmp_path_factory) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from federimed.model import load_tokenizer
+    from federimed.learning.model import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = load_tokenizer("minilm")
@@ -140,8 +140,8 @@ def make_run(**overrides):
 
 def wire_bytes(values: int) -> int:
     """An 8-bit update of ``values`` weights as Flower counts its bytes: a step a value, a
-    float32 scale per block (federimed/wire.py), and the array's 128-byte npy header."""
-    from federimed import wire
+    float32 scale per block (federimed/learning/wire.py), and the array's 128-byte npy header."""
+    from federimed.learning import wire
 
     return values + 4 * -(-values // wire.BLOCK) + 128
 

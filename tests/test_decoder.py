@@ -16,7 +16,10 @@ from federimed.data.conditions import BY_CODE
 from federimed.data.flashcards import KNOWLEDGE, from_cases, knowledge_cards, write_flashcards
 from federimed.data.records import DIAGNOSIS_KIND, Flashcard, load_flashcards
 from federimed.data.synth import SynthConfig, generate
-from federimed.decoder import (
+from federimed.learning.model import WIRE_ARRAY, exchanged_state, from_wire, to_wire
+from federimed.learning.training import train
+from federimed.runconfig import TrainSettings
+from federimed.tracks.generative.decoder import (
     IGNORE,
     ask,
     build_generator,
@@ -29,9 +32,6 @@ from federimed.decoder import (
     score_answers,
     token_f1,
 )
-from federimed.model import WIRE_ARRAY, exchanged_state, from_wire, to_wire
-from federimed.runconfig import TrainSettings
-from federimed.training import train
 
 CARDS = [
     Flashcard("What is the key investigation in gout?", "joint aspirate: urate crystals"),
@@ -154,7 +154,7 @@ def test_scores_normalise_like_squad_and_split_unseen_conditions():
 
 
 def test_per_card_answer_losses_add_up_to_the_answer_loss(tiny_gpt2):
-    from federimed.decoder import answer_loss, answer_token_losses
+    from federimed.tracks.generative.decoder import answer_loss, answer_token_losses
 
     tokenizer = load_generator_tokenizer(tiny_gpt2)
     model = build_generator(tiny_gpt2, make_run().lora)
@@ -173,7 +173,7 @@ def test_a_generative_reply_is_the_adapter_only_and_carries_no_card_text(
 
     from flwr.app import ArrayRecord
 
-    from federimed.policy import approve
+    from federimed.hospital.policy import approve
 
     marker = "OKAPI-MARKER-91d2"
     write_flashcards(from_cases(consortium), tmp_path / "data")
@@ -247,7 +247,7 @@ def test_ask_prints_the_answer_and_names_a_folder_that_is_no_generative_model(
     tiny_gpt2, tiny_model, tmp_path, capsys
 ):
     from federimed.cli import main
-    from federimed.model import build_classifier
+    from federimed.learning.model import build_classifier
 
     model = build_generator(tiny_gpt2, make_run().lora)
     model.save_pretrained(tmp_path / "final" / "adapter")
@@ -302,7 +302,7 @@ def test_a_model_trained_elsewhere_finds_its_base_model_through_its_provenance(t
     machine the run's provenance names the generator instead."""
     import json
 
-    from federimed.decoder import GeneratorError
+    from federimed.tracks.generative.decoder import GeneratorError
 
     adapter = tmp_path / "final" / "adapter"
     build_generator(tiny_gpt2, make_run().lora).save_pretrained(adapter)
@@ -323,7 +323,7 @@ def test_a_model_trained_elsewhere_finds_its_base_model_through_its_provenance(t
 
 
 def test_the_answer_loss_computed_at_answer_positions_only_equals_the_full_one(tiny_gpt2):
-    from federimed.decoder import answer_loss
+    from federimed.tracks.generative.decoder import answer_loss
 
     model = build_generator(tiny_gpt2, make_run().lora)
     data = encode_cards(CARDS, load_generator_tokenizer(tiny_gpt2), max_length=64)
@@ -336,7 +336,7 @@ def test_the_answer_loss_computed_at_answer_positions_only_equals_the_full_one(t
 
 
 def test_hospitals_cards_pool_for_the_centralized_baseline_whatever_their_lengths(tiny_gpt2):
-    from federimed.batching import Encoded
+    from federimed.learning.batching import Encoded
 
     tokenizer = load_generator_tokenizer(tiny_gpt2)
     short, long = encode_cards(CARDS[:1], tokenizer, 64), encode_cards(CARDS, tokenizer, 64)

@@ -8,8 +8,8 @@ import pytest
 from conftest import processes_using, small_demo_args
 
 from federimed.cli import main
-from federimed.measures import METHODS
-from federimed.report import round_overhead as report_overhead
+from federimed.research.measures import METHODS
+from federimed.research.report import round_overhead as report_overhead
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

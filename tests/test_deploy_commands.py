@@ -56,7 +56,7 @@ def test_supernode_args_and_node_config(tmp_path):
     )
     assert argv[argv.index("--isolation") + 1] == "process"
     assert "--insecure" not in argv
-    assert argv[1:5] == ["-m", "federimed.deploy.supernode", "--idle-poll-seconds", "1.0"]
+    assert argv[1:5] == ["-m", "federimed.hospital.supernode", "--idle-poll-seconds", "1.0"]
 
 
 def test_the_idle_poll_setting_is_bounded():

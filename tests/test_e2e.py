@@ -41,7 +41,7 @@ from federimed.deploy.flower import (
 )
 from federimed.deploy.local import CONNECTION, STATE_FILE, RunningFederation, free_port
 from federimed.deploy.processes import ProcessGroup
-from federimed.ledger import entries
+from federimed.hospital.ledger import entries
 from federimed.runrecord import read_rounds, read_summary
 from federimed.settings import SuperNodeSettings
 
@@ -87,8 +87,9 @@ def _submit(running, *args: str) -> int:
 @pytest.fixture(scope="module")
 def changed_app(tmp_path_factory):
     """A copy of the app whose pyproject.toml has one default changed, and whose own
-    ``federimed/task.py`` leaves a mark when a ClientApp imports it: what a hospital approves
-    by hash must be the code that runs there, not the hospital's installed copy of it."""
+    ``federimed/tracks/classify/task.py`` leaves a mark when a ClientApp imports it: what a
+    hospital approves by hash must be the code that runs there, not the hospital's installed copy
+    of it."""
     root, app = find_app_dir(), tmp_path_factory.mktemp("app")
     key, old, new = CHANGED_DEFAULT
     pyproject = (root / "pyproject.toml").read_text()
@@ -103,7 +104,7 @@ def changed_app(tmp_path_factory):
     return app
 
 
-# Appended to the bundle's copy of federimed/task.py (changed_app).
+# Appended to the bundle's copy of federimed/tracks/classify/task.py (changed_app).
 BUNDLE_MARK = """
 if "clientapp" in " ".join(__import__("sys").argv):
     __import__("pathlib").Path({marks!r}, str(__import__("os").getpid())).touch()
@@ -188,8 +189,8 @@ def test_federation_with_tls_and_node_auth_completes_and_saves_a_model(finished_
 
 
 def test_the_bundles_own_modules_run_at_the_hospitals(finished_run, changed_app):
-    """Every ClientApp task imported the approved bundle's federimed/task.py (one mark per
-    task process: a train and an evaluate task per hospital and round)."""
+    """Every ClientApp task imported the approved bundle's federimed/tracks/classify/task.py (one
+    mark per task process: a train and an evaluate task per hospital and round)."""
     text = (changed_app / "federimed" / "task.py").read_text()
     marks = Path(re.search(r"Path\('([^']+)'", text).group(1))
     assert len(list(marks.iterdir())) == 2 * ROUNDS * len(HOSPITALS)
@@ -417,9 +418,9 @@ def _reply(msg, context):
     if mode == "names":  # the record's text as an array's name
         content["arrays"] = ArrayRecord({{RECORD: next(iter(arrays.values()))}})
     if mode == "patch":  # rebind what an in-process guard would have used, then leak
-        import federimed.ledger, federimed.policy
-        federimed.ledger.append = lambda *a, **k: None
-        federimed.policy.SitePolicy.split_metrics = lambda self, m: (dict(m), [])
+        import federimed.hospital.ledger, federimed.hospital.policy
+        federimed.hospital.ledger.append = lambda *a, **k: None
+        federimed.hospital.policy.SitePolicy.split_metrics = lambda self, m: (dict(m), [])
         content["node"] = ConfigRecord({{"hospital": RECORD}})
     Path({markers!r}, str(context.node_config["hospital"])).touch()
     return Message(RecordDict(content), reply_to=msg)
@@ -825,7 +826,7 @@ def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from federimed.model import exchanged_state
+    from federimed.learning.model import exchanged_state
 
     running, _, data = federation
     cards = (data / "test-flashcards.jsonl").read_text().splitlines(keepends=True)

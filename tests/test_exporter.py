@@ -7,10 +7,10 @@ import json
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from federimed import ledger
 from federimed.cli import main
-from federimed.deploy.site_exporter import registry_for
-from federimed.policy import SiteRefusal, refusal_code
+from federimed.hospital import ledger
+from federimed.hospital.policy import SiteRefusal, refusal_code
+from federimed.hospital.site_exporter import registry_for
 
 SITE = "hospital-2"
 

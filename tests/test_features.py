@@ -10,13 +10,18 @@ import pytest
 import torch
 from conftest import make_run
 
-from federimed import features
-from federimed.batching import Encoded, encode
 from federimed.data.records import load_hospital
-from federimed.features import first_adapted_layer, with_features
-from federimed.model import build_classifier, load_for_inference, load_tokenizer, save_model
+from federimed.learning import features
+from federimed.learning.batching import Encoded, encode
+from federimed.learning.features import first_adapted_layer, with_features
+from federimed.learning.model import (
+    build_classifier,
+    load_for_inference,
+    load_tokenizer,
+    save_model,
+)
+from federimed.learning.training import evaluate, predict_proba, train
 from federimed.runconfig import TrainSettings
-from federimed.training import evaluate, predict_proba, train
 
 CPU = torch.device("cpu")
 

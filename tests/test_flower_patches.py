@@ -12,7 +12,8 @@ from pathlib import Path
 import flwr
 import pytest
 
-from federimed.deploy import flower_patches, site_runner, supernode, warm
+from federimed.deploy import flower_patches
+from federimed.hospital import site_runner, supernode, warm
 
 
 def test_the_rebindings_refuse_a_flower_they_were_not_written_for(monkeypatch):

@@ -39,7 +39,13 @@ from federimed.data.records import (
     load_flashcards,
     load_hospital,
 )
-from federimed.policy import POLICY_ENV, PolicyError, SitePolicy, load_policy, policy_from_env
+from federimed.hospital.policy import (
+    POLICY_ENV,
+    PolicyError,
+    SitePolicy,
+    load_policy,
+    policy_from_env,
+)
 from federimed.runconfig import RunConfig, RunConfigError, field_key
 
 LABELS = ["I21", "J18", "K35"]

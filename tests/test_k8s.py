@@ -42,8 +42,8 @@ from pydantic import TypeAdapter
 
 from federimed import settings
 from federimed.deploy.flower import HARDENED_ENV
-from federimed.policy import POLICY_ENV, approve, load_policy
-from federimed.smollm2 import CACHE_ENV
+from federimed.hospital.policy import POLICY_ENV, approve, load_policy
+from federimed.tracks.generative.smollm2 import CACHE_ENV
 
 pytestmark = pytest.mark.k8s
 
@@ -104,10 +104,11 @@ MODELS = {
     "prometheus": (),  # compose's monitoring profile: Prometheus itself, no FEDERIMED_* setting
 }
 # FEDERIMED_* variables a component reads that are no field of its settings models, each with
-# its check: the hospital's site policy is read by the guard in the SuperNode (federimed/policy.py,
-# federimed/deploy/guard.py), from a file the deployment mounts, and by nothing in the app
-# runner's image (a runner that sets it is an error); the converted generative models' cache
-# (federimed/decoder.py), which the app image fills at build time.
+# its check: the hospital's site policy is read by the guard in the SuperNode
+# (federimed/hospital/policy.py, federimed/hospital/guard.py), from a file the deployment mounts,
+# and by nothing in the app runner's image (a runner that sets it is an error); the converted
+# generative models' cache (federimed/tracks/generative/decoder.py), which the app image fills
+# at build time.
 EXTRA_VARIABLES = {
     "supernode": {POLICY_ENV: lambda value: Path(value).is_absolute()},
     "superexec": {CACHE_ENV: lambda value: Path(value).is_absolute()},

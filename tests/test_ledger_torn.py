@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from federimed import ledger
 from federimed.cli import main
+from federimed.hospital import ledger
 
 
 def _ledger(folder: Path, lines: int = 3) -> Path:
@@ -35,7 +35,7 @@ def test_a_torn_last_line_is_set_aside_and_appends_go_on(tmp_path, caplog):
     path = _ledger(tmp_path)
     head = ledger.anchor(path)
     torn = _crash_mid_write(path)
-    with caplog.at_level(logging.WARNING, logger="federimed.ledger"):
+    with caplog.at_level(logging.WARNING, logger="federimed.hospital.ledger"):
         written = ledger.append(path, {"round": 4, "kind": "train"})
         ledger.append(path, {"round": 5, "kind": "evaluate"})  # and the one after: plain
     (aside,) = tmp_path.glob("site/egress-ledger.jsonl.torn-*")
@@ -67,7 +67,7 @@ def test_ledger_verify_names_a_torn_line_before_the_next_append_and_reports_it_a
     assert "no end of line" in said and "lines 1-3 verify" in said
     ledger.append(path, {"round": 4})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="federimed.ledger"):
+    with caplog.at_level(logging.WARNING, logger="federimed.hospital.ledger"):
         assert main(["ledger", "verify", str(path)]) == 0
     assert "4 entries, hash chain intact" in capsys.readouterr().out
     (aside,) = tmp_path.glob("site/*.torn-*")
@@ -75,12 +75,12 @@ def test_ledger_verify_names_a_torn_line_before_the_next_append_and_reports_it_a
     assert f"set aside to {aside.name}" in caplog.text and "gone" not in caplog.text
     aside.write_bytes(b"edited")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="federimed.ledger"):
+    with caplog.at_level(logging.WARNING, logger="federimed.hospital.ledger"):
         assert ledger.verify(path) == 4
     assert "that file was changed since" in caplog.text
     aside.unlink()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="federimed.ledger"):
+    with caplog.at_level(logging.WARNING, logger="federimed.hospital.ledger"):
         assert ledger.verify(path) == 4
     assert "that file is gone" in caplog.text
 
@@ -130,6 +130,6 @@ def test_an_aside_file_no_line_records_is_reported(tmp_path, caplog):
     """A crash after the torn line was set aside but before the new line was written."""
     path = _ledger(tmp_path, lines=1)
     (path.parent / f"{path.name}.torn-20260101T000000Z").write_bytes(b'{"ro')
-    with caplog.at_level(logging.WARNING, logger="federimed.ledger"):
+    with caplog.at_level(logging.WARNING, logger="federimed.hospital.ledger"):
         assert ledger.verify(path) == 1
     assert "which no ledger line records" in caplog.text

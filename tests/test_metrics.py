@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from federimed.metrics import (
+from federimed.learning.metrics import (
     classification_metrics,
     expected_calibration_error,
     macro_f1,

@@ -7,10 +7,9 @@ import torch
 from conftest import make_run
 
 from federimed.cli import main
-from federimed.compare import Comparison
 from federimed.data.records import Federation
-from federimed.features import first_adapted_layer
-from federimed.model import (
+from federimed.learning.features import first_adapted_layer
+from federimed.learning.model import (
     build_classifier,
     count_parameters,
     exchanged_state,
@@ -18,7 +17,8 @@ from federimed.model import (
     load_tokenizer,
     save_model,
 )
-from federimed.training import train
+from federimed.learning.training import train
+from federimed.research.compare import Comparison
 
 pytestmark = pytest.mark.slow
 

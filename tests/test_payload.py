@@ -13,9 +13,11 @@ import yaml
 from conftest import client_train_reply, make_run, plant_marker, train_task
 from flwr.app import ArrayRecord
 
-from federimed import ledger, wire
 from federimed.consortium.checks import as_sent, decoded_update, record_bytes
-from federimed.model import (
+from federimed.hospital import ledger
+from federimed.hospital.policy import approve
+from federimed.learning import wire
+from federimed.learning.model import (
     WIRE_ARRAY,
     build_classifier,
     count_parameters,
@@ -23,7 +25,6 @@ from federimed.model import (
     from_wire,
     to_wire,
 )
-from federimed.policy import approve
 
 MARKER = "ZEBRA-MARKER-7f3c"
 
@@ -121,10 +122,10 @@ def _guarded_round(run, hospital, arrays, monkeypatch):
     reply, what the guard sends instead)."""
     from types import SimpleNamespace
 
-    from federimed.deploy.guard import SiteGuard
+    from federimed.hospital.guard import SiteGuard
 
     monkeypatch.setattr(
-        "federimed.deploy.guard.get_fused_config_from_fab", lambda fab, r: run.to_flower()
+        "federimed.hospital.guard.get_fused_config_from_fab", lambda fab, r: run.to_flower()
     )
     task = train_task(arrays)
     guard = SiteGuard("hospital-1", hospital)
@@ -210,7 +211,7 @@ def test_a_resumed_run_continues_from_a_copy_of_the_dead_runs_error_feedback(tmp
     """Run 3 resumes run 2, which resumed run 1: each starts from the residuals of the run it
     resumes (tests/test_e2e.py checks that the weights end as an uninterrupted run's), and a
     late reply of the dead run changes nothing in the resumed one."""
-    from federimed.deploy.guard import SiteGuard
+    from federimed.hospital.guard import SiteGuard
 
     guard = SiteGuard("hospital-1", tmp_path)
     guard.feedback[1] = wire.ErrorFeedback()

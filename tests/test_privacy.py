@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from federimed import privacy
-from federimed.batching import Encoded, batch_tensors
 from federimed.cli import main
-from federimed.deploy.guard import SiteGuard
-from federimed.dpsgd import add_noise, clipped_gradient_sum
-from federimed.policy import load_policy
-from federimed.privacy import Mechanism, noise_for_epsilon, spent_by_run
+from federimed.hospital import ledger, privacy
+from federimed.hospital.guard import SiteGuard
+from federimed.hospital.policy import load_policy
+from federimed.hospital.privacy import Mechanism, noise_for_epsilon, spent_by_run
+from federimed.learning.batching import Encoded, batch_tensors
+from federimed.learning.dpsgd import add_noise, clipped_gradient_sum
+from federimed.learning.training import train
 from federimed.runconfig import TrainSettings
-from federimed.training import train
 
 # --- the accountant -------------------------------------------------------------------------
 
@@ -114,9 +114,9 @@ def test_one_batched_pass_gives_the_per_case_gradients_a_loop_gives(tiny_model, 
     and backward per case: the same clipped sums."""
     from conftest import make_run
 
-    from federimed import dpsgd
-    from federimed.batching import encode
-    from federimed.model import build_classifier, load_tokenizer
+    from federimed.learning import dpsgd
+    from federimed.learning.batching import encode
+    from federimed.learning.model import build_classifier, load_tokenizer
 
     run = make_run(model=tiny_model, max_length=32)
     model = build_classifier(tiny_model, run.label_list, run.lora, seed=0)
@@ -182,7 +182,7 @@ def site(tmp_path, monkeypatch, synth_data):
     config = {"batch-size": 16, "local-steps": 15, "num-server-rounds": 3}
     config |= {"dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0}
     monkeypatch.setattr(
-        "federimed.deploy.guard.get_fused_config_from_fab",
+        "federimed.hospital.guard.get_fused_config_from_fab",
         lambda fab, run: config | run.override_config,
     )
     return SiteGuard("hospital-1", synth_data / "hospital-1"), policy
@@ -242,7 +242,7 @@ def test_epsilon_per_reply_sums_to_what_privacy_show_reports(site, capsys):
     replies = [_train_round(guard) for _ in range(3)]
     assert all(not reply.has_error() for reply in replies)
     assert all("train_loss" not in reply.content["metrics"] for reply in replies)  # held back
-    lines = [e for e in __import__("federimed.ledger").ledger.entries(load_policy(policy).ledger)]
+    lines = [e for e in ledger.entries(load_policy(policy).ledger)]
     spent = [entry["epsilon"] for _, entry in lines]
     assert spent[0] > 0 and all(e > 0 for e in spent)
     final = lines[-1][1]["epsilon_run"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from federimed.demo import RoundFollower
+from federimed.research.demo import RoundFollower
 from federimed.runrecord import RoundRecord, Scores, append_round
 
 

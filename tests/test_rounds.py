@@ -247,7 +247,7 @@ def test_a_round_in_flight_at_the_deadline_still_ends(tmp_path):
 
 def _dead_run(tmp_path, rounds: int, run):
     """What a ServerApp that died after ``rounds`` rounds leaves behind."""
-    from federimed.model import build_classifier
+    from federimed.learning.model import build_classifier
 
     old = tmp_path / "flower" / "41"
     old.mkdir(parents=True)
@@ -264,7 +264,7 @@ def _dead_run(tmp_path, rounds: int, run):
 
 
 def test_resume_point_is_the_last_recorded_round_and_refuses_a_changed_config(tmp_path, tiny_model):
-    from federimed.model import build_classifier, exchanged_state, from_wire
+    from federimed.learning.model import build_classifier, exchanged_state, from_wire
 
     base = {"model": tiny_model, "output_dir": str(tmp_path / "flower")}
     run = make_run(**base)
@@ -327,7 +327,7 @@ def test_round_one_is_timed_from_the_end_of_round_zero(tmp_path, tiny_model, mon
     """The server's start is not round 1's time, and neither is the initial model's scoring,
     which runs beside round 1."""
     from federimed.consortium.run import ServerRun
-    from federimed.model import exchanged_state, to_wire
+    from federimed.learning.model import exchanged_state, to_wire
 
     run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
     server = ServerRun(run, 7)
@@ -343,7 +343,7 @@ def test_scoring_runs_beside_the_next_round_and_lines_stay_in_order(tmp_path, ti
     import threading
 
     from federimed.consortium.run import ServerRun
-    from federimed.model import exchanged_state
+    from federimed.learning.model import exchanged_state
 
     run = make_run(model=tiny_model, max_length=16, output_dir=str(tmp_path))
     server = ServerRun(run, 7)

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federimed import ledger
 from federimed.cli import main
-from federimed.deploy import site_runner
 from federimed.deploy.flower import app_hash
-from federimed.policy import (
+from federimed.hospital import ledger, site_runner
+from federimed.hospital.policy import (
     DEFAULT_METRICS,
     PolicyError,
     SiteRefusal,
@@ -284,7 +283,7 @@ APPROVED_FAB = b"approved bundle"
 
 @pytest.fixture
 def guard(tmp_path, monkeypatch, synth_data):
-    from federimed.deploy.guard import SiteGuard
+    from federimed.hospital.guard import SiteGuard
 
     path = _policy(
         tmp_path,
@@ -293,7 +292,7 @@ def guard(tmp_path, monkeypatch, synth_data):
         "metrics_allowed: [num_examples]\n",
     )
     monkeypatch.setenv("FEDERIMED_SITE_POLICY", str(path))
-    monkeypatch.setattr("federimed.deploy.guard.get_fused_config_from_fab", _run_config)
+    monkeypatch.setattr("federimed.hospital.guard.get_fused_config_from_fab", _run_config)
     return SiteGuard("hospital-9", synth_data / "hospital-1"), tmp_path / "ledger.jsonl"
 
 
@@ -522,7 +521,7 @@ def test_a_reply_that_does_not_read_is_refused_and_the_supernode_goes_on(guard):
     from flwr.app import MetricRecord
     from flwr.proto.message_pb2 import ObjectTree
 
-    from federimed.deploy.supernode import _app_reply
+    from federimed.hospital.supernode import _app_reply
 
     site, _ = guard
     reply = _reply(_admitted(site), metrics=MetricRecord({}))
@@ -546,7 +545,7 @@ def test_a_reply_to_nothing_admitted_is_dropped(guard):
 
 
 def test_the_warm_parent_forks_a_real_clientapp_per_task(tmp_path):
-    from federimed.deploy.warm import PRELOAD, WarmStarter
+    from federimed.hospital.warm import PRELOAD, WarmStarter
 
     log = tmp_path / "runner.log"
     with log.open("w") as output:
@@ -578,7 +577,7 @@ def test_the_warm_parent_dies_with_its_runner_even_mid_import(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from federimed.deploy.warm import WarmStarter;"
+            "import sys, time; from federimed.hospital.warm import WarmStarter;"
             "w = WarmStarter('federimed-clientapp', output=open(sys.argv[1], 'w'));"
             "print(w.parent.pid, flush=True); time.sleep(120)",
             str(log),

@@ -8,16 +8,16 @@ import torch
 from conftest import make_run
 
 from federimed.data.records import DIAGNOSIS_KIND, Flashcard
-from federimed.decoder import (
+from federimed.learning.model import count_parameters, exchanged_state
+from federimed.learning.training import train
+from federimed.runconfig import TrainSettings
+from federimed.tracks.generative.decoder import (
     answer_loss,
     build_generator,
     encode_cards,
     load_generator_tokenizer,
     resolve_generator,
 )
-from federimed.model import count_parameters, exchanged_state
-from federimed.runconfig import TrainSettings
-from federimed.training import train
 
 pytestmark = pytest.mark.slow
 

@@ -27,8 +27,8 @@ PHASES = {
     "supernode-start": ("federimed.deploy.local:LocalFederation._supernode_argv@2", signal.SIGINT),
     "waiting-for-nodes": ("federimed.deploy.local:RunningFederation.wait_for_nodes", signal.SIGINT),
     "submission": ("federimed.deploy.local:submit_run", signal.SIGINT),
-    "training": ("federimed.demo:RoundFollower.__call__@3", signal.SIGTERM),
-    "baselines": ("federimed.compare:Comparison.tuned_local", signal.SIGINT),
+    "training": ("federimed.research.demo:RoundFollower.__call__@3", signal.SIGTERM),
+    "baselines": ("federimed.research.compare:Comparison.tuned_local", signal.SIGINT),
 }
 
 

@@ -7,7 +7,7 @@ from conftest import make_run
 from federimed.data.conditions import BY_CODE, label_names
 from federimed.data.records import Example
 from federimed.data.textbook import ID_PREFIX, textbook_cases
-from federimed.task import training_cases
+from federimed.tracks.classify.task import training_cases
 
 LABELS = list(label_names())
 

@@ -10,17 +10,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
-from federimed import wire
-from federimed.batching import encode, pick_device
 from federimed.consortium.checks import record_bytes
 from federimed.consortium.recorder import RoundRecorder
 from federimed.consortium.strategy import STRATEGY_CLASSES, make_strategy
 from federimed.data.records import load_hospital
-from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
+from federimed.learning import wire
+from federimed.learning.batching import encode, pick_device
+from federimed.learning.model import (
+    build_classifier,
+    exchanged_state,
+    load_exchanged_state,
+    load_tokenizer,
+)
+from federimed.learning.training import evaluate, train
 from federimed.runconfig import STRATEGIES, RunConfig, TrainSettings
 from federimed.runrecord import ROUNDS_FILE, RoundRecord, append_round, read_rounds
 from federimed.settings import RuntimeSettings
-from federimed.training import evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ def test_full_precision_can_be_asked_for_on_gpus():
     """FEDERIMED_PRECISION=fp32 turns autocast off on CUDA too (bench/gpu_check.py compares)."""
     import contextlib
 
-    from federimed.batching import autocast, mixed_precision
+    from federimed.learning.batching import autocast, mixed_precision
 
     pick_device(RuntimeSettings(device="cpu", precision="fp32"))
     assert isinstance(autocast(torch.device("cuda")), contextlib.nullcontext)
@@ -147,7 +152,7 @@ def test_run_config_errors_name_the_key():
         RunConfig.from_flower({**complete, "local-steps": 0})
     with pytest.raises(ValueError, match=r"strategy.*fedavg"):
         RunConfig.from_flower({**complete, "strategy": "fedwhatever"})
-    with pytest.raises(ValueError, match=r"track.*'classify' or 'generative'"):
+    with pytest.raises(ValueError, match=r"track: .*no such track \(known: classify, generative\)"):
         RunConfig.from_flower({**complete, "track": "translate"})
     with pytest.raises(ValueError, match=r"no-such-key.*allowed keys: track, generator, .*model"):
         RunConfig.from_flower({**complete, "no-such-key": 1})

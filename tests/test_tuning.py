@@ -6,12 +6,17 @@ import pytest
 import torch
 from conftest import make_run
 
-from federimed.batching import encode
 from federimed.data.records import load_hospital
-from federimed.model import build_classifier, exchanged_state, load_exchanged_state, load_tokenizer
+from federimed.learning.batching import encode
+from federimed.learning.model import (
+    build_classifier,
+    exchanged_state,
+    load_exchanged_state,
+    load_tokenizer,
+)
+from federimed.learning.training import train
+from federimed.research.tuning import TuningPlan, fedavg_round, pooled_validation, warm_started
 from federimed.runconfig import TrainSettings
-from federimed.training import train
-from federimed.tuning import TuningPlan, fedavg_round, pooled_validation, warm_started
 
 CPU = torch.device("cpu")
 

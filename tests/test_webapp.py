@@ -225,7 +225,7 @@ def generative_run(tiny_gpt2, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_a_generative_model_streams_its_answer(generative_run, tokens):
-    from federimed.decoder import ask
+    from federimed.tracks.generative.decoder import ask
 
     tmp_path, final = generative_run
     client = serve(tokens, final, tmp_path)
@@ -908,14 +908,15 @@ def test_a_large_declared_body_is_refused_over_a_real_connection(tmp_path, token
 
 
 def test_the_web_app_loads_no_plotting_library():
-    """Its run pages read the report's measures from federimed.measures, not federimed.report
-    (which draws with matplotlib: seconds of import and memory in every web app process)."""
+    """Its run pages read the report's measures from federimed.research.measures, not
+    federimed.research.report (which draws with matplotlib: seconds of import and memory in every
+    web app process)."""
     import subprocess
     import sys
 
     probe = (
         "import sys, federimed.webapp.app;"
-        "print(sorted({'matplotlib', 'federimed.report'} & set(sys.modules)))"
+        "print(sorted({'matplotlib', 'federimed.research.report'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout

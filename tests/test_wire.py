@@ -1,5 +1,5 @@
-"""8 bits a value on the wire (federimed/wire.py): what the server sends, what the hospital's
-guard sends back, and how the server reads it."""
+"""8 bits a value on the wire (federimed/learning/wire.py): what the server sends, what the
+hospital's guard sends back, and how the server reads it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from federimed import wire
 from federimed.consortium.checks import as_sent, decoded_update, record_bytes
+from federimed.learning import wire
 
 DEMO_VALUES = 184_736  # MiniLM with adapters in the top 2 layers, its pooler and 32-way head
 

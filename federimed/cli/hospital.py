@@ -23,13 +23,13 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 def cmd_superexec(args: argparse.Namespace) -> int:
     """Flower's SuperExec in this process, so that it starts ClientApps (or, for the
     consortium, ServerApps) and no other task type, each ClientApp in a clean room
-    (federimed.deploy.site_runner) instead of plain `flwr-clientapp`."""
+    (federimed.hospital.site_runner) instead of plain `flwr-clientapp`."""
     from flwr.supercore.cli import flower_superexec
 
-    from federimed.deploy import site_runner
     from federimed.deploy.flower import flower_env, superexec_argv, wait_for_listener
-    from federimed.deploy.site_runner import use_site_clientapp
-    from federimed.deploy.warm import WarmStarter, use_warm_starts
+    from federimed.hospital import site_runner
+    from federimed.hospital.site_runner import use_site_clientapp
+    from federimed.hospital.warm import WarmStarter, use_warm_starts
     from federimed.settings import SuperExecSettings
 
     settings = SuperExecSettings()
@@ -59,7 +59,7 @@ def cmd_app_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from federimed.policy import approve
+    from federimed.hospital.policy import approve
 
     added = approve(args.policy, args.hash, note=args.note, site=args.site, ledger=args.ledger)
     print(f"{'approved' if added else 'already approved'}: {args.hash} in {args.policy}")
@@ -67,7 +67,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
-    from federimed.ledger import entries
+    from federimed.hospital.ledger import entries
 
     for number, entry in entries(args.path):
         if args.format == "json":
@@ -86,7 +86,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
-    from federimed.ledger import LedgerError, verify
+    from federimed.hospital.ledger import LedgerError, verify
 
     try:
         count = verify(args.path, args.anchor)
@@ -99,15 +99,15 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_show(args: argparse.Namespace) -> int:
-    from federimed.policy import load_policy
-    from federimed.privacy import budget_report
+    from federimed.hospital.policy import load_policy
+    from federimed.hospital.privacy import budget_report
 
     print(budget_report(load_policy(args.policy)))
     return 0
 
 
 def cmd_ledger_anchor(args: argparse.Namespace) -> int:
-    from federimed.ledger import LedgerError, anchor
+    from federimed.hospital.ledger import LedgerError, anchor
 
     try:
         print(anchor(args.path))
@@ -118,7 +118,7 @@ def cmd_ledger_anchor(args: argparse.Namespace) -> int:
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
-    from federimed.deploy.site_exporter import serve
+    from federimed.hospital.site_exporter import serve
     from federimed.settings import ExporterSettings
 
     settings = _with_flags(ExporterSettings, args, "ledger", "host", "port")

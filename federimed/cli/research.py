@@ -19,6 +19,7 @@ from federimed.cli.common import (
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from federimed.data.synth import SynthConfig, generate, write_dataset
+    from federimed.tracks import track_for
 
     config = SynthConfig(
         hospitals=args.hospitals,
@@ -38,15 +39,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     print(f"test: {len(dataset.test)} cases over {len(dataset.labels)} conditions -> {args.out}")
     print(f"test-unseen-style: {len(dataset.unseen_style_test)} cases written in the held-out "
           f"style {dataset.held_out_style!r}, which no hospital writes in")  # fmt: skip
-    if args.track == "generative":
-        from federimed.data.flashcards import from_cases, write_flashcards
-
-        cards = from_cases(dataset)
-        write_flashcards(cards, args.out)
-        for carded in cards.hospitals:
-            print(f"{carded.name}: {len(carded.train)} flashcards, {len(carded.validation)} "
-                  "validation")  # fmt: skip
-        print(f"test: {len(cards.test)} flashcards -> {args.out / 'test-flashcards.jsonl'}")
+    for line in track_for(args.track).write_data(dataset, args.out):
+        print(line)
     return 0
 
 
@@ -119,7 +113,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from federimed.demo import DemoOptions, run_demo
+    from federimed.research.demo import DemoOptions, run_demo
+    from federimed.tracks import track_for
 
     options = DemoOptions(
         out=args.out,
@@ -136,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "num-server-rounds": args.rounds,
             "local-steps": args.local_steps,
             # --model names the track's model: the encoder, or the generative track's LM
-            ("generator" if args.track == "generative" else "model"): args.model,
+            track_for(args.track or "classify").model_key: args.model,
             "strategy": args.strategy,
             "seed": args.seed,
         },
@@ -148,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from federimed.data.records import default_labels
-    from federimed.model import load_for_inference, quiet_libraries, top_diagnoses
+    from federimed.learning.model import load_for_inference, quiet_libraries, top_diagnoses
 
     quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
@@ -159,8 +154,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from federimed.decoder import GeneratorError, ask, load_answerer
-    from federimed.model import quiet_libraries
+    from federimed.learning.model import quiet_libraries
+    from federimed.tracks.generative.decoder import GeneratorError, ask, load_answerer
 
     quiet_libraries()
     if not args.question.strip():
@@ -177,7 +172,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Researchers: make and check data, see the run config, run the demo, ask a model."""
-    from federimed.runconfig import STRATEGIES, TRACKS
+    from federimed.runconfig import STRATEGIES
+    from federimed.tracks import names as track_names
 
     data = sub.add_parser("data", help="make and check hospital data").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
@@ -203,7 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     synth.add_argument(
         "--track",
-        choices=TRACKS,
+        choices=track_names(),
         default="classify",
         help="generative: also each hospital's flashcards (its cases as case -> diagnosis "
         "cards, what it knows about the conditions it has seen) and test-flashcards.jsonl",
@@ -276,7 +272,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--local-steps", type=_positive_int, help="run config local-steps")
     demo.add_argument(
         "--track",
-        choices=TRACKS,
+        choices=track_names(),
         help="run config track: classify (the encoder) or generative (a causal LM answering "
         "flashcards); default: the app's",
     )

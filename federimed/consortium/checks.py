@@ -14,7 +14,7 @@ import re
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from federimed import wire
+from federimed.learning import wire
 
 # The metric replies are weighted by when Flower averages them (training.train reports it).
 WEIGHT_KEY = "num_examples"

@@ -10,20 +10,21 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from federimed.batching import Encoded, encode, pick_device
 from federimed.consortium.resume import checkpoint_dir
 from federimed.data.records import load_examples, load_flashcards
-from federimed.decoder import build_generator, load_generator_tokenizer
-from federimed.features import with_features
-from federimed.generative import score_generator
-from federimed.model import (
+from federimed.learning.batching import Encoded, encode, pick_device
+from federimed.learning.features import with_features
+from federimed.learning.model import (
     build_classifier,
     load_tokenizer,
     receive,
     save_model,
 )
+from federimed.learning.training import evaluate
 from federimed.runconfig import RunConfig
-from federimed.training import evaluate
+from federimed.tracks import track_for
+from federimed.tracks.generative.decoder import build_generator, load_generator_tokenizer
+from federimed.tracks.generative.task import score_generator
 
 log = logging.getLogger("flwr.federimed.server")
 
@@ -129,4 +130,4 @@ class GlobalGenerator(GlobalModel):
 
 
 def global_model_for(run: RunConfig, out: Path) -> GlobalModel:
-    return GlobalGenerator(run, out) if run.track == "generative" else GlobalClassifier(run, out)
+    return track_for(run.track).global_model(run, out)

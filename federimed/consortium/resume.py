@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-from federimed.model import (
+from federimed.learning.model import (
     to_wire,
 )
 from federimed.runconfig import RunConfig

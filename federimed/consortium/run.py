@@ -24,7 +24,7 @@ from federimed.consortium.grid import DeadlineGrid, RunDeadline
 from federimed.consortium.recorder import RoundRecorder
 from federimed.consortium.resume import RUN_CONFIG_FILE, ResumeError, resume_point
 from federimed.consortium.strategy import make_strategy
-from federimed.model import (
+from federimed.learning.model import (
     count_parameters,
     exchanged_state,
     to_wire,

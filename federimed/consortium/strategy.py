@@ -18,7 +18,6 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from federimed import wire
 from federimed.consortium.checks import (
     WEIGHT_KEY,
     as_sent,
@@ -29,6 +28,7 @@ from federimed.consortium.checks import (
 )
 from federimed.consortium.grid import RunDeadline
 from federimed.consortium.recorder import RoundRecorder
+from federimed.learning import wire
 from federimed.runconfig import RunConfig
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from federimed.tracks import track_for
+
 SUFFIXES = (".jsonl", ".csv", ".parquet")
 SPLITS = ("train", "validation", "test")
 MAX_PROBLEMS_SHOWN = 50
@@ -527,11 +529,6 @@ class Federation:
     test_path: Path
 
     @staticmethod
-    def test_file(track: str) -> str:
-        """The common test set's file name in a data folder, for the run's track."""
-        return TEST_FLASHCARDS if track == "generative" else "test.jsonl"
-
-    @staticmethod
     def hospital_folders(root: Path) -> list[Path]:
         folders = sorted(p for p in Path(root).glob("hospital-*") if p.is_dir())
         if not folders:
@@ -543,7 +540,7 @@ class Federation:
         """A `federimed data synth` layout: root/hospital-*/ and the common test set,
         root/test.jsonl (or, for the generative track, root/test-flashcards.jsonl)."""
         folders = cls.hospital_folders(root)
-        test_path = Path(root) / cls.test_file(track)
+        test_path = Path(root) / track_for(track).test_file
         if not test_path.is_file():
             raise FileNotFoundError(f"{test_path}: the common test set is missing")
         return cls({p.name: p for p in folders}, test_path)

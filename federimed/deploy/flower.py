@@ -115,10 +115,10 @@ def supernode_argv(settings: SuperNodeSettings) -> list[str]:
     if not settings.data_path.is_dir():
         raise DeploymentError(f"FEDERIMED_NODE_DATA_PATH={settings.data_path}: not a folder")
     return [
-        # Flower's flower-supernode, with its idle wait set (federimed/deploy/supernode.py)
+        # Flower's flower-supernode, with its idle wait set (federimed/hospital/supernode.py)
         sys.executable,
         "-m",
-        "federimed.deploy.supernode",
+        "federimed.hospital.supernode",
         "--idle-poll-seconds",
         str(settings.idle_poll_seconds),
         "--superlink",

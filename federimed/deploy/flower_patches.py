@@ -12,7 +12,7 @@ Who calls what:
 
 - the local federation's SuperLink (``federimed/deploy/local_superlink.py``):
   :func:`superlink_sqlite_busy_timeout`;
-- a hospital's SuperNode (``federimed/deploy/supernode.py``): :func:`supernode_waits`,
+- a hospital's SuperNode (``federimed/hospital/supernode.py``): :func:`supernode_waits`,
   :func:`supernode_message_steps` (the guard);
 - a ClientApp runner, ``federimed superexec`` (``federimed/cli.py``, ``site_runner.py``,
   ``warm.py``): :func:`superexec_task_types`, :func:`superexec_popen`,

@@ -49,7 +49,7 @@ from federimed.deploy.flower import (
 )
 from federimed.deploy.gateway import gateway_argv
 from federimed.deploy.processes import Managed, ProcessGroup, nap, tail, wait_until
-from federimed.policy import POLICY_ENV, approve
+from federimed.hospital.policy import POLICY_ENV, approve
 from federimed.runrecord import read_rounds
 from federimed.settings import GatewaySettings, SuperLinkSettings, SuperNodeSettings
 

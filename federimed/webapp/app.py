@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.routing import Match
 
+from federimed.tracks import track_for
 from federimed.webapp.access import AccessControl, AccessMiddleware, refuse, safe_next
 from federimed.webapp.chart import round_chart
 from federimed.webapp.limits import Admission, AnswerResponse, BodyLimit
@@ -195,7 +196,7 @@ def create_app(
         if model is None:
             raise HTTPException(404, NO_MODEL)
         if model.kind != kind:
-            other = "/api/ask" if model.kind == "generative" else "/api/predict"
+            other = track_for(model.kind).api
             raise HTTPException(409, f"this is a {model.kind} model: use {other}")
         return model
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federimed.measures import MEASURES, METHODS, Measures, measures, method_name
+from federimed.research.measures import METHODS, Measures, measures, method_name
 from federimed.runrecord import (
     ROUNDS_FILE,
     RoundRecord,
@@ -24,6 +24,7 @@ from federimed.runrecord import (
     read_rounds,
     read_summary,
 )
+from federimed.tracks import track_for
 
 RUN_MARKER = "run_config.json"  # written by the ServerApp when a run starts
 IN_PROGRESS, STALLED, FAILED = "in progress", "stalled", "failed"
@@ -67,7 +68,7 @@ class Run:
     @property
     def measure(self) -> tuple[str, str]:
         """The headline test metric of this run's track: (key, name)."""
-        shown = MEASURES[self.track]
+        shown = track_for(self.track).measures
         return shown.headline, shown.headline_name
 
     @property

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from federimed.runrecord import SUMMARY_FILE, Provenance, read_provenance
+from federimed.tracks import names as track_names
+from federimed.tracks import track_for
 from federimed.webapp.runs import RunIndex
 
-Kind = Literal["classify", "generative"]
 log = logging.getLogger("federimed.serve")
 
 
@@ -23,32 +23,22 @@ class ModelFolderError(ValueError):
     """A folder the web app cannot serve, with what it expected there."""
 
 
-def model_kind(folder: Path) -> Kind:
-    """What a saved FederiMed model folder holds, decided from its files alone (no weights
-    are loaded): a classifier has ``federimed.json``; a generative model is a causal LM's
-    LoRA adapter (a run's ``final/`` with ``adapter/``, or the adapter folder itself)."""
-    from federimed.model import FEDERIMED_META
-
+def model_kind(folder: Path) -> str:
+    """The track whose saved model ``folder`` holds, decided from its files alone (no weights
+    are loaded; each track knows its own: :meth:`federimed.tracks.Track.holds_model`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"--model {folder}: no such folder")
-    if (folder / FEDERIMED_META).is_file():
-        return "classify"
-    adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
-    config_file = adapter / "adapter_config.json"
-    if config_file.is_file():
-        try:
-            task = json.loads(config_file.read_text(encoding="utf-8")).get("task_type")
-        except (ValueError, AttributeError) as error:
-            raise ModelFolderError(
-                f"{config_file}: not a readable adapter config: {error}"
-            ) from None
-        if task == "CAUSAL_LM":
-            return "generative"
-    raise ModelFolderError(
-        f"--model {folder}: not a FederiMed model folder (expected {FEDERIMED_META} of a "
-        "classifier, or a causal LM's adapter: a run's final/ folder or the demo's model/)"
-    )
+    try:
+        kinds = [name for name in track_names() if track_for(name).holds_model(folder)]
+    except ValueError as error:  # a file that should say what the folder holds does not read
+        raise ModelFolderError(str(error)) from None
+    if not kinds:
+        expected = "; ".join(track_for(name).model_folder for name in track_names())
+        raise ModelFolderError(
+            f"--model {folder}: not a FederiMed model folder (expected {expected})"
+        )
+    return kinds[0]
 
 
 class Stopped(Exception):
@@ -66,7 +56,7 @@ class Prediction:
 class ServedModel:
     """Loaded once at start-up; requests take turns (one CPU-bound forward pass at a time)."""
 
-    kind: Kind
+    kind: str  # its track
     folder: Path
     provenance: Provenance | None
     model: Any
@@ -77,27 +67,20 @@ class ServedModel:
     @classmethod
     def load(cls, folder: Path) -> ServedModel:
         from federimed.data.records import default_labels
-        from federimed.model import quiet_libraries
+        from federimed.learning.model import quiet_libraries
 
         kind = model_kind(folder)
         quiet_libraries()
-        if kind == "classify":
-            from federimed.model import load_for_inference
-
-            model, tokenizer = load_for_inference(Path(folder))
-        else:
-            from federimed.decoder import GeneratorError, load_answerer
-
-            try:
-                model, tokenizer = load_answerer(Path(folder))
-            except GeneratorError as error:
-                raise ModelFolderError(str(error)) from None
+        try:
+            model, tokenizer = track_for(kind).load_model(Path(folder))
+        except RuntimeError as error:  # GeneratorError: the base model is not here
+            raise ModelFolderError(str(error)) from None
         return cls(
             kind, Path(folder), read_provenance(Path(folder)), model, tokenizer, default_labels()
         )
 
     def predict(self, text: str, k: int = 5) -> list[Prediction]:
-        from federimed.model import top_diagnoses
+        from federimed.learning.model import top_diagnoses
 
         with self.lock:
             top = top_diagnoses(self.model, self.tokenizer, text, k)
@@ -131,7 +114,7 @@ class ServedModel:
             self.lock.release()
 
     def _generate(self, question: str, max_new_tokens: int, on_text: Callable[[str], None]):
-        from federimed.decoder import ask
+        from federimed.tracks.generative.decoder import ask
 
         ask(self.model, self.tokenizer, question, max_new_tokens, on_text=on_text)
 

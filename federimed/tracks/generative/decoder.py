@@ -22,13 +22,13 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from federimed.batching import Encoded, autocast, batch_tensors
 from federimed.data.records import DIAGNOSIS_KIND, INSTRUCTION, Flashcard
-from federimed.dpsgd import IGNORE_INDEX
-from federimed.model import top_layers
+from federimed.learning.batching import Encoded, autocast, batch_tensors
+from federimed.learning.dpsgd import IGNORE_INDEX
+from federimed.learning.model import top_layers
 from federimed.runconfig import LoraSettings
 from federimed.runrecord import read_provenance
-from federimed.smollm2 import GeneratorError, resolve_generator
+from federimed.tracks.generative.smollm2 import GeneratorError, resolve_generator
 
 IGNORE = IGNORE_INDEX  # label of the prompt's and the padding's tokens: no loss on them
 # For a tokenizer without a chat template (GPT-2): the same roles, in plain text.

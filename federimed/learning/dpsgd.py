@@ -1,5 +1,6 @@
-"""DP-SGD's two data-dependent steps, for :func:`federimed.training.train`: per-case gradients
-clipped and summed, then Gaussian noise (the accountant that prices them: federimed.privacy).
+"""DP-SGD's two data-dependent steps, for :func:`federimed.learning.training.train`: per-case
+gradients clipped and summed, then Gaussian noise (the accountant that prices them:
+federimed.hospital.privacy).
 
 Per-case gradients come from one batched forward and backward when every trained parameter is
 the weight or bias of an ``nn.Linear`` (true of both tracks: LoRA's A and B, the encoder's

@@ -1,7 +1,7 @@
 """The generative track's round at a hospital, and how its models are scored.
 
-The same round as the encoder's (:mod:`federimed.task`): score the incoming model on the
-hospital's own validation cards, train it on its flashcards, send the adapter in the wire
+The same round as the encoder's (:mod:`federimed.tracks.classify.task`): score the incoming model
+on the hospital's own validation cards, train it on its flashcards, send the adapter in the wire
 format, clipped to the site's bound.  A model is scored on test cards by exact match of the
 diagnosis, token-F1 of the free-text answers and the perplexity of the reference answers
 (:class:`federimed.consortium.global_model.GlobalGenerator` does it each round at the server).
@@ -16,9 +16,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from federimed.batching import pick_device
 from federimed.data.records import Flashcard, load_hospital_cards
-from federimed.decoder import (
+from federimed.learning.batching import pick_device
+from federimed.learning.model import exchanged_state, receive, to_wire
+from federimed.runconfig import RunConfig
+from federimed.settings import RuntimeSettings
+from federimed.tracks.generative.decoder import (
     answer_loss,
     answer_token_losses,
     build_generator,
@@ -27,10 +30,7 @@ from federimed.decoder import (
     load_generator_tokenizer,
     score_answers,
 )
-from federimed.model import exchanged_state, receive, to_wire
-from federimed.runconfig import RunConfig
-from federimed.settings import RuntimeSettings
-from federimed.task import NodeIdentity, local_training, require_validation
+from federimed.tracks.hospital_round import NodeIdentity, local_training, require_validation
 
 log = logging.getLogger("flwr.federimed.client")
 
@@ -52,8 +52,8 @@ def train_round(
     proximal_mu: float = 0.0,
     runtime: RuntimeSettings | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """:func:`federimed.task.train_round` for flashcards: ``val_loss`` is the incoming model's
-    loss per answer token on the hospital's validation cards."""
+    """:func:`federimed.tracks.classify.task.train_round` for flashcards: ``val_loss`` is the
+    incoming model's loss per answer token on the hospital's validation cards."""
     started = time.perf_counter()
     runtime = runtime or RuntimeSettings()
     device = pick_device(runtime)

@@ -3,7 +3,7 @@
 Every message of a run crosses the hospital's SuperNode twice: in, when the SuperNode pulls it
 from the SuperLink and makes a task of it, and out, when it sends the ClientApp's reply.  The
 guard sits at both crossings, inside the SuperNode's process (``federimed supernode``; the
-hooks are in :mod:`federimed.deploy.supernode`).  The consortium's app runs in other
+hooks are in :mod:`federimed.hospital.supernode`).  The consortium's app runs in other
 processes (in compose and Kubernetes, another container and user) that reach the SuperNode only
 through Flower's Runtime API: it can neither import, patch nor write to anything here, and the
 egress ledger is written by this process alone.
@@ -21,7 +21,7 @@ Default deny, both ways:
   parts.  A training reply holds exactly one ArrayRecord ``arrays`` whose names, shapes and
   dtypes are those the hospital received for that task (8-bit weights as decoded), finite
   values only, clipped here to the policy's bound on the update's norm; when the weights came
-  8 bits a value, the guard itself sends the change at 8 bits (:mod:`federimed.wire`, with
+  8 bits a value, the guard itself sends the change at 8 bits (:mod:`federimed.learning.wire`, with
   error feedback), so what leaves is what it quantized; an evaluation reply holds none.  Both
   hold one MetricRecord ``metrics`` of single finite numbers (keys off the allow-list are held
   back and ledgered).  Any other record, type or name refuses the whole reply.  The guard adds one
@@ -29,7 +29,7 @@ Default deny, both ways:
   carry record content, so it stays in the hospital's log and the server gets a code.
 
 Every outgoing reply and every refusal is appended to the hash-chained ledger before it is
-sent (:mod:`federimed.ledger`), with each record's type, name, size and digest.
+sent (:mod:`federimed.hospital.ledger`), with each record's type, name, size and digest.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ from flwr.common.config import get_fused_config_from_fab
 from flwr.common.constant import ErrorCode
 from flwr.supercore.constant import TaskType
 
-from federimed import ledger, wire
-from federimed.data.records import DataError, load_hospital, load_hospital_cards
-from federimed.policy import (
+from federimed.data.records import DataError
+from federimed.hospital import ledger
+from federimed.hospital.policy import (
     POLICY_ENV,
     PolicyError,
     Privacy,
@@ -71,7 +71,9 @@ from federimed.policy import (
     clip_update,
     policy_from_env,
 )
-from federimed.privacy import Mechanism, lifetime_spent
+from federimed.hospital.privacy import Mechanism, lifetime_spent
+from federimed.learning import wire
+from federimed.tracks import UnknownTrack, track_for
 
 log = logging.getLogger("flwr.federimed.guard")
 
@@ -157,17 +159,15 @@ def _at_most(value: object, limit: float) -> bool:
 
 
 def count_cases(data_path: Path, track: str) -> Counts:
-    """Training and validation cases in the hospital's folder for ``track`` (never sent)."""
-    if track == "generative":
-        cards, validation_cards = load_hospital_cards(data_path)
-        return Counts(len(cards), len(validation_cards))
-    splits = load_hospital(data_path)
-    return Counts(len(splits.train), len(splits.validation))
+    """Training and validation cases in the hospital's folder for ``track`` (never sent),
+    read by this hospital's own code for the track, whatever the app brings."""
+    return Counts(*track_for(track).count_cases(data_path))
 
 
 def record_facts(content: RecordDict) -> list[dict[str, Any]]:
     """Each record's type, name, size in bytes and SHA-256, for the ledger (an ArrayRecord's
-    size and digest are its arrays', as :func:`federimed.ledger.arrays_digest` takes them)."""
+    size and digest are its arrays', as :func:`federimed.hospital.ledger.arrays_digest` takes
+    them)."""
     facts = []
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
@@ -188,7 +188,7 @@ class SiteGuard:
         self.data_path = Path(data_path)
         self.pending: dict[str, Pending] = {}
         self.cleared: set[str] = set()  # ids of the messages the guard built to be sent
-        # run id -> the rounding its 8-bit updates have left out so far (federimed/wire.py)
+        # run id -> the rounding its 8-bit updates have left out so far (federimed/learning/wire.py)
         self.feedback: dict[int, wire.ErrorFeedback] = {}
 
     @classmethod
@@ -369,6 +369,8 @@ class SiteGuard:
             log.error("%s", error)
             unusable = "the hospital's data folder is not usable"
             raise self._refuse("DATA_UNUSABLE", unusable) from None
+        except UnknownTrack as error:
+            raise self._refuse("UNKNOWN_TRACK", f"the run config's {error}") from None
         if kind == MessageType.EVALUATE:
             if counts.validation == 0:
                 raise self._refuse(

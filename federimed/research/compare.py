@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from federimed.batching import Encoded, encode, pick_device
 from federimed.data.records import (
     UNSEEN_STYLE_TEST,
     Example,
@@ -28,16 +27,10 @@ from federimed.data.records import (
     load_hospital,
     load_hospital_cards,
 )
-from federimed.decoder import (
-    build_generator,
-    encode_cards,
-    load_generator_tokenizer,
-    score_answers,
-)
-from federimed.features import keeps_frozen_layers, with_features
-from federimed.generative import answers_and_losses
-from federimed.metrics import probability_metrics
-from federimed.model import (
+from federimed.learning.batching import Encoded, encode, pick_device
+from federimed.learning.features import keeps_frozen_layers, with_features
+from federimed.learning.metrics import probability_metrics
+from federimed.learning.model import (
     build_classifier,
     exchanged_state,
     from_wire,
@@ -45,10 +38,8 @@ from federimed.model import (
     load_tokenizer,
     to_wire,
 )
-from federimed.runconfig import RunConfig, TrainSettings
-from federimed.task import round_seed, training_cases
-from federimed.training import predict_proba, step_reporter, train
-from federimed.tuning import (
+from federimed.learning.training import predict_proba, step_reporter, train
+from federimed.research.tuning import (
     Advance,
     State,
     Tuned,
@@ -60,6 +51,16 @@ from federimed.tuning import (
     validation_key,
     warm_started,
 )
+from federimed.runconfig import RunConfig, TrainSettings
+from federimed.tracks.classify.task import training_cases
+from federimed.tracks.generative.decoder import (
+    build_generator,
+    encode_cards,
+    load_generator_tokenizer,
+    score_answers,
+)
+from federimed.tracks.generative.task import answers_and_losses
+from federimed.tracks.hospital_round import round_seed
 
 Progress = Callable[[str], None]
 

@@ -4,7 +4,7 @@ learning rate or a lower one, whichever its own validation data prefers (with a 
 An equal budget alone can favour one method (a pooled model given the federation's total steps
 may be under-trained, or over-trained, at the federation's learning rate); a researcher trusts
 the comparison once every method had its own best shot.  Every method gets the same search,
-the same early stopping and the same training code (:func:`federimed.training.train`); what
+the same early stopping and the same training code (:func:`federimed.learning.training.train`); what
 differs is the data each may see, and for the federation that it only ever averages hospitals'
 updates.
 
@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from federimed import wire
-from federimed.batching import Encoded
-from federimed.model import exchanged_state, from_wire, load_exchanged_state, to_wire
+from federimed.learning import wire
+from federimed.learning.batching import Encoded
+from federimed.learning.model import exchanged_state, from_wire, load_exchanged_state, to_wire
+from federimed.learning.training import evaluate, train
 from federimed.runconfig import TrainSettings
-from federimed.training import evaluate, train
 
 # Learning rates the training continues at after the equal budget, as multiples of the run's
 # (the demo's 0.005 gives 0.002).

@@ -31,9 +31,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from federimed.batching import Encoded, autocast, model_config, scoring_batches
+from federimed.learning.batching import Encoded, autocast, model_config, scoring_batches
 
-log = logging.getLogger("flwr.federimed.features")
+log = logging.getLogger("flwr.federimed.learning.features")
 _PROBE_ROWS = 2  # rows recomputed to check a cached copy still matches the model
 
 

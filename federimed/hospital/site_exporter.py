@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from federimed.ledger import LedgerError, entries
-from federimed.policy import refusal_code
+from federimed.hospital.ledger import LedgerError, entries
+from federimed.hospital.policy import refusal_code
 
 
 class LedgerCollector(Collector):

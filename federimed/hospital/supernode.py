@@ -3,14 +3,14 @@
 An idle Flower 1.42 SuperNode sleeps a fixed 3 s between two pulls
 (``flwr/supernode/start_client_internal.py``, no setting), so each round's task waits
 1.5 s on average at every hospital before it even starts, and the round waits for the last
-of them.  ``python -m federimed.deploy.supernode --idle-poll-seconds S <flower-supernode
+of them.  ``python -m federimed.hospital.supernode --idle-poll-seconds S <flower-supernode
 flags>`` runs Flower's own ``flower-supernode`` with that sleep cut to ``S`` seconds
 (``FEDERIMED_NODE_IDLE_POLL_SECONDS``), and its local 0.5 s waits to 0.1 s
 (:data:`LOCAL_WAIT_SECONDS`); everything else is Flower's.  Each pull is one request
 to the SuperLink, so the setting trades round latency for SuperLink load (docs/scale.md).
 Both rebindings are in :mod:`federimed.deploy.flower_patches`.
 
-The same process is where the hospital's guard sits (:mod:`federimed.deploy.guard`):
+The same process is where the hospital's guard sits (:mod:`federimed.hospital.guard`):
 :func:`guard_messages` wraps the two steps of Flower's SuperNode loop that every message of a
 run crosses, ``_pull_and_store_message`` (in: a message becomes a task only if the guard admits
 it) and ``_push_messages`` (out: only the message the guard rebuilt from the app's reply
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from federimed.deploy.flower_patches import supernode_message_steps, supernode_waits
-from federimed.deploy.guard import SiteGuard
+from federimed.hospital.guard import SiteGuard
 
 log = logging.getLogger("flwr.federimed.guard")
 

@@ -2,7 +2,7 @@
 
 The hospital's checks do not live here: this process runs the consortium's code, so nothing in
 it can be trusted to hold a promise.  They live in the hospital's SuperNode
-(:mod:`federimed.deploy.guard`), which admits a task before this process is started and
+(:mod:`federimed.hospital.guard`), which admits a task before this process is started and
 rebuilds every reply before it leaves.  What this runner does is make sure that what runs is
 exactly the bundle the hospital approved, and nothing left over from another:
 

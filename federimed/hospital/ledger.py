@@ -3,7 +3,7 @@
 JSON lines on the hospital's own volume.  Each line carries ``prev`` (the previous line's
 ``hash``) and its own ``hash`` (SHA-256 of the line's canonical JSON without ``hash``), so
 editing, dropping or reordering a line breaks the chain at that line, and ``verify`` names it.
-Only the hospital's guard writes it (:mod:`federimed.deploy.guard`, in the SuperNode's
+Only the hospital's guard writes it (:mod:`federimed.hospital.guard`, in the SuperNode's
 process; the consortium's app has no handle on it).  The file is 0600 in a 0700 folder, and
 appends take an exclusive lock.  A chain proves order, not authorship: whoever can write the file
 could rewrite it whole and chain it anew.  :func:`anchor` is the short value to keep elsewhere
@@ -33,7 +33,7 @@ from typing import Any
 
 GENESIS = "0" * 64
 TORN = ".torn-"  # <ledger>.torn-<time>: a torn last line, moved aside by the next append
-log = logging.getLogger("federimed.ledger")
+log = logging.getLogger("federimed.hospital.ledger")
 
 
 class LedgerError(ValueError):

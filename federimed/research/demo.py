@@ -21,7 +21,7 @@ from federimed.data.records import Federation
 from federimed.data.synth import SynthConfig, generate, write_dataset
 from federimed.deploy.flower import COMPLETED
 from federimed.deploy.local import FederationState, LocalFederation, deployment_overrides
-from federimed.runconfig import RunConfig, resolve_model
+from federimed.runconfig import RunConfig
 from federimed.runrecord import (
     SUMMARY_FILE,
     RoundRecord,
@@ -29,13 +29,18 @@ from federimed.runrecord import (
     read_rounds,
     read_summary,
 )
+from federimed.tracks import track_for
 
 if TYPE_CHECKING:
-    from federimed.compare import Comparison
+    from federimed.research.compare import Comparison
 
 # What the demo itself needs only after the federation: torch, transformers, peft (through
 # these) and matplotlib, seconds of one core to import.
-AFTER_THE_FEDERATION = ("federimed.compare", "federimed.model", "federimed.report")
+AFTER_THE_FEDERATION = (
+    "federimed.research.compare",
+    "federimed.learning.model",
+    "federimed.research.report",
+)
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,7 @@ def _synthesize(options: DemoOptions, data: Path, run: RunConfig, say) -> Federa
     )
     dataset = generate(config)
     write_dataset(dataset, data)
-    if run.track == "generative":
-        from federimed.data.flashcards import from_cases, write_flashcards
-
-        write_flashcards(from_cases(dataset), data)
+    track_for(run.track).write_data(dataset, data)
     say(f"synthetic data for {options.hospitals} hospitals in {data}")
     return Federation.from_folder(data, run.track)
 
@@ -84,7 +86,7 @@ def _effective(options: DemoOptions, hospitals: int, data: Path) -> EffectiveCon
             deployment=deployment,
         )
 
-    return resolved(data / Federation.test_file(resolved(None).run.track))
+    return resolved(data / track_for(resolved(None).run.track).test_file)
 
 
 def round_line(record: RoundRecord, total: int) -> str:
@@ -181,12 +183,7 @@ def _import_in_background(modules: tuple[str, ...]) -> threading.Thread:
 def check_pretrained(run: RunConfig) -> None:
     """The track's pretrained model is here, before anything starts: a wrong ``--model``
     would otherwise fail in every hospital's first round, a minute or more later."""
-    if run.track == "generative":
-        from federimed.smollm2 import resolve_generator
-
-        name = resolve_generator(run.generator)  # SmolLM2: converted once, here
-    else:
-        name = resolve_model(run.model)
+    name = track_for(run.track).resolve_base_model(run.base_model)
     folder = Path(name).expanduser()
     if folder.exists() or name.startswith((".", "/", "~")):
         if not (folder / "config.json").is_file():
@@ -230,8 +227,8 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
 
     say("scoring the global model and training the baselines (same code, same budget)")
     imports.join()
-    from federimed.model import quiet_libraries
-    from federimed.report import write_report
+    from federimed.learning.model import quiet_libraries
+    from federimed.research.report import write_report
 
     quiet_libraries()
     comparison, model = _comparison(federation, run, result, model_dir, say)
@@ -257,16 +254,9 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
 
 def _comparison(federation: Federation, run: RunConfig, result: FederatedResult, model_dir, say):
     """The track's baselines, and the federated model as a user loads it from ``model_dir``."""
-    if run.track == "generative":
-        from federimed.compare import GenerativeComparison
-        from federimed.decoder import load_answerer
-
-        return GenerativeComparison(federation, run, progress=say), load_answerer(model_dir)[0]
-    from federimed.compare import Comparison
-    from federimed.model import load_for_inference
-
-    comparison = Comparison(federation, run, progress=say, feature_caches=result.feature_caches)
-    return comparison, load_for_inference(model_dir)[0]
+    track = track_for(run.track)
+    comparison = track.comparison(federation, run, say, result.feature_caches)
+    return comparison, track.load_model(model_dir)[0]
 
 
 def round_checkpoints(run: RunConfig, result: FederatedResult) -> list[Path] | None:
@@ -284,12 +274,13 @@ def tune_baselines(
     comparison, checkpoints: list[Path] | None, results: dict, seconds: dict, say
 ) -> dict[str, Any] | None:
     """Each method's equal-budget run, stopped early or continued at a rate its own validation
-    data picks (:mod:`federimed.tuning`; the federation's from the real run's ``checkpoints``):
-    the scores go into ``results``, the local-only and centralized equal-budget figures among
-    them; how they were found is returned for the report.  Only the classify track; hospitals
-    without validation data skip it (None: the caller trains the equal-budget baselines)."""
-    from federimed.compare import Comparison, checkpoint_states
-    from federimed.tuning import CAP_FACTOR, CONTINUE_FACTORS, PATIENCE
+    data picks (:mod:`federimed.research.tuning`; the federation's from the real run's
+    ``checkpoints``): the scores go into ``results``, the local-only and centralized
+    equal-budget figures among them; how they were found is returned for the report.  Only the
+    classify track; hospitals without validation data skip it (None: the caller trains the
+    equal-budget baselines)."""
+    from federimed.research.compare import Comparison, checkpoint_states
+    from federimed.research.tuning import CAP_FACTOR, CONTINUE_FACTORS, PATIENCE
 
     if not isinstance(comparison, Comparison):
         say("tuned baselines: the classify track's only; skipped")
@@ -367,7 +358,7 @@ def build_report(
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    from federimed.measures import measures, method_name, methods_in
+    from federimed.research.measures import measures, method_name, methods_in
 
     shown = measures(report)
     first, second = shown.headline.replace("_", " "), shown.second_name

@@ -14,7 +14,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from federimed.batching import (
+from federimed.learning.batching import (
     Encoded,
     autocast,
     batch_tensors,
@@ -22,13 +22,13 @@ from federimed.batching import (
     model_config,
     scoring_batches,
 )
-from federimed.dpsgd import (
+from federimed.learning.dpsgd import (
     add_noise,
     clipped_gradient_sum,
     poisson_batches,
 )
-from federimed.features import Replay, replaying
-from federimed.metrics import probability_metrics
+from federimed.learning.features import Replay, replaying
+from federimed.learning.metrics import probability_metrics
 from federimed.runconfig import TrainSettings
 
 

@@ -2,7 +2,7 @@
 
 The file (YAML, ``FEDERIMED_SITE_POLICY``) is the hospital's, mounted read-only into its
 SuperNode's container; nothing the consortium sends (run config, app code) can loosen it.  One
-side reads it: the guard in the hospital's SuperNode (:mod:`federimed.deploy.guard`: app
+side reads it: the guard in the hospital's SuperNode (:mod:`federimed.hospital.guard`: app
 approval by hash, task types, floors and caps, the shape of every reply, the metric allow-list,
 the clip on each update's norm, error replies without record content, the egress ledger).  The
 consortium's app never reads it and is never trusted to apply it.
@@ -84,7 +84,7 @@ class Floors(BaseModel):
 class Privacy(BaseModel):
     """The hospital's differential-privacy budget (record level: docs/privacy.md).  Its guard
     turns each training task's numbers and the hospital's own case count into ε at ``delta``
-    (federimed.privacy) and refuses what this does not allow."""
+    (federimed.hospital.privacy) and refuses what this does not allow."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 

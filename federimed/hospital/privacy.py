@@ -1,7 +1,7 @@
 """Record-level differential privacy: what a run's DP-SGD costs a hospital, as ε at its δ.
 
-The training (:func:`federimed.training.train`) clips each case's gradient to ``C`` and adds
-Gaussian noise of standard deviation ``σ·C`` to their sum at every step, on a batch drawn by
+The training (:func:`federimed.learning.training.train`) clips each case's gradient to ``C`` and
+adds Gaussian noise of standard deviation ``σ·C`` to their sum at every step, on a batch drawn by
 Poisson sampling: each case joins a step's batch with probability ``q = batch size / cases``,
 independently.  That is the mechanism the standard RDP analysis of DP-SGD bounds (Abadi et
 al. 2016; Mironov et al. 2019), so the accountant here composes exactly that event:
@@ -9,7 +9,7 @@ al. 2016; Mironov et al. 2019), so the accountant here composes exactly that eve
 hospital trained in, with Google's ``dp-accounting`` (the library Flower's ``[dp]`` extra
 uses).  Neighbouring datasets differ by one case (add or remove).
 
-The guard at the hospital's SuperNode (:mod:`federimed.deploy.guard`) computes ε from the
+The guard at the hospital's SuperNode (:mod:`federimed.hospital.guard`) computes ε from the
 task's own numbers and the hospital's own case count before a task runs, refuses what the
 hospital's budget does not allow, and ledgers what each reply spent; ``federimed privacy
 show`` reads it back.  Only the training records are covered: the validation cases a model is
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the policy module reads YAML; this one is imported by the guard too
-    from federimed.policy import SitePolicy
+    from federimed.hospital.policy import SitePolicy
 
 # dp-accounting logs a warning for every Rényi order whose series does not converge at small
 # alphas (it then leaves that order out); these orders avoid them, from 1.5 up, as Opacus does.

@@ -9,52 +9,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
 import torch
 
-from federimed.batching import Encoded, encode, pick_device
 from federimed.data.records import Example, load_hospital
 from federimed.data.textbook import textbook_cases
-from federimed.features import first_adapted_layer, with_features
-from federimed.model import (
+from federimed.learning.batching import encode, pick_device
+from federimed.learning.features import first_adapted_layer, with_features
+from federimed.learning.model import (
     build_classifier,
     exchanged_state,
     load_tokenizer,
     receive,
     to_wire,
 )
+from federimed.learning.training import evaluate
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
-from federimed.training import evaluate, step_reporter, train
+from federimed.tracks.hospital_round import NodeIdentity, local_training, require_validation
 
 # A child of Flower's logger, so lines land in the SuperNode log next to Flower's own.
 log = logging.getLogger("flwr.federimed.client")
-
-
-@dataclass(frozen=True)
-class NodeIdentity:
-    """What the SuperNode's ``--node-config`` tells the app about its hospital."""
-
-    hospital: str
-    data_path: Path
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, object]) -> NodeIdentity:
-        missing = [key for key in ("hospital", "data-path") if key not in node_config]
-        if missing:
-            raise ValueError(
-                f"SuperNode --node-config lacks {missing}; start nodes with "
-                "`federimed supernode` (it sets hospital=... data-path=...)"
-            )
-        return cls(str(node_config["hospital"]), Path(str(node_config["data-path"])))
-
-
-def round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
-    """Different batches each round and hospital, identical on a re-run."""
-    return run.seed * 1_000_003 + server_round * 1009 + sum(hospital.encode())
 
 
 def training_cases(run: RunConfig, own: list[Example]) -> list[Example]:
@@ -115,41 +90,6 @@ def train_round(
     return to_wire(exchanged_state(model)), metrics
 
 
-def local_training(
-    run: RunConfig,
-    node: NodeIdentity,
-    server_round: int,
-    proximal_mu: float,
-    model: torch.nn.Module,
-    data: Encoded,
-    device: torch.device,
-    seen: str,
-) -> dict[str, float]:
-    """The round's local steps, logged (``seen``: how the incoming model did here)."""
-    settings = run.train_settings(
-        seed=round_seed(run, node.hospital, server_round), proximal_mu=proximal_mu
-    )
-    log.info(
-        "%s round %d: global model %s; training %d steps on %d examples (%s)",
-        node.hospital,
-        server_round,
-        seen,
-        settings.steps,
-        len(data),
-        device,
-    )
-    report = step_reporter(settings.steps, partial(_log_step, node.hospital), times=4)
-    return train(model, data, settings, device, on_step=report)
-
-
-def require_validation(cases: list, node: NodeIdentity) -> list:
-    """Evaluation scores validation cases only: scores on training cases answer questions
-    about them (the hospital's guard refuses such a task before it gets here)."""
-    if not cases:
-        raise ValueError(f"{node.hospital}: no validation cases, so no model is scored here")
-    return cases
-
-
 def _with_features(model, data, device, run: RunConfig, runtime: RuntimeSettings):
     """The frozen layers' output, from the hospital's cache folder when it has one."""
     return with_features(model, data, device, run.model, runtime.feature_cache)
@@ -157,10 +97,6 @@ def _with_features(model, data, device, run: RunConfig, runtime: RuntimeSettings
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _log_step(hospital: str, step: int, steps: int, loss: float) -> None:
-    log.info("%s step %d/%d loss %.4f", hospital, step, steps, loss)
 
 
 def evaluate_round(

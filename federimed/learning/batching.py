@@ -1,5 +1,6 @@
 """Tokenized cases and how they reach the device: the data both training and the frozen-layer
-cache (:mod:`federimed.features`) work on, apart from both so that neither imports the other.
+cache (:mod:`federimed.learning.features`) work on, apart from both so that neither imports the
+other.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from federimed.data.records import Example
-from federimed.dpsgd import IGNORE_INDEX  # a prompt's and padding's tokens carry no loss
+from federimed.learning.dpsgd import IGNORE_INDEX  # a prompt's and padding's tokens carry no loss
 from federimed.settings import RuntimeSettings
 
 
 @dataclass
 class Encoded:
     """A tokenized split: tensors ready for batching, labels as indices, and optionally the
-    frozen layers' output for every row (:mod:`federimed.features`)."""
+    frozen layers' output for every row (:mod:`federimed.learning.features`)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor

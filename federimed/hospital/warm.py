@@ -6,7 +6,7 @@ a busy 2-core machine, measured in the demo's ``startup_seconds``).  A hospital'
 (``federimed superexec``) therefore starts one *warm parent* that imports those libraries
 once and then forks one child per task.  Each task still gets its own process, as Flower
 intends: the child runs ``federimed-clientapp`` (Flower's ``flwr-clientapp`` in a fresh
-install folder, with the bundle's own modules: :mod:`federimed.deploy.site_runner`) with the
+install folder, with the bundle's own modules: :mod:`federimed.hospital.site_runner`) with the
 same arguments Flower would have given it, imports the approved bundle fresh, and exits when
 the task is done.  (The hospital's checks are not in this process: the SuperNode's guard.)
 Nothing of a task survives it: the warm parent never imports app code and never sees a
@@ -60,7 +60,7 @@ class WarmStarter:
         # imports were done and it read the closed pipe (seconds at nice 19 on a busy machine),
         # holding the hospital's network namespace meanwhile.
         self.parent = subprocess.Popen(
-            [sys.executable, "-m", "federimed.deploy.warm"],
+            [sys.executable, "-m", "federimed.hospital.warm"],
             preexec_fn=die_with_parent,
             stdin=subprocess.PIPE,
             stdout=output,
@@ -112,7 +112,7 @@ def _run_task(argv: list[str]) -> None:
     code = 0
     try:
         sys.argv = argv
-        from federimed.deploy.site_runner import main
+        from federimed.hospital.site_runner import main
 
         main()
     except SystemExit as done:

@@ -26,9 +26,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from federimed.batching import model_config
+from federimed.learning.batching import model_config
+from federimed.learning.wire import WIRE_ARRAY, WireError, decode
 from federimed.runconfig import LoraSettings, resolve_model
-from federimed.wire import WIRE_ARRAY, WireError, decode
 
 FEDERIMED_META = "federimed.json"
 
@@ -115,8 +115,8 @@ def label_names(model: torch.nn.Module) -> list[str]:
 
 def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
     """The indices of the top ``count`` layers (None: all).  Everything below them stays
-    frozen and is computed once per case (federimed.features): the adapters in the top layers
-    of a small encoder learn the task as well as adapters everywhere, at a fraction of the
+    frozen and is computed once per case (federimed.learning.features): the adapters in the top
+    layers of a small encoder learn the task as well as adapters everywhere, at a fraction of the
     cost per step (measured in bench/levers.py)."""
     total = model_config(model).num_hidden_layers
     if count == 0 or count >= total:
@@ -162,8 +162,8 @@ def to_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def from_wire(
     model: torch.nn.Module, wire: Mapping[str, torch.Tensor]
 ) -> OrderedDict[str, torch.Tensor]:
-    """The named tensors in ``wire`` (:func:`to_wire`, or its 8-bit form, :mod:`federimed.wire`),
-    laid out as ``model`` exchanges them."""
+    """The named tensors in ``wire`` (:func:`to_wire`, or its 8-bit form,
+    :mod:`federimed.learning.wire`), laid out as ``model`` exchanges them."""
     try:
         flat = torch.from_numpy(decode({name: t.numpy() for name, t in wire.items()}))
     except WireError as error:

@@ -12,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from federimed.measures import MEASURES, Measures, measures, method_name, methods_in
+from federimed.research.measures import Measures, measures, method_name, methods_in
+from federimed.tracks import track_for
 
 # Scores that are not fractions: shown as numbers, not percentages.
 NOT_FRACTIONS = {"perplexity", "unseen_perplexity"}
@@ -216,7 +217,7 @@ def _privacy_lines(rounds: dict[str, dict[str, Any]]) -> list[str]:
 def write_markdown(report: dict[str, Any], out: Path) -> Path:
     setup = report["setup"]
     shown = measures(report)
-    sent = "LoRA adapter + head" if shown is MEASURES["classify"] else "LoRA adapter"
+    sent = track_for(setup.get("track", "classify")).sent
     lines = [
         f"# FederiMed run `{out.name}`",
         "",
