@@ -99,7 +99,7 @@ def changed_app(tmp_path_factory):
     )
     for package in ("federimed", "server_app", "client_app"):
         shutil.copytree(root / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
-    with (app / "federimed" / "task.py").open("a") as task:
+    with (app / "federimed" / "tracks" / "classify" / "task.py").open("a") as task:
         task.write(BUNDLE_MARK.format(marks=str(tmp_path_factory.mktemp("bundle-marks"))))
     return app
 
@@ -191,7 +191,7 @@ def test_federation_with_tls_and_node_auth_completes_and_saves_a_model(finished_
 def test_the_bundles_own_modules_run_at_the_hospitals(finished_run, changed_app):
     """Every ClientApp task imported the approved bundle's federimed/tracks/classify/task.py (one
     mark per task process: a train and an evaluate task per hospital and round)."""
-    text = (changed_app / "federimed" / "task.py").read_text()
+    text = (changed_app / "federimed" / "tracks" / "classify" / "task.py").read_text()
     marks = Path(re.search(r"Path\('([^']+)'", text).group(1))
     assert len(list(marks.iterdir())) == 2 * ROUNDS * len(HOSPITALS)
 

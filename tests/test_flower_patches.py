@@ -11,6 +11,7 @@ from pathlib import Path
 
 import flwr
 import pytest
+from conftest import train_task
 
 from federimed.deploy import flower_patches
 from federimed.hospital import site_runner, supernode, warm
@@ -172,3 +173,35 @@ def test_a_task_first_asks_for_its_message_after_a_tenth_of_a_second(monkeypatch
     assert "pull_and_inflate_object_from_tree(" in source and "initial_backoff" not in source
     site_runner.quicker_first_pulls()
     assert pull.__kwdefaults__["initial_backoff"] == site_runner.FIRST_PULL_BACKOFF
+
+
+def test_the_guard_reads_a_message_whose_arrays_the_node_already_held():
+    """Flower pulls only what the node's object store lacks: a run that starts from the same
+    seeded model as one before it brings its arrays' objects no more.  The guard still reads
+    the whole message (it once got a KeyError, and refused the hospital's update)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+        iterate_object_tree,
+    )
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+
+    arrays = ArrayRecord({"exchanged": Array(np.arange(6, dtype=np.float32))})
+    message = train_task(arrays)
+    objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+    tree, store = get_object_tree(message), InMemoryObjectStore()
+    held = get_object_tree(arrays)  # an earlier message's arrays, still stored
+    store.preregister(1, held)
+    held_ids = {node.object_id for node in iterate_object_tree(held)}
+    for oid in held_ids:
+        store.put(oid, objects[oid])
+    to_pull = set(store.preregister(1, tree))
+    assert to_pull and not to_pull & held_ids  # Flower would pull only these
+    pulled = {oid: objects[oid] for oid in to_pull}
+    contents = supernode.received_contents(tree, pulled, store)
+    assert contents == objects
+    inflated = supernode._inflate(tree.object_id, contents)
+    received = inflated.content["arrays"].to_numpy_ndarrays()[0]
+    assert received.tolist() == [0, 1, 2, 3, 4, 5]

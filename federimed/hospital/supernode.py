@@ -76,6 +76,20 @@ def _inflate(message_id: str, contents: dict[str, bytes]) -> Any:
     return inflate_object_from_contents(message_id, contents, keep_object_contents=True)
 
 
+def received_contents(tree: Any, pulled: dict[str, bytes], object_store: Any) -> dict[str, bytes]:
+    """Every object of the message the node admitted: those pulled for it, and those the node
+    already held.  Flower pulls only the objects its store lacks (ids are content hashes), so
+    a message that repeats an earlier one's arrays (a run that starts from the same seeded
+    model as a run before it, while that run's objects are still stored) brings fewer."""
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+
+    contents = dict(pulled)
+    for node in iterate_object_tree(tree):
+        if node.object_id not in contents and (held := object_store.get(node.object_id)):
+            contents[node.object_id] = held
+    return contents
+
+
 def _app_reply(reply: Any, object_store: Any) -> Any:
     """The app's reply as the app pushed it, or its metadata with no content when its objects
     never came or do not read (the guard refuses both; a hostile app must not stop the
@@ -160,7 +174,8 @@ def _guarded_steps(
             }
         )
         try:
-            guard.received(message.metadata.message_id, _inflate(tree.object_id, pulled))
+            contents = received_contents(tree, pulled, store)
+            guard.received(message.metadata.message_id, _inflate(tree.object_id, contents))
         except Exception:  # the guard then refuses the update: it has nothing to check it by
             log.exception("the guard could not read the message it admitted")
         return result
