@@ -640,6 +640,30 @@ def test_serve_on_loopback_makes_the_tokens_file_on_its_first_start(
     assert "nobody can sign in until" in capsys.readouterr().out and not elsewhere.exists()
 
 
+def test_serve_flags_say_what_their_settings_say_and_only_a_given_one_beats_the_variable(
+    tmp_path, capsys, monkeypatch
+):
+    """Each flag's help is its ServeSettings field's description, default and variable; an
+    unset flag leaves FEDERIMED_SERVE_* in force, a given one wins over it."""
+    import uvicorn
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # as one line, however argparse wraps it
+    for name, default in (("port", "8080"), ("max_chars", "4000"), ("auth", "token")):
+        description = ServeSettings.model_fields[name].description.rstrip(".")
+        env = f"FEDERIMED_SERVE_{name.upper()}"
+        assert f"{description} (default: {default}; env {env})" in shown
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    monkeypatch.setenv("FEDERIMED_SERVE_AUTH", "none")
+    monkeypatch.setenv("FEDERIMED_SERVE_PORT", "8181")
+    assert main(["serve", "--runs", str(tmp_path)]) == 0
+    assert main(["serve", "--runs", str(tmp_path), "--port", "8282"]) == 0
+    assert [kw["port"] for kw in started] == [8181, 8282]
+    assert "auth none" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ limits
 
 
