@@ -223,3 +223,136 @@ def write_provenance(
 
 def read_provenance(folder: Path) -> Provenance | None:
     return _read_whole(folder / PROVENANCE_FILE, Provenance, "model provenance record")
+
+
+RUN_CONFIG_FILE = "run_config.json"  # written by the ServerApp when a run starts
+REPORT_FILE = "report.json"  # the demo's comparison, beside or above the run's folder
+
+
+def write_run_config(out: Path, run: RunConfig) -> Path:
+    """The run's configuration as Flower gave it (run-config keys), when the run starts."""
+    path = out / RUN_CONFIG_FILE
+    path.write_text(json.dumps(run.to_flower(), indent=2), encoding="utf-8")
+    return path
+
+
+def read_run_config(out: Path) -> RunConfig | None:
+    """The configuration a run started with (None before it started)."""
+    from federimed.runconfig import RunConfig
+
+    path = out / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RunConfig.from_flower(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as error:  # not JSON, or a key unknown, missing or ill-typed
+        raise ValueError(f"{path}: not a run configuration: {error}") from None
+
+
+class Setup(_Record):
+    """The run a report is about, in the report's words."""
+
+    hospitals: int
+    rounds: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    track: str
+    model: str
+    strategy: str
+    seed: int
+    test_cases: int
+
+
+class Network(_Record):
+    mode: str  # "loopback" or "network namespaces"
+    superlink: str  # HOST:PORT
+    hospitals: dict[str, str]  # hospital -> its address
+
+
+Method = dict[str, float]  # one method's scores for one hospital (keys: the track's measures)
+
+
+class HospitalResult(_Record):
+    """One hospital in a report: its data, its traffic, and each method's scores (a method
+    the report does not compare is absent)."""
+
+    train_cases: int
+    unseen_conditions: list[str]
+    bytes_per_round: dict[str, Traffic]  # round -> traffic
+    federated: Method | None = None
+    local: Method | None = None
+    centralized: Method | None = None
+    federated_tuned: Method | None = None
+    local_tuned: Method | None = None
+    centralized_tuned: Method | None = None
+
+    @model_serializer(mode="wrap")
+    def _compared_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+    def method(self, name: str) -> Method | None:
+        """The scores of method ``name`` (research.measures.METHODS), None when not compared."""
+        scores: Method | None = getattr(self, name)
+        return scores
+
+
+class Found(_Record):
+    """How one tuned checkpoint was found (research.tuning.Tuned)."""
+
+    learning_rate: float
+    best_at: int  # steps, or rounds for the federation
+    ran: int
+    capped: bool
+    validation_accuracy: float
+    trials: dict[str, float] = {}  # "equal budget" or a learning rate -> best validation
+    seconds: float = 0.0
+    equal_budget_seconds: float = 0.0
+
+
+class TunedMethods(_Record):
+    federated: Found
+    local: dict[str, Found]  # hospital -> its own search
+    centralized: Found
+
+
+class TuningRecord(_Record):
+    """The tuned baselines' search (research.tuning) and what it found per method."""
+
+    continue_factors: list[float]
+    patience: int
+    cap_factor: float
+    methods: TunedMethods
+
+
+class Report(_Record):
+    """``report.json``: the federation against what each hospital could learn alone and
+    what pooling every record would give, with the run's record and its costs."""
+
+    # a score that could not be computed (no such case in a test set) is NaN, as written before
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    setup: Setup
+    tls: bool  # as the SuperLink was started (its command line), not as intended
+    supernode_auth: bool
+    network: Network
+    flower_run_id: int
+    flower_run: dict[str, object]  # `flwr ls` of the run, as Flower reports it
+    hospitals: dict[str, HospitalResult]
+    rounds: dict[str, RoundRecord]  # round -> its record (rounds.jsonl)
+    server_evaluation: dict[str, Scores]  # round -> the global model on the common test set
+    update_bytes: int
+    trainable_parameters: int
+    total_parameters: int
+    wall_seconds: dict[str, float]  # phase -> seconds
+    tuning: TuningRecord | None = None
+
+
+def write_report(out: Path, report: Report) -> Path:
+    return _write_whole(out / REPORT_FILE, report)
+
+
+def read_report(path: Path) -> Report | None:
+    """A demo's report (``path``: the file, or the folder holding it)."""
+    path = path / REPORT_FILE if path.is_dir() else path
+    return _read_whole(path, Report, "FederiMed report")

@@ -226,7 +226,8 @@ class ServeSettings(BaseSettings):
         default_factory=_default_tokens,
         description="The users' tokens, one 'name:scrypt-hash' line each, never the tokens "
         "themselves (`federimed serve --add-token NAME` writes it, 0600); re-read when it "
-        "changes. Default: ~/.config/federimed/serve-tokens.",
+        "changes. On a loopback address the first start creates it with a token for whoever "
+        "started it.",
     )
     proxy_user_header: str = Field(
         "X-Forwarded-User",

@@ -23,9 +23,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from federimed.consortium.checks import hospital_name, update_problem
 from federimed.consortium.grid import DeadlineGrid, RunDeadline
 from federimed.consortium.recorder import RoundRecorder
-from federimed.consortium.resume import RUN_CONFIG_FILE, ResumeError, checkpoint_dir, resume_point
+from federimed.consortium.resume import ResumeError, checkpoint_dir, resume_point
 from federimed.consortium.strategy import make_strategy
-from federimed.runrecord import RoundRecord, append_round, read_rounds
+from federimed.runrecord import RUN_CONFIG_FILE, RoundRecord, append_round, read_rounds
 
 NAMES = {11: "hospital-1", 12: "hospital-2", 13: "hospital-3", 14: "hospital-4"}
 

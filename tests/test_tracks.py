@@ -17,7 +17,6 @@ from federimed import tracks
 from federimed.consortium.global_model import global_model_for
 from federimed.data.records import Federation
 from federimed.hospital.guard import Counts, count_cases
-from federimed.research.measures import measures
 from federimed.runconfig import RunConfigError
 from federimed.webapp.served import model_kind
 
@@ -44,7 +43,6 @@ def test_the_run_config_and_data_layout_take_a_registered_track(toy):
     assert run.unseen_style_test_set is None
     assert run.base_model == run.model  # its model_key
     assert Federation.from_folder(toy, "notes-length").test_path == toy / "notes-test.txt"
-    assert measures({"setup": {"track": "notes-length"}}) is toy_track.TRACK.measures
     assert "notes-length" in tracks.names()
 
 

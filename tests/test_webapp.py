@@ -28,15 +28,20 @@ from fastapi.testclient import TestClient
 from federimed.cli import main
 from federimed.deploy.local import free_port
 from federimed.runrecord import (
+    HospitalResult,
+    Network,
+    Report,
     RoundRecord,
     RunFailure,
     RunSummary,
     Scores,
+    Setup,
     Traffic,
     append_round,
     read_rounds,
     write_failure,
     write_provenance,
+    write_report,
     write_summary,
 )
 from federimed.settings import ServeSettings
@@ -309,19 +314,26 @@ def test_the_dashboard_follows_a_live_run_through_its_record(tiny_model, tmp_pat
 
 def test_the_demo_report_adds_the_comparison(classifier_run, client):
     root, _ = classifier_run
-    report = {
-        "setup": {"track": "classify"},
-        "flower_run_id": 11,
-        "hospitals": {
-            "hospital-1": {
-                "federated": {"accuracy": 0.75, "unseen_accuracy": 0.5},
-                "local": {"accuracy": 0.5, "unseen_accuracy": 0.0},
-                "centralized": {"accuracy": 0.8, "unseen_accuracy": 0.6},
-                "centralized_tuned": {"accuracy": 0.85, "unseen_accuracy": 0.7},
-            }
-        },
-    }
-    (root / "report.json").write_text(json.dumps(report))
+    hospital = HospitalResult(
+        train_cases=40,
+        unseen_conditions=["I21"],
+        bytes_per_round={},
+        federated={"accuracy": 0.75, "unseen_accuracy": 0.5},
+        local={"accuracy": 0.5, "unseen_accuracy": 0.0},
+        centralized={"accuracy": 0.8, "unseen_accuracy": 0.6},
+        centralized_tuned={"accuracy": 0.85, "unseen_accuracy": 0.7},
+    )
+    setup = Setup(hospitals=1, rounds=1, local_steps=2, batch_size=8, learning_rate=0.001,
+                  track="classify", model="minilm", strategy="fedavg", seed=0,
+                  test_cases=9)  # fmt: skip
+    report = Report(
+        setup=setup, tls=True, supernode_auth=True,
+        network=Network(mode="loopback", superlink="127.0.0.1:1", hospitals={}),
+        flower_run_id=11, flower_run={}, hospitals={"hospital-1": hospital}, rounds={},
+        server_evaluation={}, update_bytes=1, trainable_parameters=1, total_parameters=2,
+        wall_seconds={},
+    )  # fmt: skip
+    write_report(root, report)
     try:
         comparison = client.get("/api/runs/11").json()["comparison"]
         assert comparison["measure"] == "test accuracy"
@@ -626,6 +638,30 @@ def test_serve_on_loopback_makes_the_tokens_file_on_its_first_start(
     elsewhere = tmp_path / "elsewhere"
     assert main([*argv[:-1], str(elsewhere), "--host", "0.0.0.0"]) == 0
     assert "nobody can sign in until" in capsys.readouterr().out and not elsewhere.exists()
+
+
+def test_serve_flags_say_what_their_settings_say_and_only_a_given_one_beats_the_variable(
+    tmp_path, capsys, monkeypatch
+):
+    """Each flag's help is its ServeSettings field's description, default and variable; an
+    unset flag leaves FEDERIMED_SERVE_* in force, a given one wins over it."""
+    import uvicorn
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # as one line, however argparse wraps it
+    for name, default in (("port", "8080"), ("max_chars", "4000"), ("auth", "token")):
+        description = ServeSettings.model_fields[name].description.rstrip(".")
+        env = f"FEDERIMED_SERVE_{name.upper()}"
+        assert f"{description} (default: {default}; env {env})" in shown
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    monkeypatch.setenv("FEDERIMED_SERVE_AUTH", "none")
+    monkeypatch.setenv("FEDERIMED_SERVE_PORT", "8181")
+    assert main(["serve", "--runs", str(tmp_path)]) == 0
+    assert main(["serve", "--runs", str(tmp_path), "--port", "8282"]) == 0
+    assert [kw["port"] for kw in started] == [8181, 8282]
+    assert "auth none" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ limits

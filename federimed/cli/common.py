@@ -1,11 +1,17 @@
-"""What every audience's commands share: argument types and groups, the plain error, running
-another program in this process's place."""
+"""What every audience's commands share: argument types and groups, flags made from settings
+fields, the plain error, running another program in this process's place."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import types
 from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from pydantic_settings import BaseSettings
+
+Settings = TypeVar("Settings", bound=BaseSettings)
 
 # The name of the connection `federimed enroll/submit` write into their private FLWR_HOME.
 CONNECTION = "federimed"
@@ -41,10 +47,51 @@ def _exec(argv: list[str]) -> int:
     return 0  # not reached
 
 
-def _with_flags(model, args: argparse.Namespace, *names: str):
-    """A component's settings: its FEDERIMED_* variables, overridden by the flags given."""
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    return model(**given)
+def _with_flags(model: type[Settings], args: argparse.Namespace) -> Settings:
+    """A component's settings: its FEDERIMED_* variables, overridden by the flags given (those
+    `settings_flag` added; an unset one is None and leaves the variable or default in force)."""
+    given = {name: getattr(args, name, None) for name in model.model_fields}
+    return model(**{name: value for name, value in given.items() if value is not None})
+
+
+def _env_variable(model: type[BaseSettings], name: str) -> str:
+    """The variable pydantic-settings reads for field NAME: prefix + name, in capitals as
+    compose and the manifests write it (the match is case-insensitive)."""
+    return f"{model.model_config.get('env_prefix', '')}{name}".upper()
+
+
+def settings_flag(
+    parser: argparse.ArgumentParser, model: type[BaseSettings], name: str, **kwargs: Any
+) -> argparse.Action:
+    """--NAME for the settings field NAME, its help, default and type taken from the field so
+    that the flag, the variable and the settings class cannot tell different stories.  It has
+    no argparse default: unset, the variable (or the field's default) stays in force, as
+    `_with_flags` reads it.  KWARGS (a stricter ``type=``, say) win over what is derived."""
+    field, env = model.model_fields[name], _env_variable(model, name)
+    if field.is_required():
+        where = f"required: this flag or {env}"
+    else:
+        default = field.get_default(call_default_factory=True)
+        where = f"default: {'unset' if default is None else default}; env {env}"
+    help_text = f"{(field.description or name).rstrip('.')} ({where})"
+    derived: dict[str, Any] = {"help": help_text.replace("%", "%%")}  # argparse expands %(...)s
+    value_type = _without_none(field.annotation)
+    if get_origin(value_type) is Literal:
+        derived["choices"] = get_args(value_type)
+    elif value_type in (int, float, str, Path):
+        derived["type"] = value_type
+    elif "type" not in kwargs:
+        raise TypeError(f"{model.__name__}.{name}: no flag type for {value_type!r}; pass type=")
+    return parser.add_argument(f"--{name.replace('_', '-')}", **(derived | kwargs))
+
+
+def _without_none(annotation: Any) -> Any:
+    """X for ``X | None`` (an optional setting's flag takes an X); anything else as it is."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        rest = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
 
 
 def _connection_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -87,9 +134,10 @@ def _netns_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _listen_args(parser: argparse.ArgumentParser, port: int) -> None:
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help=f"HTTP port (default {port})")
+def _listen_args(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> None:
+    """--host and --port of a web service whose settings MODEL has both fields."""
+    settings_flag(parser, model, "host")
+    settings_flag(parser, model, "port")
 
 
 def _flwr_home(args: argparse.Namespace) -> Path:

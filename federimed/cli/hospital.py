@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from federimed.cli.common import _exec, _listen_args, _with_flags
+from federimed.cli.common import _exec, _listen_args, _with_flags, settings_flag
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
@@ -121,7 +121,7 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     from federimed.hospital.site_exporter import serve
     from federimed.settings import ExporterSettings
 
-    settings = _with_flags(ExporterSettings, args, "ledger", "host", "port")
+    settings = _with_flags(ExporterSettings, args)
     where = f"http://{settings.host}:{settings.port}/metrics"
     print(f"exporting {settings.ledger} on {where}", flush=True)
     serve(settings.ledger, settings.host, settings.port)
@@ -130,6 +130,8 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Hospital IT: the SuperNode, the app bundle it approves, privacy budget, ledger, metrics."""
+    from federimed.settings import ExporterSettings
+
     for name, func, text in (
         ("supernode", cmd_supernode, "run a hospital's SuperNode (settings: FEDERIMED_NODE_*)"),
         ("superexec", cmd_superexec, "run an app runner (settings: FEDERIMED_SUPEREXEC_*)"),
@@ -209,8 +211,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serves /metrics for one hospital: replies that left by kind, bytes sent, "
         "training steps and examples behind them, the last training loss, tasks refused by "
         "code, and whether the ledger's hash chain verifies. It reads the ledger at each "
-        "scrape and nothing else. Every option is also a FEDERIMED_EXPORTER_* variable.",
+        "scrape and nothing else. Each flag names its FEDERIMED_EXPORTER_* variable; a flag "
+        "given wins over the variable.",
     )
-    exporter.add_argument("--ledger", type=Path, help="the hospital's egress-ledger.jsonl")
-    _listen_args(exporter, 9401)
+    settings_flag(exporter, ExporterSettings, "ledger")
+    _listen_args(exporter, ExporterSettings)
     exporter.set_defaults(func=cmd_exporter)

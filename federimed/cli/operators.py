@@ -23,6 +23,7 @@ from federimed.cli.common import (
     _run_config_args,
     _run_id,
     _with_flags,
+    settings_flag,
 )
 
 
@@ -175,10 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from federimed.webapp.app import ServeLimits, load_app
     from federimed.webapp.served import LATEST, ModelFolderError
 
-    settings = _with_flags(
-        ServeSettings, args, "model", "runs", "host", "port", "max_chars", "max_new_tokens",
-        "tokens", "auth",
-    )  # fmt: skip
+    settings = _with_flags(ServeSettings, args)
     if args.add_token or args.revoke_token:  # the operator's side: no web app started
         try:
             if args.revoke_token:
@@ -282,6 +280,8 @@ def _serve_access(settings) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Consortium operators: certificates, SuperLink, gateway, a local federation, web app."""
+    from federimed.settings import ServeSettings
+
     certs = sub.add_parser("certs", help="CA, SuperLink certificate and hospital key pairs")
     certs.add_argument("--out", type=Path, default=Path("certs"))
     certs.add_argument("--hospitals", type=_positive_int, default=3)
@@ -366,35 +366,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(the operator dashboard, following live runs through their per-round record), the "
         "JSON API (/api/predict, /api/ask, /api/runs, /healthz; its docs at /docs) and "
         "Prometheus metrics (/metrics). Signed in by default (a token per person; see "
-        "docs/webapp-security.md). Case text is never logged or stored. Every option "
-        "is also a FEDERIMED_SERVE_* variable (flags win).",
+        "docs/webapp-security.md). Case text is never logged or stored. Each setting's flag "
+        "names its FEDERIMED_SERVE_* variable; a flag given wins over the variable.",
     )
-    serve.add_argument(
-        "--model",
-        type=Path,
-        help="a run's final/ folder or the demo's model/; 'latest': the newest completed run's "
-        "model under --runs, followed as new runs complete",
-    )
-    serve.add_argument("--runs", type=Path, help="folder of run records, e.g. runs/ (read-only)")
-    serve.add_argument(
-        "--max-chars", type=_positive_int, help="longest case text or question (default 4000)"
-    )
-    serve.add_argument(
-        "--max-new-tokens", type=_positive_int, help="longest generated answer (default 64)"
-    )
-    serve.add_argument(
-        "--auth",
-        choices=["token", "proxy-header", "none"],
-        help="who may use it: 'token' (default: a token per person, Bearer header or the login "
-        "page), 'proxy-header' (a single-sign-on proxy's user header, from "
-        "FEDERIMED_SERVE_TRUSTED_PROXIES only), 'none' (anyone who reaches the port)",
-    )
-    serve.add_argument(
-        "--tokens",
-        type=Path,
-        help="the users' tokens file, hashes only (default ~/.config/federimed/serve-tokens; "
-        "on a loopback address the first start creates it with a token for you)",
-    )
+    for name in ("model", "runs", "auth", "tokens"):
+        settings_flag(serve, ServeSettings, name)
+    for name in ("max_chars", "max_new_tokens"):
+        settings_flag(serve, ServeSettings, name, type=_positive_int)
     users = serve.add_mutually_exclusive_group()
     users.add_argument(
         "--add-token",
@@ -405,5 +383,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     users.add_argument(
         "--revoke-token", metavar="NAME", help="remove NAME from the tokens file and exit"
     )
-    _listen_args(serve, 8080)
+    _listen_args(serve, ServeSettings)
     serve.set_defaults(func=cmd_serve)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -12,8 +11,10 @@ from federimed.learning.model import (
 )
 from federimed.runconfig import RunConfig
 from federimed.runrecord import (
+    RUN_CONFIG_FILE,
     RoundRecord,
     read_rounds,
+    read_run_config,
 )
 
 
@@ -21,7 +22,6 @@ class ResumeError(ValueError):
     """``resume-from`` names a run that cannot be continued; says which and why."""
 
 
-RUN_CONFIG_FILE = "run_config.json"
 # What may change when a run is resumed: how long it goes and waits, not what it computes.
 RESUMABLE_CHANGES = {
     "resume-from",
@@ -53,14 +53,17 @@ def resume_point(run: RunConfig) -> tuple[list[RoundRecord], ArrayRecord]:
 
     run_id = run.resume_from
     old = Path(run.output_dir) / run_id
-    config_file = old / RUN_CONFIG_FILE
-    if not config_file.is_file():
-        raise ResumeError(f"resume-from={run_id}: {config_file} not found (no such run here?)")
-    before = json.loads(config_file.read_text(encoding="utf-8"))
-    now = run.to_flower()
-    changed = sorted(k for k in now.keys() - RESUMABLE_CHANGES if before.get(k) != now[k])
+    try:
+        started = read_run_config(old)
+    except ValueError as error:
+        raise ResumeError(f"resume-from={run_id}: {error}") from None
+    if started is None:
+        missing = old / RUN_CONFIG_FILE
+        raise ResumeError(f"resume-from={run_id}: {missing} not found (no such run here?)")
+    before, now = started.to_flower(), run.to_flower()
+    changed = sorted(k for k in now.keys() - RESUMABLE_CHANGES if before[k] != now[k])
     if changed:
-        differences = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        differences = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise ResumeError(f"resume-from={run_id}: the run config differs ({differences})")
     rounds = read_rounds(old)
     if not rounds:

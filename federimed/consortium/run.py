@@ -7,7 +7,6 @@ in the modules beside this one (checks, grid, recorder, strategy, resume, global
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ from federimed.consortium.checks import as_sent, record_bytes
 from federimed.consortium.global_model import global_model_for
 from federimed.consortium.grid import DeadlineGrid, RunDeadline
 from federimed.consortium.recorder import RoundRecorder
-from federimed.consortium.resume import RUN_CONFIG_FILE, ResumeError, resume_point
+from federimed.consortium.resume import ResumeError, resume_point
 from federimed.consortium.strategy import make_strategy
 from federimed.learning.model import (
     count_parameters,
@@ -38,6 +37,7 @@ from federimed.runrecord import (
     read_rounds,
     write_failure,
     write_provenance,
+    write_run_config,
     write_summary,
 )
 
@@ -69,7 +69,7 @@ class ServerRun:
                     f"num-server-rounds is {run.num_server_rounds}: nothing is left to do"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / RUN_CONFIG_FILE).write_text(json.dumps(run.to_flower(), indent=2))
+        write_run_config(self.out, run)
         self.global_model = global_model_for(run, self.out)
         self.offset = 0
         if self.resumed is not None:

@@ -24,8 +24,14 @@ from federimed.deploy.local import FederationState, LocalFederation, deployment_
 from federimed.runconfig import RunConfig
 from federimed.runrecord import (
     SUMMARY_FILE,
+    HospitalResult,
+    Network,
+    Report,
     RoundRecord,
     RunSummary,
+    Setup,
+    TunedMethods,
+    TuningRecord,
     read_rounds,
     read_summary,
 )
@@ -199,7 +205,7 @@ def check_pretrained(run: RunConfig) -> None:
             )
 
 
-def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
+def run_demo(options: DemoOptions, say=None) -> Report:
     started = time.monotonic()
     say = say or clock_printer(started)
     out = options.out.resolve()
@@ -242,9 +248,7 @@ def run_demo(options: DemoOptions, say=None) -> dict[str, Any]:
             results["local"], seconds["local"] = comparison.local_only()
             results["centralized"], seconds["centralized"] = comparison.centralized()
     seconds["total"] = time.monotonic() - started
-    report = build_report(run, result, comparison, results, seconds)
-    if tuning:
-        report["tuning"] = tuning
+    report = build_report(run, result, comparison, results, seconds, tuning)
     paths = write_report(report, out)
     say(summary_table(report))
     say(f"report: {paths[-1]}  model: {model_dir}")
@@ -272,7 +276,7 @@ def round_checkpoints(run: RunConfig, result: FederatedResult) -> list[Path] | N
 
 def tune_baselines(
     comparison, checkpoints: list[Path] | None, results: dict, seconds: dict, say
-) -> dict[str, Any] | None:
+) -> TuningRecord | None:
     """Each method's equal-budget run, stopped early or continued at a rate its own validation
     data picks (:mod:`federimed.research.tuning`; the federation's from the real run's
     ``checkpoints``): the scores go into ``results``, the local-only and centralized
@@ -293,12 +297,12 @@ def tune_baselines(
     tuning = comparison.tuned(federation or None)
     results |= tuning.scores
     seconds |= tuning.seconds
-    return {
-        "continue_factors": list(CONTINUE_FACTORS),
-        "patience": PATIENCE,
-        "cap_factor": CAP_FACTOR,
-        "methods": tuning.found,
-    }
+    return TuningRecord(
+        continue_factors=list(CONTINUE_FACTORS),
+        patience=PATIENCE,
+        cap_factor=CAP_FACTOR,
+        methods=TunedMethods.model_validate(tuning.found),
+    )
 
 
 def build_report(
@@ -307,65 +311,60 @@ def build_report(
     comparison: Comparison,
     results: dict[str, dict[str, dict[str, float]]],
     seconds: dict[str, float],
-) -> dict[str, Any]:
+    tuning: TuningRecord | None = None,
+) -> Report:
     summary, state = result.summary, result.state
-    hospitals = {}
-    for name, cases in comparison.train_sets.items():
-        hospitals[name] = {
-            "train_cases": len(cases),
-            "unseen_conditions": comparison.unseen[name],
-            "bytes_per_round": {
-                str(r.round): r.traffic[name].model_dump()
-                for r in result.rounds
-                if name in r.traffic
+    hospitals = {
+        name: HospitalResult(
+            train_cases=len(cases),
+            unseen_conditions=comparison.unseen[name],
+            bytes_per_round={
+                str(r.round): r.traffic[name] for r in result.rounds if name in r.traffic
             },
             **{method: results[method][name] for method in results},
-        }
-    server_evaluation = {"0": summary.initial_test} | {str(r.round): r.test for r in result.rounds}
-    return {
-        "setup": {
-            "hospitals": len(hospitals),
-            "rounds": run.num_server_rounds,
-            "local_steps": run.local_steps,
-            "batch_size": run.batch_size,
-            "learning_rate": run.learning_rate,
-            "track": run.track,
-            "model": run.base_model,
-            "strategy": run.strategy,
-            "seed": run.seed,
-            "test_cases": len(comparison.test),
-        },
-        # As the SuperLink was started (its command line), not as intended.
-        "tls": state.tls,
-        "supernode_auth": state.node_auth,
-        "network": {
-            "mode": state.network,
-            "superlink": state.superlink,
-            "hospitals": state.hospitals,
-        },
-        "flower_run_id": result.run_id,
-        "flower_run": result.status,
-        "hospitals": hospitals,
-        "rounds": {str(r.round): r.model_dump() for r in result.rounds},
-        "server_evaluation": {
-            k: v.model_dump() for k, v in server_evaluation.items() if v is not None
-        },
-        "update_bytes": summary.update_bytes,
-        "trainable_parameters": summary.trainable_parameters,
-        "total_parameters": summary.total_parameters,
-        "wall_seconds": seconds,
+        )
+        for name, cases in comparison.train_sets.items()
     }
+    server_evaluation = {"0": summary.initial_test} | {str(r.round): r.test for r in result.rounds}
+    setup = Setup(
+        hospitals=len(hospitals),
+        rounds=run.num_server_rounds,
+        local_steps=run.local_steps,
+        batch_size=run.batch_size,
+        learning_rate=run.learning_rate,
+        track=run.track,
+        model=run.base_model,
+        strategy=run.strategy,
+        seed=run.seed,
+        test_cases=len(comparison.test),
+    )
+    return Report(
+        setup=setup,
+        tls=state.tls,
+        supernode_auth=state.node_auth,
+        network=Network(mode=state.network, superlink=state.superlink, hospitals=state.hospitals),
+        flower_run_id=result.run_id,
+        flower_run=result.status,
+        hospitals=hospitals,
+        rounds={str(r.round): r for r in result.rounds},
+        server_evaluation={k: v for k, v in server_evaluation.items() if v is not None},
+        update_bytes=summary.update_bytes,
+        trainable_parameters=summary.trainable_parameters,
+        total_parameters=summary.total_parameters,
+        wall_seconds=seconds,
+        tuning=tuning,
+    )
 
 
-def summary_table(report: dict[str, Any]) -> str:
+def summary_table(report: Report) -> str:
     from federimed.research.measures import measures, method_name, methods_in
 
     shown = measures(report)
     first, second = shown.headline.replace("_", " "), shown.second_name
     rows = ["", f"{'hospital':<12} {'method':<20} {first:>11} {second:>9} {'unseen':>8}"]
-    for name, hospital in report["hospitals"].items():
+    for name, hospital in report.hospitals.items():
         for method in methods_in(report):
-            m, label = hospital[method], method_name(method)
+            m, label = hospital.method(method) or {}, method_name(method)
             rows.append(
                 f"{name:<12} {label:<20} {m.get(shown.headline, float('nan')):>11.3f} "
                 f"{m.get(shown.second, float('nan')):>9.3f} "

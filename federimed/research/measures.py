@@ -6,8 +6,7 @@ pages read them without loading a plotting library.
 
 from __future__ import annotations
 
-from typing import Any
-
+from federimed.runrecord import Report
 from federimed.tracks import Measures, track_for
 
 # Equal budget (the federation's steps) first, then each method tuned on its own validation data.
@@ -22,11 +21,11 @@ def method_name(method: str) -> str:
     return f"{TUNED[method]} (tuned)" if method in TUNED else method
 
 
-def measures(report: dict[str, Any]) -> Measures:
-    return track_for(report["setup"].get("track", "classify")).measures
+def measures(report: Report) -> Measures:
+    return track_for(report.setup.track).measures
 
 
-def methods_in(report: dict[str, Any]) -> list[str]:
+def methods_in(report: Report) -> list[str]:
     """The methods this report has results for (``--no-baselines``: federated only)."""
-    first: dict[str, Any] = next(iter(report["hospitals"].values()), {})
-    return [method for method in METHODS if method in first]
+    first = next(iter(report.hospitals.values()), None)
+    return [method for method in METHODS if first and first.method(method) is not None]

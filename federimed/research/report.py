@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from federimed import runrecord
 from federimed.research.measures import Measures, measures, method_name, methods_in
+from federimed.runrecord import HospitalResult, Report, RoundRecord, Scores
 from federimed.tracks import track_for
 
 # Scores that are not fractions: shown as numbers, not percentages.
@@ -25,7 +25,7 @@ def _fmt(value: float | None) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _cell(metrics: dict[str, Any], key: str) -> str:
+def _cell(metrics: dict[str, float], key: str) -> str:
     value = metrics.get(key)
     if key in NOT_FRACTIONS and value is not None and not math.isnan(value):
         return f"{value:.1f}"
@@ -39,13 +39,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def write_json(report: dict[str, Any], out: Path) -> Path:
-    path = out / "report.json"
-    path.write_text(json.dumps(report, indent=2, allow_nan=True))
-    return path
-
-
-def plot_rounds(report: dict[str, Any], out: Path) -> Path:
+def plot_rounds(report: Report, out: Path) -> Path:
     """The global model per round: on each hospital's validation data and the test set.
 
     Hospitals score the global model they receive at the start of each round, so round r
@@ -53,27 +47,24 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
     """
     shown = measures(report)
     fig, ax = plt.subplots(figsize=(6, 4))
-    rounds = report.get("rounds", {})
-    numbers = sorted(int(r) for r in rounds)
-    for hospital in report["hospitals"]:
+    rounds = sorted(report.rounds.values(), key=lambda r: r.round)
+    for hospital in report.hospitals:
         points = [
-            (r - 1, rounds[str(r)]["train"][hospital][shown.validation])
-            for r in numbers
-            if shown.validation in rounds[str(r)].get("train", {}).get(hospital, {})
+            (r.round - 1, r.train[hospital][shown.validation])
+            for r in rounds
+            if shown.validation in r.train.get(hospital, {})
         ]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{hospital} (validation)")
-    server = report.get("server_evaluation", {})
+    server = {int(number): scores for number, scores in report.server_evaluation.items()}
     if server and shown.fractions:  # the test set's headline is on the validation's scale
         for key, line, marker, label in (
             (shown.headline, "k--", "s", "common test set"),
             (shown.unseen_style, "k:", "^", "test notes in a style no hospital writes"),
         ):
-            scored = sorted(int(r) for r, scores in server.items() if key in scores)
+            scored = sorted((n, getattr(s, key)) for n, s in server.items() if key and _has(s, key))
             if scored:
-                ax.plot(
-                    scored, [server[str(r)][key] for r in scored], line, marker=marker, label=label
-                )
+                ax.plot(*zip(*scored, strict=True), line, marker=marker, label=label)
     ax.set(
         xlabel="rounds of aggregation",
         ylabel=shown.validation_name,
@@ -84,10 +75,14 @@ def plot_rounds(report: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "accuracy_per_round.png")
 
 
-def plot_comparison(report: dict[str, Any], out: Path) -> Path:
+def _has(scores: Scores, key: str) -> bool:
+    return getattr(scores, key, None) is not None
+
+
+def plot_comparison(report: Report, out: Path) -> Path:
     """Federated vs local vs centralized, per hospital: all conditions and unseen ones."""
     shown = measures(report)
-    hospitals = list(report["hospitals"])
+    hospitals = list(report.hospitals)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     methods = methods_in(report)
     width = 0.8 / len(methods)
@@ -96,7 +91,7 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
         (axes[1], shown.unseen, "Conditions the hospital never saw"),
     ):
         for i, method in enumerate(methods):
-            values = [report["hospitals"][h][method].get(key, float("nan")) for h in hospitals]
+            values = [_score(report.hospitals[h], method, key) for h in hospitals]
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(hospitals))]
             ax.bar(
                 xs, [0 if math.isnan(v) else v for v in values], width, label=method_name(method)
@@ -108,34 +103,40 @@ def plot_comparison(report: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "comparison.png")
 
 
-def round_overhead(record: dict[str, Any]) -> float | None:
+def _score(hospital: HospitalResult, method: str, key: str) -> float:
+    return (hospital.method(method) or {}).get(key, math.nan)
+
+
+def round_overhead(record: RoundRecord) -> float | None:
     """Round wall time / the slowest hospital's compute seconds (None when not reported)."""
-    compute = [m["compute_seconds"] for m in record["train"].values() if "compute_seconds" in m]
-    return record["seconds"] / max(compute) if compute and max(compute) > 0 else None
+    compute = [m["compute_seconds"] for m in record.train.values() if "compute_seconds" in m]
+    return record.seconds / max(compute) if compute and max(compute) > 0 else None
 
 
-def _round_rows(rounds: dict[str, dict[str, Any]], shown: Measures) -> list[str]:
+def _round_rows(rounds: dict[str, RoundRecord], shown: Measures) -> list[str]:
     """One line per round from the run record: a hospital that was away shows here."""
     rows = []
-    for number in sorted(rounds, key=int):
-        r = rounds[number]
-        rejected = ", ".join(f"{h} ({why})" for h, why in r.get("rejected", {}).items())
-        test = r.get("test") or {}
-        styled = f" | {_fmt(test.get(shown.unseen_style))}" if shown.unseen_style else ""
+    for r in sorted(rounds.values(), key=lambda r: r.round):
+        rejected = ", ".join(f"{h} ({why})" for h, why in r.rejected.items())
+
+        def test(key: str | None, r: RoundRecord = r) -> str:
+            return _fmt(getattr(r.test, key, None) if r.test and key else None)
+
+        styled = f" | {test(shown.unseen_style)}" if shown.unseen_style else ""
         overhead = round_overhead(r)
         rows.append(
-            f"| {number} | {', '.join(r['participants']) or 'none'} "
-            f"| {', '.join(r['dropped']) or '-'} | {rejected or '-'} "
-            f"| {_fmt(test.get(shown.headline))}{styled} "
-            f"| {r['seconds']:.0f} | {'n/a' if overhead is None else f'{overhead:.2f}'} |"
+            f"| {r.round} | {', '.join(r.participants) or 'none'} "
+            f"| {', '.join(r.dropped) or '-'} | {rejected or '-'} "
+            f"| {test(shown.headline)}{styled} "
+            f"| {r.seconds:.0f} | {'n/a' if overhead is None else f'{overhead:.2f}'} |"
         )
     return rows
 
 
-def _tuning_lines(report: dict[str, Any]) -> list[str]:
+def _tuning_lines(report: Report) -> list[str]:
     """How each tuned figure was found (learning rate, steps, whether the cap stopped it), and
     whether the pooled model is the upper bound it is meant to be."""
-    tuning = report.get("tuning")
+    tuning = report.tuning
     if not tuning:
         return []
     unit = {"federated": "rounds", "local": "steps", "centralized": "steps"}
@@ -144,39 +145,43 @@ def _tuning_lines(report: dict[str, Any]) -> list[str]:
         "",
         "Each method's equal-budget run, validated after each round's worth of training, then "
         "continued from its end at "
-        f"{' and '.join(map(str, tuning['continue_factors']))} x the run's learning rate, "
-        f"each until {tuning['patience']} validation checks bring no improvement, at most "
-        f"{tuning['cap_factor']} x the equal budget in all; the checkpoint with the best "
+        f"{' and '.join(map(str, tuning.continue_factors))} x the run's learning rate, "
+        f"each until {tuning.patience} validation checks bring no improvement, at most "
+        f"{tuning.cap_factor} x the equal budget in all; the checkpoint with the best "
         "validation accuracy is scored (one within the equal budget when stopping early is "
         "best). Local-only: each hospital's own validation data; centralized: the pooled "
         "validation data; federated: the real run's rounds, continued as FedAvg computed in one "
         "process with the ClientApps' code, batches and seeds, on the hospitals' validation "
         "scores averaged as the federation sees them. Equal budget: "
-        f"{report['setup']['rounds']} rounds x {report['setup']['local_steps']} steps per "
+        f"{report.setup.rounds} rounds x {report.setup.local_steps} steps per "
         "hospital; local-only gets its hospital's steps, centralized the federation's total. "
         "The learning rate is the one the chosen checkpoint was last trained at.",
         "",
         "| method | who | learning rate | best at | ran | stopped by | validation accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
-    for method, found in tuning["methods"].items():
-        entries = found.items() if method == "local" else [("all hospitals", found)]
-        for who, f in entries:
-            lines.append(
-                f"| {method} | {who} | {f['learning_rate']} | {f['best_at']} {unit[method]} "
-                f"| {f['ran']} | {'the cap' if f['capped'] else 'no improvement'} "
-                f"| {_fmt(f['validation_accuracy'])} |"
-            )
+    searched = tuning.methods
+    entries = [
+        ("federated", "all hospitals", searched.federated),
+        *[("local", name, found) for name, found in searched.local.items()],
+        ("centralized", "all hospitals", searched.centralized),
+    ]
+    for method, who, f in entries:
+        lines.append(
+            f"| {method} | {who} | {f.learning_rate} | {f.best_at} {unit[method]} "
+            f"| {f.ran} | {'the cap' if f.capped else 'no improvement'} "
+            f"| {_fmt(f.validation_accuracy)} |"
+        )
     lines += ["", upper_bound_sentence(report), ""]
     return lines
 
 
-def upper_bound_sentence(report: dict[str, Any]) -> str:
+def upper_bound_sentence(report: Report) -> str:
     """Whether centralized, tuned, beats federated, tuned, on the common test set (the same
     figure for every hospital), and by how much."""
-    first = next(iter(report["hospitals"].values()))
-    central = first.get("centralized_tuned", {}).get("accuracy")
-    federated = first.get("federated_tuned", {}).get("accuracy")
+    first = next(iter(report.hospitals.values()))
+    central = (first.centralized_tuned or {}).get("accuracy")
+    federated = (first.federated_tuned or {}).get("accuracy")
     if central is None or federated is None:
         return ""
     gap = 100 * (central - federated)
@@ -193,12 +198,12 @@ def upper_bound_sentence(report: dict[str, Any]) -> str:
     )
 
 
-def _privacy_lines(rounds: dict[str, dict[str, Any]]) -> list[str]:
+def _privacy_lines(rounds: dict[str, RoundRecord]) -> list[str]:
     """Each hospital's ε for the run (record-level DP-SGD), as its guard reported it in the
     last round it trained; nothing for a run without DP."""
     spent: dict[str, float] = {}
-    for number in sorted(rounds, key=int):
-        spent |= rounds[number].get("epsilon") or {}
+    for record in sorted(rounds.values(), key=lambda r: r.round):
+        spent |= record.epsilon
     if not spent:
         return []
     return [
@@ -214,17 +219,17 @@ def _privacy_lines(rounds: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
-def write_markdown(report: dict[str, Any], out: Path) -> Path:
-    setup = report["setup"]
+def write_markdown(report: Report, out: Path) -> Path:
+    setup = report.setup
     shown = measures(report)
-    sent = track_for(setup.get("track", "classify")).sent
+    sent = track_for(setup.track).sent
     lines = [
         f"# FederiMed run `{out.name}`",
         "",
-        f"{len(report['hospitals'])} hospitals, {setup['rounds']} rounds x "
-        f"{setup['local_steps']} local steps, model `{setup['model']}`, strategy "
-        f"`{setup['strategy']}`. TLS: {report.get('tls')}, SuperNode authentication: "
-        f"{report.get('supernode_auth')}, Flower run id: {report.get('flower_run_id')}.",
+        f"{len(report.hospitals)} hospitals, {setup.rounds} rounds x "
+        f"{setup.local_steps} local steps, model `{setup.model}`, strategy "
+        f"`{setup.strategy}`. TLS: {report.tls}, SuperNode authentication: "
+        f"{report.supernode_auth}, Flower run id: {report.flower_run_id}.",
         "",
         "## What each hospital gains",
         "",
@@ -233,11 +238,11 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         + " |",
         "|---|---|---|---|" + "---|" * len(shown.columns),
     ]
-    for name, hospital in report["hospitals"].items():
+    for name, hospital in report.hospitals.items():
         for method in methods_in(report):
-            m = hospital[method]
+            m = hospital.method(method) or {}
             lines.append(
-                f"| {name} | {hospital['train_cases']} | {len(hospital['unseen_conditions'])} "
+                f"| {name} | {hospital.train_cases} | {len(hospital.unseen_conditions)} "
                 f"| {method_name(method)} | "
                 + " | ".join(_cell(m, key) for key, _ in shown.columns)
                 + " |"
@@ -259,19 +264,19 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         + ("| in the unseen style " if shown.unseen_style else "")
         + "| seconds | overhead |",
         "|---|---|---|---|---|---|---|" + ("---|" if shown.unseen_style else ""),
-        *_round_rows(report.get("rounds", {}), shown),
+        *_round_rows(report.rounds, shown),
         "",
-        *_privacy_lines(report.get("rounds", {})),
+        *_privacy_lines(report.rounds),
         "## Traffic and time",
         "",
-        f"Each round a hospital downloads and uploads {report['update_bytes']:,} bytes of "
-        f"weights ({sent}, {report['trainable_parameters']:,} of "
-        f"{report['total_parameters']:,} parameters; the whole model in float32 would be "
-        f"{4 * report['total_parameters']:,} bytes); no text leaves a hospital.",
+        f"Each round a hospital downloads and uploads {report.update_bytes:,} bytes of "
+        f"weights ({sent}, {report.trainable_parameters:,} of "
+        f"{report.total_parameters:,} parameters; the whole model in float32 would be "
+        f"{4 * report.total_parameters:,} bytes); no text leaves a hospital.",
         "",
         "| phase | seconds |",
         "|---|---|",
-        *[f"| {k} | {v:.0f} |" for k, v in report["wall_seconds"].items()],
+        *[f"| {k} | {v:.0f} |" for k, v in report.wall_seconds.items()],
         "",
         "Logs of every process are in `logs/`; the final global model is in `model/`.",
     ]
@@ -280,9 +285,9 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+def write_report(report: Report, out: Path) -> list[Path]:
     return [
-        write_json(report, out),
+        runrecord.write_report(out, report),
         plot_rounds(report, out),
         plot_comparison(report, out),
         write_markdown(report, out),

@@ -16,7 +16,7 @@ def round_chart(run: Run) -> Markup:
     took part."""
     key, name = run.measure
     points = [(rnd, value) for rnd, value in run.headline() if value is not None]
-    planned = max([int(run.config.get("num-server-rounds") or 0), *(r for r, _ in points), 1])
+    planned = max([run.config.num_server_rounds, *(r for r, _ in points), 1])
     width, height = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def x(rnd: float) -> float:

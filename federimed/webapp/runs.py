@@ -8,27 +8,30 @@ local-only vs centralized comparison.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from federimed.research.measures import METHODS, Measures, measures, method_name
+from federimed.runconfig import RunConfig
 from federimed.runrecord import (
+    REPORT_FILE,
     ROUNDS_FILE,
+    RUN_CONFIG_FILE,
+    Report,
     RoundRecord,
     RunFailure,
     RunSummary,
     read_failure,
+    read_report,
     read_rounds,
+    read_run_config,
     read_summary,
 )
 from federimed.tracks import track_for
 
-RUN_MARKER = "run_config.json"  # written by the ServerApp when a run starts
 IN_PROGRESS, STALLED, FAILED = "in progress", "stalled", "failed"
-DEFAULT_ROUND_TIMEOUT = 600.0  # the app's, for a record that does not name its own
 # Beyond the round's reply timeout: aggregating, scoring and checkpointing the round.
 STALL_GRACE = 300.0
 MAX_DEPTH = 4  # runs/<demo>/flower/<run id>/: deep enough for every layout FederiMed writes
@@ -38,10 +41,10 @@ MAX_DEPTH = 4  # runs/<demo>/flower/<run id>/: deep enough for every layout Fede
 class Run:
     id: str
     folder: Path
-    config: dict[str, Any]
+    config: RunConfig
     rounds: list[RoundRecord]
     summary: RunSummary | None
-    report: dict[str, Any] | None
+    report: Report | None
 
     last_written: float = 0.0  # when the ServerApp last wrote the record (epoch seconds)
     failure: RunFailure | None = None  # why the ServerApp gave the run up
@@ -58,12 +61,12 @@ class Run:
         if self.failure:
             return FAILED
         quiet = time.time() - self.last_written
-        limit = float(self.config.get("round-timeout", DEFAULT_ROUND_TIMEOUT)) + STALL_GRACE
+        limit = self.config.round_timeout + STALL_GRACE
         return STALLED if quiet > limit else IN_PROGRESS
 
     @property
     def track(self) -> str:
-        return str(self.config.get("track", "classify"))
+        return self.config.track
 
     @property
     def measure(self) -> tuple[str, str]:
@@ -90,14 +93,11 @@ class Run:
             return None
         shown: Measures = measures(self.report)
         rows = {}
-        for hospital, entry in self.report["hospitals"].items():
+        for hospital, entry in self.report.hospitals.items():
             rows[hospital] = {
-                method: {
-                    "score": entry[method].get(shown.headline),
-                    "unseen": entry[method].get(shown.unseen),
-                }
+                method: {"score": scores.get(shown.headline), "unseen": scores.get(shown.unseen)}
                 for method in METHODS
-                if method in entry
+                if (scores := entry.method(method)) is not None
             }
         present = [m for m in METHODS if any(m in methods for methods in rows.values())]
         return {
@@ -113,14 +113,14 @@ class Run:
             "id": self.id,
             "state": self.state,
             "track": self.track,
-            "rounds_planned": self.config.get("num-server-rounds"),
+            "rounds_planned": self.config.num_server_rounds,
             "rounds_completed": len(self.rounds),
             "measure": {"key": key, "name": name},
             "latest_test": last.test.model_dump() if last and last.test else None,
             "modified": self.folder.stat().st_mtime,
         }
         if detail:
-            about["config"] = self.config
+            about["config"] = self.config.to_flower()
             about["rounds"] = [r.model_dump() for r in self.rounds]
             about["summary"] = self.summary.model_dump() if self.summary else None
             about["failure"] = self.failure.model_dump() if self.failure else None
@@ -141,11 +141,11 @@ class RunIndex:
         found = [
             marker.parent
             for depth in range(1, MAX_DEPTH + 1)
-            for marker in self.root.glob("/".join(["*"] * depth) + "/" + RUN_MARKER)
+            for marker in self.root.glob("/".join(["*"] * depth) + "/" + RUN_CONFIG_FILE)
         ]
-        if (self.root / RUN_MARKER).is_file():
+        if (self.root / RUN_CONFIG_FILE).is_file():
             found.append(self.root)
-        found.sort(key=lambda folder: (folder / RUN_MARKER).stat().st_mtime)
+        found.sort(key=lambda folder: (folder / RUN_CONFIG_FILE).stat().st_mtime)
         return {folder.name: folder for folder in found}
 
     def runs(self) -> list[Run]:
@@ -157,21 +157,20 @@ class RunIndex:
         return self._load(run_id, folder) if folder else None
 
     def _load(self, run_id: str, folder: Path) -> Run:
-        config = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))
-        written = [p.stat().st_mtime for p in (folder / RUN_MARKER, folder / ROUNDS_FILE)
+        config = read_run_config(folder)
+        assert config is not None  # found by its marker, which no run removes
+        written = [p.stat().st_mtime for p in (folder / RUN_CONFIG_FILE, folder / ROUNDS_FILE)
                    if p.is_file()]  # fmt: skip
         return Run(run_id, folder, config, read_rounds(folder), read_summary(folder),
                    self._report(run_id, folder), max(written), read_failure(folder))  # fmt: skip
 
-    def _report(self, run_id: str, folder: Path) -> dict[str, Any] | None:
+    def _report(self, run_id: str, folder: Path) -> Report | None:
         """The demo's report.json about this run, in the run's folder or one above it (up to
         the runs folder itself)."""
         for parent in [folder, *folder.parents]:
-            path = parent / "report.json"
-            if path.is_file():
-                report = json.loads(path.read_text(encoding="utf-8"))
-                if str(report.get("flower_run_id")) == run_id:
-                    return report
+            report = read_report(parent / REPORT_FILE)
+            if report is not None and str(report.flower_run_id) == run_id:
+                return report
             if self.root is None or parent == self.root:
                 break
         return None
