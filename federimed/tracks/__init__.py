@@ -120,6 +120,30 @@ class Track(Protocol):
         ...
 
 
+class RoundInTaskModule:
+    """A track's round at a hospital as plain functions in its ``task_module`` (Flower's
+    ``task.py``), imported when the first round starts: the ClientApp loads no other track's
+    machinery, and the track's module stays light."""
+
+    task_module: str
+
+    def train_round(
+        self,
+        run: RunConfig,
+        node: NodeIdentity,
+        global_wire: Mapping[str, torch.Tensor],
+        server_round: int,
+        proximal_mu: float,
+    ) -> tuple[State, dict[str, float]]:
+        task = importlib.import_module(self.task_module)
+        return task.train_round(run, node, global_wire, server_round, proximal_mu)
+
+    def evaluate_round(
+        self, run: RunConfig, node: NodeIdentity, global_wire: Mapping[str, torch.Tensor]
+    ) -> dict[str, float]:
+        return importlib.import_module(self.task_module).evaluate_round(run, node, global_wire)
+
+
 class UnknownTrack(ValueError):
     """A track name no module registers; names the ones that exist."""
 

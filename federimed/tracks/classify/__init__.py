@@ -11,20 +11,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from federimed.tracks import Measures
+from federimed.tracks import Measures, RoundInTaskModule
 
 if TYPE_CHECKING:
-    import torch
-
     from federimed.consortium.global_model import GlobalModel
     from federimed.data.records import Federation
     from federimed.data.synth.config import SynthDataset
     from federimed.runconfig import RunConfig
-    from federimed.tracks import State
-    from federimed.tracks.hospital_round import NodeIdentity
 
 
-class Classify:
+class Classify(RoundInTaskModule):
+    task_module = "federimed.tracks.classify.task"
     name = "classify"
     model_key = "model"
     test_file = "test.jsonl"
@@ -42,25 +39,6 @@ class Classify:
         ),
         unseen_style="unseen_style_accuracy",
     )  # fmt: skip
-
-    def train_round(
-        self,
-        run: RunConfig,
-        node: NodeIdentity,
-        global_wire: Mapping[str, torch.Tensor],
-        server_round: int,
-        proximal_mu: float,
-    ) -> tuple[State, dict[str, float]]:
-        from federimed.tracks.classify.task import train_round
-
-        return train_round(run, node, global_wire, server_round, proximal_mu)
-
-    def evaluate_round(
-        self, run: RunConfig, node: NodeIdentity, global_wire: Mapping[str, torch.Tensor]
-    ) -> dict[str, float]:
-        from federimed.tracks.classify.task import evaluate_round
-
-        return evaluate_round(run, node, global_wire)
 
     def count_cases(self, folder: Path) -> tuple[int, int]:
         from federimed.data.records import load_hospital

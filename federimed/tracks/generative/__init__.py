@@ -14,20 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from federimed.data.records import TEST_FLASHCARDS
-from federimed.tracks import Measures
+from federimed.tracks import Measures, RoundInTaskModule
 
 if TYPE_CHECKING:
-    import torch
-
     from federimed.consortium.global_model import GlobalModel
     from federimed.data.records import Federation
     from federimed.data.synth.config import SynthDataset
     from federimed.runconfig import RunConfig
-    from federimed.tracks import State
-    from federimed.tracks.hospital_round import NodeIdentity
 
 
-class Generative:
+class Generative(RoundInTaskModule):
+    task_module = "federimed.tracks.generative.task"
     name = "generative"
     model_key = "generator"
     test_file = TEST_FLASHCARDS
@@ -45,25 +42,6 @@ class Generative:
             ("unseen_perplexity", "perplexity on unseen conditions"),
         ),
     )  # fmt: skip
-
-    def train_round(
-        self,
-        run: RunConfig,
-        node: NodeIdentity,
-        global_wire: Mapping[str, torch.Tensor],
-        server_round: int,
-        proximal_mu: float,
-    ) -> tuple[State, dict[str, float]]:
-        from federimed.tracks.generative.task import train_round
-
-        return train_round(run, node, global_wire, server_round, proximal_mu)
-
-    def evaluate_round(
-        self, run: RunConfig, node: NodeIdentity, global_wire: Mapping[str, torch.Tensor]
-    ) -> dict[str, float]:
-        from federimed.tracks.generative.task import evaluate_round
-
-        return evaluate_round(run, node, global_wire)
 
     def count_cases(self, folder: Path) -> tuple[int, int]:
         from federimed.data.records import load_hospital_cards
