@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -614,6 +615,30 @@ def test_a_new_token_is_checked_once_however_many_bring_it_and_a_flood_waits_for
 
     refused, quick, rest = asyncio.run(flood())
     assert refused is None and quick < 0.5 and rest == [None] * module.MAX_CHECKS
+
+
+def test_a_token_check_that_is_done_before_it_is_awaited_does_not_hang(tmp_path):
+    """A check can finish before its callback is registered (a busy machine preempts the event
+    loop between the two); the callback then runs at once, in the event loop's thread.  It once
+    took a lock that thread already held: the web app stopped answering, /healthz included."""
+    path = tmp_path / "tokens"
+    token = add_token(path, "dr.quinn")
+    control = access(path)
+
+    class Finished:  # an executor whose work is done by the time submit returns
+        def submit(self, work, *args):
+            done: Future = Future()
+            done.set_result(work(*args))
+            return done
+
+    control._checking = Finished()
+    answers: list = []
+    checking = threading.Thread(
+        target=lambda: answers.append(asyncio.run(control.check_token(token))), daemon=True
+    )
+    checking.start()
+    checking.join(10)
+    assert answers == ["dr.quinn"] and control._pending == {}
 
 
 def test_serve_on_loopback_makes_the_tokens_file_on_its_first_start(

@@ -167,7 +167,9 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import faulthandler
     import logging
+    import signal
 
     import uvicorn
 
@@ -210,6 +212,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = load_app(settings.model, settings.runs, limits, access)
     except ModelFolderError as error:
         raise UserError(str(error)) from None
+    # `kill -USR1` (`docker kill -s USR1 webapp`) prints every thread's stack to stderr: where
+    # a web app that stopped answering waits, without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     for name in ("federimed.serve", "federimed.audit"):  # uvicorn configures only its own
         logger = logging.getLogger(name)
         if not logger.handlers:

@@ -416,12 +416,16 @@ class AccessControl:
         key = hashlib.sha256(token.encode()).digest()
         with self._lock:
             pending = self._pending.get(key)
-            if pending is None:
+            first = pending is None
+            if first:
                 if len(self._pending) >= MAX_CHECKS:
                     return None
                 pending = self._checking.submit(self._check, token)
                 self._pending[key] = pending
-                pending.add_done_callback(lambda _: self._forget(key))
+        if first:
+            # Outside the lock: a check that is already done runs the callback here, at once,
+            # and the callback takes the lock (inside it, the event loop deadlocked).
+            pending.add_done_callback(lambda _: self._forget(key))
         return await asyncio.wrap_future(pending)
 
     def _forget(self, key: bytes) -> None:
