@@ -415,17 +415,16 @@ class AccessControl:
             return remembered
         key = hashlib.sha256(token.encode()).digest()
         with self._lock:
-            pending = self._pending.get(key)
-            first = pending is None
-            if first:
+            pending, first = self._pending.get(key), None
+            if pending is None:
                 if len(self._pending) >= MAX_CHECKS:
                     return None
-                pending = self._checking.submit(self._check, token)
+                pending = first = self._checking.submit(self._check, token)
                 self._pending[key] = pending
-        if first:
+        if first is not None:
             # Outside the lock: a check that is already done runs the callback here, at once,
             # and the callback takes the lock (inside it, the event loop deadlocked).
-            pending.add_done_callback(lambda _: self._forget(key))
+            first.add_done_callback(lambda _: self._forget(key))
         return await asyncio.wrap_future(pending)
 
     def _forget(self, key: bytes) -> None:
