@@ -7,8 +7,10 @@ serves it.  Everything else (the ClientApp, the ServerApp, the hospital's guard,
 CLI, the web app) asks :func:`track_for` once and calls through :class:`Track`.
 
 A new track is one module with a ``TRACK`` object and one line in ``BUILT_IN`` (or, in one
-process, :func:`register`).  The track modules import their machinery lazily: the ClientApp,
-the hospital's guard and the web app load only the parts they call.
+process, :func:`register`); its files join the app bundle's ``fab-include``, and a hospital
+runs it once its own FederiMed knows the name (its guard counts the cases with the hospital's
+code, and refuses a track it does not know).  The track modules import their machinery lazily:
+the ClientApp, the hospital's guard and the web app load only the parts they call.
 """
 
 from __future__ import annotations
