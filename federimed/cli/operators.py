@@ -214,7 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
     # `kill -USR1` (`docker kill -s USR1 webapp`) prints every thread's stack to stderr: where
     # a web app that stopped answering waits, without stopping it
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # (to file descriptor 2, the process's stderr: sys.stderr may have no file behind it)
+    faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
     for name in ("federimed.serve", "federimed.audit"):  # uvicorn configures only its own
         logger = logging.getLogger(name)
         if not logger.handlers:
