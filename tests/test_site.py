@@ -363,6 +363,7 @@ def _codes(ledger_path: Path) -> list[str | None]:
         (lambda: _run(task_type="flwr-agentapp"), "TASK_TYPE_REFUSED"),
         (lambda: _run(task_type="flwr-connector"), "TASK_TYPE_REFUSED"),
         (lambda: _run(**{"batch-size": 2}), "POLICY_FLOOR"),
+        (lambda: _run(track="translate"), "UNKNOWN_TRACK"),  # no code here counts its cases
     ],
 )
 def test_a_task_the_policy_does_not_allow_is_answered_by_the_guard_and_ledgered(guard, run, code):
