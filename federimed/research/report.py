@@ -62,7 +62,8 @@ def plot_rounds(report: Report, out: Path) -> Path:
             (shown.headline, "k--", "s", "common test set"),
             (shown.unseen_style, "k:", "^", "test notes in a style no hospital writes"),
         ):
-            scored = sorted((n, getattr(s, key)) for n, s in server.items() if key and _has(s, key))
+            found = {n: _test_score(scores, key) for n, scores in server.items()}
+            scored = sorted((n, v) for n, v in found.items() if v is not None)
             if scored:
                 ax.plot(*zip(*scored, strict=True), line, marker=marker, label=label)
     ax.set(
@@ -75,8 +76,9 @@ def plot_rounds(report: Report, out: Path) -> Path:
     return _save(fig, out / "accuracy_per_round.png")
 
 
-def _has(scores: Scores, key: str) -> bool:
-    return getattr(scores, key, None) is not None
+def _test_score(scores: Scores | None, key: str | None) -> float | None:
+    """The test score ``key`` names, None where the track has no such score or none was made."""
+    return getattr(scores, key, None) if scores is not None and key else None
 
 
 def plot_comparison(report: Report, out: Path) -> Path:
@@ -118,16 +120,12 @@ def _round_rows(rounds: dict[str, RoundRecord], shown: Measures) -> list[str]:
     rows = []
     for r in sorted(rounds.values(), key=lambda r: r.round):
         rejected = ", ".join(f"{h} ({why})" for h, why in r.rejected.items())
-
-        def test(key: str | None, r: RoundRecord = r) -> str:
-            return _fmt(getattr(r.test, key, None) if r.test and key else None)
-
-        styled = f" | {test(shown.unseen_style)}" if shown.unseen_style else ""
+        styled = f" | {_fmt(_test_score(r.test, shown.unseen_style))}" if shown.unseen_style else ""
         overhead = round_overhead(r)
         rows.append(
             f"| {r.round} | {', '.join(r.participants) or 'none'} "
             f"| {', '.join(r.dropped) or '-'} | {rejected or '-'} "
-            f"| {test(shown.headline)}{styled} "
+            f"| {_fmt(_test_score(r.test, shown.headline))}{styled} "
             f"| {r.seconds:.0f} | {'n/a' if overhead is None else f'{overhead:.2f}'} |"
         )
     return rows
