@@ -38,7 +38,8 @@ _R = TypeVar("_R", bound=_Record)
 
 class Scores(_Record):
     """The global model on the consortium's common test set: the classify track's accuracy,
-    macro-F1 and loss, or the generative track's exact match (diagnosis cards), token-F1
+    macro-F1 and loss, or the generative track's multiple-choice accuracy and exact match
+    (diagnosis cards), token-F1
     (the other cards) and perplexity of the reference answers."""
 
     accuracy: float | None = None
@@ -49,6 +50,7 @@ class Scores(_Record):
     # the same model on notes in a style no hospital writes in (leave-one-style-out)
     unseen_style_accuracy: float | None = None
     unseen_style_top3_accuracy: float | None = None
+    choice_accuracy: float | None = None  # the likeliest of the condition names is right
     exact_match: float | None = None
     token_f1: float | None = None
     perplexity: float | None = None
@@ -66,9 +68,11 @@ class Scores(_Record):
             if self.unseen_style_accuracy is not None:
                 text += f", {100 * self.unseen_style_accuracy:.1f}% in a style no hospital writes"
             return text
-        parts = (
-            [f"exact match {100 * self.exact_match:.1f}%"] if self.exact_match is not None else []
-        )
+        parts = []
+        if self.choice_accuracy is not None:
+            parts.append(f"multiple-choice accuracy {100 * self.choice_accuracy:.1f}%")
+        if self.exact_match is not None:
+            parts.append(f"exact match {100 * self.exact_match:.1f}%")
         if self.token_f1 is not None:
             parts.append(f"token-F1 {self.token_f1:.3f}")
         if self.perplexity is not None:

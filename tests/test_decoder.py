@@ -32,6 +32,7 @@ from federimed.tracks.generative.decoder import (
     score_answers,
     token_f1,
 )
+from federimed.tracks.generative.task import training_cards
 
 CARDS = [
     Flashcard("What is the key investigation in gout?", "joint aspirate: urate crystals"),
@@ -108,11 +109,15 @@ def test_a_long_question_is_cut_to_fit_and_the_answer_kept(tiny_gpt2):
     assert text.startswith("Question: chest pain") and "Answer:" in text  # the template kept
 
 
-def test_only_the_attention_adapter_trains_travels_and_the_loss_goes_down(tiny_gpt2):
+def test_only_the_adapter_on_the_layers_linear_maps_trains_travels_and_the_loss_goes_down(
+    tiny_gpt2,
+):
     run = make_run()
     model = build_generator(tiny_gpt2, run.lora, seed=0)
     state = exchanged_state(model)
-    assert state and all("lora_" in name and ".attn." in name for name in state)
+    assert state and all("lora_" in name and ".h." in name for name in state)
+    adapted = {name.split(".lora_")[0].split(".h.")[1].split(".", 1)[1] for name in state}
+    assert adapted == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # not lm_head
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(t.numel() for t in state.values()) == trainable
     assert from_wire(model, to_wire(state)).keys() == state.keys()
@@ -201,7 +206,8 @@ def test_a_generative_reply_is_the_adapter_only_and_carries_no_card_text(
         "val_loss", "train_loss", "num_examples", "startup_seconds", "load_seconds",
         "compute_seconds",
     }  # fmt: skip
-    assert metrics["num_examples"] == len(load_flashcards(hospital / "flashcards.jsonl"))
+    own = load_flashcards(hospital / "flashcards.jsonl")  # and the run's public cards
+    assert metrics["num_examples"] == len(training_cards(run, own)) > len(own)
 
 
 def test_the_server_scores_a_generative_round_and_saves_an_adapter_peft_loads(
@@ -233,8 +239,12 @@ def test_the_server_scores_a_generative_round_and_saves_an_adapter_peft_loads(
     assert scores.exact_match == 0.0 and 0 <= scores.token_f1 < 0.5  # an untrained tiny model
     assert scores.perplexity > 1000 and scores.accuracy is None
     assert scores.num_examples == len(load_flashcards(tmp_path / "data" / "test-flashcards.jsonl"))
-    assert scores.describe().startswith("test exact match 0.0%, token-F1")
-    assert set(scores.model_dump()) == {"exact_match", "token_f1", "perplexity", "num_examples"}
+    assert 0 <= scores.choice_accuracy <= 0.25  # 32 diagnosis cards, 32 names: chance is 1/32
+    assert scores.describe().startswith("test multiple-choice accuracy ")
+    assert "exact match 0.0%, token-F1" in scores.describe()
+    assert set(scores.model_dump()) == {
+        "choice_accuracy", "exact_match", "token_f1", "perplexity", "num_examples"
+    }
 
     final = model.save_final()
     loaded = PeftModel.from_pretrained(
@@ -409,3 +419,83 @@ def test_data_validate_checks_flashcards_and_a_hospital_takes_medalpacas_json_li
     mine.write_text('{"input": "q", "output": "a"}\n{"input": "q", "output": ""}\n')
     assert main(["data", "validate", "--flashcards", str(mine)]) == 1
     assert f"{mine}:2: missing or empty 'output'" in capsys.readouterr().err
+
+
+def test_each_choice_is_scored_as_the_whole_answer_with_the_prompt_computed_once(tiny_gpt2):
+    """The cached prompt gives each choice the log-likelihood the full sequence gives it."""
+    from federimed.tracks.generative.decoder import _plain, choice_log_likelihoods
+
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    model = build_generator(tiny_gpt2, make_run().lora).eval()
+    choices = ["Gout", "Acute myocardial infarction", "Pulmonary embolism"]
+    scored = choice_log_likelihoods(model, tokenizer, CARDS, choices, torch.device("cpu"), 128)
+    assert scored.shape == (2, 3)
+    lead = " " if _plain(tokenizer) else ""
+    for row, card in enumerate(CARDS):
+        prompt = prompt_ids(tokenizer, card.question, card.instruction)
+        for column, choice in enumerate(choices):
+            answer = tokenizer(lead + choice, add_special_tokens=False)["input_ids"]
+            answer.append(tokenizer.eos_token_id)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
+            steps = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]
+            expected = steps.gather(1, torch.tensor(answer)[:, None]).sum()
+            assert scored[row, column] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_the_multiple_choice_accuracy_counts_diagnosis_cards_overall_and_unseen():
+    from federimed.tracks.generative.task import condition_choices
+
+    picks = [None, "Acute myocardial infarction"]
+    scores = score_answers(CARDS, ["x", "a heart attack"], {"I21"}, picks=picks)
+    assert scores["choice_accuracy"] == 1.0 and scores["unseen_choice_accuracy"] == 1.0
+    assert scores["exact_match"] == 0.0
+    wrong = score_answers(CARDS, ["x", "y"], {"I21"}, picks=[None, "Gout"])
+    assert wrong["choice_accuracy"] == 0.0
+    # the choices: the run's conditions by their catalogue names, then any other diagnosis given
+    run = make_run(labels="I21,K35")
+    other = Flashcard("Q?", "Made-up syndrome", "", DIAGNOSIS_KIND, "X99")
+    choices = condition_choices(run, [*CARDS, other])
+    assert choices == [BY_CODE["I21"].name, BY_CODE["K35"].name, "Made-up syndrome"]
+
+
+def test_a_diagnosis_question_is_answered_with_the_likeliest_condition_then_free_text(tiny_gpt2):
+    from federimed.tracks.generative.decoder import ranked_choices
+
+    model = build_generator(tiny_gpt2, make_run().lora).eval()
+    tokenizer = load_generator_tokenizer(tiny_gpt2)
+    choices = ["Gout", "Acute myocardial infarction", "Pulmonary embolism"]
+    question = "What is the most likely diagnosis for this patient?\n\n58M crushing chest pain"
+    ranked = ranked_choices(model, tokenizer, question, choices, 128)
+    assert sorted(name for name, _ in ranked) == sorted(choices)
+    assert sum(share for _, share in ranked) == pytest.approx(1.0)
+    assert [share for _, share in ranked] == sorted((s for _, s in ranked), reverse=True)
+    pieces: list[str] = []
+    answer = ask(model, tokenizer, question, 3, on_text=pieces.append, choices=choices)
+    best, share = ranked[0]
+    first_line = f"{best} (the likeliest of 3 conditions, {share:.0%})"
+    assert answer.startswith(first_line + "\nFree text: ")
+    assert "".join(pieces).startswith(first_line)
+    # any other question, or no conditions to choose from: the free text alone
+    other = ask(model, tokenizer, "What is the key investigation in gout?", 3, choices=choices)
+    plain = ask(model, tokenizer, question, 3)
+    assert "likeliest" not in other and "likeliest" not in plain
+
+
+def test_public_cards_name_no_condition_in_their_question_and_a_hospital_gets_each_once():
+    from federimed.data.flashcards import public_cards
+    from federimed.tracks.generative.task import training_cards
+
+    assert public_cards(["I21", "K35"], 0) == []
+    cards = public_cards(["I21", "K35"], 4, seed=3)
+    diagnoses = [card for card in cards if card.kind == DIAGNOSIS_KIND]
+    assert len(diagnoses) == 8 and {card.code for card in diagnoses} == {"I21", "K35"}
+    assert all(BY_CODE[card.code].name not in card.question for card in diagnoses)
+    assert all(card.answer == BY_CODE[card.code].name for card in diagnoses)
+    assert {card.kind for card in cards} == {DIAGNOSIS_KIND, *KNOWLEDGE}
+    assert public_cards(["I21", "K35"], 4, seed=3) == cards  # every hospital draws the same
+    run = make_run(labels="I21,K35", textbook_cases=4, seed=3)
+    own = [*CARDS, *knowledge_cards(["I21"])]  # it already holds the public I21 facts
+    trained = training_cards(run, own)
+    assert trained[: len(own)] == own and len(trained) == len(own) + len(cards) - len(own[2:])
+    assert len({(c.question, c.answer) for c in trained}) == len(trained)

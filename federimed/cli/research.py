@@ -154,6 +154,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    from federimed.data.records import default_labels
     from federimed.learning.model import quiet_libraries
     from federimed.tracks.generative.decoder import GeneratorError, ask, load_answerer
 
@@ -165,7 +166,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     except GeneratorError as error:
         raise UserError(str(error)) from None
     ask(model, tokenizer, args.question, args.max_new_tokens,
-        on_text=lambda text: print(text, end="", flush=True))  # fmt: skip
+        on_text=lambda text: print(text, end="", flush=True),
+        choices=list(default_labels().values()))  # fmt: skip
     print()
     return 0
 

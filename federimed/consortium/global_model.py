@@ -112,8 +112,10 @@ class GlobalGenerator(GlobalModel):
             return None
         metrics = score_generator(self.model, self.tokenizer, self.test, self.run, self.device)
         log.info(
-            "round %d: test exact match %.3f, token-F1 %.3f, perplexity %.2f",
+            "round %d: test multiple-choice accuracy %.3f, exact match %.3f, token-F1 %.3f, "
+            "perplexity %.2f",
             server_round,
+            metrics.get("choice_accuracy", math.nan),
             metrics.get("exact_match", math.nan),
             metrics.get("token_f1", math.nan),
             metrics["perplexity"],

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from federimed.data.conditions import BY_CODE, Condition
 from federimed.data.records import (
@@ -25,7 +26,10 @@ from federimed.data.records import (
     TEST_FLASHCARDS,
     Flashcard,
 )
-from federimed.data.synth import SynthDataset
+from federimed.data.textbook import textbook_cases
+
+if TYPE_CHECKING:  # the synthetic generator stays out of the hospitals' app bundle
+    from federimed.data.synth import SynthDataset
 
 DIAGNOSIS_QUESTION = "What is the most likely diagnosis for this patient?\n\n{case}"
 # kind -> (question, answer drawn from the catalogue)
@@ -88,6 +92,24 @@ def knowledge_cards(codes: Iterable[str], held_out: bool = False) -> list[Flashc
                 text = (TEST_WORDING[kind] if held_out else question).format(name=condition.name)
                 cards.append(Flashcard(text, reply, INSTRUCTION, kind, code))
     return cards
+
+
+def public_cards(labels: Iterable[str], per_condition: int, seed: int = 0) -> list[Flashcard]:
+    """What any hospital may train on beside its own cards (run config ``textbook-cases``; none
+    at 0): ``per_condition`` textbook texts per condition as case -> diagnosis cards, and the
+    catalogue's knowledge cards about every condition, the ones it never saw included.  A
+    text that names its condition loses the name: the card asks for it."""
+    if per_condition == 0:
+        return []
+    codes = [code for code in labels if code in BY_CODE]
+    texts = textbook_cases(codes, per_condition, seed)
+    diagnoses = [
+        diagnosis_card(
+            {"label": t.label, "text": t.text.removeprefix(f"{BY_CODE[t.label].name}: ")}
+        )
+        for t in texts
+    ]
+    return diagnoses + knowledge_cards(codes)
 
 
 def from_cases(dataset: SynthDataset, test_cases_per_condition: int = 1) -> FlashcardDataset:

@@ -35,13 +35,16 @@ from federimed.learning.batching import Encoded, autocast, model_config, scoring
 
 log = logging.getLogger("flwr.federimed.learning.features")
 _PROBE_ROWS = 2  # rows recomputed to check a cached copy still matches the model
+# what the transformer layers' list is called: BERT-style encoders, Llama-style decoders, GPT-2
+_STACK_NAMES = ("layer", "layers", "h")
 
 
 def layer_stack(model: nn.Module) -> nn.ModuleList | None:
     """The encoder's transformer layers, or None for a model without one such list."""
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith("layer") and len(module) == count:
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.ModuleList) and last in _STACK_NAMES and len(module) == count:
             return module
     return None
 

@@ -23,6 +23,7 @@ from federimed.learning.batching import (
     scoring_batches,
 )
 from federimed.learning.dpsgd import (
+    IGNORE_INDEX,
     add_noise,
     clipped_gradient_sum,
     poisson_batches,
@@ -43,7 +44,7 @@ def _batches(size: int, batch_size: int, steps: int, seed: int) -> Iterator[np.n
         order = order[batch_size:]
 
 
-def _replay_if_cached(model: torch.nn.Module, data: Encoded) -> contextlib.AbstractContextManager:
+def replay_if_cached(model: torch.nn.Module, data: Encoded) -> contextlib.AbstractContextManager:
     if data.features is None:
         return contextlib.nullcontext()
     return replaying(model, data.frozen_layers)
@@ -54,6 +55,30 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], replay: Rep
     if replay is not None:
         replay.hidden = features
     return model(**batch)
+
+
+def answer_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], replay: Replay | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's logits where an answer token is predicted, and those tokens: the
+    vocabulary-wide head over every prompt position would cost as much as the adapted layers
+    (SmolLM2's 49k words against a short answer after a note of a hundred tokens)."""
+    labels = batch.pop("labels")
+    predicting = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    logits = _forward(model, batch | {"logits_to_keep": predicting}, replay).logits
+    return logits.float(), labels[:, predicting + 1]
+
+
+def _loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], replay: Replay | None
+) -> torch.Tensor:
+    """The batch's mean loss: per case (a classifier), or per answer token (a causal LM)."""
+    if batch["labels"].dim() == 1:
+        return _forward(model, batch, replay).loss
+    logits, targets = answer_logits(model, batch, replay)
+    return torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX
+    )
 
 
 def step_reporter(
@@ -91,7 +116,7 @@ def train(
     private = settings.noise_multiplier > 0
     sample = poisson_batches if private else _batches
     noise = torch.Generator().manual_seed(settings.seed)
-    with _replay_if_cached(model, data) as replay:
+    with replay_if_cached(model, data) as replay:
 
         def forward(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             batch = batch_tensors(data, rows, device)
@@ -114,7 +139,7 @@ def train(
                 losses.append(_apply(params, anchor, settings.proximal_mu, optimizer, loss))
             else:
                 with autocast(device):
-                    loss = _forward(model, batch_tensors(data, rows, device), replay).loss
+                    loss = _loss(model, batch_tensors(data, rows, device), replay)
                 losses.append(_step(loss, params, anchor, settings.proximal_mu, optimizer, scaler))
             if on_step:
                 on_step(step + 1, losses[-1])
@@ -155,7 +180,7 @@ def predict_proba(
 ) -> np.ndarray:
     model.to(device).eval()
     out = np.zeros((len(data), cast(int, model_config(model).num_labels)), dtype=np.float32)
-    with _replay_if_cached(model, data) as replay:
+    with replay_if_cached(model, data) as replay:
         for rows, batch in scoring_batches(data, device, batch_size):
             with autocast(device):
                 logits = _forward(model, batch, replay).logits

@@ -57,9 +57,8 @@ from federimed.tracks.generative.decoder import (
     build_generator,
     encode_cards,
     load_generator_tokenizer,
-    score_answers,
 )
-from federimed.tracks.generative.task import answers_and_losses
+from federimed.tracks.generative.task import model_outputs, training_cards
 from federimed.tracks.hospital_round import round_seed
 
 Progress = Callable[[str], None]
@@ -423,9 +422,17 @@ class Comparison(Baselines):
 class GenerativeComparison(Baselines):
     """The generative track's: each hospital's flashcards and the common test cards; a model
     answers every test card once, and each hospital reads its scores off those answers:
-    overall, and on the conditions it has no card about."""
+    overall, and on the conditions it has no card about.  The frozen layers' output for the
+    hospitals' cards is computed once for every baseline (or read from the hospitals' own
+    caches, ``feature_caches``, as :class:`Comparison` does)."""
 
-    def __init__(self, federation: Federation, run: RunConfig, progress: Progress = print):
+    def __init__(
+        self,
+        federation: Federation,
+        run: RunConfig,
+        progress: Progress = print,
+        feature_caches: Mapping[str, Path] | None = None,
+    ):
         self.run = run
         self.progress = progress
         self.tokenizer = load_generator_tokenizer(run.generator)
@@ -438,8 +445,15 @@ class GenerativeComparison(Baselines):
             name: sorted(codes - {card.code for card in cards})
             for name, cards in self.train_sets.items()
         }
+        frozen, caches = self._fresh_model(), feature_caches or {}
         self.encoded = {
-            name: encode_cards(cards, self.tokenizer, run.max_length)
+            name: with_features(
+                frozen,
+                encode_cards(training_cards(run, cards), self.tokenizer, run.max_length),
+                pick_device(),
+                run.generator,
+                caches.get(name),
+            )
             for name, cards in self.train_sets.items()
         }
         self.steps_per_hospital = run.num_server_rounds * run.local_steps
@@ -448,13 +462,8 @@ class GenerativeComparison(Baselines):
         return build_generator(self.run.generator, self.run.lora, seed=self.run.seed)
 
     def _score(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        answers, losses = answers_and_losses(
-            model, self.tokenizer, self.test, self.run, pick_device()
-        )
-        return {
-            name: score_answers(self.test, answers, set(unseen), losses)
-            for name, unseen in self.unseen.items()
-        }
+        outputs = model_outputs(model, self.tokenizer, self.test, self.run, pick_device())
+        return {name: outputs.scores(self.test, set(codes)) for name, codes in self.unseen.items()}
 
     def federated(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         return self._score(model)

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from federimed.learning.batching import Encoded
+from federimed.learning.features import first_adapted_layer, with_features
 from federimed.learning.training import step_reporter, train
 from federimed.runconfig import RunConfig
+from federimed.settings import RuntimeSettings
 
 # A child of Flower's logger, so lines land in the SuperNode log next to Flower's own.
 log = logging.getLogger("flwr.federimed.client")
@@ -43,6 +45,21 @@ class NodeIdentity:
 def round_seed(run: RunConfig, hospital: str, server_round: int) -> int:
     """Different batches each round and hospital, identical on a re-run."""
     return run.seed * 1_000_003 + server_round * 1009 + sum(hospital.encode())
+
+
+def with_cached_features(
+    model: torch.nn.Module,
+    data: Encoded,
+    device: torch.device,
+    run: RunConfig,
+    runtime: RuntimeSettings,
+    node: NodeIdentity | None = None,
+) -> Encoded:
+    """The frozen layers' output for ``data``, from the hospital's cache folder when it has one
+    (``FEDERIMED_FEATURE_CACHE``); ``node``: say so in its log when it has none."""
+    if node is not None and runtime.feature_cache is None and first_adapted_layer(model):
+        log.info("%s: FEDERIMED_FEATURE_CACHE unset, frozen layers computed again", node.hospital)
+    return with_features(model, data, device, run.base_model, runtime.feature_cache)
 
 
 def local_training(

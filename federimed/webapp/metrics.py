@@ -22,7 +22,7 @@ from federimed.webapp.runs import Run, RunIndex
 SCORES = (
     "accuracy", "top3_accuracy", "ece", "macro_f1", "loss",
     "unseen_style_accuracy", "unseen_style_top3_accuracy",
-    "exact_match", "token_f1", "perplexity",
+    "choice_accuracy", "exact_match", "token_f1", "perplexity",
 )  # fmt: skip
 
 

@@ -116,7 +116,9 @@ class ServedModel:
     def _generate(self, question: str, max_new_tokens: int, on_text: Callable[[str], None]):
         from federimed.tracks.generative.decoder import ask
 
-        ask(self.model, self.tokenizer, question, max_new_tokens, on_text=on_text)
+        ask(
+            self.model, self.tokenizer, question, max_new_tokens, on_text, list(self.names.values())
+        )
 
     def describe(self) -> dict[str, Any]:
         """The model's identity and provenance, as the API and the pages show it."""

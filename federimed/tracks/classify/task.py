@@ -15,7 +15,6 @@ import torch
 from federimed.data.records import Example, load_hospital
 from federimed.data.textbook import textbook_cases
 from federimed.learning.batching import encode, pick_device
-from federimed.learning.features import first_adapted_layer, with_features
 from federimed.learning.model import (
     build_classifier,
     exchanged_state,
@@ -26,7 +25,12 @@ from federimed.learning.model import (
 from federimed.learning.training import evaluate
 from federimed.runconfig import RunConfig
 from federimed.settings import RuntimeSettings
-from federimed.tracks.hospital_round import NodeIdentity, local_training, require_validation
+from federimed.tracks.hospital_round import (
+    NodeIdentity,
+    local_training,
+    require_validation,
+    with_cached_features,
+)
 
 # A child of Flower's logger, so lines land in the SuperNode log next to Flower's own.
 log = logging.getLogger("flwr.federimed.client")
@@ -73,10 +77,8 @@ def train_round(
     validation = data.validation and encode(data.validation, tokenizer, labels, run.max_length)
     loaded = time.perf_counter()
     metrics = {"load_seconds": loaded - started}
-    if runtime.feature_cache is None and first_adapted_layer(model):
-        log.info("%s: FEDERIMED_FEATURE_CACHE unset, frozen layers computed again", node.hospital)
-    encoded = _with_features(model, encoded, device, run, runtime)
-    validation = validation and _with_features(model, validation, device, run, runtime)
+    encoded = with_cached_features(model, encoded, device, run, runtime, node)
+    validation = validation and with_cached_features(model, validation, device, run, runtime)
     if validation:
         scores = evaluate(model, validation, device)
         metrics |= {"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
@@ -88,11 +90,6 @@ def train_round(
     metrics |= local_training(run, node, server_round, proximal_mu, model, encoded, device, seen)
     metrics["compute_seconds"] = time.perf_counter() - loaded
     return to_wire(exchanged_state(model)), metrics
-
-
-def _with_features(model, data, device, run: RunConfig, runtime: RuntimeSettings):
-    """The frozen layers' output, from the hospital's cache folder when it has one."""
-    return with_features(model, data, device, run.model, runtime.feature_cache)
 
 
 def _pct(value: float | None) -> str:
@@ -113,4 +110,4 @@ def evaluate_round(
     runtime = runtime or RuntimeSettings()
     device = pick_device(runtime)
     encoded = encode(cases, tokenizer, labels, run.max_length)
-    return evaluate(model, _with_features(model, encoded, device, run, runtime), device)
+    return evaluate(model, with_cached_features(model, encoded, device, run, runtime), device)

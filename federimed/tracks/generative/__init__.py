@@ -32,11 +32,14 @@ class Generative(RoundInTaskModule):
     sent = "LoRA adapter"
     unseen_style_test = False
     measures = Measures(
-        "exact_match", "diagnosis exact match", "token_f1", "token-F1", "unseen_exact_match",
+        "choice_accuracy", "diagnosis multiple-choice accuracy", "exact_match",
+        "diagnosis exact match", "unseen_choice_accuracy",
         "val_loss", "loss per answer token", fractions=False,
         columns=(
+            ("choice_accuracy", "multiple-choice accuracy"),
             ("exact_match", "diagnosis exact match"), ("token_f1", "token-F1"),
             ("perplexity", "perplexity"),
+            ("unseen_choice_accuracy", "multiple-choice accuracy on unseen conditions"),
             ("unseen_exact_match", "exact match on unseen conditions"),
             ("unseen_token_f1", "token-F1 on unseen conditions"),
             ("unseen_perplexity", "perplexity on unseen conditions"),
@@ -79,7 +82,7 @@ class Generative(RoundInTaskModule):
     ) -> Any:
         from federimed.research.compare import GenerativeComparison
 
-        return GenerativeComparison(federation, run, progress=progress)
+        return GenerativeComparison(federation, run, progress, feature_caches)
 
     model_folder = "a causal LM's adapter: a run's final/ folder or the demo's model/"
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from federimed.data.records import Flashcard, load_hospital_cards
+from federimed.data.conditions import BY_CODE
+from federimed.data.flashcards import public_cards
+from federimed.data.records import DIAGNOSIS_KIND, Flashcard, load_hospital_cards
 from federimed.learning.batching import pick_device
 from federimed.learning.model import exchanged_state, receive, to_wire
 from federimed.runconfig import RunConfig
@@ -28,11 +31,26 @@ from federimed.tracks.generative.decoder import (
     encode_cards,
     generate_answers,
     load_generator_tokenizer,
+    pick_choices,
     score_answers,
 )
-from federimed.tracks.hospital_round import NodeIdentity, local_training, require_validation
+from federimed.tracks.hospital_round import (
+    NodeIdentity,
+    local_training,
+    require_validation,
+    with_cached_features,
+)
 
 log = logging.getLogger("flwr.federimed.client")
+
+
+def training_cards(run: RunConfig, own: list[Flashcard]) -> list[Flashcard]:
+    """What a hospital trains on: its own cards and the run's public ones (``textbook-cases``
+    per condition: :func:`federimed.data.flashcards.public_cards`, the same at every
+    hospital), the public cards it already holds dropped."""
+    held = {(card.question, card.answer) for card in own}
+    public = public_cards(run.label_list, run.textbook_cases, run.seed)
+    return own + [card for card in public if (card.question, card.answer) not in held]
 
 
 def global_generator(
@@ -59,10 +77,12 @@ def train_round(
     device = pick_device(runtime)
     cards, validation_cards = load_hospital_cards(node.data_path)
     model, tokenizer, _ = global_generator(run, global_wire, runtime)
-    data = encode_cards(cards, tokenizer, run.max_length)
+    data = encode_cards(training_cards(run, cards), tokenizer, run.max_length)
     validation = validation_cards and encode_cards(validation_cards, tokenizer, run.max_length)
     loaded = time.perf_counter()
     metrics = {"load_seconds": loaded - started}
+    data = with_cached_features(model, data, device, run, runtime, node)
+    validation = validation and with_cached_features(model, validation, device, run, runtime)
     if validation:
         metrics["val_loss"] = answer_loss(model, validation, device)
     seen = f"validation loss per answer token {metrics.get('val_loss', float('nan')):.3f}"
@@ -79,24 +99,51 @@ def evaluate_round(
 ) -> dict[str, float]:
     """The global model on this hospital's validation cards."""
     _, validation_cards = load_hospital_cards(node.data_path)
-    model, tokenizer, _ = global_generator(run, global_wire)
-    device = pick_device(runtime or RuntimeSettings())
+    runtime = runtime or RuntimeSettings()
+    model, tokenizer, _ = global_generator(run, global_wire, runtime)
+    device = pick_device(runtime)
     data = encode_cards(require_validation(validation_cards, node), tokenizer, run.max_length)
+    data = with_cached_features(model, data, device, run, runtime)
     return {"loss": answer_loss(model, data, device), "num_examples": float(len(data))}
 
 
-def answers_and_losses(
+def condition_choices(run: RunConfig, cards: list[Flashcard]) -> list[str]:
+    """The names a diagnosis is chosen from: every condition of the run's label list that the
+    catalogue names, and any other diagnosis the cards give (a consortium's own dataset)."""
+    names = [BY_CODE[code].name for code in run.label_list if code in BY_CODE]
+    given = {card.answer for card in cards if card.kind == DIAGNOSIS_KIND}
+    return names + sorted(given - set(names))
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a model makes of test cards: its greedy answers, each reference answer's summed
+    loss and token count, and its likeliest diagnosis among :func:`condition_choices`."""
+
+    answers: list[str]
+    losses: tuple[np.ndarray, np.ndarray]
+    picks: list[str | None]
+
+    def scores(self, cards: list[Flashcard], unseen: set[str] | None = None) -> dict[str, float]:
+        return score_answers(cards, self.answers, unseen, self.losses, self.picks)
+
+
+def model_outputs(
     model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
-) -> tuple[list[str], tuple[np.ndarray, np.ndarray]]:
-    """Greedy answers to ``cards``, and each reference answer's summed loss and token count."""
+) -> Outputs:
     answers = generate_answers(model, tokenizer, cards, device, run.max_new_tokens, run.max_length)
     data = encode_cards(cards, tokenizer, run.max_length)
-    return answers, answer_token_losses(model, data, device)
+    choices = condition_choices(run, cards)
+    return Outputs(
+        answers,
+        answer_token_losses(model, data, device),
+        pick_choices(model, tokenizer, cards, choices, device, run.max_length),
+    )
 
 
 def score_generator(
     model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
 ) -> dict[str, float]:
-    """Exact match, token-F1 and perplexity on ``cards``."""
-    answers, losses = answers_and_losses(model, tokenizer, cards, run, device)
-    return score_answers(cards, answers, losses=losses)
+    """Multiple-choice accuracy and exact match on diagnosis cards, token-F1 on the others,
+    perplexity on all."""
+    return model_outputs(model, tokenizer, cards, run, device).scores(cards)
