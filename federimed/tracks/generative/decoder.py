@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from federimed.data.records import DIAGNOSIS_KIND, INSTRUCTION, Flashcard
 from federimed.learning.batching import Encoded, autocast, batch_tensors
 from federimed.learning.dpsgd import IGNORE_INDEX
+from federimed.learning.features import layer_stack
 from federimed.learning.model import top_layers
 from federimed.learning.training import answer_logits, replay_if_cached
 from federimed.runconfig import LoraSettings
@@ -68,12 +69,25 @@ def build_generator(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules="all-linear",
+        target_modules=linear_maps(model),
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its weights transposed
         # the top `lora-layers` only: backpropagation then stops below them
         layers_to_transform=top_layers(model, lora.layers),
     )
     return get_peft_model(model, config)
+
+
+def linear_maps(model: torch.nn.Module) -> list[str]:
+    """The names of the linear maps inside a transformer layer (attention and MLP: ``q_proj``
+    ... ``down_proj`` for SmolLM2, ``c_attn``, ``c_proj``, ``c_fc`` for GPT-2); peft's
+    ``all-linear`` names the same ones but cannot be combined with ``layers_to_transform``."""
+    from transformers.pytorch_utils import Conv1D
+
+    stack = layer_stack(model)
+    if stack is None:
+        raise GeneratorError(f"{type(model).__name__}: no list of transformer layers found")
+    return sorted({name.rsplit(".", 1)[-1] for name, module in stack[0].named_modules()
+                   if isinstance(module, torch.nn.Linear | Conv1D)})  # fmt: skip
 
 
 def _messages(question: str, instruction: str, answer: str | None = None) -> list[dict]:
