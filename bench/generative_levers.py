@@ -1,0 +1,112 @@
+"""What the generative track's levers buy: one model trained on some hospitals' cards, scored
+on the test set's diagnosis cards by multiple choice, at step checkpoints.
+
+    .venv/bin/python bench/generative_levers.py --data DIR [--hospitals hospital-1]
+        [--layers 8] [--targets all-linear|attention] [--learning-rate 0.003]
+        [--batch-size 8] [--lora-r 8] [--textbook-cases 4] [--checks 50 100 150]
+
+``DIR`` is what ``federimed data synth --track generative`` writes (the demo's seed-0
+consortium: ``runs/bench-demo/data``).  Per checkpoint one line: the seconds spent training
+since the last one, the training loss, and the multiple-choice accuracy over the condition
+names (:func:`federimed.tracks.generative.decoder.choice_log_likelihoods`) on the 32 test
+diagnosis cards (one card is 3.1 points).  The frozen layers below the adapters are computed
+once and cached in ``--cache``, as a hospital's are.  A hospital that never saw some
+conditions cannot name them from its own cards: compare variants on the same hospitals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from federimed.config import resolve
+from federimed.data.records import (
+    DIAGNOSIS_KIND,
+    TEST_FLASHCARDS,
+    load_flashcards,
+    load_hospital_cards,
+)
+from federimed.learning.features import with_features
+from federimed.learning.model import quiet_libraries, top_layers
+from federimed.learning.training import train
+from federimed.runconfig import TrainSettings
+from federimed.tracks.generative.decoder import (
+    choice_log_likelihoods,
+    encode_cards,
+    linear_maps,
+    load_generator_tokenizer,
+)
+from federimed.tracks.generative.smollm2 import resolve_generator
+from federimed.tracks.generative.task import condition_choices, training_cards
+
+
+def build(generator: str, layers: int, targets: str, r: int, seed: int) -> torch.nn.Module:
+    """The track's model (:func:`build_generator`) with the adapter's targets as asked."""
+    model = AutoModelForCausalLM.from_pretrained(resolve_generator(generator), dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=linear_maps(model) if targets == "all-linear" else ["q_proj", "v_proj"],
+        layers_to_transform=top_layers(model, layers),
+    )
+    return get_peft_model(model, config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--hospitals", nargs="+", default=["hospital-1"])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--targets", choices=("all-linear", "attention"), default="all-linear")
+    parser.add_argument("--learning-rate", type=float, default=0.003)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--textbook-cases", type=int, default=4)
+    parser.add_argument("--checks", type=int, nargs="+", default=[50, 100, 150])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench-generative-cache"))
+    args = parser.parse_args()
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    run = resolve(
+        flags={"track": "generative", "textbook-cases": args.textbook_cases, "seed": args.seed},
+        environ={},
+    ).run
+    device = torch.device("cpu")
+    tokenizer = load_generator_tokenizer(run.generator)
+    test = [c for c in load_flashcards(args.data / TEST_FLASHCARDS) if c.kind == DIAGNOSIS_KIND]
+    choices = condition_choices(run, test)
+    truth = np.array([choices.index(card.answer) for card in test])
+    own = [card for h in args.hospitals for card in load_hospital_cards(args.data / h)[0]]
+    cards = training_cards(run, own)
+    model = build(run.generator, args.layers, args.targets, args.lora_r, args.seed)
+    started = time.perf_counter()
+    data = with_features(model, encode_cards(cards, tokenizer, 256), device, "bench", args.cache)
+    print(f"{len(cards)} cards; frozen layers {time.perf_counter() - started:.0f} s", flush=True)
+    done = 0
+    for check in args.checks:
+        started = time.perf_counter()
+        settings = TrainSettings(check - done, args.batch_size, args.learning_rate, seed=done)
+        loss = train(model, data, settings, device)["train_loss"]
+        seconds, done = time.perf_counter() - started, check
+        scores = choice_log_likelihoods(model, tokenizer, test, choices, device, 256)
+        accuracy = float((scores.argmax(1) == truth).mean())
+        print(
+            f"layers {args.layers} {args.targets} lr {args.learning_rate} batch "
+            f"{args.batch_size} r {args.lora_r} textbook {args.textbook_cases}: step {check}: "
+            f"{seconds:.0f} s, loss {loss:.3f}, multiple-choice accuracy {accuracy:.3f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
