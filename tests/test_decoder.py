@@ -243,7 +243,11 @@ def test_the_server_scores_a_generative_round_and_saves_an_adapter_peft_loads(
     assert scores.describe().startswith("test multiple-choice accuracy ")
     assert "exact match 0.0%, token-F1" in scores.describe()
     assert set(scores.model_dump()) == {
-        "choice_accuracy", "exact_match", "token_f1", "perplexity", "num_examples"
+        "choice_accuracy",
+        "exact_match",
+        "token_f1",
+        "perplexity",
+        "num_examples",
     }
 
     final = model.save_final()

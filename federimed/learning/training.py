@@ -139,8 +139,10 @@ def train(
                 losses.append(_apply(params, anchor, settings.proximal_mu, optimizer, loss))
             else:
                 with autocast(device):
-                    loss = _loss(model, batch_tensors(data, rows, device), replay)
-                losses.append(_step(loss, params, anchor, settings.proximal_mu, optimizer, scaler))
+                    batch_loss = _loss(model, batch_tensors(data, rows, device), replay)
+                losses.append(
+                    _step(batch_loss, params, anchor, settings.proximal_mu, optimizer, scaler)
+                )
             if on_step:
                 on_step(step + 1, losses[-1])
     tail = losses[-max(1, len(losses) // 4) :]
