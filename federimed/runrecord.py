@@ -39,8 +39,7 @@ _R = TypeVar("_R", bound=_Record)
 class Scores(_Record):
     """The global model on the consortium's common test set: the classify track's accuracy,
     macro-F1 and loss, or the generative track's multiple-choice accuracy and exact match
-    (diagnosis cards), token-F1
-    (the other cards) and perplexity of the reference answers."""
+    (diagnosis cards), token-F1 (the other cards) and perplexity of the reference answers."""
 
     accuracy: float | None = None
     macro_f1: float | None = None
