@@ -4,6 +4,7 @@ on the test set's diagnosis cards by multiple choice, at step checkpoints.
     .venv/bin/python bench/generative_levers.py --data DIR [--hospitals hospital-1]
         [--layers 8] [--targets all-linear|attention] [--learning-rate 0.003]
         [--batch-size 8] [--lora-r 8] [--textbook-cases 4] [--checks 50 100 150]
+        [--federated STEPS]
 
 ``DIR`` is what ``federimed data synth --track generative`` writes (the demo's seed-0
 consortium: ``runs/bench-demo/data``).  Per checkpoint one line: the seconds spent training
@@ -32,9 +33,11 @@ from federimed.data.records import (
     load_flashcards,
     load_hospital_cards,
 )
+from federimed.learning.batching import Encoded
 from federimed.learning.features import with_features
 from federimed.learning.model import quiet_libraries, top_layers
 from federimed.learning.training import train
+from federimed.research.tuning import WireInProcess, fedavg_round
 from federimed.runconfig import TrainSettings
 from federimed.tracks.generative.decoder import (
     choice_log_likelihoods,
@@ -44,6 +47,7 @@ from federimed.tracks.generative.decoder import (
 )
 from federimed.tracks.generative.smollm2 import resolve_generator
 from federimed.tracks.generative.task import condition_choices, training_cards
+from federimed.tracks.hospital_round import round_seed
 
 
 def build(generator: str, layers: int, targets: str, r: int, seed: int) -> torch.nn.Module:
@@ -70,39 +74,66 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--textbook-cases", type=int, default=4)
-    parser.add_argument("--checks", type=int, nargs="+", default=[50, 100, 150])
+    parser.add_argument(
+        "--checks", type=int, nargs="+", default=[50, 100, 150],
+        help="steps (rounds with --federated) after which the model is scored",
+    )  # fmt: skip
+    parser.add_argument(
+        "--federated", type=int, metavar="STEPS", default=0,
+        help="FedAvg over --hospitals in one process, STEPS local steps a round (the "
+        "ClientApps' batches and seeds, the ServerApp's average, 8-bit wire)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-generative-cache"))
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(args.threads)
-    run = resolve(
-        flags={"track": "generative", "textbook-cases": args.textbook_cases, "seed": args.seed},
-        environ={},
-    ).run
+    flags = {"track": "generative", "textbook-cases": args.textbook_cases, "seed": args.seed}
+    flags |= {"batch-size": args.batch_size, "learning-rate": args.learning_rate}
+    run = resolve(flags=flags | {"local-steps": args.federated or 1}, environ={}).run
     device = torch.device("cpu")
     tokenizer = load_generator_tokenizer(run.generator)
     test = [c for c in load_flashcards(args.data / TEST_FLASHCARDS) if c.kind == DIAGNOSIS_KIND]
     choices = condition_choices(run, test)
     truth = np.array([choices.index(card.answer) for card in test])
-    own = [card for h in args.hospitals for card in load_hospital_cards(args.data / h)[0]]
-    cards = training_cards(run, own)
     model = build(run.generator, args.layers, args.targets, args.lora_r, args.seed)
+
+    def encoded(hospitals: list[str]) -> Encoded:
+        own = [card for h in hospitals for card in load_hospital_cards(args.data / h)[0]]
+        cards = encode_cards(training_cards(run, own), tokenizer, run.max_length)
+        return with_features(model, cards, device, "bench", args.cache)
+
     started = time.perf_counter()
-    data = with_features(model, encode_cards(cards, tokenizer, 256), device, "bench", args.cache)
-    print(f"{len(cards)} cards; frozen layers {time.perf_counter() - started:.0f} s", flush=True)
+    if args.federated:
+        hospitals = {name: encoded([name]) for name in args.hospitals}
+        network = WireInProcess(run.wire_precision)
+    else:
+        data = encoded(args.hospitals)
+    print(f"frozen layers {time.perf_counter() - started:.0f} s", flush=True)
     done = 0
     for check in args.checks:
         started = time.perf_counter()
-        settings = TrainSettings(check - done, args.batch_size, args.learning_rate, seed=done)
-        loss = train(model, data, settings, device)["train_loss"]
+        if args.federated:
+            for server_round in range(done + 1, check + 1):
+
+                def settings(name: str, server_round: int = server_round) -> TrainSettings:
+                    return run.train_settings(seed=round_seed(run, name, server_round))
+
+                fedavg_round(model, hospitals, settings, device, network)
+            loss = float("nan")
+        else:
+            settings = TrainSettings(check - done, args.batch_size, args.learning_rate, seed=done)
+            loss = train(model, data, settings, device)["train_loss"]
         seconds, done = time.perf_counter() - started, check
-        scores = choice_log_likelihoods(model, tokenizer, test, choices, device, 256)
+        scores = choice_log_likelihoods(model, tokenizer, test, choices, device, run.max_length)
         accuracy = float((scores.argmax(1) == truth).mean())
+        where = (
+            f"round {check} ({args.federated} steps each)" if args.federated else f"step {check}"
+        )
         print(
             f"layers {args.layers} {args.targets} lr {args.learning_rate} batch "
-            f"{args.batch_size} r {args.lora_r} textbook {args.textbook_cases}: step {check}: "
+            f"{args.batch_size} r {args.lora_r} textbook {args.textbook_cases}: {where}: "
             f"{seconds:.0f} s, loss {loss:.3f}, multiple-choice accuracy {accuracy:.3f}",
             flush=True,
         )

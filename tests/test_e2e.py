@@ -864,9 +864,11 @@ def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(
 
 
 def _a_clinician_asks_the_generative_model_in_a_real_browser(running, run_out, tmp_path):
-    """The web app on the run's adapter: Chromium asks a question and the answer streams into
-    the page; it is the answer the JSON API gives."""
-    question = "What is the key investigation finding in Addison's disease?"
+    """The web app on the run's adapter: Chromium asks for a diagnosis and the answer streams
+    into the page, the likeliest of the conditions first; it is the answer the JSON API gives."""
+    from federimed.data.records import default_labels
+
+    question = "What is the most likely diagnosis for this patient? 58M crushing chest pain, ST up"
     log = tmp_path / "serve.log"
     with _serving(run_out / "final", running.workdir / "flower", log) as url:
         with _browser_page(url) as page:
@@ -875,7 +877,8 @@ def _a_clinician_asks_the_generative_model_in_a_real_browser(running, run_out, t
             page.click("#ask button")
             page.wait_for_selector('#answer[data-done="true"]', timeout=60_000)
             shown = page.inner_text("#answer").strip()
-            assert shown and not page.is_visible("#error")
+            assert not page.is_visible("#error")
+            assert shown.split(" (the likeliest of 32 conditions, ")[0] in default_labels().values()
             page.screenshot(path=str(WEB_ARTIFACTS / "ask.png"), full_page=True)
         request = urllib.request.Request(
             f"{url}/api/ask",

@@ -47,8 +47,12 @@ def test_smollm2_loads_offline_with_its_chat_template_and_learns_a_fixed_batch()
     trainable, total = count_parameters(model)
     assert 130e6 < total < 140e6
     state = exchanged_state(model)
-    assert sum(t.numel() for t in state.values()) == trainable == 460_800  # q/v of 30 layers
-    assert all("q_proj" in name or "v_proj" in name for name in state)
+    # every linear map (q, k, v, o, gate, up, down) of the top 8 of 30 layers, r = 8
+    assert sum(t.numel() for t in state.values()) == trainable == 8 * 81_408 == 651_264
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in state}
+    assert layers == set(range(22, 30))
+    maps = {name.split(".lora_")[0].rsplit(".", 1)[1] for name in state}
+    assert maps == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
     data = encode_cards(BATCH, tokenizer, run.max_length)
     device = torch.device("cpu")
