@@ -124,9 +124,8 @@ def encode_cards(
 ) -> Encoded:
     """Prompt and answer as one sequence; the loss only on the answer and its end token."""
     rows = []
-    lead = " " if _plain(tokenizer) else ""  # "Answer: x", as GPT-2's BPE expects a word
     for card in cards:
-        answer = tokenizer(lead + card.answer, add_special_tokens=False)["input_ids"]
+        answer = answer_tokens(tokenizer, card.answer)
         answer = [*answer[: max(1, max_length // 2)], tokenizer.eos_token_id]
         prompt = prompt_ids(tokenizer, card.question, card.instruction, max_length - len(answer))
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
@@ -139,6 +138,13 @@ def encode_cards(
         labels[i, : len(ids)] = torch.tensor(target)
         mask[i, : len(ids)] = 1
     return Encoded(input_ids=input_ids, attention_mask=mask, labels=labels)
+
+
+def answer_tokens(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
+    """An answer's tokens as they follow the prompt (without the end token): after a plain
+    template's "Answer:" with a space, as GPT-2's BPE expects a word."""
+    lead = " " if _plain(tokenizer) else ""
+    return tokenizer(lead + answer, add_special_tokens=False)["input_ids"]
 
 
 def _plain(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -230,9 +236,7 @@ def choice_log_likelihoods(
     its cached keys and values then serve every choice in one batch, so 32 choices cost about
     one more prompt's worth of tokens, not 32 prompts."""
     model.to(device).eval()
-    lead = " " if _plain(tokenizer) else ""
-    options = [[*tokenizer(lead + c, add_special_tokens=False)["input_ids"],
-                tokenizer.eos_token_id] for c in choices]  # fmt: skip
+    options = [[*answer_tokens(tokenizer, choice), tokenizer.eos_token_id] for choice in choices]
     width = max(len(o) for o in options)
     ids = torch.full((len(options), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
