@@ -32,8 +32,10 @@ def main() -> None:
     run = resolve(flags={"model": args.model}).run
     dataset = generate(SynthConfig(hospitals=1, cases_per_hospital=300))
     tokenizer = load_tokenizer(args.model)
-    train_cases = [Example(**row) for row in dataset.hospitals[0].train]
-    test_cases = [Example(**row) for row in dataset.test]
+    train_cases = [
+        Example(row["id"], row["text"], row["label"]) for row in dataset.hospitals[0].train
+    ]
+    test_cases = [Example(row["id"], row["text"], row["label"]) for row in dataset.test]
     data = encode(train_cases, tokenizer, run.label_list, run.max_length)
     test = encode(test_cases, tokenizer, run.label_list, run.max_length)
     for threads in args.threads:

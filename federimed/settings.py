@@ -166,7 +166,8 @@ class RuntimeSettings(BaseSettings):
     precision: Literal["auto", "fp32"] = Field(
         "auto",
         description="'auto': bf16 autocast on GPUs that support it (fp16 with loss scaling "
-        "on older ones); 'fp32': full precision everywhere. CPUs always compute in fp32.",
+        "on older ones) and on CPUs that multiply bf16 in hardware (AMX or AVX512-BF16); "
+        "float32 on other CPUs. 'fp32': full precision everywhere.",
     )
     gradient_checkpointing: bool = Field(
         False,

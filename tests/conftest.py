@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import psutil
@@ -15,6 +16,17 @@ os.environ.update(HARDENED_ENV)
 # Tests never reach a model hub: fail at once instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _precision_of_a_fresh_process(monkeypatch):
+    """A test that picks the device with the default settings turns bf16 on for the process
+    where the CPU has it in hardware: the next test starts in float32, as a fresh process does,
+    whatever ran before it."""
+    batching = sys.modules.get("federimed.learning.batching")
+    if batching is not None:
+        monkeypatch.setattr(batching, "_mixed_precision", True)
+        monkeypatch.setattr(batching, "_cpu_bf16", False)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from conftest import make_run
 
 from federimed.data.records import load_hospital
 from federimed.learning import features
-from federimed.learning.batching import Encoded, encode
+from federimed.learning.batching import Encoded, encode, pick_device
 from federimed.learning.features import first_adapted_layer, with_features
 from federimed.learning.model import (
     build_classifier,
@@ -22,6 +22,7 @@ from federimed.learning.model import (
 )
 from federimed.learning.training import evaluate, predict_proba, train
 from federimed.runconfig import TrainSettings
+from federimed.settings import RuntimeSettings
 
 CPU = torch.device("cpu")
 
@@ -122,6 +123,20 @@ def test_the_cache_folder_is_private_reused_and_refreshed_when_the_model_changes
     computed.clear()
     assert with_features(model, data, CPU, run.model, folder).features is not None
     assert computed == [len(data)]
+
+
+def test_float32_and_bf16_features_are_kept_apart(cases, tmp_path, monkeypatch):
+    """A hospital that changes FEDERIMED_PRECISION (or its CPU) gets features of the precision
+    it trains in, not a copy that happens to pass the probe's tolerance."""
+    from federimed.learning import batching
+
+    run, data = cases
+    model = _model(run)
+    for hardware in (False, True):
+        monkeypatch.setattr(batching, "native_cpu_bf16", lambda hardware=hardware: hardware)
+        pick_device(RuntimeSettings(device="cpu"))
+        with_features(model, data, CPU, run.model, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_a_model_adapted_in_every_layer_is_left_as_it_is(cases, tmp_path):

@@ -135,6 +135,47 @@ def test_full_precision_can_be_asked_for_on_gpus():
         RuntimeSettings(precision="fp16")
 
 
+@pytest.mark.parametrize("hardware", [True, False])
+def test_cpus_with_bf16_in_hardware_compute_in_bf16_unless_fp32_is_asked_for(monkeypatch, hardware):
+    from federimed.learning import batching
+
+    monkeypatch.setattr(batching, "native_cpu_bf16", lambda: hardware)
+    cpu = torch.device("cpu")
+    pick_device(RuntimeSettings(device="cpu"))
+    with batching.autocast(cpu):
+        assert torch.is_autocast_enabled("cpu") is hardware
+        product = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert product.dtype == (torch.bfloat16 if hardware else torch.float32)
+    assert batching.precision_name(cpu) == ("bf16" if hardware else "fp32")
+    pick_device(RuntimeSettings(device="cpu", precision="fp32"))
+    with batching.autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    assert batching.precision_name(cpu) == "fp32"
+
+
+def test_bf16_training_on_cpu_keeps_float32_weights_and_learns_as_float32_does(
+    monkeypatch, hospital
+):
+    """The same steps from the same start: bf16 products, float32 weights and updates, a loss
+    within a few percent of float32's (bench/cpu_precision.py measures accuracy and speed)."""
+    from federimed.learning import batching
+
+    run, data = hospital
+    settings = TrainSettings(steps=8, batch_size=16, learning_rate=5e-3)
+    losses = {}
+    for hardware in (False, True):
+        monkeypatch.setattr(batching, "native_cpu_bf16", lambda hardware=hardware: hardware)
+        device = pick_device(RuntimeSettings(device="cpu"))
+        model = build_classifier(run.model, run.label_list, run.lora, seed=0)
+        before = {k: v.clone() for k, v in exchanged_state(model).items()}
+        losses[hardware] = train(model, data, settings, device)["train_loss"]
+        after = exchanged_state(model)
+        assert all(v.dtype == torch.float32 for v in after.values())
+        assert any(not torch.equal(before[k], after[k]) for k in after)
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)
+    assert losses[True] != losses[False]  # the products really ran in bf16
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_precision_training_on_gpu(hospital):

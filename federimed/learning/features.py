@@ -31,7 +31,13 @@ from typing import cast
 import torch
 from torch import nn
 
-from federimed.learning.batching import Encoded, autocast, model_config, scoring_batches
+from federimed.learning.batching import (
+    Encoded,
+    autocast,
+    model_config,
+    precision_name,
+    scoring_batches,
+)
 
 log = logging.getLogger("flwr.federimed.learning.features")
 _PROBE_ROWS = 2  # rows recomputed to check a cached copy still matches the model
@@ -170,8 +176,8 @@ def frozen_features(
     return out
 
 
-def _key(model_name: str, first: int, data: Encoded) -> str:
-    digest = hashlib.sha256(f"{model_name}\0{first}\0".encode())
+def _key(model_name: str, first: int, data: Encoded, precision: str) -> str:
+    digest = hashlib.sha256(f"{model_name}\0{first}\0{precision}\0".encode())
     digest.update(data.input_ids.numpy().tobytes())
     digest.update(data.attention_mask.numpy().tobytes())
     return digest.hexdigest()[:32]
@@ -205,7 +211,11 @@ def with_features(
     first = first_adapted_layer(model)
     if first == 0 or len(data) == 0:
         return data
-    path = folder / f"frozen-{_key(model_name, first, data)}.pt" if folder else None
+    path = (
+        folder / f"frozen-{_key(model_name, first, data, precision_name(device))}.pt"
+        if folder
+        else None
+    )
     if path is not None and path.is_file():
         try:
             cached = torch.load(path, weights_only=True)
