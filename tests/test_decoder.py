@@ -149,6 +149,11 @@ def test_scores_normalise_like_squad_and_split_unseen_conditions():
     assert token_f1("", "") == 1.0 and token_f1("x", "y") == 0.0
     scores = score_answers(CARDS, ["urate crystals", "acute myocardial infarction."], {"I21"})
     assert scores["exact_match"] == 1.0
+    picked = score_answers(CARDS, None, {"I21"}, picks=[None, "gout"])  # no answers generated
+    assert picked == {
+        "num_examples": 2.0, "choice_accuracy": 0.0,
+        "unseen_num_examples": 1.0, "unseen_choice_accuracy": 0.0,
+    }  # fmt: skip
     assert scores["unseen_exact_match"] == 1.0 and "unseen_token_f1" not in scores
     assert 0 < scores["token_f1"] < 1 and scores["num_examples"] == 2
     # per card: summed loss over its answer tokens, and their count
@@ -235,7 +240,11 @@ def test_the_server_scores_a_generative_round_and_saves_an_adapter_peft_loads(
     assert isinstance(model, GlobalGenerator)
     sent = exchanged_state(model.model)
     model.load(1, ArrayRecord(to_wire(sent)))
-    scores = Scores(**model.score(1))
+    # a round on the way: multiple choice and perplexity, no greedy answers
+    on_the_way = model.score(run.num_server_rounds - 1)
+    assert set(on_the_way) == {"choice_accuracy", "perplexity", "num_examples"}
+    scores = Scores(**model.score(run.num_server_rounds))
+    assert scores.choice_accuracy == on_the_way["choice_accuracy"]
     assert scores.exact_match == 0.0 and 0 <= scores.token_f1 < 0.5  # an untrained tiny model
     assert scores.perplexity > 1000 and scores.accuracy is None
     assert scores.num_examples == len(load_flashcards(tmp_path / "data" / "test-flashcards.jsonl"))
@@ -503,3 +512,29 @@ def test_public_cards_name_no_condition_in_their_question_and_a_hospital_gets_ea
     trained = training_cards(run, own)
     assert trained[: len(own)] == own and len(trained) == len(own) + len(cards) - len(own[2:])
     assert len({(c.question, c.answer) for c in trained}) == len(trained)
+
+
+def test_frozen_weights_are_cast_once_for_a_pass_and_put_back(tiny_gpt2, monkeypatch):
+    """In bf16, the frozen linear maps hold bf16 copies while a scoring pass runs: the same
+    logits as autocast casting them per call, the adapter in float32, the tied output layer
+    tied again afterwards."""
+    from federimed.learning import batching
+    from federimed.settings import RuntimeSettings
+
+    monkeypatch.setattr(batching, "native_cpu_bf16", lambda: True)
+    device = batching.pick_device(RuntimeSettings(device="cpu"))
+    model = build_generator(tiny_gpt2, make_run().lora).eval()
+    ids = torch.tensor([[464, 3290, 318, 257, 1332]])
+    frozen_map = model.base_model.model.transformer.h[0].mlp.c_fc  # a Conv1D: left as it is
+    head = model.base_model.model.lm_head
+    before = {name: p for name, p in model.named_parameters()}
+    with torch.no_grad(), batching.autocast(device):
+        per_call = model(input_ids=ids).logits
+    with torch.no_grad(), batching.frozen_weights_cast(model, device):
+        assert head.weight.dtype == torch.bfloat16 and frozen_map.weight.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        with batching.autocast(device):
+            once = model(input_ids=ids).logits
+    assert torch.equal(once, per_call)
+    assert all(p is before[name] for name, p in model.named_parameters())  # not copies
+    assert head.weight is model.base_model.model.transformer.wte.weight

@@ -139,6 +139,31 @@ def test_float32_and_bf16_features_are_kept_apart(cases, tmp_path, monkeypatch):
     assert len(list(tmp_path.iterdir())) == 2
 
 
+@pytest.mark.parametrize("hardware", [False, True])
+def test_a_stored_copy_is_trusted_to_its_precisions_rounding_and_no_further(
+    cases, monkeypatch, hardware
+):
+    """bf16 products in batches of another shape move SmolLM2's tokens by about 1% (the
+    probe recomputes two rows alone): within bf16's bound, beyond float32's; a copy off by
+    half a token's norm is another model's in both."""
+    from federimed.learning import batching
+
+    run, data = cases
+    model = _model(run)
+    monkeypatch.setattr(batching, "native_cpu_bf16", lambda: hardware)
+    pick_device(RuntimeSettings(device="cpu"))
+    stored = features.frozen_features(model, data, CPU)
+
+    def off_by(size: float) -> torch.Tensor:
+        noise = torch.randn(stored.shape, generator=torch.Generator().manual_seed(0))
+        scale = stored.float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True)
+        return (stored.float() + size * scale * noise).half()
+
+    assert features._still_matches(model, data, stored, CPU)
+    assert features._still_matches(model, data, off_by(0.02), CPU) is hardware
+    assert not features._still_matches(model, data, off_by(0.5), CPU)
+
+
 def test_a_model_adapted_in_every_layer_is_left_as_it_is(cases, tmp_path):
     run, data = cases
     everywhere = _model(make_run(model=run.model, lora_layers=0))

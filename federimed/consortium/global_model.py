@@ -108,9 +108,15 @@ class GlobalGenerator(GlobalModel):
         self.test = load_flashcards(run.test_set) if run.test_set else None
 
     def score(self, server_round: int) -> dict[str, float] | None:
+        """Multiple choice and perplexity every round; the greedy answers (exact match,
+        token-F1) after the last round only: they cost as much as the other two together, and
+        an earlier round's model is a step on the way, not what anyone asks."""
         if self.test is None:
             return None
-        metrics = score_generator(self.model, self.tokenizer, self.test, self.run, self.device)
+        last = server_round >= self.run.num_server_rounds
+        metrics = score_generator(
+            self.model, self.tokenizer, self.test, self.run, self.device, answers=last
+        )
         log.info(
             "round %d: test multiple-choice accuracy %.3f, exact match %.3f, token-F1 %.3f, "
             "perplexity %.2f",

@@ -18,6 +18,7 @@ from federimed.learning.batching import (
     Encoded,
     autocast,
     batch_tensors,
+    frozen_weights_cast,
     mixed_precision,
     model_config,
     scoring_batches,
@@ -116,7 +117,7 @@ def train(
     private = settings.noise_multiplier > 0
     sample = poisson_batches if private else _batches
     noise = torch.Generator().manual_seed(settings.seed)
-    with replay_if_cached(model, data) as replay:
+    with replay_if_cached(model, data) as replay, frozen_weights_cast(model, device):
 
         def forward(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             batch = batch_tensors(data, rows, device)
@@ -182,7 +183,7 @@ def predict_proba(
 ) -> np.ndarray:
     model.to(device).eval()
     out = np.zeros((len(data), cast(int, model_config(model).num_labels)), dtype=np.float32)
-    with replay_if_cached(model, data) as replay:
+    with replay_if_cached(model, data) as replay, frozen_weights_cast(model, device):
         for rows, batch in scoring_batches(data, device, batch_size):
             with autocast(device):
                 logits = _forward(model, batch, replay).logits

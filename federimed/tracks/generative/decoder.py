@@ -25,7 +25,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from federimed.data.records import DIAGNOSIS_KIND, INSTRUCTION, Flashcard
-from federimed.learning.batching import Encoded, autocast, batch_tensors
+from federimed.learning.batching import Encoded, autocast, batch_tensors, frozen_weights_cast
 from federimed.learning.dpsgd import IGNORE_INDEX
 from federimed.learning.features import layer_stack
 from federimed.learning.model import top_layers
@@ -161,7 +161,7 @@ def answer_token_losses(
     model.to(device).eval()
     sums = np.zeros(len(data), dtype=np.float64)
     counts = np.zeros(len(data), dtype=np.int64)
-    with replay_if_cached(model, data) as replay:
+    with replay_if_cached(model, data) as replay, frozen_weights_cast(model, device):
         for start in range(0, len(data), 16):
             rows = np.arange(start, min(start + 16, len(data)))
             with autocast(device):
@@ -200,24 +200,25 @@ def generate_answers(
     model.to(device).eval()
     answers: list[str] = []
     limit = max(8, max_length - max_new_tokens)
-    for start in range(0, len(cards), batch_size):
-        prompts = [prompt_ids(tokenizer, c.question, c.instruction, limit)
-                   for c in cards[start : start + batch_size]]  # fmt: skip
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        with autocast(device):
-            out = _generate(model)(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        answers += [_decoded(tokenizer, row[width:]) for row in out]
+    with frozen_weights_cast(model, device):
+        for start in range(0, len(cards), batch_size):
+            prompts = [prompt_ids(tokenizer, c.question, c.instruction, limit)
+                       for c in cards[start : start + batch_size]]  # fmt: skip
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            with autocast(device):
+                out = _generate(model)(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            answers += [_decoded(tokenizer, row[width:]) for row in out]
     return answers
 
 
@@ -245,19 +246,22 @@ def choice_log_likelihoods(
     ids, mask = ids.to(device), mask.to(device)
     out = np.zeros((len(cards), len(options)), dtype=np.float64)
     limit = max(8, max_length - width)
-    for row, card in enumerate(cards):
-        prompt = torch.tensor([prompt_ids(tokenizer, card.question, card.instruction, limit)])
-        with autocast(device):
-            first = model(input_ids=prompt.to(device), use_cache=True)
-            cache = first.cache
-            cache.batch_repeat_interleave(len(options))
-            seen = torch.ones((len(options), prompt.shape[1]), dtype=mask.dtype, device=device)
-            rest = model(input_ids=ids, attention_mask=torch.cat([seen, mask], dim=1), cache=cache)
-        # token 0 is predicted by the prompt's last position, token j by the choice's j-1
-        logits = torch.cat([first.logits[:, -1:].expand(len(options), -1, -1),
-                            rest.logits[:, :-1]], dim=1).float()  # fmt: skip
-        picked = torch.log_softmax(logits, dim=-1).gather(2, ids.unsqueeze(2)).squeeze(2)
-        out[row] = (picked * mask).sum(dim=1).double().cpu().numpy()
+    with frozen_weights_cast(model, device):
+        for row, card in enumerate(cards):
+            prompt = torch.tensor([prompt_ids(tokenizer, card.question, card.instruction, limit)])
+            with autocast(device):
+                first = model(input_ids=prompt.to(device), use_cache=True)
+                cache = first.cache
+                cache.batch_repeat_interleave(len(options))
+                seen = torch.ones((len(options), prompt.shape[1]), dtype=mask.dtype, device=device)
+                rest = model(
+                    input_ids=ids, attention_mask=torch.cat([seen, mask], dim=1), cache=cache
+                )
+            # token 0 is predicted by the prompt's last position, token j by the choice's j-1
+            logits = torch.cat([first.logits[:, -1:].expand(len(options), -1, -1),
+                                rest.logits[:, :-1]], dim=1).float()  # fmt: skip
+            picked = torch.log_softmax(logits, dim=-1).gather(2, ids.unsqueeze(2)).squeeze(2)
+            out[row] = (picked * mask).sum(dim=1).double().cpu().numpy()
     return out
 
 
@@ -281,7 +285,7 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def score_answers(
     cards: Sequence[Flashcard],
-    answers: Sequence[str],
+    answers: Sequence[str] | None,
     unseen: set[str] | None = None,
     losses: tuple[np.ndarray, np.ndarray] | None = None,
     picks: Sequence[str | None] | None = None,
@@ -290,7 +294,8 @@ def score_answers(
     :func:`answer_token_losses`) the reference answers' perplexity, and with ``picks`` (per
     card, the choice the model finds likeliest, :func:`pick_choices`) the multiple-choice
     accuracy on diagnosis cards; the same on the cards about ``unseen`` conditions (those a
-    hospital never trained on) when given."""
+    hospital never trained on) when given. Without ``answers`` (None: none were generated),
+    no exact match and no token-F1."""
     metrics = _scores(cards, answers, picks)
     if losses is not None:
         metrics["perplexity"] = perplexity(*losses)
@@ -301,7 +306,7 @@ def score_answers(
             def kept(values: Sequence) -> list:
                 return [v for v, keep in zip(values, picked, strict=True) if keep]
 
-            found = _scores(kept(cards), kept(answers), picks and kept(picks))
+            found = _scores(kept(cards), answers and kept(answers), picks and kept(picks))
             if losses is not None:
                 found["perplexity"] = perplexity(losses[0][picked], losses[1][picked])
             metrics |= {f"unseen_{k}": v for k, v in found.items()}
@@ -309,20 +314,24 @@ def score_answers(
 
 
 def _scores(
-    cards: Sequence[Flashcard], answers: Sequence[str], picks: Sequence[str | None] | None
+    cards: Sequence[Flashcard],
+    answers: Sequence[str] | None,
+    picks: Sequence[str | None] | None,
 ) -> dict[str, float]:
-    pairs = list(zip(cards, answers, strict=True))
-    exact = [normalize(a) == normalize(c.answer) for c, a in pairs if c.kind == DIAGNOSIS_KIND]
-    f1 = [token_f1(a, c.answer) for c, a in pairs if c.kind != DIAGNOSIS_KIND]
     metrics = {"num_examples": float(len(cards))}
-    if exact:
-        metrics["exact_match"] = float(np.mean(exact))
-    if f1:
-        metrics["token_f1"] = float(np.mean(f1))
-    if picks is not None and exact:
+    if answers is not None:
+        pairs = list(zip(cards, answers, strict=True))
+        exact = [normalize(a) == normalize(c.answer) for c, a in pairs if c.kind == DIAGNOSIS_KIND]
+        f1 = [token_f1(a, c.answer) for c, a in pairs if c.kind != DIAGNOSIS_KIND]
+        if exact:
+            metrics["exact_match"] = float(np.mean(exact))
+        if f1:
+            metrics["token_f1"] = float(np.mean(f1))
+    if picks is not None:
         chosen = zip(cards, picks, strict=True)
         right = [p == c.answer for c, p in chosen if c.kind == DIAGNOSIS_KIND]
-        metrics["choice_accuracy"] = float(np.mean(right))
+        if right:
+            metrics["choice_accuracy"] = float(np.mean(right))
     return metrics
 
 

@@ -117,10 +117,11 @@ def condition_choices(run: RunConfig, cards: list[Flashcard]) -> list[str]:
 
 @dataclass(frozen=True)
 class Outputs:
-    """What a model makes of test cards: its greedy answers, each reference answer's summed
-    loss and token count, and its likeliest diagnosis among :func:`condition_choices`."""
+    """What a model makes of test cards: its greedy answers (None: not generated), each
+    reference answer's summed loss and token count, and its likeliest diagnosis among
+    :func:`condition_choices`."""
 
-    answers: list[str]
+    answers: list[str] | None
     losses: tuple[np.ndarray, np.ndarray]
     picks: list[str | None]
 
@@ -129,21 +130,37 @@ class Outputs:
 
 
 def model_outputs(
-    model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
+    model: torch.nn.Module,
+    tokenizer,
+    cards: list[Flashcard],
+    run: RunConfig,
+    device,
+    answers: bool = True,
 ) -> Outputs:
-    answers = generate_answers(model, tokenizer, cards, device, run.max_new_tokens, run.max_length)
+    """``answers=False``: no greedy answers, the slowest of the three (``max-new-tokens``
+    forward passes per batch of cards)."""
+    generated = (
+        generate_answers(model, tokenizer, cards, device, run.max_new_tokens, run.max_length)
+        if answers
+        else None
+    )
     data = encode_cards(cards, tokenizer, run.max_length)
     choices = condition_choices(run, cards)
     return Outputs(
-        answers,
+        generated,
         answer_token_losses(model, data, device),
         pick_choices(model, tokenizer, cards, choices, device, run.max_length),
     )
 
 
 def score_generator(
-    model: torch.nn.Module, tokenizer, cards: list[Flashcard], run: RunConfig, device
+    model: torch.nn.Module,
+    tokenizer,
+    cards: list[Flashcard],
+    run: RunConfig,
+    device,
+    answers: bool = True,
 ) -> dict[str, float]:
     """Multiple-choice accuracy and exact match on diagnosis cards, token-F1 on the others,
-    perplexity on all."""
-    return model_outputs(model, tokenizer, cards, run, device).scores(cards)
+    perplexity on all; without ``answers``, multiple choice and perplexity only."""
+    return model_outputs(model, tokenizer, cards, run, device, answers).scores(cards)
