@@ -109,8 +109,9 @@ class GlobalGenerator(GlobalModel):
 
     def score(self, server_round: int) -> dict[str, float] | None:
         """Multiple choice and perplexity every round; the greedy answers (exact match,
-        token-F1) after the last round only: they cost as much as the other two together, and
-        an earlier round's model is a step on the way, not what anyone asks."""
+        token-F1) after the last round only: they take about 30% of the scoring time (9 of 31 s
+        for 64 cards on two cores), and an earlier round's model is a step on the way, not what
+        anyone asks."""
         if self.test is None:
             return None
         last = server_round >= self.run.num_server_rounds
