@@ -4,7 +4,6 @@ round, checkpointed, and saved where `transformers` and `peft` load it."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -22,6 +21,7 @@ from federimed.learning.model import (
 )
 from federimed.learning.training import evaluate
 from federimed.runconfig import RunConfig
+from federimed.runrecord import Scores
 from federimed.tracks import track_for
 from federimed.tracks.generative.decoder import build_generator, load_generator_tokenizer
 from federimed.tracks.generative.task import score_generator
@@ -118,15 +118,7 @@ class GlobalGenerator(GlobalModel):
         metrics = score_generator(
             self.model, self.tokenizer, self.test, self.run, self.device, answers=last
         )
-        log.info(
-            "round %d: test multiple-choice accuracy %.3f, exact match %.3f, token-F1 %.3f, "
-            "perplexity %.2f",
-            server_round,
-            metrics.get("choice_accuracy", math.nan),
-            metrics.get("exact_match", math.nan),
-            metrics.get("token_f1", math.nan),
-            metrics["perplexity"],
-        )
+        log.info("round %d: %s", server_round, Scores(**metrics).describe())
         return metrics
 
     def save_final(self) -> Path:
