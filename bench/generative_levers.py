@@ -33,12 +33,13 @@ from federimed.data.records import (
     load_flashcards,
     load_hospital_cards,
 )
-from federimed.learning.batching import Encoded
+from federimed.learning.batching import Encoded, pick_device
 from federimed.learning.features import with_features
 from federimed.learning.model import quiet_libraries, top_layers
 from federimed.learning.training import train
 from federimed.research.tuning import WireInProcess, fedavg_round
 from federimed.runconfig import TrainSettings
+from federimed.settings import RuntimeSettings
 from federimed.tracks.generative.decoder import (
     choice_log_likelihoods,
     encode_cards,
@@ -88,11 +89,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-generative-cache"))
     args = parser.parse_args()
     quiet_libraries()
-    torch.set_num_threads(args.threads)
+    # the precision the hospitals compute in: FEDERIMED_PRECISION (bf16 on CPUs that have it)
+    device = pick_device(RuntimeSettings(device="cpu", torch_threads=args.threads))
     flags = {"track": "generative", "textbook-cases": args.textbook_cases, "seed": args.seed}
     flags |= {"batch-size": args.batch_size, "learning-rate": args.learning_rate}
     run = resolve(flags=flags | {"local-steps": args.federated or 1}, environ={}).run
-    device = torch.device("cpu")
     tokenizer = load_generator_tokenizer(run.generator)
     test = [c for c in load_flashcards(args.data / TEST_FLASHCARDS) if c.kind == DIAGNOSIS_KIND]
     choices = condition_choices(run, test)

@@ -538,3 +538,17 @@ def test_frozen_weights_are_cast_once_for_a_pass_and_put_back(tiny_gpt2, monkeyp
     assert torch.equal(once, per_call)
     assert all(p is before[name] for name, p in model.named_parameters())  # not copies
     assert head.weight is model.base_model.model.transformer.wte.weight
+
+
+def test_the_final_outputs_are_read_back_for_the_same_cards_only(tmp_path):
+    from federimed.tracks.generative.task import Outputs
+
+    outputs = Outputs(
+        ["urate crystals", "gout"], (np.array([2.0, 3.0]), np.array([2, 1])), [None, "Gout"]
+    )
+    path = tmp_path / "test-outputs.json"
+    outputs.save(path, CARDS)
+    again = Outputs.load(path, CARDS)
+    assert again is not None and again.scores(CARDS, {"I21"}) == outputs.scores(CARDS, {"I21"})
+    assert Outputs.load(path, CARDS[:1]) is None  # other cards: scored again, not misread
+    assert Outputs.load(tmp_path / "none.json", CARDS) is None

@@ -30,6 +30,7 @@ from conftest import plant_marker, processes_using, wire_bytes
 
 from federimed.cli import main
 from federimed.config import find_app_dir
+from federimed.data.records import load_flashcards
 from federimed.deploy.certs import ensure_certs, node_key_path
 from federimed.deploy.flower import (
     app_hash,
@@ -42,8 +43,9 @@ from federimed.deploy.flower import (
 from federimed.deploy.local import CONNECTION, STATE_FILE, RunningFederation, free_port
 from federimed.deploy.processes import ProcessGroup
 from federimed.hospital.ledger import entries
-from federimed.runrecord import read_rounds, read_summary
+from federimed.runrecord import Scores, read_rounds, read_summary
 from federimed.settings import SuperNodeSettings
+from federimed.tracks.generative.task import OUTPUTS_FILE, Outputs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -846,6 +848,12 @@ def test_the_generative_track_trains_a_causal_lm_on_the_same_federation(
     assert all("val_loss" in r.train["hospital-1"] for r in rounds)
     assert summary.final_test.perplexity > 1 and summary.final_test.exact_match is not None
     assert summary.final_test.accuracy is None
+    # round 1, on the way: multiple choice and perplexity; greedy answers after the last only
+    assert rounds[0].test.choice_accuracy is not None and rounds[0].test.exact_match is None
+    # the last round's answers, kept for the report's per-hospital split, give its scores
+    saved = Outputs.load(run_out / "final" / OUTPUTS_FILE, load_flashcards(test))
+    assert saved is not None
+    assert Scores(**saved.scores(load_flashcards(test))) == summary.final_test
     # the adapter at 8 bits, one array: a step per value, a scale per block, the npy header
     assert summary.update_bytes == wire_bytes(summary.trainable_parameters)
 

@@ -24,7 +24,7 @@ from federimed.runconfig import RunConfig
 from federimed.runrecord import Scores
 from federimed.tracks import track_for
 from federimed.tracks.generative.decoder import build_generator, load_generator_tokenizer
-from federimed.tracks.generative.task import score_generator
+from federimed.tracks.generative.task import OUTPUTS_FILE, Outputs, model_outputs
 
 log = logging.getLogger("flwr.federimed.server")
 
@@ -106,6 +106,7 @@ class GlobalGenerator(GlobalModel):
         self.tokenizer = load_generator_tokenizer(run.generator)
         self.device = pick_device()
         self.test = load_flashcards(run.test_set) if run.test_set else None
+        self.final_outputs: Outputs | None = None
 
     def score(self, server_round: int) -> dict[str, float] | None:
         """Multiple choice and perplexity every round; the greedy answers (exact match,
@@ -115,9 +116,11 @@ class GlobalGenerator(GlobalModel):
         if self.test is None:
             return None
         last = server_round >= self.run.num_server_rounds
-        metrics = score_generator(
+        outputs = model_outputs(
             self.model, self.tokenizer, self.test, self.run, self.device, answers=last
         )
+        self.final_outputs = outputs if last else None
+        metrics = outputs.scores(self.test)
         log.info("round %d: %s", server_round, Scores(**metrics).describe())
         return metrics
 
@@ -127,6 +130,8 @@ class GlobalGenerator(GlobalModel):
         final = self.out / "final"
         self.model.save_pretrained(str(final / "adapter"))
         self.tokenizer.save_pretrained(final / "adapter")
+        if self.final_outputs is not None and self.test is not None:
+            self.final_outputs.save(final / OUTPUTS_FILE, self.test)
         return final
 
 

@@ -171,7 +171,7 @@ def frozen_features(
     out = torch.zeros(len(data), width, model_config(model).hidden_size, dtype=torch.float16)
     hook = stack[first - 1].register_forward_hook(keep)
     try:
-        skipped = {index: _Skip() for index in range(first, len(stack))}
+        skipped: dict[int, nn.Module] = {index: _Skip() for index in range(first, len(stack))}
         with _swapped(stack, skipped), frozen_weights_cast(model, device):
             for rows, batch in scoring_batches(data, device, batch_size, with_features=False):
                 with autocast(device):

@@ -22,6 +22,7 @@ from federimed.learning.batching import (
     mixed_precision,
     model_config,
     scoring_batches,
+    training_attention,
 )
 from federimed.learning.dpsgd import (
     IGNORE_INDEX,
@@ -117,7 +118,8 @@ def train(
     private = settings.noise_multiplier > 0
     sample = poisson_batches if private else _batches
     noise = torch.Generator().manual_seed(settings.seed)
-    with replay_if_cached(model, data) as replay, frozen_weights_cast(model, device):
+    frozen = frozen_weights_cast(model, device)
+    with replay_if_cached(model, data) as replay, frozen, training_attention(device):
 
         def forward(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             batch = batch_tensors(data, rows, device)

@@ -238,7 +238,7 @@ def run_demo(options: DemoOptions, say=None) -> Report:
 
     quiet_libraries()
     comparison, model = _comparison(federation, run, result, model_dir, say)
-    results = {"federated": comparison.federated(model)}
+    results = {"federated": comparison.federated(model, model_dir)}
     tuning = None
     if options.baselines:
         if options.tuned:

@@ -9,10 +9,13 @@ diagnosis, token-F1 of the free-text answers and the perplexity of the reference
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,6 +131,34 @@ class Outputs:
     def scores(self, cards: list[Flashcard], unseen: set[str] | None = None) -> dict[str, float]:
         return score_answers(cards, self.answers, unseen, self.losses, self.picks)
 
+    def save(self, path: Path, cards: list[Flashcard]) -> None:
+        """Written beside the server's final adapter, so that a report can split the scores
+        per hospital without scoring the same weights again."""
+        sums, counts = self.losses
+        record = {"cards": _fingerprint(cards), "answers": self.answers, "picks": self.picks,
+                  "loss_sums": sums.tolist(), "loss_counts": counts.tolist()}  # fmt: skip
+        path.write_text(json.dumps(record), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path, cards: list[Flashcard]) -> Outputs | None:
+        """What :meth:`save` wrote for these very ``cards``; None without a file, or for
+        other cards."""
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("cards") != _fingerprint(cards):
+            return None
+        losses = (np.array(record["loss_sums"]), np.array(record["loss_counts"]))
+        return cls(record["answers"], losses, record["picks"])
+
+
+OUTPUTS_FILE = "test-outputs.json"  # the final model's Outputs, in the run's final/ folder
+
+
+def _fingerprint(cards: list[Flashcard]) -> str:
+    text = json.dumps([(card.question, card.answer, card.kind, card.code) for card in cards])
+    return hashlib.sha256(text.encode()).hexdigest()
+
 
 def model_outputs(
     model: torch.nn.Module,
@@ -151,16 +182,3 @@ def model_outputs(
         answer_token_losses(model, data, device),
         pick_choices(model, tokenizer, cards, choices, device, run.max_length),
     )
-
-
-def score_generator(
-    model: torch.nn.Module,
-    tokenizer,
-    cards: list[Flashcard],
-    run: RunConfig,
-    device,
-    answers: bool = True,
-) -> dict[str, float]:
-    """Multiple-choice accuracy and exact match on diagnosis cards, token-F1 on the others,
-    perplexity on all; without ``answers``, multiple choice and perplexity only."""
-    return model_outputs(model, tokenizer, cards, run, device, answers).scores(cards)
