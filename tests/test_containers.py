@@ -537,7 +537,10 @@ def test_the_web_app_serves_the_newest_model_and_the_run_records(stack, tmp_path
     with pytest.raises(urllib.error.HTTPError, match="401"):
         _http(base + "/api/model")
     made = stack.exec("webapp", "federimed", "serve", "--add-token", "containers-test", check=True)
-    token = made.stdout.strip().splitlines()[-1]
+    # the token is stdout's line; the message beside it is stderr's, and the exec's output
+    # carries both in whichever order their frames arrived (the last line was the message in
+    # two runs of three here)
+    (token,) = [line for line in made.stdout.splitlines() if line.startswith("containers-test.")]
     probe = "import socket; socket.create_connection(('superlink', 8000), timeout=5)"
     assert stack.exec("webapp", "python", "-c", probe, check=False).returncode != 0
     stack.compose("cp", "serverapp:/runs/.", str(tmp_path))
