@@ -158,12 +158,10 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed precision on GPUs (bf16 where supported) and on CPUs with native bf16
     (:func:`native_cpu_bf16`); float32 elsewhere, and everywhere with FEDERIMED_PRECISION=fp32.
     The weights stay float32: only the matrix products run in the lower precision."""
-    if device.type == "cpu" and _cpu_bf16:
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    if device.type != "cuda" or not _mixed_precision:
+    dtype = _autocast_dtype(device)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def encode(

@@ -19,8 +19,8 @@ from federimed.learning.batching import (
     autocast,
     batch_tensors,
     frozen_weights_cast,
-    mixed_precision,
     model_config,
+    precision_name,
     scoring_batches,
     training_attention,
 )
@@ -112,7 +112,7 @@ def train(
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.01)
     scaler = torch.amp.GradScaler(
-        enabled=device.type == "cuda" and mixed_precision() and not _bf16(device)
+        enabled=precision_name(device) == "fp16"  # bf16 needs no loss scaling
     )
     losses = []
     private = settings.noise_multiplier > 0
@@ -173,10 +173,6 @@ def _apply(params, anchor, proximal_mu: float, optimizer, loss: float) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def _bf16(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 @torch.no_grad()
